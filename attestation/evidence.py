@@ -155,35 +155,42 @@ def _validate(e: Evidence) -> None:
             raise EvidenceError(f"binding[{key}]: must be bytes, text, an unsigned integer or a boolean")
 
 
+class _TagRefused(Exception):
+    pass
+
+
+def _refuse_tag(decoder: Any, tag: Any = None) -> Any:
+    raise _TagRefused()
+
+
+# Tags cbor2 decodes natively (dates, bignums, sets, self-describe, ...) are refused like any other
+# tag: none belongs in an evidence bundle.
+_REFUSE_NATIVE_TAGS = {n: _refuse_tag for n in (*range(0, 300), *range(1000, 1010), 55799)}
+
+
 def _strict_cbor(data: bytes, what: str) -> Any:
     """Decode exactly one CBOR item: definite lengths, no duplicate keys, no trailing bytes, no tags."""
 
-    def refuse_tag(decoder: Any, tag: Any) -> Any:
-        raise EvidenceError(f"{what}: CBOR tags are not allowed")
-
-    # Tags cbor2 decodes natively (dates, bignums, ...) are refused too: none belongs here.
-    semantic = {n: (lambda dec, n=n: refuse_tag(dec, n)) for n in range(0, 300)}
     fp = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(
             fp,
-            tag_hook=refuse_tag,
-            semantic_decoders=semantic,
+            tag_hook=_refuse_tag,
+            semantic_decoders=_REFUSE_NATIVE_TAGS,
             max_depth=_MAX_DEPTH,
             allow_indefinite=False,
             allow_duplicate_keys=False,
             strict_hashable_types=True,
         )
         value = decoder.decode()
-    except EvidenceError:
-        raise
-    except RecursionError as exc:
-        raise EvidenceError(f"{what}: nested too deeply") from exc
+    except _TagRefused:
+        raise EvidenceError(f"{what}: CBOR tags are not allowed") from None
+    except RecursionError:
+        raise EvidenceError(f"{what}: nested too deeply") from None
     except Exception as exc:  # cbor2 raises CBORDecodeError and, for odd inputs, ValueError etc.
-        # cbor2 may wrap our own error raised from a hook
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, EvidenceError):
-            raise cause from None
+        # cbor2 may wrap the refusal raised from a hook
+        if isinstance(exc.__cause__ or exc.__context__, _TagRefused):
+            raise EvidenceError(f"{what}: CBOR tags are not allowed") from None
         raise EvidenceError(f"{what}: not well-formed CBOR ({type(exc).__name__}: {str(exc)[:120]})") from None
     if fp.tell() != len(data):
         raise EvidenceError(f"{what}: {len(data) - fp.tell()} trailing bytes after the CBOR item")

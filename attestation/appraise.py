@@ -1,0 +1,265 @@
+"""Appraisal: apply a Policy to what verification proved, one Check per policy rule.
+
+Verdict.status words (also documented in verifier.py):
+- a TDX TCB status ("UpToDate", "OutOfDate", ...) whenever collateral was evaluated;
+- otherwise "verified" when accepted, "refused" when a policy rule failed.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import datetime, timezone
+from typing import Any
+
+from .policy import Policy
+from .verdict import Check, Verdict, VerifiedEvidence
+
+# SEV-SNP guest policy bits
+SNP_POLICY_SMT = 1 << 16
+SNP_POLICY_MIGRATE_MA = 1 << 18
+SNP_POLICY_DEBUG = 1 << 19
+# TDX TDATTRIBUTES bits (little-endian u64)
+TD_ATTR_DEBUG = 1 << 0
+TD_ATTR_SEPT_VE_DISABLE = 1 << 28
+
+
+def _hex_eq(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    return hmac.compare_digest(a.lower().encode(), b.lower().encode())
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value, 16) if value.lower().startswith("0x") else int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def snp_tcb_components(tcb: int, product: str | None) -> dict[str, int]:
+    """Decode a TCB_VERSION by product: Turin's layout differs from Milan/Genoa's."""
+    b = tcb.to_bytes(8, "little")
+    if product and product.lower().startswith("turin"):
+        return {"fmc": b[0], "bootloader": b[1], "tee": b[2], "snp": b[3], "microcode": b[7]}
+    return {"bootloader": b[0], "tee": b[1], "snp": b[6], "microcode": b[7]}
+
+
+class _Appraisal:
+    def __init__(self) -> None:
+        self.checks: list[Check] = []
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append(Check(name, ok, detail))
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+
+def _appraise_snp(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
+    c = v.claims
+    p = policy.snp
+    guest_policy = _int(c.get("policy"))
+    if guest_policy is None:
+        a.add("guest_policy", False, "the report's guest policy is missing from the claims")
+        return
+    debug = bool(guest_policy & SNP_POLICY_DEBUG)
+    a.add("debug_disabled", not debug or p.allow_debug,
+          "guest policy DEBUG is set and the policy allows debug guests" if debug and p.allow_debug
+          else "guest policy DEBUG is set: a debug guest's memory is readable by the host" if debug
+          else "guest policy DEBUG is clear")
+    ma = bool(guest_policy & SNP_POLICY_MIGRATE_MA)
+    a.add("migrate_ma", not ma or p.allow_migrate_ma,
+          "MIGRATE_MA is set but the policy does not allow a migration agent" if ma and not p.allow_migrate_ma
+          else f"MIGRATE_MA is {'set (allowed)' if ma else 'clear'}")
+    smt = bool(guest_policy & SNP_POLICY_SMT)
+    a.add("smt", not smt or p.allow_smt,
+          "guest policy allows SMT but the policy requires SMT off (set snp.allow_smt to accept)"
+          if smt and not p.allow_smt else f"SMT {'allowed by guest policy (accepted)' if smt else 'not allowed by guest policy'}")
+
+    signing_key = c.get("signing_key")
+    a.add("signing_key", signing_key in p.signing_keys,
+          f"report signed by {signing_key}" + ("" if signing_key in p.signing_keys
+                                               else f"; policy accepts only {', '.join(p.signing_keys)}"))
+
+    vmpl = _int(c.get("vmpl"))
+    if p.vmpl is None:
+        a.add("vmpl", True, f"VMPL {vmpl} (not constrained by policy)")
+    else:
+        a.add("vmpl", vmpl == p.vmpl, f"VMPL {vmpl}" + ("" if vmpl == p.vmpl else f", policy requires VMPL {p.vmpl}"))
+
+    svn = _int(c.get("guest_svn"))
+    ok = svn is not None and svn >= p.min_guest_svn
+    a.add("min_guest_svn", ok, f"guest SVN {svn}" + (f" >= {p.min_guest_svn}" if ok else f" < required {p.min_guest_svn}"))
+
+    measurement = c.get("measurement")
+    if not p.measurements:
+        a.add("measurement", True, f"measurement {measurement} (no allowlist in policy)")
+    else:
+        hit = any(_hex_eq(measurement, m) for m in p.measurements)
+        a.add("measurement", hit, f"measurement {measurement} " + ("is in the allowlist" if hit
+                                                                     else f"is not among the {len(p.measurements)} allowed"))
+
+    wanted = {k: val for k, val in p.min_tcb.model_dump().items() if val is not None}
+    reported = _int(c.get("reported_tcb"))
+    if not wanted:
+        a.add("min_tcb", True, f"reported TCB {c.get('reported_tcb')} (no minimum in policy)")
+    elif reported is None:
+        a.add("min_tcb", False, "the report's REPORTED_TCB is missing from the claims")
+    else:
+        have = snp_tcb_components(reported, v.product)
+        short = []
+        for comp, minimum in wanted.items():
+            if comp not in have:
+                short.append(f"{comp} (not in this product's TCB)")
+            elif have[comp] < minimum:
+                short.append(f"{comp} {have[comp]} < {minimum}")
+        a.add("min_tcb", not short, "reported TCB " + (", ".join(f"{k} {have.get(k)}" for k in wanted) + " meets the minimum"
+                                                        if not short else "below the minimum: " + ", ".join(short)))
+
+    if p.host_data is None:
+        a.add("host_data", True, "HOST_DATA not constrained by policy")
+    else:
+        ok = _hex_eq(c.get("host_data"), p.host_data)
+        a.add("host_data", ok, "HOST_DATA matches" if ok else f"HOST_DATA {c.get('host_data')} != required {p.host_data}")
+
+
+def _td_attributes(claims: dict[str, Any]) -> int | None:
+    raw = claims.get("td_attributes")
+    if not isinstance(raw, str) or len(raw) != 16:
+        return None
+    try:
+        return int.from_bytes(bytes.fromhex(raw), "little")
+    except ValueError:
+        return None
+
+
+def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
+    c = v.claims
+    p = policy.tdx
+    attrs = _td_attributes(c)
+    if attrs is None:
+        a.add("td_attributes", False, "TDATTRIBUTES missing from the claims")
+        return
+    debug = bool(attrs & TD_ATTR_DEBUG)
+    a.add("debug_disabled", not debug or p.allow_debug,
+          "TDATTRIBUTES.DEBUG is set and the policy allows debug TDs" if debug and p.allow_debug
+          else "TDATTRIBUTES.DEBUG is set: a debug TD's state is readable by the host" if debug
+          else "TDATTRIBUTES.DEBUG is clear")
+    sept = bool(attrs & TD_ATTR_SEPT_VE_DISABLE)
+    a.add("sept_ve_disable", sept or not p.require_sept_ve_disable,
+          "SEPT_VE_DISABLE is set" if sept else
+          ("SEPT_VE_DISABLE is clear (allowed by policy)" if not p.require_sept_ve_disable
+           else "SEPT_VE_DISABLE is clear: the TD may take #VE on EPT violations (set tdx.require_sept_ve_disable: false to accept)"))
+
+    servicetd = c.get("mrservicetd")
+    bound = isinstance(servicetd, str) and any(ch != "0" for ch in servicetd)
+    a.add("service_td", not bound or p.allow_service_td,
+          "no service TD bound" if not bound else
+          (f"service TD {servicetd} bound (allowed by policy)" if p.allow_service_td
+           else f"MRSERVICETD is {servicetd}: a service TD is bound (set tdx.allow_service_td to accept)"))
+
+    if not p.measurements:
+        a.add("measurement", True, f"MRTD {c.get('mrtd')} (no allowlist in policy)")
+    else:
+        def matches(m) -> bool:
+            if not _hex_eq(c.get("mrtd"), m.mrtd):
+                return False
+            return all(getattr(m, r) is None or _hex_eq(c.get(r), getattr(m, r)) for r in ("rtmr0", "rtmr1", "rtmr2", "rtmr3"))
+
+        hit = any(matches(m) for m in p.measurements)
+        a.add("measurement", hit, f"MRTD {c.get('mrtd')} and RTMRs " + ("match an allowed entry" if hit
+                                                                            else f"match none of the {len(p.measurements)} allowed entries"))
+
+    if p.min_tee_tcb_svn is None:
+        a.add("min_tee_tcb_svn", True, f"TEE_TCB_SVN {c.get('tee_tcb_svn')} (no minimum in policy)")
+    else:
+        have_hex = c.get("tee_tcb_svn") or ""
+        try:
+            have = bytes.fromhex(have_hex)
+        except ValueError:
+            have = b""
+        need = bytes.fromhex(p.min_tee_tcb_svn)
+        low = [i for i in range(16) if len(have) != 16 or have[i] < need[i]]
+        a.add("min_tee_tcb_svn", not low, f"TEE_TCB_SVN {have_hex} " + ("meets" if not low else
+                                                                          f"is below (bytes {low[:4]})") + f" the minimum {p.min_tee_tcb_svn}")
+    for key, claim, label in (("min_pcesvn", "pcesvn", "PCESVN"), ("min_qe_isvsvn", "qe_isvsvn", "QE ISVSVN")):
+        minimum = getattr(p, key)
+        have_n = _int(c.get(claim))
+        if minimum is None:
+            a.add(key, True, f"{label} {have_n} (no minimum in policy)")
+        else:
+            ok = have_n is not None and have_n >= minimum
+            a.add(key, ok, f"{label} {have_n} " + (">=" if ok else "<") + f" {minimum}")
+    for key, label in (("mrconfigid", "MRCONFIGID"), ("mrowner", "MROWNER")):
+        want = getattr(p, key)
+        if want is None:
+            a.add(key, True, f"{label} not constrained by policy")
+        else:
+            ok = _hex_eq(c.get(key), want)
+            a.add(key, ok, f"{label} matches" if ok else f"{label} {c.get(key)} != required {want}")
+
+    if v.tcb_status is None:
+        a.add("collateral_present", not p.require_collateral,
+              "no collateral evaluated; the policy requires a TCB evaluation with collateral" if p.require_collateral
+              else "no collateral evaluated: TCB status unknown (allowed by policy)")
+
+
+def appraise(verified: VerifiedEvidence, policy: Policy, *, expected_report_data: bytes | None = None,
+             at: datetime | None = None) -> Verdict:
+    """Apply ``policy`` to verified evidence; the Verdict carries verification's checks then the policy's."""
+    a = _Appraisal()
+    platform = verified.platform
+    a.add("platform_allowed", platform in policy.platforms,
+          f"platform {platform} is " + ("allowed" if platform in policy.platforms
+                                         else f"not allowed by policy {policy.name!r} (allows {', '.join(policy.platforms)})"))
+    if platform in ("snp", "sim"):
+        _appraise_snp(verified, policy, a)
+    elif platform == "tdx":
+        _appraise_tdx(verified, policy, a)
+
+    if verified.tcb_status is not None:
+        ok = verified.tcb_status in policy.accepted_tcb_statuses
+        advisories = f" (advisories: {', '.join(verified.advisory_ids)})" if verified.advisory_ids else ""
+        a.add("tcb_status", ok, f"TCB status {verified.tcb_status}{advisories} is "
+              + ("accepted" if ok else f"not accepted (policy accepts {', '.join(policy.accepted_tcb_statuses)})"))
+
+    if policy.max_collateral_age_days is not None:
+        issued = verified.collateral_issued_at
+        if issued is None:
+            a.add("collateral_age", True, "no dated collateral was used")
+        else:
+            now = at or datetime.now(timezone.utc)
+            age_days = (now - issued).total_seconds() / 86400
+            ok = age_days <= policy.max_collateral_age_days
+            a.add("collateral_age", ok, f"collateral issued {issued.isoformat()}, {age_days:.1f} days old "
+                  + ("<=" if ok else ">") + f" {policy.max_collateral_age_days:g} days")
+
+    actual_rd = verified.claims.get("report_data")
+    for source, want in (("policy", policy.report_data),
+                         ("caller", expected_report_data.hex() if expected_report_data is not None else None)):
+        if want is None:
+            continue
+        ok = _hex_eq(actual_rd, want)
+        a.add("report_data", ok, f"REPORT_DATA matches the {source}'s expected value" if ok
+              else f"REPORT_DATA does not match the {source}'s expected value (not bound to this session/key)")
+
+    failed = a.failed
+    ok = not failed
+    status = verified.tcb_status or ("verified" if ok else "refused")
+    error = None if ok else "refused by policy: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
+    return Verdict(
+        ok=ok,
+        platform=platform,
+        product=verified.product,
+        status=status,
+        claims=dict(verified.claims),
+        checks=list(verified.checks) + a.checks,
+        error=error,
+    )

@@ -1,0 +1,740 @@
+"""httpx clients (sync and async) that attest the enclave before any request leaves the machine.
+
+Where the check happens: the client's httpcore pool uses a network backend of ours.  Right after
+the TLS handshake of *every* new connection (inside ``start_tls``, before httpcore gets the stream
+and so before a single byte of any request is written) the peer certificate of that connection is
+read and its SPKI SHA-256 compared with the verdict cache:
+
+* known and not expired -> the connection is handed to httpcore (pinned);
+* unknown (first connection, key rotation, enclave restart) -> full verification on this same
+  connection: the certificate's evidence (binding to its SPKI with the bundle's nonce), then
+  ``GET /.well-known/cube-ai/attestation?nonce=<fresh>`` written on the same TLS stream and its
+  evidence checked against the same SPKI and our nonce; both appraised with the caller's Policy
+  through ``verify_evidence``.  Only then is the SPKI pinned and the connection released.
+
+Any failure closes the connection and raises :class:`AttestedTLSError` (carrying a
+:class:`VerificationReport`) before request bytes are written.  Transient failures during a
+verification (connection dropped, endpoint busy) are retried once on a fresh connection.  Requests
+to any other origin are refused, redirects are never followed, environment proxies are ignored.
+
+Certificate-authority validation is replaced by attestation here (the certificate is self-signed
+by a key generated inside the enclave); nothing is trusted before the evidence checks pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import h11
+import httpcore
+import httpx
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+
+from ..errors import AttestationError, VerificationError
+from ..evidence import MAX_EVIDENCE_BYTES, Evidence, decode_cmw
+from ..policy import Policy
+from ..verdict import Check, Verdict
+from .binding import NONCE_SIZE, nonce_from_binding, report_data_for, spki_der_of, spki_sha256
+from .certificate import evidence_from_certificate
+
+ATTESTATION_PATH = "/.well-known/cube-ai/attestation"
+CMW_CBOR_MEDIA_TYPE = "application/cmw+cbor"
+USER_AGENT = "cube-ai-atls/1"
+DEFAULT_VERDICT_TTL = 300.0
+DEFAULT_IO_TIMEOUT = 10.0
+
+VerifyFn = Callable[..., Verdict]
+
+
+# -- report and errors ---------------------------------------------------------------------------
+@dataclass
+class VerificationReport:
+    """Every step of one verification of an enclave connection, with pass/fail and why."""
+
+    origin: str
+    steps: list[Check] = field(default_factory=list)
+    spki_sha256: str | None = None
+    previous_pin: str | None = None
+    certificate_verdict: Verdict | None = None
+    fresh_verdict: Verdict | None = None
+    ok: bool = False
+    error: str | None = None
+    verified_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def passed(self, name: str, detail: str = "") -> None:
+        self.steps.append(Check(name, True, detail))
+
+    def failed(self, name: str, detail: str, *, retryable: bool = False) -> "AttestedTLSError":
+        self.steps.append(Check(name, False, detail))
+        self.ok = False
+        self.error = f"{name}: {detail}"
+        return AttestedTLSError(self.error, self, retryable=retryable)
+
+    @property
+    def status(self) -> str:
+        """The verifier's status words: the evidence verdict's when it decided, else from the failing step."""
+        verdict = self.fresh_verdict or self.certificate_verdict
+        if self.ok and verdict is not None:
+            return verdict.status
+        if verdict is not None and not verdict.ok:
+            return verdict.status
+        failing = next((s.name for s in reversed(self.steps) if not s.ok), "")
+        if failing in ("certificate", "certificate_evidence"):
+            return "malformed"
+        if failing in ("connect", "tls_handshake"):
+            return "error"
+        return "invalid"
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of the other ``cube-attest verify-*`` commands, plus the pinned SPKI hash."""
+        verdict = self.fresh_verdict or self.certificate_verdict
+        checks = [c.to_json() for c in self.steps]
+        if verdict is not None:
+            checks += [{**c.to_json(), "name": f"evidence.{c.name}"} for c in verdict.checks]
+        return {
+            "ok": self.ok,
+            "platform": verdict.platform if verdict else None,
+            "product": verdict.product if verdict else None,
+            "status": self.status,
+            "claims": verdict.claims if verdict and verdict.ok else {},
+            "checks": checks,
+            "error": self.error,
+            "spki_sha256": self.spki_sha256,
+        }
+
+
+class AttestedTLSError(VerificationError):
+    """The enclave behind a connection could not be verified; nothing carrying credentials was sent."""
+
+    def __init__(self, message: str, report: VerificationReport, *, retryable: bool = False) -> None:
+        super().__init__(message, report.steps)
+        self.report = report
+        self.retryable = retryable
+
+
+# -- the HTTP exchange for the fresh-nonce evidence (sans-IO) ------------------------------------
+class _NonceExchange:
+    """Request bytes and incremental response parsing for the attestation endpoint (h11)."""
+
+    def __init__(self, host_header: str, nonce: bytes) -> None:
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16 * 1024)
+        target = f"{ATTESTATION_PATH}?nonce={nonce.hex()}"
+        headers = [("Host", host_header), ("Accept", CMW_CBOR_MEDIA_TYPE), ("User-Agent", USER_AGENT)]
+        self.outgoing = self._conn.send(h11.Request(method="GET", target=target, headers=headers))
+        self.outgoing += self._conn.send(h11.EndOfMessage())
+        self.status: int | None = None
+        self.content_type = ""
+        self.body = bytearray()
+
+    def receive(self, data: bytes) -> bool:
+        """Feed bytes read from the stream; True once the whole response has arrived."""
+        self._conn.receive_data(data)
+        while True:
+            event = self._conn.next_event()
+            if event is h11.NEED_DATA:
+                if not data:
+                    raise h11.RemoteProtocolError("connection closed before the response was complete")
+                return False
+            if isinstance(event, h11.Response):
+                self.status = event.status_code
+                for name, value in event.headers:
+                    if name == b"content-type":
+                        self.content_type = value.decode("latin-1").split(";")[0].strip().lower()
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+                if len(self.body) > MAX_EVIDENCE_BYTES:
+                    raise h11.RemoteProtocolError("attestation response larger than the evidence limit")
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+            elif isinstance(event, h11.ConnectionClosed):
+                raise h11.RemoteProtocolError("connection closed before the response was complete")
+
+    def reusable(self) -> bool:
+        """The connection is clean for the next request: keep-alive and no stray bytes."""
+        trailing, closed = self._conn.trailing_data
+        return self._conn.their_state is h11.DONE and self._conn.our_state is h11.DONE and not trailing and not closed
+
+
+# -- shared verification state -------------------------------------------------------------------
+def _origin_of(url: httpx.URL | str) -> tuple[str, str, int]:
+    url = httpx.URL(str(url))
+    default = 443 if url.scheme == "https" else 80
+    return url.scheme, (url.host or "").lower(), url.port or default
+
+
+@dataclass(frozen=True)
+class _CertificateFacts:
+    spki_der: bytes
+    spki_hex: str
+    evidence: Evidence
+    nonce: bytes
+
+
+class Attestor:
+    """Verification state shared by a client's connections: policy, verdict cache, current pin."""
+
+    def __init__(
+        self,
+        base_url: str,
+        policy: Policy,
+        *,
+        verify_fn: VerifyFn | None = None,
+        verdict_ttl: float = DEFAULT_VERDICT_TTL,
+        io_timeout: float = DEFAULT_IO_TIMEOUT,
+    ) -> None:
+        scheme, host, port = _origin_of(base_url)
+        if scheme != "https" or not host:
+            raise ValueError(f"attested TLS needs an https:// URL with a host, got {base_url!r}")
+        if not isinstance(policy, Policy):
+            raise TypeError("policy must be an attestation.policy.Policy")
+        if verify_fn is None:
+            from ..verifier import verify_evidence
+
+            verify_fn = verify_evidence
+        self.origin = (scheme, host, port)
+        self.policy = policy
+        self._verify = verify_fn
+        self.verdict_ttl = verdict_ttl
+        self.io_timeout = io_timeout
+        self._lock = threading.Lock()
+        self._trusted: dict[str, float] = {}  # spki sha256 hex -> monotonic expiry
+        self.pinned: str | None = None
+        self.last_report: VerificationReport | None = None
+        self.verifications = 0
+
+    @property
+    def origin_text(self) -> str:
+        scheme, host, port = self.origin
+        return f"{scheme}://{host}:{port}"
+
+    @property
+    def host_header(self) -> str:
+        _, host, port = self.origin
+        shown = f"[{host}]" if ":" in host else host
+        return shown if port == 443 else f"{shown}:{port}"
+
+    def require_origin(self, url: httpx.URL) -> None:
+        """Refuse any request that is not for the attested origin (so credentials go nowhere else)."""
+        if _origin_of(url) != self.origin:
+            report = VerificationReport(self.origin_text)
+            raise report.failed("origin", f"refusing a request for {url.scheme}://{url.host}:{url.port or ''}; "
+                                f"this client only talks to {self.origin_text}")
+
+    def trusted(self, spki_hex: str) -> bool:
+        with self._lock:
+            expiry = self._trusted.get(spki_hex)
+            if expiry is None:
+                return False
+            if time.monotonic() >= expiry:
+                del self._trusted[spki_hex]
+                return False
+            return True
+
+    def forget(self) -> None:
+        """Drop every cached verdict (the next connection is verified from scratch)."""
+        with self._lock:
+            self._trusted.clear()
+
+    # steps ---------------------------------------------------------------------------------------
+    def new_report(self) -> VerificationReport:
+        with self._lock:
+            report = VerificationReport(self.origin_text, previous_pin=self.pinned)
+            self.verifications += 1
+            self.last_report = report
+        return report
+
+    def certificate_facts(self, report: VerificationReport, cert_der: bytes | None) -> _CertificateFacts:
+        if not cert_der:
+            raise report.failed("certificate", "the server presented no certificate")
+        try:
+            cert = x509.load_der_x509_certificate(cert_der)
+            spki_der = spki_der_of(cert)
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise report.failed("certificate", f"unparseable server certificate ({exc})") from None
+        spki_hex = spki_sha256(spki_der)
+        report.spki_sha256 = spki_hex
+        now = datetime.now(timezone.utc)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise report.failed("certificate", f"outside its validity ({cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+                                f"to {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
+        detail = f"SPKI SHA-256 {spki_hex}"
+        if report.previous_pin and report.previous_pin != spki_hex:
+            detail += f" (pin was {report.previous_pin}: key rotated or enclave restarted, re-verifying)"
+        report.passed("certificate", detail)
+        try:
+            evidence = decode_cmw(evidence_from_certificate(cert))
+            nonce = nonce_from_binding(evidence.binding)
+        except AttestationError as exc:
+            raise report.failed("certificate_evidence", str(exc)) from None
+        report.passed("certificate_evidence", f"{evidence.platform} evidence in id-pe-cmw")
+        return _CertificateFacts(spki_der, spki_hex, evidence, nonce)
+
+    def _appraise(self, report: VerificationReport, name: str, evidence: Evidence, expected: bytes) -> Verdict:
+        try:
+            verdict = self._verify(evidence, policy=self.policy, expected_report_data=expected)
+        except AttestationError as exc:  # verify_evidence should not raise; fail closed if it does
+            raise report.failed(name, str(exc)) from None
+        if name == "certificate_appraisal":
+            report.certificate_verdict = verdict
+        else:
+            report.fresh_verdict = verdict
+        if not verdict.ok:
+            raise report.failed(name, f"refused by policy {self.policy.name!r}: {verdict.error}")
+        report.passed(name, f"{verdict.platform} {verdict.product or ''} accepted by policy {self.policy.name!r} "
+                      f"(status {verdict.status})".replace("  ", " "))
+        # Belt and braces: the verified report_data must be exactly the binding we expect.
+        seen = str(verdict.claims.get("report_data", "")).lower()
+        binding = name.replace("_appraisal", "_binding")
+        if seen != expected.hex():
+            raise report.failed(binding, "report_data is not bound to this connection's key and nonce")
+        report.passed(binding, "report_data = SHA-512(label || SHA-256(SPKI) || nonce)")
+        return verdict
+
+    def appraise_certificate(self, report: VerificationReport, facts: _CertificateFacts) -> None:
+        expected = report_data_for(facts.spki_der, facts.nonce)
+        self._appraise(report, "certificate_appraisal", facts.evidence, expected)
+
+    def fresh_evidence(self, report: VerificationReport, exchange: _NonceExchange, nonce: bytes) -> Evidence:
+        if exchange.status != 200:
+            raise report.failed("nonce_roundtrip", f"attestation endpoint answered HTTP {exchange.status}",
+                                retryable=exchange.status in (429, 502, 503, 504))
+        if exchange.content_type != CMW_CBOR_MEDIA_TYPE:
+            raise report.failed("nonce_roundtrip", f"unexpected content type {exchange.content_type!r:.60}")
+        if not exchange.reusable():
+            raise report.failed("nonce_roundtrip", "connection not reusable after the attestation response",
+                                retryable=True)
+        try:
+            evidence = decode_cmw(bytes(exchange.body))
+            echoed = nonce_from_binding(evidence.binding)
+        except AttestationError as exc:
+            raise report.failed("nonce_roundtrip", str(exc)) from None
+        if not secrets.compare_digest(echoed, nonce):
+            raise report.failed("nonce_roundtrip", "evidence is not for the nonce we sent (replayed?)")
+        report.passed("nonce_roundtrip", f"fresh {evidence.platform} evidence for our nonce on the same connection")
+        return evidence
+
+    def appraise_fresh(self, report: VerificationReport, facts: _CertificateFacts, evidence: Evidence,
+                       nonce: bytes) -> None:
+        expected = report_data_for(facts.spki_der, nonce)
+        self._appraise(report, "nonce_appraisal", evidence, expected)
+
+    def pin(self, report: VerificationReport, facts: _CertificateFacts) -> None:
+        with self._lock:
+            self._trusted[facts.spki_hex] = time.monotonic() + self.verdict_ttl
+            self.pinned = facts.spki_hex
+        report.ok = True
+        report.error = None
+        report.passed("pinned", f"SPKI SHA-256 {facts.spki_hex} for {self.verdict_ttl:g} s")
+
+    def transport_failure(self, report: VerificationReport, exc: BaseException) -> AttestedTLSError:
+        return report.failed("nonce_roundtrip", f"connection failed during verification ({type(exc).__name__}: "
+                             f"{str(exc)[:160]})", retryable=True)
+
+
+def _peer_certificate(stream: Any) -> bytes | None:
+    ssl_object = stream.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    return ssl_object.getpeercert(True)
+
+
+def _cached_spki(attestor: Attestor, cert_der: bytes | None, force: bool) -> str | None:
+    """The SPKI hash of the peer certificate when it has a live verdict (fast path), else None."""
+    if not cert_der or force:
+        return None
+    try:
+        spki_hex = hashlib.sha256(spki_der_of(x509.load_der_x509_certificate(cert_der))).hexdigest()
+    except (ValueError, UnsupportedAlgorithm):
+        return None  # the full verification reports it
+    return spki_hex if attestor.trusted(spki_hex) else None
+
+
+def client_ssl_context() -> ssl.SSLContext:
+    """TLS for attested connections: CA validation replaced by the evidence checks after the handshake."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the certificate is self-signed; trust comes from the attested SPKI
+    return ctx
+
+
+# -- sync network backend ------------------------------------------------------------------------
+class _PinnedStream(httpcore.NetworkStream):
+    """A verified TLS stream; looks 'readable' (so httpcore drops it when idle) once its verdict expired."""
+
+    def __init__(self, inner: httpcore.NetworkStream, attestor: Attestor, spki_hex: str) -> None:
+        self._inner = inner
+        self._attestor = attestor
+        self.spki_sha256 = spki_hex
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and not self._attestor.trusted(self.spki_sha256):
+            return True
+        if info == "cube_ai_spki_sha256":
+            return self.spki_sha256
+        return self._inner.get_extra_info(info)
+
+
+class _TcpStream(httpcore.NetworkStream):
+    """A TCP stream that verifies the enclave right after its TLS handshake and never writes in clear."""
+
+    def __init__(self, inner: httpcore.NetworkStream, attestor: Attestor, force: bool = False) -> None:
+        self._inner = inner
+        self._attestor = attestor
+        self._force = force
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        raise AttestedTLSError("refusing to write on a connection without attested TLS",
+                               VerificationReport(self._attestor.origin_text))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        try:
+            return _admit_sync(self._attestor, tls, self._force)
+        except BaseException:
+            tls.close()
+            raise
+
+
+def _admit_sync(attestor: Attestor, tls: httpcore.NetworkStream, force: bool) -> _PinnedStream:
+    cert_der = _peer_certificate(tls)
+    spki_hex = _cached_spki(attestor, cert_der, force)
+    if spki_hex is not None:
+        return _PinnedStream(tls, attestor, spki_hex)
+    report = attestor.new_report()
+    facts = attestor.certificate_facts(report, cert_der)
+    attestor.appraise_certificate(report, facts)
+    nonce = secrets.token_bytes(NONCE_SIZE)
+    exchange = _NonceExchange(attestor.host_header, nonce)
+    try:
+        tls.write(exchange.outgoing, attestor.io_timeout)
+        while not exchange.receive(tls.read(65536, attestor.io_timeout)):
+            pass
+    except (httpcore.NetworkError, httpcore.TimeoutException, h11.ProtocolError, OSError) as exc:
+        raise attestor.transport_failure(report, exc) from None
+    evidence = attestor.fresh_evidence(report, exchange, nonce)
+    attestor.appraise_fresh(report, facts, evidence, nonce)
+    attestor.pin(report, facts)
+    return _PinnedStream(tls, attestor, facts.spki_hex)
+
+
+class _SyncAttestingBackend(httpcore.NetworkBackend):
+    def __init__(self, attestor: Attestor, inner: httpcore.NetworkBackend | None = None) -> None:
+        self._attestor = attestor
+        self._inner = inner or httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore.NetworkStream:
+        stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _TcpStream(stream, self._attestor)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Any = None) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("attested TLS does not use unix sockets")
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+# -- async network backend -----------------------------------------------------------------------
+class _AsyncPinnedStream(httpcore.AsyncNetworkStream):
+    def __init__(self, inner: httpcore.AsyncNetworkStream, attestor: Attestor, spki_hex: str) -> None:
+        self._inner = inner
+        self._attestor = attestor
+        self.spki_sha256 = spki_hex
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and not self._attestor.trusted(self.spki_sha256):
+            return True
+        if info == "cube_ai_spki_sha256":
+            return self.spki_sha256
+        return self._inner.get_extra_info(info)
+
+
+class _AsyncTcpStream(httpcore.AsyncNetworkStream):
+    def __init__(self, inner: httpcore.AsyncNetworkStream, attestor: Attestor, force: bool = False) -> None:
+        self._inner = inner
+        self._attestor = attestor
+        self._force = force
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        raise AttestedTLSError("refusing to write on a connection without attested TLS",
+                               VerificationReport(self._attestor.origin_text))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        try:
+            return await _admit_async(self._attestor, tls, self._force)
+        except BaseException:
+            await tls.aclose()
+            raise
+
+
+async def _admit_async(attestor: Attestor, tls: httpcore.AsyncNetworkStream, force: bool) -> _AsyncPinnedStream:
+    import anyio.to_thread
+
+    cert_der = _peer_certificate(tls)
+    spki_hex = _cached_spki(attestor, cert_der, force)
+    if spki_hex is not None:
+        return _AsyncPinnedStream(tls, attestor, spki_hex)
+    report = attestor.new_report()
+    facts = attestor.certificate_facts(report, cert_der)
+    # appraisal may fetch collateral (KDS/PCS): keep it off the event loop
+    await anyio.to_thread.run_sync(attestor.appraise_certificate, report, facts)
+    nonce = secrets.token_bytes(NONCE_SIZE)
+    exchange = _NonceExchange(attestor.host_header, nonce)
+    try:
+        await tls.write(exchange.outgoing, attestor.io_timeout)
+        while not exchange.receive(await tls.read(65536, attestor.io_timeout)):
+            pass
+    except (httpcore.NetworkError, httpcore.TimeoutException, h11.ProtocolError, OSError) as exc:
+        raise attestor.transport_failure(report, exc) from None
+    evidence = attestor.fresh_evidence(report, exchange, nonce)
+    await anyio.to_thread.run_sync(attestor.appraise_fresh, report, facts, evidence, nonce)
+    attestor.pin(report, facts)
+    return _AsyncPinnedStream(tls, attestor, facts.spki_hex)
+
+
+class _AsyncAttestingBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, attestor: Attestor, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._attestor = attestor
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options: Any = None
+                          ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _AsyncTcpStream(stream, self._attestor)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("attested TLS does not use unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+# -- httpx transports ----------------------------------------------------------------------------
+def _pool_kwargs(limits: httpx.Limits) -> dict[str, Any]:
+    return {
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+        "http1": True,
+        "http2": False,
+    }
+
+
+class _AttestedHTTPTransport(httpx.HTTPTransport):
+    """httpx's transport (its request/response and error mapping) over an attesting httpcore pool."""
+
+    def __init__(self, attestor: Attestor, limits: httpx.Limits) -> None:
+        ctx = client_ssl_context()
+        super().__init__(verify=ctx, trust_env=False, limits=limits)
+        self._pool = httpcore.ConnectionPool(ssl_context=ctx, network_backend=_SyncAttestingBackend(attestor),
+                                             **_pool_kwargs(limits))
+
+
+class _AsyncAttestedHTTPTransport(httpx.AsyncHTTPTransport):
+    def __init__(self, attestor: Attestor, limits: httpx.Limits) -> None:
+        ctx = client_ssl_context()
+        super().__init__(verify=ctx, trust_env=False, limits=limits)
+        self._pool = httpcore.AsyncConnectionPool(ssl_context=ctx, network_backend=_AsyncAttestingBackend(attestor),
+                                                  **_pool_kwargs(limits))
+
+
+class _GuardedTransport(httpx.BaseTransport):
+    """Origin check, then the request; one retry when a verification failed transiently before sending."""
+
+    def __init__(self, inner: httpx.BaseTransport, attestor: Attestor) -> None:
+        self._inner = inner
+        self._attestor = attestor
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self._attestor.require_origin(request.url)
+        try:
+            return self._inner.handle_request(request)
+        except AttestedTLSError as exc:
+            if not exc.retryable:
+                raise
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _AsyncGuardedTransport(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport, attestor: Attestor) -> None:
+        self._inner = inner
+        self._attestor = attestor
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self._attestor.require_origin(request.url)
+        try:
+            return await self._inner.handle_async_request(request)
+        except AttestedTLSError as exc:
+            if not exc.retryable:
+                raise
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+_RESERVED = ("transport", "mounts", "verify", "cert", "follow_redirects", "proxy", "trust_env", "http2", "app")
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0)
+
+
+def _check_kwargs(kwargs: dict[str, Any]) -> None:
+    for name in _RESERVED:
+        if name in kwargs:
+            raise TypeError(f"{name}= cannot be set on an attested client")
+
+
+# -- public clients ------------------------------------------------------------------------------
+class AttestedClient(httpx.Client):
+    """An httpx.Client bound to one attested enclave origin (see the module docstring)."""
+
+    def __init__(self, base_url: str, *, policy: Policy, verdict_ttl: float = DEFAULT_VERDICT_TTL,
+                 verify_fn: VerifyFn | None = None, limits: httpx.Limits = DEFAULT_LIMITS,
+                 io_timeout: float = DEFAULT_IO_TIMEOUT, **kwargs: Any) -> None:
+        _check_kwargs(kwargs)
+        self.attestor = Attestor(base_url, policy, verify_fn=verify_fn, verdict_ttl=verdict_ttl,
+                                 io_timeout=io_timeout)
+        transport = _GuardedTransport(_AttestedHTTPTransport(self.attestor, limits), self.attestor)
+        super().__init__(base_url=base_url, transport=transport, follow_redirects=False, trust_env=False,
+                         limits=limits, **kwargs)
+
+    def send(self, request: httpx.Request, *, stream: bool = False, auth: Any = httpx.USE_CLIENT_DEFAULT,
+             follow_redirects: Any = httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
+        return super().send(request, stream=stream, auth=auth, follow_redirects=False)  # redirects never followed
+
+    @property
+    def verification_report(self) -> VerificationReport | None:
+        """The report of the most recent verification (also attached to every AttestedTLSError)."""
+        return self.attestor.last_report
+
+    def attest(self) -> VerificationReport:
+        """Verify the enclave now on a new connection (cache ignored), close it, and return the report."""
+        _, host, port = self.attestor.origin
+        raw = httpcore.SyncBackend().connect_tcp(host, port, timeout=self.attestor.io_timeout)
+        tcp = _TcpStream(raw, self.attestor, force=True)
+        try:
+            tls = tcp.start_tls(client_ssl_context(), host, self.attestor.io_timeout)
+        except AttestedTLSError:
+            raise
+        except (httpcore.NetworkError, httpcore.TimeoutException, OSError, ssl.SSLError) as exc:
+            report = self.attestor.new_report()
+            raise report.failed("tls_handshake", f"{type(exc).__name__}: {str(exc)[:160]}") from None
+        tls.close()
+        assert self.attestor.last_report is not None
+        return self.attestor.last_report
+
+
+class AsyncAttestedClient(httpx.AsyncClient):
+    """The asyncio twin of :class:`AttestedClient`."""
+
+    def __init__(self, base_url: str, *, policy: Policy, verdict_ttl: float = DEFAULT_VERDICT_TTL,
+                 verify_fn: VerifyFn | None = None, limits: httpx.Limits = DEFAULT_LIMITS,
+                 io_timeout: float = DEFAULT_IO_TIMEOUT, **kwargs: Any) -> None:
+        _check_kwargs(kwargs)
+        self.attestor = Attestor(base_url, policy, verify_fn=verify_fn, verdict_ttl=verdict_ttl,
+                                 io_timeout=io_timeout)
+        transport = _AsyncGuardedTransport(_AsyncAttestedHTTPTransport(self.attestor, limits), self.attestor)
+        super().__init__(base_url=base_url, transport=transport, follow_redirects=False, trust_env=False,
+                         limits=limits, **kwargs)
+
+    async def send(self, request: httpx.Request, *, stream: bool = False, auth: Any = httpx.USE_CLIENT_DEFAULT,
+                   follow_redirects: Any = httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
+        return await super().send(request, stream=stream, auth=auth, follow_redirects=False)
+
+    @property
+    def verification_report(self) -> VerificationReport | None:
+        return self.attestor.last_report
+
+    async def attest(self) -> VerificationReport:
+        _, host, port = self.attestor.origin
+        raw = await httpcore.AnyIOBackend().connect_tcp(host, port, timeout=self.attestor.io_timeout)
+        tcp = _AsyncTcpStream(raw, self.attestor, force=True)
+        try:
+            tls = await tcp.start_tls(client_ssl_context(), host, self.attestor.io_timeout)
+        except AttestedTLSError:
+            raise
+        except (httpcore.NetworkError, httpcore.TimeoutException, OSError, ssl.SSLError) as exc:
+            report = self.attestor.new_report()
+            raise report.failed("tls_handshake", f"{type(exc).__name__}: {str(exc)[:160]}") from None
+        await tls.aclose()
+        assert self.attestor.last_report is not None
+        return self.attestor.last_report
+
+
+def _origin_url(base_url: str) -> str:
+    scheme, host, port = _origin_of(base_url)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}"
+
+
+def openai_client(base_url: str, api_key: str, policy: Policy, *, verdict_ttl: float = DEFAULT_VERDICT_TTL,
+                  verify_fn: VerifyFn | None = None, **openai_kwargs: Any) -> Any:
+    """``openai.OpenAI`` whose every request goes through an :class:`AttestedClient` for ``base_url``'s origin."""
+    import openai
+
+    http_client = AttestedClient(_origin_url(base_url), policy=policy, verdict_ttl=verdict_ttl, verify_fn=verify_fn)
+    return openai.OpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)
+
+
+def async_openai_client(base_url: str, api_key: str, policy: Policy, *, verdict_ttl: float = DEFAULT_VERDICT_TTL,
+                        verify_fn: VerifyFn | None = None, **openai_kwargs: Any) -> Any:
+    """``openai.AsyncOpenAI`` over an :class:`AsyncAttestedClient`."""
+    import openai
+
+    http_client = AsyncAttestedClient(_origin_url(base_url), policy=policy, verdict_ttl=verdict_ttl,
+                                      verify_fn=verify_fn)
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)

@@ -1,0 +1,57 @@
+"""Evidence providers: obtain attestation evidence on this machine.
+
+- ``ConfigfsTsmProvider``: Linux configfs-tsm (``/sys/kernel/config/tsm/report``), SEV-SNP and TDX.
+- ``SevGuestProvider``: SEV-SNP ``/dev/sev-guest`` SNP_GET_EXT_REPORT ioctl, for kernels without configfs-tsm.
+- ``SimProvider``: the simulated platform (development and tests only).
+
+``detect_provider()`` picks the first that works here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from ..errors import ProviderError
+from ..evidence import Evidence
+from .configfs_tsm import TSM_REPORT_ROOT, ConfigfsTsmProvider, TsmFs
+from .sev_guest import SEV_GUEST_DEVICE, SevGuestProvider
+from .sim import SimProvider
+
+__all__ = [
+    "EvidenceProvider",
+    "ConfigfsTsmProvider",
+    "SevGuestProvider",
+    "SimProvider",
+    "detect_provider",
+]
+
+
+@runtime_checkable
+class EvidenceProvider(Protocol):
+    platform: str
+
+    def get_evidence(self, report_data: bytes) -> Evidence:  # report_data exactly 64 bytes
+        ...
+
+
+def detect_provider(*, simulate: bool = False, sim_dir: Path | None = None,
+                    tsm_root: Path = TSM_REPORT_ROOT, sev_device: Path = SEV_GUEST_DEVICE,
+                    tsm_fs: TsmFs | None = None) -> EvidenceProvider:
+    """The evidence provider for this machine: sim when asked, else configfs-tsm, else /dev/sev-guest."""
+    if simulate:
+        return SimProvider(sim_dir)
+    if Path(tsm_root).is_dir():
+        provider = ConfigfsTsmProvider(tsm_root, fs=tsm_fs)
+        try:
+            provider.probe()
+            return provider
+        except ProviderError:
+            if not Path(sev_device).exists():
+                raise
+    if Path(sev_device).exists():
+        return SevGuestProvider(sev_device)
+    raise ProviderError(
+        f"no attestation interface on this machine (neither {tsm_root} nor {sev_device}); "
+        "run inside an SEV-SNP or TDX guest, or use the simulated platform (--simulate)"
+    )

@@ -1,0 +1,27 @@
+"""Evidence from the simulated platform (see attestation.sim). Development and tests only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ProviderError
+from ..evidence import Evidence
+
+
+class SimProvider:
+    platform = "sim"
+
+    def __init__(self, directory: Path | None = None) -> None:
+        from ..sim import SimPlatform
+
+        self.sim = SimPlatform.load_or_create(directory)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.sim.fingerprint
+
+    def get_evidence(self, report_data: bytes) -> Evidence:
+        if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != 64:
+            raise ProviderError("report_data must be exactly 64 bytes")
+        report, certs = self.sim.report(bytes(report_data))
+        return Evidence(platform="sim", report=report, certificates=tuple(certs), product=self.sim.product)

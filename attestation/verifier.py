@@ -1,0 +1,132 @@
+"""The single entry point: Evidence + Policy -> Verdict.  Never raises for bad evidence.
+
+Verdict.status words:
+- TDX with collateral evaluated: the Intel TCB status ("UpToDate", "OutOfDate", ...), whether the
+  verdict is ok or refused by policy;
+- "verified"  signatures, chains and every policy rule passed;
+- "refused"   the evidence verified but a policy rule failed (or the platform is not allowed);
+- "invalid"   a signature, chain, binding or TCB check failed (VerificationError);
+- "malformed" the report, quote, certificates or bundle could not be parsed;
+- "collateral_unavailable" certificates or collateral needed for verification were missing;
+- "error"     anything else (an internal fault; fails closed).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .appraise import appraise
+from .errors import AttestationError, CollateralError, EvidenceError, ParseError, VerificationError
+from .evidence import Evidence
+from .policy import DEFAULT_POLICY, Policy
+from .verdict import Check, Verdict, VerifiedEvidence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .snp.kds import KdsClient
+    from .tdx.pcs import PcsClient
+
+log = logging.getLogger(__name__)
+
+
+def _refused(platform: str | None, product: str | None, status: str, checks: list[Check], error: str) -> Verdict:
+    return Verdict(ok=False, platform=platform, product=product, status=status, claims={}, checks=checks, error=error)
+
+
+def split_snp_certificates(certs: tuple[bytes, ...]) -> tuple[bytes | None, list[bytes]]:
+    """Evidence certificates (VEK, ASK|ASVK, ARK; any may be missing) -> (vek, chain).
+
+    The VEK is the one certificate with an EC key; the others (RSA) form the chain.
+    """
+    vek: bytes | None = None
+    chain: list[bytes] = []
+    for i, der in enumerate(certs):
+        from .snp.certs import load_certificate
+
+        try:
+            cert = load_certificate(der)
+            key = cert.public_key()
+        except ParseError as exc:
+            raise ParseError(f"certificates[{i}]: {exc}") from None
+        except Exception as exc:  # cryptography raises a few non-ValueError types on damaged DER
+            raise ParseError(f"certificates[{i}]: unusable certificate ({type(exc).__name__}: {exc})") from None
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if vek is not None:
+                raise ParseError("certificates: more than one VCEK/VLEK (EC) certificate")
+            vek = der
+        else:
+            chain.append(der)
+    return vek, chain
+
+
+def _verify(evidence: Evidence, policy: Policy, at: datetime | None, kds, pcs) -> VerifiedEvidence:
+    if evidence.platform in ("snp", "sim"):
+        from .snp.verify import verify_report
+
+        vek, chain = split_snp_certificates(evidence.certificates)
+        if evidence.platform == "sim":
+            from .sim import sim_trust
+
+            assert policy.sim_root_fingerprint is not None  # checked by the caller
+            return verify_report(evidence.report, vek=vek, chain=chain, product=evidence.product, at=at,
+                                 trust=sim_trust(policy.sim_root_fingerprint))
+        return verify_report(evidence.report, vek=vek, chain=chain, product=evidence.product, at=at, kds=kds)
+    if evidence.platform == "tdx":
+        from .tdx.collateral import collateral_from_files
+        from .tdx.verify import verify_quote
+
+        collateral = collateral_from_files(evidence.collateral) if evidence.collateral else None
+        return verify_quote(evidence.report, collateral=collateral, at=at, pcs=pcs)
+    raise EvidenceError(f"unknown platform {evidence.platform!r}")
+
+
+def verify_evidence(
+    evidence: Evidence,
+    *,
+    policy: Policy = DEFAULT_POLICY,
+    at: datetime | None = None,
+    expected_report_data: bytes | None = None,
+    kds: "KdsClient | None" = None,
+    pcs: "PcsClient | None" = None,
+) -> Verdict:
+    """Verify evidence for its platform, then appraise it against ``policy``.
+
+    Simulated evidence is verified only against ``sim_trust(policy.sim_root_fingerprint)`` and only
+    when the policy lists "sim"; AMD's roots never vouch for it and its root never vouches for SNP.
+    """
+    if not isinstance(evidence, Evidence):
+        return _refused(None, None, "malformed", [Check("evidence", False, "not an Evidence object")],
+                        "evidence: not an Evidence object")
+    platform = evidence.platform
+    if platform not in policy.platforms:
+        check = Check("platform_allowed", False,
+                      f"platform {platform} is not allowed by policy {policy.name!r} (allows {', '.join(policy.platforms)})")
+        return _refused(platform, evidence.product, "refused", [check], f"refused by policy: {check.detail}")
+    pre: list[Check] = []
+    if platform == "sim":
+        # Policy validation guarantees a fingerprint when sim is allowed; say which root is trusted.
+        pre.append(Check("sim_root", True, f"simulated platform trusted only through root {policy.sim_root_fingerprint}"))
+    try:
+        verified = _verify(evidence, policy, at, kds, pcs)
+    except VerificationError as exc:
+        return _refused(platform, evidence.product, "invalid", pre + list(exc.checks), str(exc))
+    except (ParseError, EvidenceError) as exc:
+        return _refused(platform, evidence.product, "malformed", pre + [Check("parse", False, str(exc))], str(exc))
+    except CollateralError as exc:
+        return _refused(platform, evidence.product, "collateral_unavailable",
+                        pre + [Check("collateral", False, str(exc))], str(exc))
+    except AttestationError as exc:
+        return _refused(platform, evidence.product, "error", pre + [Check("verification", False, str(exc))], str(exc))
+    except Exception as exc:  # fail closed on any fault in a parser or verifier
+        log.exception("internal error while verifying %s evidence", platform)
+        detail = f"internal error: {type(exc).__name__}"
+        return _refused(platform, evidence.product, "error", pre + [Check("verification", False, detail)], detail)
+    if verified.platform != platform:
+        detail = f"evidence says {platform} but verification produced {verified.platform}"
+        return _refused(platform, evidence.product, "invalid", pre + list(verified.checks) + [Check("platform", False, detail)], detail)
+    verdict = appraise(verified, policy, expected_report_data=expected_report_data, at=at)
+    verdict.checks = pre + verdict.checks
+    return verdict

@@ -1,0 +1,157 @@
+"""Request and response bodies of the HTTP API (also the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from enclave.access import Scope
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")]
+PatName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@ -]*$")]
+Pattern = Annotated[str, StringConstraints(min_length=1, max_length=300)]
+Patterns = Annotated[list[Pattern], Field(max_length=200, description="exact model ids or shell patterns (e.g. llama3*)")]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+class UserCreate(_Request):
+    name: Name
+    superadmin: bool = False
+
+
+class UserUpdate(_Request):
+    name: Name | None = None
+    superadmin: bool | None = None
+
+
+class UserOut(BaseModel):
+    id: str
+    name: str
+    superadmin: bool
+    created_at: datetime
+
+
+class DomainCreate(_Request):
+    name: Name
+    model_allowlist: Patterns | None = None
+
+
+class DomainUpdate(_Request):
+    name: Name | None = None
+    model_allowlist: Patterns | None = None
+    clear_model_allowlist: bool = False
+
+
+class DomainOut(BaseModel):
+    id: str
+    name: str
+    model_allowlist: list[str] | None
+    created_at: datetime
+
+
+class MembershipSet(_Request):
+    role: Literal["admin", "member"] = "member"
+
+
+class MemberOut(BaseModel):
+    domain_id: str
+    user: UserOut
+    role: Literal["admin", "member"]
+    created_at: datetime
+
+
+class PatCreate(_Request):
+    name: PatName
+    scopes: list[Scope] = Field(default_factory=lambda: [Scope.MODELS_READ, Scope.MODELS_INFER], min_length=1)
+    expires_in_days: int | None = Field(None, ge=1, description="default: the server's pat_default_ttl_days")
+    model_allowlist: Patterns | None = None
+
+
+class PatOut(BaseModel):
+    id: str
+    user_id: str
+    domain_id: str | None
+    name: str
+    display: str = Field(description="prefix and last four characters, e.g. cube_pat_...Ab12")
+    scopes: list[str]
+    model_allowlist: list[str] | None
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    state: Literal["active", "expired", "revoked"]
+
+
+class PatCreated(PatOut):
+    token: str = Field(description="the secret; shown only in this response")
+
+
+class MeOut(BaseModel):
+    user: UserOut
+    pat: PatOut
+    memberships: dict[str, Literal["admin", "member"]]
+
+
+class ModelPull(_Request):
+    backend: str = Field(min_length=1, max_length=100)
+    model: str = Field(min_length=1, max_length=300, pattern=r"^[^\s]+$")
+
+
+class BackendStatusOut(BaseModel):
+    name: str
+    kind: str
+    up: bool
+    error: str | None
+    last_ok: datetime | None
+    models: int
+
+
+class AdminModelOut(ModelObject):
+    backend: str
+    kind: str
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    store: dict
+    backends: list[dict]
+
+
+ERROR_RESPONSES = {
+    400: {"model": ErrorEnvelope, "description": "Invalid request"},
+    401: {"model": ErrorEnvelope, "description": "Missing, malformed, unknown, expired or revoked API key"},
+    403: {"model": ErrorEnvelope, "description": "Not a member, or the key lacks the scope / role"},
+    404: {"model": ErrorEnvelope, "description": "Not found"},
+}

@@ -1,0 +1,91 @@
+"""The enclave FastAPI application: routers, error envelope, limits, metrics and lifecycle."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from enclave.api import admin, models, ops
+from enclave.api.context import AppContext
+from enclave.auth import Authenticator, Clock, LastUsedTracker
+from enclave.config import Settings, load_server_secret
+from enclave.errors import ApiError, install_error_handlers
+from enclave.limits import SizeLimitMiddleware
+from enclave.metrics import Metrics, MetricsMiddleware
+from enclave.registry import Registry
+from enclave.store import open_store, utcnow
+
+log = logging.getLogger("enclave.app")
+
+
+def _default_registry(settings: Settings) -> Any:
+    return Registry(settings.backends, refresh_interval=settings.registry_refresh_seconds)
+
+
+_PUBLIC_PREFIXES = ("/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json")
+
+
+async def _authenticate_first(request: Request) -> JSONResponse | None:
+    """For protected routes, a missing or bad PAT is reported (401) before a malformed body (400)."""
+    if request.url.path.startswith(_PUBLIC_PREFIXES) or "ctx" not in request.app.state._state:
+        return None
+    try:
+        await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+    except ApiError as e:
+        return e.response()
+    return None
+
+
+def create_app(settings: Settings, *, registry: Any | None = None, extra_routers: Sequence[APIRouter] = (),
+               clock: Clock | None = None, manage_registry: bool = True) -> FastAPI:
+    """Build the service. The store opens (and migrates) and the registry starts in the lifespan.
+
+    ``registry`` defaults to enclave.registry.Registry over ``settings.backends``; the app starts and stops it
+    unless ``manage_registry`` is False. ``clock`` (UTC-aware datetimes) exists for expiry tests.
+    """
+    metrics = Metrics()
+    now = clock or utcnow
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        secret = load_server_secret(settings)
+        store = await open_store(settings)
+        reg = registry if registry is not None else _default_registry(settings)
+        tracker = LastUsedTracker(store, interval=settings.last_used_flush_seconds)
+        auth = Authenticator(store, secret, tracker=tracker, cache=settings.auth_cache_enabled(), clock=now,
+                             on_failure=metrics.auth_failed)
+        app.state.ctx = AppContext(settings=settings, store=store, auth=auth, tracker=tracker, registry=reg,
+                                   metrics=metrics, clock=now)
+        try:
+            if manage_registry:
+                await reg.start()
+            tracker.start()
+            log.info("enclave ready: %d backend(s) configured", len(settings.backends))
+            yield
+        finally:
+            await tracker.stop()
+            if manage_registry:
+                await reg.stop()
+            await store.close()
+
+    app = FastAPI(title="Cube AI enclave", version="0.1.0", lifespan=lifespan,
+                  description="Models registry served OpenAI-style per domain, with personal access tokens "
+                              "and an admin API. Errors use the OpenAI envelope.")
+    app.state.metrics = metrics
+    install_error_handlers(app, before_validation_error=_authenticate_first)
+    app.include_router(ops.router)
+    app.include_router(models.router)
+    app.include_router(admin.platform)
+    app.include_router(admin.domain_admin)
+    app.include_router(admin.me)
+    for router in extra_routers:
+        app.include_router(router)
+    app.add_middleware(SizeLimitMiddleware, max_header_bytes=settings.limits.max_header_bytes,
+                       max_body_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,221 @@
+"""Enclave settings: config/enclave.yaml, then CUBE_ENCLAVE__* environment overrides, validated at start.
+
+Environment overrides use "__" for nesting: CUBE_ENCLAVE__DATABASE_URL, CUBE_ENCLAVE__LISTEN__PORT=9443,
+CUBE_ENCLAVE__BACKENDS='[{name: ol, kind: ollama, base_url: "http://127.0.0.1:11434"}]'. Values are read as
+YAML scalars/flow collections, so numbers, booleans and lists work. Any problem raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from enclave.backends.base import BackendConfig
+
+ENV_PREFIX = "CUBE_ENCLAVE__"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "enclave.yaml"
+SECRET_FILE_NAME = "server_secret"
+MIN_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """Configuration is invalid; the message names the key and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListenSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8443, ge=0, le=65535)
+
+
+class LimitSettings(_Strict):
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_header_bytes: int = Field(16_384, ge=1024, description="total size of all request headers")
+
+
+class AttestationSettings(_Strict):
+    rotate_every_seconds: float | None = Field(3600.0, gt=0)
+    sim_dir: Path | None = None
+    rate_limit: float = Field(5.0, gt=0, description="attestation requests per second per client")
+
+
+class TlsSettings(_Strict):
+    hostnames: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"], min_length=1)
+
+
+class BootstrapSettings(_Strict):
+    admin_name: str = Field("admin", min_length=1, max_length=100)
+    domain_name: str = Field("default", min_length=1, max_length=100)
+
+
+class Settings(_Strict):
+    data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+                           / "cube-ai" / "enclave")
+    database_url: str | None = Field(None, description="SQLAlchemy async URL; default SQLite in data_dir")
+    database_schema: str | None = Field(None, description="PostgreSQL schema (search_path) to use")
+    server_secret: SecretStr | None = Field(None, description="PAT HMAC key (>= 32 bytes); else server_secret_file")
+    server_secret_file: Path | None = None
+    listen: ListenSettings = Field(default_factory=ListenSettings)
+    simulate: bool = False
+    backends: list[BackendConfig] = Field(default_factory=list)
+    registry_refresh_seconds: float = Field(30.0, gt=0)
+    pat_default_ttl_days: int = Field(30, ge=1)
+    pat_max_ttl_days: int = Field(365, ge=1)
+    last_used_flush_seconds: float = Field(60.0, gt=0)
+    auth_cache: bool | None = Field(None, description="cache PAT lookups in-process; default: on for SQLite only")
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    attestation: AttestationSettings = Field(default_factory=AttestationSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return v.upper()
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("sqlite+aiosqlite://") or v.startswith("postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.pat_default_ttl_days > self.pat_max_ttl_days:
+            raise ValueError("pat_default_ttl_days must not exceed pat_max_ttl_days")
+        names = [b.name for b in self.backends]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"backends: duplicate backend name(s) {', '.join(dupes)}")
+        return self
+
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'enclave.db'}"
+
+    def auth_cache_enabled(self) -> bool:
+        if self.auth_cache is not None:
+            return self.auth_cache
+        return self.effective_database_url().startswith("sqlite")
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return f"invalid configuration in {source}: " + "; ".join(lines)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if not all(parts):
+            raise ConfigError(f"environment variable {name}: empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"environment variable {name}: not a valid YAML value ({e.__class__.__name__})") from None
+        if parts[-1] in {"server_secret", "database_url", "api_key"}:
+            value = raw  # secrets and URLs stay verbatim strings
+        node = tree
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment variable {name}: conflicts with another override")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read YAML (``path`` or config/enclave.yaml when present), apply env then explicit overrides, validate."""
+    environ = os.environ if environ is None else environ
+    source = "defaults"
+    data: dict[str, Any] = {}
+    file = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    if file is not None:
+        source = str(file)
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read configuration file {file}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"configuration file {file} is not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {file}: top level must be a mapping of keys")
+        data = loaded
+    env = _env_overrides(environ)
+    if env:
+        source += " + CUBE_ENCLAVE__* environment"
+    data = _merge(data, env)
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, source)) from None
+
+
+def load_server_secret(settings: Settings) -> bytes:
+    """The PAT HMAC key: from settings/env, a named file, or data_dir/server_secret (created 0600 if absent)."""
+    if settings.server_secret is not None:
+        value = settings.server_secret.get_secret_value().encode()
+        if len(value) < MIN_SECRET_BYTES:
+            raise ConfigError(f"server_secret: must be at least {MIN_SECRET_BYTES} bytes")
+        return value
+    file = settings.server_secret_file or settings.data_dir / SECRET_FILE_NAME
+    if not file.exists():
+        if settings.server_secret_file is not None:
+            raise ConfigError(f"server_secret_file: {file} does not exist")
+        file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process won the race; read its secret below
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+    try:
+        value = file.read_text(encoding="utf-8").strip().encode()
+    except OSError as e:
+        raise ConfigError(f"server_secret_file: cannot read {file}: {e.strerror}") from None
+    if len(value) < MIN_SECRET_BYTES:
+        raise ConfigError(f"server_secret_file: {file} holds fewer than {MIN_SECRET_BYTES} bytes")
+    return value

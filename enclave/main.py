@@ -1,0 +1,145 @@
+"""``cube-enclave serve``: the enclave service over HTTPS, bootstrapping the first superadmin PAT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from enclave.config import ConfigError, Settings, load_server_secret, load_settings
+
+CERT_FILE_NAME = "server-cert.pem"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cube-enclave", description="Cube AI enclave service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the service over HTTPS")
+    serve.add_argument("--simulate", action="store_true", help="simulated confidential platform (development)")
+    serve.add_argument("--config", type=Path, help="YAML configuration (default config/enclave.yaml)")
+    serve.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default from config: 8443)")
+    serve.add_argument("--data-dir", type=Path, help="where the SQLite store, server secret and cert PEM live")
+    serve.add_argument("--pat-file", type=Path,
+                       help="write the bootstrap PAT to this file (0600) instead of printing it")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    overrides: dict[str, Any] = {}
+    if args.simulate:
+        overrides["simulate"] = True
+    if args.data_dir is not None:
+        overrides["data_dir"] = str(args.data_dir)
+    listen: dict[str, Any] = {}
+    if args.host is not None:
+        listen["host"] = args.host
+    if args.port is not None:
+        listen["port"] = args.port
+    if listen:
+        overrides["listen"] = listen
+    return load_settings(args.config, environ=environ, overrides=overrides)
+
+
+async def _prepare(settings: Settings):
+    from enclave.bootstrap import bootstrap_if_empty
+    from enclave.store import open_store
+
+    secret = load_server_secret(settings)
+    store = await open_store(settings)
+    try:
+        boot = await bootstrap_if_empty(store, settings, secret)
+        domains = await store.list_domains()
+        default = next((d for d in domains if d.name == settings.bootstrap.domain_name), None)
+        return boot, default
+    finally:
+        await store.close()
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
+def banner(settings: Settings, *, base: str, cert_path: Path, domain_id: str | None, token: str | None,
+           pat_file: Path | None, first_start: bool) -> str:
+    did = domain_id or "<domain-id>"
+    lines = [f"Cube AI enclave on {base} ({'simulation mode' if settings.simulate else 'confidential mode'})",
+             f"Server certificate (self-signed, trust it explicitly): {cert_path}"]
+    if first_start and token and pat_file is None:
+        lines += ["", "Bootstrap superadmin API key (shown once; store it now):", f"  {token}"]
+        auth = f"Authorization: Bearer {token}"
+        key_expr = repr(token)
+    elif first_start and pat_file is not None:
+        lines += ["", f"Bootstrap superadmin API key written to {pat_file} (mode 0600)."]
+        auth = f"Authorization: Bearer $(cat {pat_file})"
+        key_expr = f"open({str(pat_file)!r}).read().strip()"
+    else:
+        lines += ["", "Store already initialised; use an existing API key (export CUBE_TOKEN=...)."]
+        auth = "Authorization: Bearer $CUBE_TOKEN"
+        key_expr = "os.environ['CUBE_TOKEN']"
+    if not settings.backends:
+        lines += ["", "No backends configured: the models list is empty until you add some to the config "
+                      "(backends: [{name, kind: ollama|vllm, base_url}])."]
+    lines += ["", "Try it:",
+              f'  curl --cacert {cert_path} -H "{auth}" {base}/proxy/{did}/v1/models',
+              "", "  # openai-python",
+              "  import os, ssl, httpx, openai",
+              f"  client = openai.OpenAI(base_url='{base}/proxy/{did}/v1', api_key={key_expr},",
+              f"      http_client=httpx.Client(verify=ssl.create_default_context(cafile={str(cert_path)!r})))",
+              "  print([m.id for m in client.models.list()])",
+              "", f"Admin CLI: cube-admin --url {base} --ca {cert_path} --token ... users list"]
+    return "\n".join(lines)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from enclave.app import create_app
+    from enclave.devcert import server_ssl_context
+    from enclave.limits import limited_httptools_protocol
+    from enclave.logs import configure_logging, uvicorn_log_config
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, json_format=settings.log_json)
+    boot, default_domain = asyncio.run(_prepare(settings))
+    ssl_context, cert_pem = server_ssl_context(settings)
+    cert_path = settings.data_dir / CERT_FILE_NAME
+    cert_path.write_bytes(cert_pem)
+    token = boot.token if boot else None
+    if boot and args.pat_file is not None:
+        _write_private(args.pat_file, boot.token + "\n")
+    host = settings.listen.host
+    shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
+    base = f"https://{shown}:{settings.listen.port}"
+    print(banner(settings, base=base, cert_path=cert_path, domain_id=default_domain.id if default_domain else None,
+                 token=token, pat_file=args.pat_file, first_start=boot is not None), flush=True)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
+                            ssl_context_factory=lambda _cfg, _default: ssl_context, proxy_headers=False,
+                            server_header=False, http=limited_httptools_protocol(4 * settings.limits.max_header_bytes))
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+    except ConfigError as e:
+        print(f"cube-enclave: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

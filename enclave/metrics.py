@@ -1,0 +1,57 @@
+"""Prometheus metrics: one registry per app so several apps (tests) never collide."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("cube_http_requests_total", "HTTP requests by route template, method and status",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("cube_http_request_duration_seconds", "HTTP request latency by route template",
+                                 ["route", "method"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.auth_failures = Counter("cube_auth_failures_total", "Refused API keys by reason", ["reason"],
+                                     registry=self.registry)
+        self.backend_up = Gauge("cube_backend_up", "1 if the backend answered its last discovery", ["backend", "kind"],
+                                registry=self.registry)
+        self.models = Gauge("cube_registry_models", "Routable models in the registry", registry=self.registry)
+
+    def auth_failed(self, reason: str) -> None:
+        self.auth_failures.labels(reason=reason).inc()
+
+
+class MetricsMiddleware:
+    """Counts requests by the matched route's path template (never the raw path, so no ids in labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(route=template, method=method, status=str(status)).inc()
+            self.metrics.latency.labels(route=template, method=method).observe(time.perf_counter() - start)
+

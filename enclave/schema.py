@@ -1,0 +1,56 @@
+"""Database tables (SQLAlchemy Core). Changes here need a new Alembic revision in enclave/migrations/versions."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+})
+
+Timestamp = sa.DateTime(timezone=True)
+
+users = sa.Table(
+    "users", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False, unique=True),
+    sa.Column("is_superadmin", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+)
+
+domains = sa.Table(
+    "domains", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False, unique=True),
+    sa.Column("model_allowlist", sa.JSON, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+)
+
+memberships = sa.Table(
+    "memberships", metadata,
+    sa.Column("domain_id", sa.String(36), sa.ForeignKey("domains.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("user_id", sa.String(36), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.CheckConstraint("role IN ('admin', 'member')", name="role"),
+)
+
+pats = sa.Table(
+    "pats", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("user_id", sa.String(36), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    sa.Column("domain_id", sa.String(36), sa.ForeignKey("domains.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("last4", sa.String(4), nullable=False),
+    sa.Column("scopes", sa.JSON, nullable=False),
+    sa.Column("model_allowlist", sa.JSON, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("expires_at", Timestamp, nullable=False),
+    sa.Column("revoked_at", Timestamp, nullable=True),
+    sa.Column("last_used_at", Timestamp, nullable=True),
+)

@@ -1,0 +1,552 @@
+"""Host-blind TCP relay: public listener -> enclave (TCP or AF_VSOCK), bytes passed through unread.
+
+TLS terminates inside the enclave, so the relay only ever sees ciphertext. It never parses, logs or
+buffers more than a bounded amount of what flows through it.
+
+Design (chosen by measurement, see bench/bench_relay.py):
+
+* One asyncio event loop accepts, connects and supervises connections (limits, timeouts, shutdown).
+* The bytes are moved by a *pump* per connection. Three pumps exist:
+
+  - ``splice`` (default on Linux): each direction moves data socket -> pipe -> socket with
+    ``os.splice`` so payload never enters user space. Non-blocking, driven by the event loop's
+    readiness callbacks; backpressure is the pipe: while bytes wait in it for a slow reader, the relay
+    stops reading the source socket, so the kernel's TCP window pushes back on the sender.
+  - ``copy``: the same event-driven structure with ``recv_into`` / ``send`` on one bounded buffer per
+    direction (portable fallback where ``os.splice`` is missing, and the user-space baseline).
+  - ``streams``: asyncio streams (``StreamReader.read`` / ``StreamWriter.drain``), kept as the
+    simplest-possible baseline for the benchmark.
+
+* Half-close: EOF from one side becomes ``shutdown(SHUT_WR)`` on the other once the bytes already
+  read are delivered; the connection ends when both directions have ended.
+* A refused, unreachable or slow (connect timeout) enclave closes the client connection at once.
+* Over the connection limit, a new client is accepted and closed immediately (never left hanging in
+  the backlog).
+* ``stop(grace)`` closes the listener, lets open connections finish for up to ``grace`` seconds and then
+  aborts the rest.
+
+AF_VSOCK targets use ``socket.AF_VSOCK`` (Linux host with a vsock transport to the guest); this
+machine has none, so only construction and address validation are tested for vsock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+log = logging.getLogger("cube.host.relay")
+
+PumpKind = Literal["splice", "copy", "streams"]
+Target = tuple[str, str, int] | tuple[str, int, int]
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_CLOSE_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ECONNABORTED, errno.ETIMEDOUT,
+                 errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBADF}
+
+
+class RelayError(Exception):
+    """A relay misconfiguration (bad address, unsupported pump)."""
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """"HOST:PORT" (IPv6 as "[::1]:PORT") -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise RelayError(f"listen address must be HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_target(text: str) -> Target:
+    """"tcp:HOST:PORT" or "vsock:CID:PORT" -> ("tcp", host, port) | ("vsock", cid, port)."""
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        raise RelayError(f"target must be tcp:HOST:PORT or vsock:CID:PORT, got {text!r}")
+    if kind == "tcp":
+        host, port = parse_listen(rest)
+        return ("tcp", host, port)
+    if kind == "vsock":
+        cid, sep, port = rest.partition(":")
+        if not sep or not cid.isdigit() or not port.isdigit() or int(port) > 0xFFFFFFFF or int(cid) > 0xFFFFFFFF:
+            raise RelayError(f"vsock target must be vsock:CID:PORT with decimal numbers, got {text!r}")
+        return ("vsock", int(cid), int(port))
+    raise RelayError(f"unknown target kind {kind!r} (tcp or vsock)")
+
+
+def target_socket(target: Target) -> tuple[socket.socket, tuple]:
+    """A fresh non-blocking socket for the target and the address to connect it to."""
+    if target[0] == "vsock":
+        family = getattr(socket, "AF_VSOCK", None)
+        if family is None:
+            raise RelayError("this platform has no AF_VSOCK support")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        address: tuple = (target[1], target[2])
+    else:
+        infos = socket.getaddrinfo(target[1], target[2], type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    return sock, address
+
+
+@dataclass
+class RelayLimits:
+    max_connections: int = 1024
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    buffer_bytes: int = 1 << 20  # per direction: pipe size (splice) or buffer size (copy/streams)
+
+
+@dataclass
+class RelayStats:
+    accepted: int = 0
+    rejected: int = 0          # over the connection limit
+    connect_failed: int = 0    # enclave refused / unreachable / timed out
+    idle_closed: int = 0
+    active: int = 0
+    bytes_up: int = 0          # client -> enclave
+    bytes_down: int = 0        # enclave -> client
+
+
+class _Connection:
+    """One client <-> enclave pairing, moved by a pump; finishes when both directions end."""
+
+    def __init__(self, relay: "Relay", client: socket.socket, upstream: socket.socket) -> None:
+        self.relay = relay
+        self.client = client
+        self.upstream = upstream
+        self.last_activity = time.monotonic()
+        self.done = asyncio.get_running_loop().create_future()
+        self.closed = False
+
+    def touch(self, n: int, up: bool) -> None:
+        self.last_activity = time.monotonic()
+        if up:
+            self.relay.stats.bytes_up += n
+        else:
+            self.relay.stats.bytes_down += n
+        if self.relay.on_bytes is not None:
+            self.relay.on_bytes(n, up)
+
+    def abort(self) -> None:
+        """Tear both sides down now (RST-free close); wakes the supervisor."""
+        if self.closed:
+            return
+        self.closed = True
+        self._teardown()
+        for sock in (self.client, self.upstream):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def _teardown(self) -> None:  # pump-specific resource release
+        pass
+
+
+class _Direction:
+    """src -> dst for the event-driven pumps (splice and copy)."""
+
+    def __init__(self, conn: "_EventConnection", src: socket.socket, dst: socket.socket, up: bool) -> None:
+        self.conn = conn
+        self.src = src
+        self.dst = dst
+        self.src_fd = src.fileno()
+        self.dst_fd = dst.fileno()
+        self.up = up
+        self.pending = 0          # bytes read from src not yet written to dst
+        self.eof = False
+        self.finished = False
+        self.reading = False
+        self.writing = False
+
+    # registration helpers -------------------------------------------------
+    def want_read(self, on: bool) -> None:
+        loop = self.conn.loop
+        if on and not self.reading:
+            loop.add_reader(self.src_fd, self.on_readable)
+        elif not on and self.reading:
+            loop.remove_reader(self.src_fd)
+        self.reading = on
+
+    def want_write(self, on: bool) -> None:
+        loop = self.conn.loop
+        if on and not self.writing:
+            loop.add_writer(self.dst_fd, self.on_writable)
+        elif not on and self.writing:
+            loop.remove_writer(self.dst_fd)
+        self.writing = on
+
+    # I/O -------------------------------------------------------------------
+    def read_some(self) -> int:  # -> bytes read; 0 = EOF; raises BlockingIOError
+        raise NotImplementedError
+
+    def write_some(self) -> int:  # -> bytes written; raises BlockingIOError
+        raise NotImplementedError
+
+    def on_readable(self) -> None:
+        try:
+            for _ in range(16):  # bounded work per callback keeps connections fair
+                if self.pending:
+                    if not self._flush():
+                        return
+                try:
+                    n = self.read_some()
+                except BlockingIOError:
+                    return
+                if n == 0:
+                    self.eof = True
+                    self.want_read(False)
+                    self._finish_if_flushed()
+                    return
+                self.pending += n
+                self.conn.touch(n, self.up)
+            self._flush()
+        except OSError as exc:
+            self.conn.fail(exc)
+
+    def on_writable(self) -> None:
+        try:
+            if self._flush():
+                self.want_write(False)
+                if self.eof:
+                    self._finish_if_flushed()
+                else:
+                    self.want_read(True)
+        except OSError as exc:
+            self.conn.fail(exc)
+
+    def _flush(self) -> bool:
+        """Write pending bytes; True when all went out. When dst is slow: stop reading, wait writable."""
+        while self.pending:
+            try:
+                n = self.write_some()
+            except BlockingIOError:
+                n = 0
+            if n == 0:
+                self.want_read(False)
+                self.want_write(True)
+                return False
+            self.pending -= n
+        return True
+
+    def _finish_if_flushed(self) -> None:
+        if self.pending:
+            return
+        self.finished = True
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.conn.direction_finished()
+
+
+class _SpliceDirection(_Direction):
+    def __init__(self, conn: "_EventConnection", src: socket.socket, dst: socket.socket, up: bool,
+                 pipe_size: int) -> None:
+        super().__init__(conn, src, dst, up)
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.pipe_w, _F_SETPIPE_SZ, pipe_size)
+        except OSError:  # above /proc/sys/fs/pipe-max-size for unprivileged users: keep the default
+            pass
+        self.chunk = fcntl.fcntl(self.pipe_w, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+
+    def read_some(self) -> int:
+        return os.splice(self.src_fd, self.pipe_w, self.chunk, flags=_SPLICE_FLAGS)
+
+    def write_some(self) -> int:
+        return os.splice(self.pipe_r, self.dst_fd, self.pending, flags=_SPLICE_FLAGS)
+
+    def close(self) -> None:
+        for fd in (self.pipe_r, self.pipe_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _CopyDirection(_Direction):
+    def __init__(self, conn: "_EventConnection", src: socket.socket, dst: socket.socket, up: bool,
+                 size: int) -> None:
+        super().__init__(conn, src, dst, up)
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = 0
+
+    def read_some(self) -> int:
+        self.start = 0
+        return self.src.recv_into(self.buf)
+
+    def write_some(self) -> int:
+        n = self.dst.send(self.view[self.start:self.start + self.pending])
+        self.start += n
+        return n
+
+    def close(self) -> None:
+        self.view.release()
+
+
+class _EventConnection(_Connection):
+    def __init__(self, relay: "Relay", client: socket.socket, upstream: socket.socket, kind: PumpKind) -> None:
+        super().__init__(relay, client, upstream)
+        self.loop = asyncio.get_running_loop()
+        size = relay.limits.buffer_bytes
+        if kind == "splice":
+            first = _SpliceDirection(self, client, upstream, True, size)
+            try:
+                second = _SpliceDirection(self, upstream, client, False, size)
+            except OSError:
+                first.close()
+                raise
+            self.directions = [first, second]
+        else:
+            self.directions = [_CopyDirection(self, client, upstream, True, size),
+                               _CopyDirection(self, upstream, client, False, size)]
+
+    def start(self) -> None:
+        for d in self.directions:
+            d.want_read(True)
+
+    def direction_finished(self) -> None:
+        if all(d.finished for d in self.directions):
+            self.abort()
+
+    def fail(self, exc: OSError) -> None:
+        if exc.errno not in _CLOSE_ERRNOS:
+            log.debug("relay connection error: %s", exc)
+        self.abort()
+
+    def _teardown(self) -> None:
+        for d in self.directions:
+            d.want_read(False)
+            d.want_write(False)
+            d.close()
+
+
+class _StreamsConnection(_Connection):
+    """asyncio streams pump (benchmark baseline)."""
+
+    def start(self) -> None:
+        self.writers: list[asyncio.StreamWriter] = []
+        self.task = asyncio.ensure_future(self._run())
+
+    def _teardown(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        if self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    async def _run(self) -> None:
+        size = self.relay.limits.buffer_bytes
+        try:
+            cr, cw = await asyncio.open_connection(sock=self.client, limit=size)
+            self.writers.append(cw)
+            ur, uw = await asyncio.open_connection(sock=self.upstream, limit=size)
+            self.writers.append(uw)
+            await asyncio.gather(self._pipe(cr, uw, True), self._pipe(ur, cw, False))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
+        size = self.relay.limits.buffer_bytes
+        while True:
+            data = await reader.read(size)
+            if not data:
+                if writer.can_write_eof():
+                    writer.write_eof()
+                return
+            self.touch(len(data), up)
+            writer.write(data)
+            await writer.drain()
+
+
+class Relay:
+    """Raw TCP relay from ``listen`` to ``target``; see the module docstring for the behaviour."""
+
+    def __init__(self, listen: tuple[str, int], target: Target, limits: RelayLimits | None = None, *,
+                 pump: PumpKind | None = None,
+                 on_bytes: Callable[[int, bool], None] | None = None,
+                 on_event: Callable[[str], None] | None = None) -> None:
+        if target[0] not in ("tcp", "vsock"):
+            raise RelayError(f"unknown target kind {target[0]!r}")
+        if pump is None:
+            pump = "splice" if hasattr(os, "splice") else "copy"
+        if pump not in ("splice", "copy", "streams"):
+            raise RelayError(f"unknown pump {pump!r}")
+        if pump == "splice" and not hasattr(os, "splice"):
+            raise RelayError("os.splice is not available on this platform")
+        self.listen = listen
+        self.target = target
+        self.limits = limits or RelayLimits()
+        self.pump: PumpKind = pump
+        self.on_bytes = on_bytes
+        self.on_event = on_event
+        self.stats = RelayStats()
+        self._server: socket.socket | None = None
+        self._accept_task: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
+        self._connections: set[_Connection] = set()
+        self._handlers: set[asyncio.Task] = set()
+        self.address: tuple[str, int] | None = None
+
+    # lifecycle ------------------------------------------------------------
+    async def start(self) -> tuple[str, int]:
+        """Bind and start accepting; returns the bound (host, port) (useful with port 0)."""
+        infos = socket.getaddrinfo(self.listen[0], self.listen[1], type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        server = socket.socket(family, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(address)
+        server.listen(min(socket.SOMAXCONN, 4096))
+        server.setblocking(False)
+        self._server = server
+        self.address = server.getsockname()[:2]
+        self._accept_task = asyncio.ensure_future(self._accept_loop())
+        self._sweeper = asyncio.ensure_future(self._sweep_idle())
+        return self.address
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let open connections drain for up to ``grace`` seconds, abort the rest."""
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+            self._accept_task = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        pending = [c.done for c in self._connections] + list(self._handlers)
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for conn in list(self._connections):
+            conn.abort()
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+
+    async def serve_forever(self) -> None:
+        if self._accept_task is None:
+            await self.start()
+        assert self._accept_task is not None
+        await asyncio.gather(self._accept_task, return_exceptions=True)
+
+    # internals ------------------------------------------------------------
+    def _event(self, name: str) -> None:
+        if self.on_event is not None:
+            self.on_event(name)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._server is not None
+        while True:
+            try:
+                client, _ = await loop.sock_accept(self._server)
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("relay accept failed (%s); backing off", exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            self.stats.accepted += 1
+            if self.stats.active >= self.limits.max_connections:
+                self.stats.rejected += 1
+                self._event("rejected")
+                client.close()
+                continue
+            self.stats.active += 1
+            self._event("accepted")
+            task = asyncio.ensure_future(self._handle(client))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, client: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        upstream: socket.socket | None = None
+        try:
+            client.setblocking(False)
+            if client.family in (socket.AF_INET, socket.AF_INET6):
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                upstream, address = target_socket(self.target)
+                await asyncio.wait_for(loop.sock_connect(upstream, address), self.limits.connect_timeout)
+            except (OSError, asyncio.TimeoutError, RelayError) as exc:
+                self.stats.connect_failed += 1
+                self._event("connect_failed")
+                log.info("relay: enclave connect failed: %s", exc.__class__.__name__)
+                if upstream is not None:
+                    upstream.close()
+                client.close()
+                return
+            try:
+                if self.pump == "streams":
+                    conn: _Connection = _StreamsConnection(self, client, upstream)
+                else:
+                    conn = _EventConnection(self, client, upstream, self.pump)
+            except OSError as exc:  # out of pipes / file descriptors: refuse this client, keep serving
+                log.warning("relay: cannot set up a connection (%s)", exc)
+                upstream.close()
+                client.close()
+                return
+            self._connections.add(conn)
+            try:
+                conn.start()  # type: ignore[attr-defined]
+                await conn.done
+            finally:
+                conn.abort()
+                self._connections.discard(conn)
+        except asyncio.CancelledError:
+            client.close()
+            if upstream is not None:
+                upstream.close()
+            raise
+        finally:
+            self.stats.active -= 1
+            self._event("closed")
+
+    async def _sweep_idle(self) -> None:
+        idle = self.limits.idle_timeout
+        interval = max(0.05, min(1.0, idle / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self._connections):
+                if now - conn.last_activity > idle:
+                    self.stats.idle_closed += 1
+                    self._event("idle_closed")
+                    conn.abort()
+
+
+async def run_relay(listen: tuple[str, int], target: Target, limits: RelayLimits | None = None, *,
+                    pump: PumpKind | None = None, grace: float = 10.0,
+                    stop_event: asyncio.Event | None = None) -> None:
+    """Run a relay until ``stop_event`` is set (or forever), then drain and stop."""
+    relay = Relay(listen, target, limits, pump=pump)
+    await relay.start()
+    log.info("relay listening on %s:%s -> %s (%s pump)", *relay.address, target, relay.pump)  # type: ignore[misc]
+    try:
+        if stop_event is None:
+            await relay.serve_forever()
+        else:
+            await stop_event.wait()
+    finally:
+        await relay.stop(grace)

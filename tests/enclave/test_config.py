@@ -1,0 +1,76 @@
+"""Settings: YAML + CUBE_ENCLAVE__ environment overrides; errors name the key; server secret file."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from enclave.config import DEFAULT_CONFIG, ConfigError, load_server_secret, load_settings
+from enclave.main import main
+
+
+def write(tmp: Path, text: str) -> Path:
+    path = tmp / "enclave.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_config_is_valid() -> None:
+    settings = load_settings(DEFAULT_CONFIG, environ={})
+    assert settings.listen.port == 8443 and settings.pat_default_ttl_days == 30
+
+
+def test_yaml_and_env_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: {port: 9000}\nbackends:\n  - {name: ol, kind: ollama, base_url: 'http://127.0.0.1:11434'}\n")
+    env = {"CUBE_ENCLAVE__LISTEN__PORT": "9443", "CUBE_ENCLAVE__DATABASE_URL": "postgresql+asyncpg://u@127.0.0.1/db",
+           "CUBE_ENCLAVE__PAT_MAX_TTL_DAYS": "90", "CUBE_ENCLAVE__SIMULATE": "true", "UNRELATED": "x"}
+    s = load_settings(path, environ=env)
+    assert s.listen.port == 9443 and s.simulate is True and s.pat_max_ttl_days == 90
+    assert s.effective_database_url() == "postgresql+asyncpg://u@127.0.0.1/db"
+    assert s.auth_cache_enabled() is False            # PostgreSQL: replicas, no in-process cache
+    assert s.backends[0].name == "ol" and s.backends[0].kind == "ollama"
+    env2 = {"CUBE_ENCLAVE__BACKENDS": "[{name: v, kind: vllm, base_url: 'http://127.0.0.1:8000', api_key: k}]"}
+    assert load_settings(path, environ=env2).backends[0].api_key.get_secret_value() == "k"
+
+
+@pytest.mark.parametrize("text,env,needle", [
+    ("listen: {port: 99999}\n", {}, "listen.port"),
+    ("lisen: {port: 1}\n", {}, "lisen: unknown key"),
+    ("backends: [{name: x, kind: tgi, base_url: 'http://h'}]\n", {}, "backends.0.kind"),
+    ("backends: [{name: x, kind: ollama, base_url: 'ftp://h'}]\n", {}, "backends.0.base_url"),
+    ("database_url: mysql://x\n", {}, "database_url"),
+    ("pat_default_ttl_days: 400\n", {}, "pat_default_ttl_days must not exceed"),
+    ("{}\n", {"CUBE_ENCLAVE__LISTEN__PORT": "many"}, "listen.port"),
+    ("{}\n", {"CUBE_ENCLAVE__NOPE": "1"}, "nope: unknown key"),
+    ("- a\n- b\n", {}, "top level must be a mapping"),
+    ("listen: [\n", {}, "not valid YAML at line"),
+    ("backends:\n - {name: a, kind: ollama, base_url: 'http://h'}\n - {name: a, kind: vllm, base_url: 'http://i'}\n",
+     {}, "duplicate backend name"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, env: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text), environ=env)
+    assert needle in str(err.value)
+
+
+def test_cli_prints_config_errors_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "listen: {port: -1}\n")
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cube-enclave: configuration error:") and "listen.port" in err
+    assert "Traceback" not in err
+
+
+def test_server_secret_generated_once_with_0600(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, f"data_dir: {tmp_path / 'data'}\n"), environ={})
+    first = load_server_secret(s)
+    file = tmp_path / "data" / "server_secret"
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600 and len(first) >= 32
+    assert load_server_secret(s) == first
+    short = load_settings(write(tmp_path, "{}\n"), environ={"CUBE_ENCLAVE__SERVER_SECRET": "short"})
+    with pytest.raises(ConfigError, match="server_secret"):
+        load_server_secret(short)
+    assert load_server_secret(load_settings(write(tmp_path, "{}\n"),
+                                            environ={"CUBE_ENCLAVE__SERVER_SECRET": "x" * 40})) == b"x" * 40

@@ -1,0 +1,64 @@
+"""Logs never contain a PAT: the redactor, and the service's real log output under requests carrying tokens."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from enclave.logs import REDACTED, configure_logging, redact
+from enclave.tokens import generate_token
+
+from tests.enclave.conftest import FakeClock, make_settings
+from tests.enclave.test_service import start_service
+
+
+def test_redact_patterns() -> None:
+    token = generate_token()
+    assert token not in redact(f"got {token} here")
+    assert redact(f"Authorization: Bearer {token}") == f"Authorization: Bearer {REDACTED}"
+    assert "sk-secret" not in redact("headers={'authorization': 'Bearer sk-secret'}")
+    assert "opaque" not in redact('"Authorization": "opaque"')
+    assert redact("nothing secret") == "nothing secret"
+
+
+def test_filter_redacts_args_and_exceptions() -> None:
+    token = generate_token()
+    stream = io.StringIO()
+    handler = configure_logging("DEBUG", json_format=True, stream=stream)
+    try:
+        log = logging.getLogger("test.redaction")
+        log.info("user sent %s", token)
+        try:
+            raise ValueError(f"bad key {token}")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    out = stream.getvalue()
+    assert token not in out and out.count(REDACTED) >= 2
+    assert all(json.loads(line)["logger"] == "test.redaction" for line in out.splitlines())
+
+
+def test_service_logs_never_contain_a_pat(tmp_path) -> None:
+    stream = io.StringIO()
+    handler = configure_logging("DEBUG", json_format=True, stream=stream)
+    server, world = start_service(make_settings(tmp_path), FakeClock())
+    try:
+        token = world.tokens["superadmin"]
+        a = world.domains["A"]
+        with server.client(token) as c:
+            c.get(f"/proxy/{a}/v1/models")
+            c.get(f"/proxy/{a}/v1/models/{token}")                 # token in the path
+            c.get(f"/nope?api_key={token}")                         # token in the query
+            new = c.post("/users/me/pats", json={"name": "fresh"}).json()["token"]
+            c.get("/health", headers={"Authorization": f"Bearer {new}x"})
+    finally:
+        server.stop()
+        logging.getLogger().removeHandler(handler)
+    out = stream.getvalue()
+    assert "GET /proxy/" in out                                      # access logs were captured
+    for secret in list(world.tokens.values()) + [new]:
+        assert secret not in out
+    for line in out.splitlines():
+        json.loads(line)                                             # structured: one JSON object per line

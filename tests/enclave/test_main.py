@@ -1,0 +1,83 @@
+"""`cube-enclave serve` as a real process: bootstrap PAT in a 0600 file, printed examples that work, OpenAPI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_bootstraps_and_prints_working_examples(tmp_path: Path) -> None:
+    port = free_port()
+    pat_file = tmp_path / "admin.pat"
+    config = tmp_path / "enclave.yaml"
+    config.write_text("log_json: true\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_ENCLAVE__")}
+    proc = subprocess.Popen([sys.executable, "-m", "enclave.main", "serve", "--simulate", "--config", str(config),
+                             "--data-dir", str(tmp_path / "data"), "--port", str(port), "--pat-file", str(pat_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        cert = tmp_path / "data" / "server-cert.pem"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if cert.exists():
+                    ctx = ssl.create_default_context(cafile=str(cert))
+                    if httpx.get(f"https://localhost:{port}/health", verify=ctx).status_code == 200:
+                        break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "service did not come up"
+            time.sleep(0.1)
+        token = pat_file.read_text().strip()
+        assert stat.S_IMODE(pat_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE((tmp_path / "data" / "server_secret").stat().st_mode) == 0o600
+        with httpx.Client(verify=ctx, headers={"Authorization": f"Bearer {token}"}) as c:
+            me = c.get(f"https://localhost:{port}/users/me").json()
+            assert me["user"]["superadmin"] is True and len(me["memberships"]) == 1
+            domain = next(iter(me["memberships"]))
+            assert c.get(f"https://localhost:{port}/proxy/{domain}/v1/models").json() == {"object": "list",
+                                                                                          "data": []}
+            spec = c.get(f"https://localhost:{port}/openapi.json").json()
+            assert {"/proxy/{domain_id}/v1/models", "/admin/models", "/users/me/pats"} <= set(spec["paths"])
+            tags = {t for p in spec["paths"].values() for op in p.values() for t in op.get("tags", [])}
+            assert {"models", "platform admin", "domain admin", "self service", "operations"} <= tags
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert token not in out and token not in err                 # --pat-file: never printed, never logged
+    assert f"written to {pat_file}" in out and "No backends configured" in out
+    curl = next(line for line in out.splitlines() if line.strip().startswith("curl "))
+    assert f"--cacert {cert}" in curl and f"/proxy/{domain}/v1/models" in curl
+    assert "openai.OpenAI(" in out
+    # second start: no new bootstrap, no token
+    proc = subprocess.Popen([sys.executable, "-m", "enclave.main", "serve", "--config", str(config), "--data-dir",
+                             str(tmp_path / "data"), "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        out_lines = []
+        while not any("Try it" in line for line in out_lines):
+            assert proc.poll() is None and time.monotonic() < deadline
+            out_lines.append(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    text = "".join(out_lines) + out
+    assert "already initialised" in text and not re.search(r"cube_pat_[0-9A-Za-z]{20,}", text)
