@@ -13,7 +13,11 @@ Verdict.status words:
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -27,6 +31,7 @@ from .verdict import Check, Verdict, VerifiedEvidence
 
 if TYPE_CHECKING:  # pragma: no cover
     from .snp.kds import KdsClient
+    from .tdx.collateral import Collateral
     from .tdx.pcs import PcsClient
 
 log = logging.getLogger(__name__)
@@ -47,12 +52,12 @@ def split_snp_certificates(certs: tuple[bytes, ...]) -> tuple[bytes | None, list
         from .snp.certs import load_certificate
 
         try:
+            # load_certificate decodes every lazily parsed field (attestation.x509parse), so damaged
+            # DER is a ParseError here and public_key() below cannot raise.
             cert = load_certificate(der)
-            key = cert.public_key()
-        except ParseError as exc:
+        except AttestationError as exc:
             raise ParseError(f"certificates[{i}]: {exc}") from None
-        except Exception as exc:  # cryptography raises a few non-ValueError types on damaged DER
-            raise ParseError(f"certificates[{i}]: unusable certificate ({type(exc).__name__}: {exc})") from None
+        key = cert.public_key()
         if isinstance(key, ec.EllipticCurvePublicKey):
             if vek is not None:
                 raise ParseError("certificates: more than one VCEK/VLEK (EC) certificate")
@@ -60,6 +65,64 @@ def split_snp_certificates(certs: tuple[bytes, ...]) -> tuple[bytes | None, list
         else:
             chain.append(der)
     return vek, chain
+
+
+# -- parsed TDX collateral, cached by content ------------------------------------------------------
+# Parsing a bundle's collateral (TCB info and QE identity JSON, two PEM chains, up to three CRLs) costs
+# ~300 us; the host agent's /v1/verify and the attested client see the same bundle again and again.
+# Only successful parses are cached, keyed by SHA-256 over every name and every byte of every file
+# handed in; a Collateral is a frozen dataclass over those exact bytes with read-only parsed views.
+# Signatures, chains and CRLs are still checked on every verification (attestation.tdx.verify).
+COLLATERAL_CACHE_ENTRIES = 32
+COLLATERAL_CACHE_BYTES = 8 << 20  # bound on the file bytes held (bundles arrive from clients)
+_COLLATERAL_KEY_LABEL = b"cube-ai/collateral-cache/v1\0"
+_collateral_cache: "OrderedDict[bytes, Collateral]" = OrderedDict()
+_collateral_cache_lock = threading.Lock()
+
+
+def collateral_cache_key(files: Mapping[str, bytes]) -> bytes:
+    """SHA-256 over every (name, bytes) pair in name order, each length-prefixed (no two inputs share an encoding)."""
+    digest = hashlib.sha256(_COLLATERAL_KEY_LABEL)
+    for name in sorted(files):
+        raw_name, data = name.encode("utf-8"), files[name]
+        digest.update(len(raw_name).to_bytes(4, "big") + raw_name + len(data).to_bytes(8, "big"))
+        digest.update(data)
+    return digest.digest()
+
+
+def clear_collateral_cache() -> None:
+    """Forget every cached Collateral (for tests and cold benchmarks)."""
+    with _collateral_cache_lock:
+        _collateral_cache.clear()
+
+
+def cached_collateral(files: Mapping[str, bytes]) -> "Collateral":
+    """collateral_from_files(files), reusing the parse of a byte-identical bundle seen recently."""
+    from .tdx.collateral import collateral_from_files
+
+    if not isinstance(files, Mapping) or not all(
+        type(name) is str and type(data) is bytes for name, data in files.items()
+    ):
+        return collateral_from_files(files)  # not cacheable as given: let the parser say why
+    snapshot = dict(files)  # hash and parse the very same bytes
+    key = collateral_cache_key(snapshot)
+    with _collateral_cache_lock:
+        hit = _collateral_cache.get(key)
+        if hit is not None:
+            _collateral_cache.move_to_end(key)
+            return hit
+    collateral = collateral_from_files(snapshot)  # raises on bad bytes: failures are never cached
+    size = sum(len(data) for _, data in collateral.files)
+    if size > COLLATERAL_CACHE_BYTES:
+        return collateral
+    with _collateral_cache_lock:
+        _collateral_cache[key] = collateral
+        _collateral_cache.move_to_end(key)
+        held = sum(len(data) for c in _collateral_cache.values() for _, data in c.files)
+        while len(_collateral_cache) > COLLATERAL_CACHE_ENTRIES or held > COLLATERAL_CACHE_BYTES:
+            _, evicted = _collateral_cache.popitem(last=False)
+            held -= sum(len(data) for _, data in evicted.files)
+    return collateral
 
 
 def _verify(evidence: Evidence, policy: Policy, at: datetime | None, kds, pcs) -> VerifiedEvidence:
@@ -75,10 +138,9 @@ def _verify(evidence: Evidence, policy: Policy, at: datetime | None, kds, pcs) -
                                  trust=sim_trust(policy.sim_root_fingerprint))
         return verify_report(evidence.report, vek=vek, chain=chain, product=evidence.product, at=at, kds=kds)
     if evidence.platform == "tdx":
-        from .tdx.collateral import collateral_from_files
         from .tdx.verify import verify_quote
 
-        collateral = collateral_from_files(evidence.collateral) if evidence.collateral else None
+        collateral = cached_collateral(evidence.collateral) if evidence.collateral else None
         return verify_quote(evidence.report, collateral=collateral, at=at, pcs=pcs)
     raise EvidenceError(f"unknown platform {evidence.platform!r}")
 

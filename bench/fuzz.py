@@ -14,12 +14,15 @@ verify_evidence) or an accepted mutation counts as an escape.  ``verify_snp_cert
 ``verify_tdx_collateral`` do the same with the report or quote intact and one certificate (VCEK, ASK,
 ARK) or one collateral file damaged; there only an "error" verdict counts, since some bytes are
 legitimately unchecked (a PCK CRL issuer chain, the unused CRL, the unsigned outer copy of a
-certificate's signature algorithm).
+certificate's signature algorithm).  ``attested_certificate`` mutates the DER of real attested TLS
+server certificates (sim evidence in the id-pe-cmw extension) and runs the attested client's
+certificate path on them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -231,6 +234,8 @@ def build_targets() -> list[Target]:
     def policy_call(data: bytes) -> Any:
         return policy_from_yaml(data.decode("utf-8", "replace"))
 
+    attested_certs, attested_cert_call = _attested_certificate_target()
+
     return [
         Target("snp_report", reports, parse_report),
         Target("tdx_quote", quotes, parse_quote),
@@ -248,7 +253,116 @@ def build_targets() -> list[Target]:
         Target("verify_snp_certs", [bytes([i]) + c for i, c in enumerate(snp_certs)], verify_snp_certs_call),
         Target("verify_tdx_collateral", [bytes([i]) + v5_files[n] for i, n in enumerate(collateral_names)],
                verify_tdx_collateral_call),
+        Target("attested_certificate", attested_certs, attested_cert_call),
     ]
+
+
+def _attested_certificate_target() -> tuple[list[bytes], Callable[[bytes], Any]]:
+    """Seeds: DER of real attested server certificates (P-256 and P-384 keys, sim evidence bound to each
+    key, made by make_attested_certificate exactly as the enclave makes them). The call runs
+    evidence_from_certificate on what cryptography's plain loader accepts (its lazily decoded fields,
+    SAN included, still unread), then the attested client's own path: load_der_certificate, the SPKI,
+    the CBOR CMW evidence and its binding."""
+    import atexit
+    import dataclasses
+    import os
+    import tempfile
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from attestation.atls.binding import binding_parameters, nonce_from_binding, report_data_for, spki_der_of
+    from attestation.atls.certificate import evidence_from_certificate, make_attested_certificate
+    from attestation.evidence import decode_cmw, encode_cmw
+    from attestation.providers import SimProvider
+    from attestation.x509parse import CRYPTOGRAPHY_PARSE_ERRORS, load_der_certificate
+
+    workdir = tempfile.TemporaryDirectory(prefix="cube-fuzz-sim-")
+    atexit.register(workdir.cleanup)
+    provider = SimProvider(Path(workdir.name) / "sim")
+    not_after = datetime.now(timezone.utc) + timedelta(days=1)
+    seeds = []
+    for curve in (ec.SECP256R1(), ec.SECP384R1()):
+        key = ec.generate_private_key(curve)
+        nonce = os.urandom(32)
+        evidence = provider.get_evidence(report_data_for(spki_der_of(key), nonce))
+        cmw = encode_cmw(dataclasses.replace(evidence, binding=binding_parameters(nonce)))
+        cert = make_attested_certificate(key, cmw, ["localhost", "127.0.0.1"], not_after)
+        seeds.append(cert.public_bytes(serialization.Encoding.DER))
+
+    def client_path(data: bytes) -> Any:
+        try:
+            lazy = x509.load_der_x509_certificate(data)
+        except CRYPTOGRAPHY_PARSE_ERRORS:
+            lazy = None  # refused up front: load_der_certificate below must say so as a ParseError
+        if lazy is not None:
+            try:
+                decode_cmw(evidence_from_certificate(lazy))
+            except AttestationError:
+                pass
+        cert = load_der_certificate(data, "server certificate")
+        spki_der_of(cert)
+        evidence = decode_cmw(evidence_from_certificate(cert))
+        return nonce_from_binding(evidence.binding)
+
+    def call(data: bytes) -> Any:
+        # The certificate is mostly evidence bytes, so byte-level mutation rarely lands on a tag of the
+        # small structures around it (names, SAN, key usage). Each input is therefore also tried with
+        # one tag retagged, the position and new tag drawn from a hash of the input (reproducible).
+        tags = _der_tag_offsets(data)
+        if tags:
+            pick = random.Random(hashlib.sha256(data).digest())
+            at = pick.choice(tags)
+            tag = pick.choice((0x80 | pick.randrange(9), 0xA0 | pick.randrange(9), pick.randrange(256)))
+            try:
+                client_path(data[:at] + bytes([tag]) + data[at + 1:])
+            except AttestationError:
+                pass
+        return client_path(data)
+
+    return seeds, call
+
+
+def _der_tag_offsets(data: bytes, start: int = 0, end: int | None = None, depth: int = 0) -> list[int]:
+    """Offsets of the tag bytes of every DER TLV in data[start:end], descending into constructed values
+    and into OCTET STRINGs whose content is itself DER (X.509 extension values). Best effort: stops at
+    the first thing that is not DER."""
+    end = len(data) if end is None else end
+    found: list[int] = []
+    i = start
+    while i + 2 <= end and depth < 12:
+        tag, first = data[i], data[i + 1]
+        if tag & 0x1F == 0x1F:
+            break  # multi-byte tags do not occur in certificates
+        if first < 0x80:
+            length, body = first, i + 2
+        else:
+            n = first & 0x7F
+            if n == 0 or n > 3 or i + 2 + n > end:
+                break
+            length, body = int.from_bytes(data[i + 2:i + 2 + n], "big"), i + 2 + n
+        if body + length > end:
+            break
+        found.append(i)
+        if tag & 0x20 or tag == 0x04:
+            inner = _der_tag_offsets(data, body, body + length, depth + 1)
+            if tag & 0x20 or (inner and _der_spans(data, body, body + length)):
+                found.extend(inner)
+        i = body + length
+    return found
+
+
+def _der_spans(data: bytes, start: int, end: int) -> bool:
+    """Whether data[start:end] is exactly one DER TLV (so an OCTET STRING holds DER, not opaque bytes)."""
+    if end - start < 2:
+        return False
+    first = data[start + 1]
+    if first < 0x80:
+        return start + 2 + first == end
+    n = first & 0x7F
+    return 0 < n <= 3 and start + 2 + n + int.from_bytes(data[start + 2:start + 2 + n], "big") == end
 
 
 def run(iterations: int, seed: int, only: str | None = None, skip: tuple[str, ...] = ()) -> list[Target]:

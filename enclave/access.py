@@ -7,7 +7,7 @@ domain's allowlist when either is set (entries are exact ids or shell-style patt
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from fnmatch import fnmatchcase
@@ -74,17 +74,47 @@ def domain_access(principal: Principal, domain_id: str, domain: Domain | None, s
     return ALLOW
 
 
+#: The model part of the access decision: model id -> ALLOW or the refusal.
+ModelRule = Callable[[str], Decision]
+
+_NOT_IN_PAT_ALLOWLIST = Decision(False, 404, "model_not_found", "Model not in this API key's allowlist.")
+_NOT_IN_DOMAIN_ALLOWLIST = Decision(False, 404, "model_not_found", "Model not enabled in this domain.")
+
+
+def allow_every_model(model_id: str) -> Decision:
+    """The rule when neither the PAT nor the domain has a model allowlist."""
+    return ALLOW
+
+
+def model_rule(principal: Principal, domain: Domain) -> ModelRule:
+    """Which models this principal may use in this domain, for a principal ``domain_access`` already admitted.
+
+    The allowlists are looked up once, so a listing decides per model only what depends on the model; with
+    no allowlist at all the rule is ``allow_every_model``.
+    """
+    pat_allowlist = principal.pat.model_allowlist
+    domain_allowlist = domain.model_allowlist
+    if pat_allowlist is None and domain_allowlist is None:
+        return allow_every_model
+
+    def rule(model_id: str) -> Decision:
+        if pat_allowlist is not None and not _matches(model_id, pat_allowlist):
+            return _NOT_IN_PAT_ALLOWLIST
+        if domain_allowlist is not None and not _matches(model_id, domain_allowlist):
+            return _NOT_IN_DOMAIN_ALLOWLIST
+        return ALLOW
+
+    return rule
+
+
 def may_use_model(principal: Principal, domain_id: str, domain: Domain | None, model_id: str,
                   *, scope: Scope = Scope.MODELS_INFER) -> Decision:
+    """The whole decision for one model: ``domain_access`` first, then ``model_rule``."""
     gate = domain_access(principal, domain_id, domain, scope)
     if not gate:
         return gate
     assert domain is not None
-    if principal.pat.model_allowlist is not None and not _matches(model_id, principal.pat.model_allowlist):
-        return Decision(False, 404, "model_not_found", "Model not in this API key's allowlist.")
-    if domain.model_allowlist is not None and not _matches(model_id, domain.model_allowlist):
-        return Decision(False, 404, "model_not_found", "Model not enabled in this domain.")
-    return ALLOW
+    return model_rule(principal, domain)(model_id)
 
 
 def may_manage_domain(principal: Principal, domain_id: str, domain: Domain | None) -> Decision:

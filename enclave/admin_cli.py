@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from attestation.errors import AttestationError
+
 DEFAULT_URL = "https://localhost:8443"
-_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
 class CliError(Exception):
@@ -29,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=os.environ.get("CUBE_URL", DEFAULT_URL), help="service URL (env CUBE_URL)")
     p.add_argument("--token", default=None, help="personal access token (default: env CUBE_TOKEN)")
     p.add_argument("--ca", help="PEM file to trust for the server certificate (e.g. data_dir/server-cert.pem)")
-    p.add_argument("--insecure-sim", action="store_true",
-                   help="skip certificate verification; only for the local simulated demo on a loopback URL")
+    p.add_argument("--policy", help="attestation policy YAML: verify the enclave (attested TLS) before the token is "
+                                    "sent, e.g. data_dir/sim-policy.yaml for the local simulated demo")
     p.add_argument("--json", action="store_true", help="print raw JSON")
     sub = p.add_subparsers(dest="group", required=True)
 
@@ -114,6 +115,21 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
+def _attested_client(url: str, policy_file: str, **kwargs: Any) -> httpx.Client:
+    """An httpx client that verifies the enclave's attestation (and pins its key) before sending anything."""
+    from pathlib import Path
+
+    from attestation.atls.client import AttestedClient
+    from attestation.errors import PolicyError
+    from attestation.policy import load_policy
+
+    try:
+        policy = load_policy(Path(policy_file))
+    except PolicyError as e:
+        raise CliError(f"--policy {policy_file}: {e}") from None
+    return AttestedClient(url.rstrip("/"), policy=policy, **kwargs)
+
+
 class Api:
     def __init__(self, args: argparse.Namespace) -> None:
         token = args.token or os.environ.get("CUBE_TOKEN")
@@ -122,16 +138,15 @@ class Api:
         url = urlsplit(args.url)
         if url.scheme != "https":
             raise CliError("--url must be https://")
-        if args.insecure_sim:
-            if url.hostname not in _LOOPBACK:
-                raise CliError("--insecure-sim is only allowed for a loopback URL (the local simulated demo)")
-            verify: ssl.SSLContext | bool = False
-        elif args.ca:
-            verify = ssl.create_default_context(cafile=args.ca)
-        else:
-            verify = ssl.create_default_context()
-        self.client = httpx.Client(base_url=args.url, verify=verify, timeout=httpx.Timeout(30.0, read=None),
-                                   headers={"Authorization": f"Bearer {token}"})
+        timeout = httpx.Timeout(30.0, read=None)
+        headers = {"Authorization": f"Bearer {token}"}
+        if args.policy:
+            if args.ca:
+                raise CliError("--policy and --ca exclude each other: the attested key is the trust root")
+            self.client = _attested_client(args.url, args.policy, timeout=timeout, headers=headers)
+            return
+        verify = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
+        self.client = httpx.Client(base_url=args.url, verify=verify, timeout=timeout, headers=headers)
 
     def _check(self, r: httpx.Response) -> None:
         if r.status_code < 400:
@@ -308,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, console)
     except CliError as e:
         print(f"cube-admin: {e}", file=sys.stderr)
+        return 1
+    except AttestationError as e:
+        print(f"cube-admin: enclave not verified, nothing was sent: {e}", file=sys.stderr)
         return 1
     except httpx.HTTPError as e:
         print(f"cube-admin: cannot reach {args.url}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -67,11 +67,15 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
-def banner(settings: Settings, *, base: str, cert_path: Path, domain_id: str | None, token: str | None,
-           pat_file: Path | None, first_start: bool) -> str:
+SIM_POLICY_FILE_NAME = "sim-policy.yaml"
+
+
+def banner(settings: Settings, *, base: str, cert_path: Path, policy_path: Path | None, domain_id: str | None,
+           token: str | None, pat_file: Path | None, first_start: bool) -> str:
     did = domain_id or "<domain-id>"
-    lines = [f"Cube AI enclave on {base} ({'simulation mode' if settings.simulate else 'confidential mode'})",
-             f"Server certificate (self-signed, trust it explicitly): {cert_path}"]
+    mode = "simulation mode: the evidence proves nothing about hardware" if settings.simulate else "confidential mode"
+    lines = [f"Cube AI enclave on {base} ({mode})",
+             "TLS key generated in memory; its certificate carries evidence bound to it (id-pe-cmw)."]
     if first_start and token and pat_file is None:
         lines += ["", "Bootstrap superadmin API key (shown once; store it now):", f"  {token}"]
         auth = f"Authorization: Bearer {token}"
@@ -87,45 +91,88 @@ def banner(settings: Settings, *, base: str, cert_path: Path, domain_id: str | N
     if not settings.backends:
         lines += ["", "No backends configured: the models list is empty until you add some to the config "
                       "(backends: [{name, kind: ollama|vllm, base_url}])."]
-    lines += ["", "Try it:",
-              f'  curl --cacert {cert_path} -H "{auth}" {base}/proxy/{did}/v1/models',
-              "", "  # openai-python",
-              "  import os, ssl, httpx, openai",
-              f"  client = openai.OpenAI(base_url='{base}/proxy/{did}/v1', api_key={key_expr},",
-              f"      http_client=httpx.Client(verify=ssl.create_default_context(cafile={str(cert_path)!r})))",
+    policy_arg = f" --policy {policy_path}" if policy_path else " --policy <your-policy.yaml>"
+    policy_expr = repr(str(policy_path)) if policy_path else "'<your-policy.yaml>'"
+    if policy_path:
+        lines += ["", f"Policy that trusts this installation's simulated platform: {policy_path}"]
+    lines += ["", "Verify the enclave before any key leaves this machine:",
+              f"  cube-attest verify-url {base}{policy_arg}",
+              "", "  # openai-python through the attested client (verifies, pins the key, then sends the key)",
+              "  import os",
+              "  from attestation.atls.client import openai_client",
+              "  from attestation.policy import load_policy",
+              f"  client = openai_client('{base}/proxy/{did}/v1', api_key={key_expr},",
+              f"                         policy=load_policy({policy_expr}))",
               "  print([m.id for m in client.models.list()])",
-              "", f"Admin CLI: cube-admin --url {base} --ca {cert_path} --token ... users list"]
+              "", "  # curl, trusting the current certificate as is (no attestation; re-read it after a key rotation)",
+              f'  curl --cacert {cert_path} -H "{auth}" {base}/proxy/{did}/v1/models',
+              "", f"Admin CLI (attested): cube-admin --url {base}{policy_arg} --token ... users list"]
     return "\n".join(lines)
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from attestation.errors import AttestationError
+    from attestation.policy import sim_policy_yaml
+    from attestation.providers import detect_provider
     from enclave.app import create_app
-    from enclave.devcert import server_ssl_context
+    from enclave.attestation_api import attestation_router
     from enclave.limits import limited_httptools_protocol
     from enclave.logs import configure_logging, uvicorn_log_config
+    from enclave.tls import TlsManager, uvicorn_config
 
     settings = settings_from_args(args)
     configure_logging(settings.log_level, json_format=settings.log_json)
     boot, default_domain = asyncio.run(_prepare(settings))
-    ssl_context, cert_pem = server_ssl_context(settings)
+    sim_dir = settings.attestation.sim_dir or settings.data_dir / "sim"
+    try:
+        provider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir)
+    except AttestationError as e:
+        print(f"cube-enclave: {e}", file=sys.stderr)
+        return 2
     cert_path = settings.data_dir / CERT_FILE_NAME
-    cert_path.write_bytes(cert_pem)
+    tls = TlsManager(provider, hostnames=settings.tls.hostnames,
+                     rotate_every=settings.attestation.rotate_every_seconds,
+                     on_rotate=lambda material: _write_public(cert_path, material.certificate))
+    try:
+        tls.start()
+    except AttestationError as e:
+        print(f"cube-enclave: cannot obtain attestation evidence: {e}", file=sys.stderr)
+        return 2
+    policy_path = None
+    fingerprint = getattr(provider, "fingerprint", None)
+    if settings.simulate and fingerprint:
+        policy_path = settings.data_dir / SIM_POLICY_FILE_NAME
+        policy_path.write_text(sim_policy_yaml(fingerprint))
     token = boot.token if boot else None
     if boot and args.pat_file is not None:
         _write_private(args.pat_file, boot.token + "\n")
     host = settings.listen.host
     shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
     base = f"https://{shown}:{settings.listen.port}"
-    print(banner(settings, base=base, cert_path=cert_path, domain_id=default_domain.id if default_domain else None,
+    print(banner(settings, base=base, cert_path=cert_path, policy_path=policy_path,
+                 domain_id=default_domain.id if default_domain else None,
                  token=token, pat_file=args.pat_file, first_start=boot is not None), flush=True)
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
-                            ssl_context_factory=lambda _cfg, _default: ssl_context, proxy_headers=False,
-                            server_header=False, http=limited_httptools_protocol(4 * settings.limits.max_header_bytes))
-    uvicorn.Server(config).run()
+    app = create_app(settings, extra_routers=[attestation_router(tls, per_client_rate=settings.attestation.rate_limit)])
+    config = uvicorn_config(tls, app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
+                            proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
+                            http=limited_httptools_protocol(4 * settings.limits.max_header_bytes))
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        tls.stop()
     return 0
+
+
+def _write_public(path: Path, certificate: Any) -> None:
+    """Write the current server certificate (public) for tools that trust it directly, e.g. curl --cacert."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(certificate.public_bytes(Encoding.PEM))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

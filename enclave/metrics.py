@@ -7,6 +7,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+_MAX_CACHED_SERIES = 1024
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -21,9 +23,23 @@ class Metrics:
         self.backend_up = Gauge("cube_backend_up", "1 if the backend answered its last discovery", ["backend", "kind"],
                                 registry=self.registry)
         self.models = Gauge("cube_registry_models", "Routable models in the registry", registry=self.registry)
+        self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.labels(reason=reason).inc()
+
+    def request_series(self, route: str, method: str, status: int) -> tuple[Counter, Histogram]:
+        """The (request counter, latency histogram) children for these labels, looked up once per label set
+        (``.labels()`` validates and hashes the labels under a lock on every call). Route templates, methods and
+        statuses form a small set; the cache stops growing at ``_MAX_CACHED_SERIES`` all the same."""
+        key = (route, method, status)
+        series = self._series.get(key)
+        if series is None:
+            series = (self.requests.labels(route=route, method=method, status=str(status)),
+                      self.latency.labels(route=route, method=method))
+            if len(self._series) < _MAX_CACHED_SERIES:
+                self._series[key] = series
+        return series
 
 
 class MetricsMiddleware:
@@ -49,9 +65,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "")
-            self.metrics.requests.labels(route=template, method=method, status=str(status)).inc()
-            self.metrics.latency.labels(route=template, method=method).observe(time.perf_counter() - start)
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            requests, latency = self.metrics.request_series(template, scope.get("method", ""), status)
+            requests.inc()
+            latency.observe(time.perf_counter() - start)
 

@@ -28,7 +28,7 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -109,6 +109,7 @@ class TlsManager:
         rotate_every: float | None,
         cert_lifetime: timedelta = DEFAULT_CERT_LIFETIME,
         curve: ec.EllipticCurve | None = None,
+        on_rotate: Callable[[KeyMaterial], None] | None = None,
     ) -> None:
         if rotate_every is not None and rotate_every <= 0:
             raise ValueError("rotate_every must be positive seconds or None")
@@ -117,6 +118,7 @@ class TlsManager:
         self._rotate_every = rotate_every
         self._cert_lifetime = cert_lifetime
         self._curve = curve or ec.SECP256R1()
+        self._on_rotate = on_rotate
         self._provider_lock = threading.Lock()  # one evidence request at a time reaches the device
         self._state_lock = threading.Lock()
         self._current: KeyMaterial | None = None
@@ -178,6 +180,11 @@ class TlsManager:
             ctx.cube_key = material  # type: ignore[attr-defined]
             self._current = material
         log.info("TLS key generation %d in service (spki sha256 %s)", material.generation, material.spki_sha256)
+        if self._on_rotate is not None:
+            try:
+                self._on_rotate(material)
+            except Exception:  # a failing observer must not take the new key out of service
+                log.exception("on_rotate callback failed")
         return material
 
     @property

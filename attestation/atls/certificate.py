@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import EvidenceError
 from ..evidence import MAX_EVIDENCE_BYTES
+from ..x509parse import CRYPTOGRAPHY_PARSE_ERRORS
 
 ID_PE_CMW = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.35")
 CERTIFICATE_CN = "Cube AI attested enclave"
@@ -124,10 +125,13 @@ def make_attested_certificate(
 
 def evidence_from_certificate(cert: x509.Certificate) -> bytes:
     """The CBOR CMW bytes carried by ``cert``; EvidenceError if absent, critical, duplicated or malformed."""
+    # cryptography decodes every extension (SAN, key usage, ...) on first access to ``extensions``,
+    # so a damaged extension unrelated to ours surfaces here; certificates from load_der_certificate
+    # were inspected already and cannot fail at this point.
     try:
         extensions = cert.extensions
-    except (ValueError, x509.DuplicateExtension) as exc:
-        raise EvidenceError(f"certificate: unreadable extensions ({exc})") from None
+    except CRYPTOGRAPHY_PARSE_ERRORS as exc:
+        raise EvidenceError(f"certificate: unreadable extensions ({type(exc).__name__}: {exc})") from None
     matches = [ext for ext in extensions if ext.oid == ID_PE_CMW]
     if not matches:
         raise EvidenceError("certificate: no id-pe-cmw (1.3.6.1.5.5.7.1.35) evidence extension")

@@ -36,13 +36,12 @@ from typing import Any
 import h11
 import httpcore
 import httpx
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 
-from ..errors import AttestationError, VerificationError
+from ..errors import AttestationError, ParseError, VerificationError
 from ..evidence import MAX_EVIDENCE_BYTES, Evidence, decode_cmw
 from ..policy import Policy
 from ..verdict import Check, Verdict
+from ..x509parse import load_der_certificate
 from .binding import NONCE_SIZE, nonce_from_binding, report_data_for, spki_der_of, spki_sha256
 from .certificate import evidence_from_certificate
 
@@ -256,10 +255,10 @@ class Attestor:
         if not cert_der:
             raise report.failed("certificate", "the server presented no certificate")
         try:
-            cert = x509.load_der_x509_certificate(cert_der)
-            spki_der = spki_der_of(cert)
-        except (ValueError, UnsupportedAlgorithm) as exc:
-            raise report.failed("certificate", f"unparseable server certificate ({exc})") from None
+            cert = load_der_certificate(cert_der, "server certificate")  # every field decoded, or ParseError
+        except ParseError as exc:
+            raise report.failed("certificate", str(exc)) from None
+        spki_der = spki_der_of(cert)
         spki_hex = spki_sha256(spki_der)
         report.spki_sha256 = spki_hex
         now = datetime.now(timezone.utc)
@@ -352,8 +351,8 @@ def _cached_spki(attestor: Attestor, cert_der: bytes | None, force: bool) -> str
     if not cert_der or force:
         return None
     try:
-        spki_hex = hashlib.sha256(spki_der_of(x509.load_der_x509_certificate(cert_der))).hexdigest()
-    except (ValueError, UnsupportedAlgorithm):
+        spki_hex = hashlib.sha256(spki_der_of(load_der_certificate(cert_der, "server certificate"))).hexdigest()
+    except ParseError:
         return None  # the full verification reports it
     return spki_hex if attestor.trusted(spki_hex) else None
 

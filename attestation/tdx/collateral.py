@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from cryptography import x509
@@ -392,8 +393,9 @@ class _Parsed:
     tcb_info_chain: tuple[x509.Certificate, ...]
     qe_identity: QeIdentity
     qe_identity_chain: tuple[x509.Certificate, ...]
-    pck_crls: dict[str, tuple[x509.CertificateRevocationList, bytes]]  # ca -> (CRL, DER)
-    pck_crl_chain_files: dict[str, bytes]
+    # read-only views: a parsed Collateral may be shared (attestation.verifier caches them by content)
+    pck_crls: Mapping[str, tuple[x509.CertificateRevocationList, bytes]]  # ca -> (CRL, DER)
+    pck_crl_chain_files: Mapping[str, bytes]
     root_ca_crl: tuple[x509.CertificateRevocationList, bytes] | None
 
 
@@ -520,8 +522,8 @@ def _parse_files(raw: Mapping[str, bytes]) -> _Parsed:
         tcb_info_chain=tcb_chain,
         qe_identity=parse_qe_identity(files["qe_identity.json"]),
         qe_identity_chain=qe_chain,
-        pck_crls=crls,
-        pck_crl_chain_files=chains,
+        pck_crls=MappingProxyType(crls),
+        pck_crl_chain_files=MappingProxyType(chains),
         root_ca_crl=root_crl,
     )
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
-from enclave.access import Principal, Scope, domain_access, may_use_model
+from enclave.access import Principal, Scope, domain_access, may_use_model, model_rule
 from enclave.api.context import AppContext, check, uuid_param
 from enclave.api.schemas import ERROR_RESPONSES, ErrorEnvelope, ModelList, ModelObject
 from enclave.errors import ApiError, model_not_found
+from enclave.registry import openai_model_list
 from enclave.store import Domain
 
 router = APIRouter(tags=["models"])
@@ -22,8 +23,8 @@ def _no_backend() -> ApiError:
 
 
 def _all_backends_down(registry) -> bool:
-    statuses = registry.status()
-    return bool(statuses) and not any(s.up for s in statuses)
+    """Backends are configured and none answered (with none configured, the lists are simply empty)."""
+    return not registry.any_up() and bool(registry.status())
 
 
 async def _domain_for(ctx: AppContext, principal: Principal, domain_id: str) -> Domain:
@@ -41,21 +42,22 @@ _SECURED = {"security": [{"PAT": []}]}
 
 @router.get("/proxy/{domain_id}/v1/models", response_model=ModelList, responses=_RESPONSES,
             summary="List the models this API key may use in the domain", openapi_extra=_SECURED)
-async def list_models(domain_id: str, request: Request) -> JSONResponse:
+async def list_models(domain_id: str, request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     principal = await ctx.auth.authenticate(request.headers.get("authorization"))
     domain = await _domain_for(ctx, principal, domain_id)
     registry = ctx.registry
     if _all_backends_down(registry):
         raise _no_backend()
-    data = [card.to_openai() for card in registry.models()
-            if may_use_model(principal, domain_id, domain, card.id, scope=Scope.MODELS_READ)]
-    return JSONResponse({"object": "list", "data": data})
+    # The domain-level part of may_use_model was decided by _domain_for; only the model part varies per card.
+    allowed = model_rule(principal, domain)
+    body = openai_model_list(card for card in registry.models() if allowed(card.id))
+    return Response(body, media_type="application/json")
 
 
 @router.get("/proxy/{domain_id}/v1/models/{model:path}", response_model=ModelObject, responses=_RESPONSES,
             summary="Retrieve one model (404 when unknown or not permitted alike)", openapi_extra=_SECURED)
-async def retrieve_model(domain_id: str, model: str, request: Request) -> JSONResponse:
+async def retrieve_model(domain_id: str, model: str, request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     principal = await ctx.auth.authenticate(request.headers.get("authorization"))
     domain = await _domain_for(ctx, principal, domain_id)
@@ -65,4 +67,4 @@ async def retrieve_model(domain_id: str, model: str, request: Request) -> JSONRe
         raise _no_backend()
     if card is None or not may_use_model(principal, domain_id, domain, card.id, scope=Scope.MODELS_READ):
         raise model_not_found(model)
-    return JSONResponse(card.to_openai())
+    return Response(card.openai_json(), media_type="application/json")

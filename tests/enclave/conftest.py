@@ -21,8 +21,10 @@ import uvicorn
 from enclave.access import ALL_SCOPES
 from enclave.app import create_app
 from enclave.config import Settings, load_settings
-from enclave.devcert import server_ssl_context
+from attestation.providers import SimProvider
+from enclave.attestation_api import attestation_router
 from enclave.limits import limited_httptools_protocol
+from enclave.tls import TlsManager, attested_protocol_class
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 
@@ -52,21 +54,39 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
     return load_settings(empty, environ={}, overrides=base)
 
 
+_SIM: list[SimProvider] = []
+
+
+def sim_provider() -> SimProvider:
+    """One simulated platform for the whole session (its RSA-4096 root takes a moment to make)."""
+    if not _SIM:
+        import tempfile
+
+        _SIM.append(SimProvider(Path(tempfile.mkdtemp(prefix="cube-enclave-sim-"))))
+    return _SIM[0]
+
+
 class EnclaveServer:
-    """create_app() served by uvicorn over HTTPS (in-memory self-signed cert) on a loopback port, in a thread."""
+    """The service as `cube-enclave serve --simulate` runs it (attested TLS, sim evidence) on a loopback port,
+    in a thread; clients here trust the certificate directly (the attested client is tested in tests/atls)."""
 
     def __init__(self, settings: Settings, **app_kwargs: Any) -> None:
         self.settings = settings
-        self.app = create_app(settings, **app_kwargs)
-        self.ssl_context, cert_pem = server_ssl_context(settings)
+        self.tls = TlsManager(sim_provider(), hostnames=settings.tls.hostnames, rotate_every=None)
+        self.tls.start()
+        extra = [attestation_router(self.tls, per_client_rate=settings.attestation.rate_limit),
+                 *app_kwargs.pop("extra_routers", ())]
+        self.app = create_app(settings, extra_routers=extra, **app_kwargs)
+        self.ssl_context = self.tls.server_context()
         self.cert_path = settings.data_dir / "server-cert.pem"
-        self.cert_path.write_bytes(cert_pem)
+        self.cert_path.write_bytes(self.tls.current_certificate_pem())
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(128)
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=True, loop="asyncio",
-                                http=limited_httptools_protocol(4 * settings.limits.max_header_bytes),
+                                http=attested_protocol_class(
+                                    limited_httptools_protocol(4 * settings.limits.max_header_bytes)),
                                 ssl_context_factory=lambda _c, _d: self.ssl_context,
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
@@ -112,6 +132,7 @@ class EnclaveServer:
         self.server.should_exit = True
         self._thread.join(timeout=15)
         self._sock.close()
+        self.tls.stop()
 
 
 @dataclass

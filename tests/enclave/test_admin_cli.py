@@ -85,9 +85,29 @@ def test_cli_refuses_unsafe_options(capsys, monkeypatch) -> None:
     monkeypatch.delenv("CUBE_TOKEN", raising=False)
     assert main(["--url", "https://localhost:1", "whoami"]) == 1
     assert "no token" in capsys.readouterr().err
-    assert main(["--url", "https://example.com", "--token", "t", "--insecure-sim", "whoami"]) == 1
-    assert "loopback" in capsys.readouterr().err
     assert main(["--url", "http://127.0.0.1:1", "--token", "t", "whoami"]) == 1
     assert "https" in capsys.readouterr().err
-    assert main(["--url", "https://127.0.0.1:1", "--token", "t", "--insecure-sim", "whoami"]) == 1
-    assert "cannot reach" in capsys.readouterr().err
+    assert main(["--url", "https://127.0.0.1:1", "--token", "t", "--policy", "/nonexistent.yaml", "whoami"]) == 1
+    assert "--policy /nonexistent.yaml" in capsys.readouterr().err
+    assert main(["--url", "https://127.0.0.1:1", "--token", "t", "--policy", "x.yaml", "--ca", "c.pem",
+                 "whoami"]) == 1
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_cli_verifies_the_enclave_before_sending_the_token(svc, capsys, tmp_path) -> None:
+    """--policy: attested TLS first. The sim policy is accepted; a production policy refuses sim evidence."""
+    from attestation.policy import sim_policy_yaml
+
+    from tests.enclave.conftest import sim_provider
+
+    server, world = svc
+    sim_policy = tmp_path / "sim-policy.yaml"
+    sim_policy.write_text(sim_policy_yaml(sim_provider().fingerprint))
+    root = world.tokens["superadmin"]
+    assert main(["--url", server.url, "--policy", str(sim_policy), "--token", root, "--json", "whoami"]) == 0
+    assert json.loads(capsys.readouterr().out)["user"]["superadmin"] is True
+    production = tmp_path / "snp.yaml"
+    production.write_text("name: production\nplatforms: [snp]\n")
+    assert main(["--url", server.url, "--policy", str(production), "--token", root, "whoami"]) == 1
+    err = capsys.readouterr().err
+    assert "not verified, nothing was sent" in err and "sim" in err

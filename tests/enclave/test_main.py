@@ -58,6 +58,14 @@ def test_serve_bootstraps_and_prints_working_examples(tmp_path: Path) -> None:
             assert {"/proxy/{domain_id}/v1/models", "/admin/models", "/users/me/pats"} <= set(spec["paths"])
             tags = {t for p in spec["paths"].values() for op in p.values() for t in op.get("tags", [])}
             assert {"models", "platform admin", "domain admin", "self service", "operations"} <= tags
+        # the printed openai-python example: attested client with the printed sim policy
+        from attestation.atls.client import openai_client
+        from attestation.policy import load_policy
+
+        client = openai_client(f"https://localhost:{port}/proxy/{domain}/v1", api_key=token,
+                               policy=load_policy(tmp_path / "data" / "sim-policy.yaml"))
+        with client:
+            assert client.models.list().data == []
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
@@ -65,15 +73,18 @@ def test_serve_bootstraps_and_prints_working_examples(tmp_path: Path) -> None:
     assert f"written to {pat_file}" in out and "No backends configured" in out
     curl = next(line for line in out.splitlines() if line.strip().startswith("curl "))
     assert f"--cacert {cert}" in curl and f"/proxy/{domain}/v1/models" in curl
-    assert "openai.OpenAI(" in out
+    policy_file = tmp_path / "data" / "sim-policy.yaml"
+    assert f"cube-attest verify-url https://localhost:{port} --policy {policy_file}" in out
+    assert "openai_client(" in out and str(policy_file) in out
     # second start: no new bootstrap, no token
-    proc = subprocess.Popen([sys.executable, "-m", "enclave.main", "serve", "--config", str(config), "--data-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "enclave.main", "serve", "--simulate", "--config", str(config),
+                             "--data-dir",
                              str(tmp_path / "data"), "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 30
         out_lines = []
-        while not any("Try it" in line for line in out_lines):
+        while not any("Verify the enclave" in line for line in out_lines):
             assert proc.poll() is None and time.monotonic() < deadline
             out_lines.append(proc.stdout.readline())
     finally:
@@ -81,3 +92,12 @@ def test_serve_bootstraps_and_prints_working_examples(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=20)
     text = "".join(out_lines) + out
     assert "already initialised" in text and not re.search(r"cube_pat_[0-9A-Za-z]{20,}", text)
+
+
+def test_serve_without_a_confidential_platform_refuses_to_start(tmp_path: Path) -> None:
+    """Outside a confidential VM and without --simulate there is no evidence: fail closed, with a reason."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_ENCLAVE__")}
+    proc = subprocess.run([sys.executable, "-m", "enclave.main", "serve", "--data-dir", str(tmp_path / "data"),
+                           "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2
+    assert "no attestation interface" in proc.stderr and "--simulate" in proc.stderr
