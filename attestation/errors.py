@@ -32,7 +32,17 @@ class CollateralError(AttestationError):
 
 
 class FetchError(CollateralError):
-    """A network fetch from AMD KDS, Intel PCS or a collateral cache failed."""
+    """A network fetch from AMD KDS, Intel PCS or a collateral cache failed.
+
+    ``status`` is the last HTTP status met (None when no answer came); ``reason`` is "status" (an
+    unwanted HTTP status), "unreachable" (transport error), "too_large" (body over the cap) or None
+    (anything else, such as an unusable body).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
 
 
 class PolicyError(AttestationError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from .errors import ParseError
 
@@ -109,3 +110,15 @@ def load_pem_crl(pem: bytes, what: str = "CRL") -> x509.CertificateRevocationLis
     except CRYPTOGRAPHY_PARSE_ERRORS as exc:
         raise ParseError(f"{what} is not a PEM X.509 CRL ({type(exc).__name__}: {exc})") from None
     return inspect_crl(crl, what)
+
+
+def load_pem_or_der_crl(data: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
+    """One CRL, PEM if it carries a PEM header, DER otherwise; fully inspected, ParseError if unusable."""
+    if b"-----BEGIN" in data:
+        return load_pem_crl(data, what)
+    return load_der_crl(data, what)
+
+
+def cert_der(cert: x509.Certificate) -> bytes:
+    """The DER encoding of ``cert``."""
+    return cert.public_bytes(Encoding.DER)

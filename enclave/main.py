@@ -169,10 +169,9 @@ def _write_public(path: Path, certificate: Any) -> None:
     """Write the current server certificate (public) for tools that trust it directly, e.g. curl --cacert."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(certificate.public_bytes(Encoding.PEM))
-    os.replace(tmp, path)
+    from attestation.fetch import atomic_write
+
+    atomic_write(path, certificate.public_bytes(Encoding.PEM))
 
 
 def main(argv: list[str] | None = None) -> int:

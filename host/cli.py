@@ -3,6 +3,8 @@
     cube-host relay --listen 0.0.0.0:8443 --target tcp:10.0.0.2:8443|vsock:3:8443 [limits]
     cube-host serve --config config/host.yaml       verification API + collateral cache (+ relay if configured)
     cube-host status [--config FILE] [--policy NAME] [--enclave ID] [--json]
+    cube-host measure --ovmf FILE [--kernel K --initrd I --append TEXT] --vcpus N [--policy-out FILE]
+    cube-host qemu-cmd --platform snp|tdx --ovmf FILE ... [--json] [--measure]   (prints, never runs QEMU)
 """
 
 from __future__ import annotations
@@ -177,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_status.add_argument("--enclave", default=None, help="e.g. snp:<measurement hex>")
     p_status.add_argument("--json", action="store_true")
 
+    from .launch_cli import add_launch_commands, run_launch_command
+
+    add_launch_commands(sub)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -204,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             data_dir = args.data_dir or load_config(args.config).data_dir
             return _print_status(read_status(data_dir), args.policy, args.enclave, args.json)
+        if args.command in ("measure", "qemu-cmd"):
+            return run_launch_command(args)
     except (ConfigError, RelayError, PolicyError, ValueError) as exc:
         print(f"cube-host: {exc}", file=sys.stderr)
         return 2

@@ -41,9 +41,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,6 +55,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+
+from attestation.errors import FetchError
+from attestation.fetch import afetch_with_backoff, atomic_write
 
 from .metrics import COLLATERAL_REQUESTS, COLLATERAL_UPSTREAM_FETCHES
 
@@ -153,21 +154,6 @@ def _next_update(resource: Resource, body: bytes, default_ttl: float, now: float
             x509.load_der_x509_certificate(body)
         return now + (resource.ttl or default_ttl)
     return now + (resource.ttl or default_ttl)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _chain_name(name: str) -> str:
@@ -295,8 +281,8 @@ class CollateralCache:
     def _store(self, r: Resource, entry: Entry) -> None:
         path = self._cache_path(r)
         if r.chain_header and entry.chain is not None:
-            _atomic_write(path.parent / _chain_name(path.name), entry.chain.encode())
-        _atomic_write(path, entry.body)
+            atomic_write(path.parent / _chain_name(path.name), entry.chain.encode())
+        atomic_write(path, entry.body)
 
     # ---- lookup --------------------------------------------------------------------------------
     async def get(self, r: Resource) -> Entry:
@@ -341,22 +327,15 @@ class CollateralCache:
         return await asyncio.shield(future)
 
     async def _fetch(self, r: Resource) -> Entry:
+        """One upstream attempt: the verifiers behind this cache retry with backoff themselves, and a
+        retry here as well would multiply the requests an upstream outage or rate limit sees."""
         self.upstream_fetches += 1
         try:
-            response = await self._http().get(r.url)
-        except httpx.HTTPError as exc:
-            COLLATERAL_UPSTREAM_FETCHES.labels(r.service, "unreachable").inc()
-            raise CollateralRequestError(502, f"upstream {r.service} unreachable ({type(exc).__name__})",
-                                         "upstream_unreachable") from None
-        if response.status_code != 200:
-            COLLATERAL_UPSTREAM_FETCHES.labels(r.service, str(response.status_code)).inc()
-            status = 404 if response.status_code == 404 else 502
-            raise CollateralRequestError(status, f"upstream {r.service} answered {response.status_code}",
-                                         "upstream_not_found" if status == 404 else "upstream_error")
+            response = await afetch_with_backoff(self._http(), r.url, attempts=1, max_bytes=MAX_UPSTREAM_BYTES,
+                                                 what=f"upstream {r.service}")
+        except FetchError as exc:
+            raise self._upstream_failed(r, exc) from None
         body = response.content
-        if len(body) > MAX_UPSTREAM_BYTES:
-            COLLATERAL_UPSTREAM_FETCHES.labels(r.service, "too_large").inc()
-            raise CollateralRequestError(502, f"upstream {r.service} answer too large", "upstream_error")
         chain = None
         if r.chain_header:
             chain = response.headers.get(r.chain_header) or (
@@ -380,6 +359,21 @@ class CollateralCache:
         self._memory[(r.service, r.name)] = Entry(body, chain, expires, "cache")
         COLLATERAL_UPSTREAM_FETCHES.labels(r.service, "ok").inc()
         return entry
+
+    @staticmethod
+    def _upstream_failed(r: Resource, exc: FetchError) -> CollateralRequestError:
+        """Count a failed upstream fetch by outcome; the error to answer with (404 stays 404)."""
+        if exc.reason == "status" and exc.status is not None:
+            COLLATERAL_UPSTREAM_FETCHES.labels(r.service, str(exc.status)).inc()
+            if exc.status == 404:
+                return CollateralRequestError(404, f"upstream {r.service} answered 404", "upstream_not_found")
+            return CollateralRequestError(502, f"upstream {r.service} answered {exc.status}", "upstream_error")
+        if exc.reason == "too_large":
+            COLLATERAL_UPSTREAM_FETCHES.labels(r.service, "too_large").inc()
+            return CollateralRequestError(502, f"upstream {r.service} answer too large", "upstream_error")
+        COLLATERAL_UPSTREAM_FETCHES.labels(r.service, "unreachable").inc()
+        cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "error"
+        return CollateralRequestError(502, f"upstream {r.service} unreachable ({cause})", "upstream_unreachable")
 
     # ---- HTTP-facing helpers -------------------------------------------------------------------
     async def serve(self, r: Resource, *, pem_crl: bool = False) -> Served:

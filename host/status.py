@@ -8,14 +8,13 @@ what an operator recognises; only the newest ``max_enclaves`` per policy are kep
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from attestation.fetch import atomic_write
 from attestation.verdict import Verdict
 
 STATUS_FILE = "status.json"
@@ -95,18 +94,7 @@ class StatusStore:
     def _write(self) -> None:
         self._dirty = False
         self._last_write = time.monotonic()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".status-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._state, f, indent=1)
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(self.path, json.dumps(self._state, indent=1).encode(), mode=0o600)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

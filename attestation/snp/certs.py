@@ -13,12 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.utils import CryptographyDeprecationWarning
 
 from ..errors import ParseError
 from ..x509parse import (CRYPTOGRAPHY_PARSE_ERRORS, inspect_certificate, load_der_certificate,
                          load_pem_certificates)
+from ..x509parse import cert_der as cert_der  # re-exported: callers import it from here
 from .tcb import LAYOUT_TURIN, encode_tcb, family_from_name, layout_for
 
 AMD_OID_ARC = "1.3.6.1.4.1.3704.1"
@@ -102,10 +102,6 @@ def load_certificate(data: CertInput) -> x509.Certificate:
     if len(certs) != 1:
         raise ParseError(f"expected one certificate, found {len(certs)}")
     return certs[0]
-
-
-def cert_der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
 
 
 # --- minimal DER reading for the AMD extension values -------------------------------------------

@@ -6,16 +6,13 @@ them): ``/vcek/v1/{product}/cert_chain``, ``/vcek/v1/{product}/{hwid}?blSPL=..&t
 ``/vlek/v1/{product}/cert_chain`` and ``/vlek/v1/{product}/crl``.
 
 KDS rate-limits (429) and has outages (5xx): those are retried with bounded exponential backoff
-that honours Retry-After; any other 4xx fails at once. VCEKs are cached by (product, hwid, TCB),
+that honours Retry-After; any other 4xx fails at once (attestation.fetch). VCEKs are cached by (product, hwid, TCB),
 chains by product, CRLs until their nextUpdate. In offline mode only the cache is read.
 """
 
 from __future__ import annotations
 
-import email.utils
-import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,13 +23,14 @@ import httpx
 from cryptography import x509
 
 from ..errors import CollateralError, FetchError, ParseError
-from ..x509parse import load_der_crl, load_pem_crl
+from ..fetch import atomic_write, fetch_with_backoff
+from ..x509parse import load_pem_or_der_crl
 from .certs import load_certificate, load_certificates
 from .tcb import LAYOUT_TURIN, TcbVersion, decode_tcb, family_from_name, layout_for
 
 DEFAULT_KDS_URL = "https://kdsintf.amd.com"
 _PRODUCT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,31}$")
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_RESPONSE = 1 << 20  # KDS objects are a few KiB
 
 
 class KdsClient:
@@ -146,7 +144,9 @@ class KdsClient:
         if self.offline:
             state = "stale" if cached is not None else "not cached"
             raise CollateralError(f"offline: {path} is {state}")
-        data = self._fetch(path)
+        data = fetch_with_backoff(self._http(), path, attempts=self.max_attempts, backoff_base=self.backoff_base,
+                                  backoff_max=self.backoff_max, sleep=self._sleep, clock=self._clock,
+                                  max_bytes=MAX_RESPONSE, what="KDS").content
         try:
             validate(data)
         except ParseError as e:
@@ -160,17 +160,8 @@ class KdsClient:
         with self._lock:
             self._memory[path] = data
         file = self._cache_file(path)
-        if file is None:
-            return
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if file is not None:
+            atomic_write(file, data)
 
     def _http(self) -> httpx.Client:
         if self._client is None:
@@ -178,53 +169,13 @@ class KdsClient:
                                         timeout=self._timeout, follow_redirects=False)
         return self._client
 
-    def _fetch(self, path: str) -> bytes:
-        last = ""
-        for attempt in range(self.max_attempts):
-            retry_after: float | None = None
-            try:
-                response = self._http().get(path)
-            except httpx.TransportError as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if response.status_code == 200:
-                    return response.content
-                last = f"HTTP {response.status_code}"
-                if response.status_code not in RETRY_STATUSES:
-                    raise FetchError(f"KDS {path}: {last}")
-                retry_after = _retry_after(response.headers.get("Retry-After"), self._clock())
-            if attempt + 1 < self.max_attempts:
-                delay = min(self.backoff_base * (2 ** attempt), self.backoff_max)
-                if retry_after is not None:
-                    delay = max(delay, min(retry_after, self.backoff_max))
-                self._sleep(delay)
-        raise FetchError(f"KDS {path}: giving up after {self.max_attempts} attempts ({last})")
-
-
-def _retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent or garbled."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - now).total_seconds())
-
 
 def _validate_cert(data: bytes) -> None:
     load_certificate(data)
 
 
 def _load_crl(data: bytes) -> x509.CertificateRevocationList:
-    if b"-----BEGIN" in data:
-        return load_pem_crl(data, "KDS CRL")
-    return load_der_crl(data, "KDS CRL")
+    return load_pem_or_der_crl(data, "KDS CRL")
 
 
 def _validate_crl(data: bytes) -> None:

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import CollateralError, ParseError, VerificationError
 from ..verdict import CheckLog, VerifiedEvidence
-from ..x509parse import inspect_crl, load_der_crl, load_pem_crl
+from ..x509parse import inspect_crl, load_pem_or_der_crl
 from .certs import VekExtensions, cert_der, load_certificate, load_certificates, parse_vek_extensions
 from .chain import LruCache, clear_chain_cache, verify_chain
 from .chain import check_crl as _check_crl_against
@@ -251,7 +251,4 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
 def _load_crl(data: bytes) -> x509.CertificateRevocationList:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ParseError(f"a CRL must be bytes or a CertificateRevocationList, not {type(data).__name__}")
-    raw = bytes(data)
-    if b"-----BEGIN" in raw:
-        return load_pem_crl(raw, "PEM CRL")
-    return load_der_crl(raw, "DER CRL")
+    return load_pem_or_der_crl(bytes(data), "CRL")

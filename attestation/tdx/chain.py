@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
 from ..errors import ParseError
-from ..x509parse import load_der_crl, load_pem_crl
+from ..x509parse import cert_der, load_der_crl, load_pem_crl
 from . import der
 from .trust import INTEL_SGX_ROOT_CA_SHA256, ROOT_CA_CN
 
@@ -42,10 +42,6 @@ def common_name(name: x509.Name) -> str:
 @lru_cache(maxsize=64)
 def _fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
-
-
-def cert_der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(Encoding.DER)
 
 
 def _p256_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:

@@ -7,15 +7,14 @@ URL-encoded PEM. Intel serves the root CA CRL from certificates.trustedservices.
 mirrors (such as the Cube host agent) serve it at /sgx/certification/v4/rootcacrl.
 
 Files are stored under the names load_collateral_dir() reads, so a cache directory is itself a valid
-offline directory. Cached JSON/CRLs are reused until their nextUpdate.
+offline directory. Cached JSON/CRLs are reused until their nextUpdate. 429/5xx answers and transport
+errors are retried with bounded backoff (attestation.fetch).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 import urllib.parse
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ from typing import Callable
 import httpx
 
 from ..errors import CollateralError, FetchError, ParseError
+from ..fetch import atomic_write, fetch_with_backoff
 from .chain import load_crl
 from .collateral import Collateral, collateral_from_files
 
@@ -143,17 +143,22 @@ class PcsClient:
         if self.offline:
             where = [str(p) for p in (self.offline_dir, self.cache_dir) if p is not None]
             raise CollateralError(f"offline: {name} not found in {where or 'any directory (none configured)'}")
-        body, headers = self._get(url)
-        out = {name: body}
+        fetched = fetch_with_backoff(self._http, url, attempts=self.max_retries + 1, backoff_base=self.backoff,
+                                     backoff_max=self.max_backoff, sleep=self._sleep, clock=self._clock,
+                                     max_bytes=MAX_RESPONSE, what="Intel PCS", on_attempt=self._count_fetch)
+        out = {name: fetched.content}
         if chain_header and chain_name:
-            chain = headers.get(chain_header)
-            if not chain:
-                raise FetchError(f"{url}: response lacks the {chain_header} header")
-            out[chain_name] = chain.encode("ascii", "strict")
+            chain = fetched.headers.get(chain_header)
+            if not chain or not chain.isascii():
+                raise FetchError(f"{url}: response lacks an ASCII {chain_header} header")
+            out[chain_name] = chain.encode("ascii")
         if self.cache_dir is not None:
             for fname, data in out.items():
-                self._write(self.cache_dir / fname, data)
+                atomic_write(self.cache_dir / fname, data)
         return out
+
+    def _count_fetch(self) -> None:
+        self.network_fetches += 1
 
     @staticmethod
     def _read_dir(directory: Path | None, names: list[str]) -> dict[str, bytes] | None:
@@ -163,47 +168,6 @@ class PcsClient:
         if not all(p.is_file() for p in paths):
             return None
         return {p.name: p.read_bytes() for p in paths}
-
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def _get(self, url: str) -> tuple[bytes, httpx.Headers]:
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            try:
-                self.network_fetches += 1
-                response = self._http.get(url)
-            except httpx.HTTPError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.status_code == 200:
-                    if len(response.content) > MAX_RESPONSE:
-                        raise FetchError(f"{url}: response too large")
-                    return response.content, response.headers
-                last = f"HTTP {response.status_code}"
-                if response.status_code != 429 and response.status_code < 500:
-                    raise FetchError(f"{url}: {last}")
-                if attempt < self.max_retries:
-                    self._sleep(self._delay(attempt, response.headers.get("Retry-After")))
-                continue
-            if attempt < self.max_retries:
-                self._sleep(self._delay(attempt, None))
-        raise FetchError(f"{url}: giving up after {self.max_retries + 1} attempts ({last})")
-
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        delay = self.backoff * (2**attempt)
-        if retry_after and retry_after.strip().isdigit():
-            delay = max(delay, float(retry_after.strip()))
-        return min(delay, self.max_backoff)
 
 
 def quote_chain_header(pem_chain: str) -> str:

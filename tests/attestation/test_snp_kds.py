@@ -225,17 +225,6 @@ def test_vlek_chain_fetched_from_kds_vlek_path(kds: FakeKds, expected: dict) -> 
         verify_report(report, kds=client, at=at)
 
 
-def test_retry_after_http_date() -> None:
-    from datetime import timedelta
-    from email.utils import format_datetime
-
-    from attestation.snp.kds import _retry_after
-
-    assert _retry_after(format_datetime(NOW + timedelta(seconds=7), usegmt=True), NOW) == 7.0
-    assert _retry_after(format_datetime(NOW - timedelta(seconds=7), usegmt=True), NOW) == 0.0
-    assert _retry_after("soon", NOW) is None and _retry_after(None, NOW) is None
-
-
 def test_crl_cache_honours_next_update(tmp_path: Path) -> None:
     from datetime import timedelta
 

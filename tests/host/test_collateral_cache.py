@@ -305,3 +305,31 @@ def test_verify_service_fetches_missing_vcek_once_through_its_cache(tmp_config, 
             assert r.json()["verdict"] == "collateral_unavailable"
     finally:
         fake.stop()
+
+
+async def test_upstream_fetch_is_one_capped_attempt(tmp_path: Path) -> None:
+    """The cache does not retry (its verifier clients do) and stops reading an oversized answer."""
+    from host.collateral_cache import MAX_UPSTREAM_BYTES, CollateralCache, CollateralCacheConfig, CollateralRequestError
+
+    answers = [httpx.Response(503, headers={"Retry-After": "0"}),
+               httpx.Response(200, content=b"-" * (MAX_UPSTREAM_BYTES + 1))]
+    seen: list[str] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return answers.pop(0)
+
+    cache = CollateralCache(CollateralCacheConfig(cache_dir=tmp_path, kds_upstream="http://127.0.0.1:9"),
+                            transport=httpx.MockTransport(upstream))
+    try:
+        with pytest.raises(CollateralRequestError) as caught:
+            await cache.get(cache.kds_cert_chain("Milan"))
+        assert (caught.value.status, caught.value.code, str(caught.value)) == (
+            502, "upstream_error", "upstream kds answered 503")
+        with pytest.raises(CollateralRequestError, match="answer too large") as caught:
+            await cache.get(cache.kds_crl("Milan"))
+        assert caught.value.status == 502
+        assert seen == ["/vcek/v1/Milan/cert_chain", "/vcek/v1/Milan/crl"] and cache.upstream_fetches == 2
+        assert not any(tmp_path.rglob("*"))  # nothing cached
+    finally:
+        await cache.aclose()
