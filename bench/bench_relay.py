@@ -6,6 +6,13 @@ One run measures, on loopback, against baselines measured in the same run:
 Prints the ratios the issue sets as goals: >= 1.0x socat, >= 0.8x direct, added p50 latency < 100 us.
 
 Servers, relays and socat each run in their own process (as in production), the client in this one.
+Every path uses the same client and the same sink process with the same buffers and default (autotuned)
+socket buffers, gets one warm-up transfer, and is measured the same number of rounds, round-robin.
+Reported per path: best-of-rounds (as before) and the median and range of the per-round ratio to the
+direct transfer of the same round (robust on a shared machine), plus the CPU seconds per GiB spent by
+client + sink + relay. That CPU figure bounds what any path can reach on this machine:
+``ceiling = cores x direct seconds per GiB / path CPU seconds per GiB`` (a relay adds a second TCP
+connection, whose kernel work no user-space design removes).
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ def _sink(conn: socket.socket) -> None:
     with conn:
         header = b""
         while len(header) < 8:
-            header += conn.recv(8 - len(header))
+            part = conn.recv(8 - len(header))
+            if not part:  # e.g. the start-up probe: without this check the thread spins forever
+                return
+            header += part
         total = int.from_bytes(header, "big")
         buf = bytearray(CHUNK)
         got = 0
@@ -120,11 +130,11 @@ def cpu_seconds(pid: int | None) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def bulk(port: int, total: int) -> float:
-    """Seconds to push ``total`` bytes and get the sink's acknowledgement; returns bytes/s."""
+def bulk(port: int, total: int) -> tuple[float, float]:
+    """Push ``total`` bytes and wait for the sink's acknowledgement; returns (bytes/s, client CPU s)."""
     payload = memoryview(bytearray(CHUNK))
     with socket.create_connection(("127.0.0.1", port)) as s:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         s.sendall(total.to_bytes(8, "big"))
         sent = 0
         while sent < total:
@@ -133,7 +143,7 @@ def bulk(port: int, total: int) -> float:
             sent += n
         if s.recv(1) != b"k":
             raise RuntimeError("sink did not acknowledge")
-        return total / (time.perf_counter() - start)
+        return total / (time.perf_counter() - start), time.thread_time() - cpu_start
 
 
 def round_trips(port: int, count: int) -> tuple[float, float]:
@@ -159,7 +169,7 @@ def main() -> int:
     ap.add_argument("--pumps", default="splice,copy,streams")
     ap.add_argument("--loops", default="asyncio,uvloop")
     ap.add_argument("--rtts", type=int, default=5000)
-    ap.add_argument("--repeat", type=int, default=3, help="rounds over all paths (best kept per path)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds over all paths (best and median reported per path)")
     args = ap.parse_args()
     if shutil.which("socat") is None:
         print("socat not found (apt-get install socat)", file=sys.stderr)
@@ -188,31 +198,51 @@ def main() -> int:
                 paths[f"relay {pump}/{loop}"] = (a, b)
                 relay_pid[f"relay {pump}/{loop}"] = p1.pid
 
-        # Round-robin over the paths, best of --repeat for each: the machine is shared, so noise is
-        # spread over all paths instead of landing on whichever ran during someone else's burst.
-        results: dict[str, tuple[float, float, float]] = {}
-        cpu: dict[str, float] = {}
+        # Round-robin over the paths: the machine is shared, so noise is spread over all paths instead
+        # of landing on whichever ran during someone else's burst. Each path is warmed up once first.
+        gib = total / (1 << 30)
+        for bulk_port, _ in paths.values():
+            bulk(bulk_port, min(total, 64 << 20))
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        lat: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        relay_cpu: dict[str, list[float]] = {name: [] for name in paths}
+        path_cpu: dict[str, list[float]] = {name: [] for name in paths}
         for rep in range(args.repeat):
             for name, (bulk_port, echo_port_) in paths.items():
-                before = cpu_seconds(relay_pid[name])
-                rate = bulk(bulk_port, total)
+                before, sink_before = cpu_seconds(relay_pid[name]), cpu_seconds(sink.pid)
+                rate, client_cpu = bulk(bulk_port, total)
                 time.sleep(0.2)  # let socat reap its per-connection child
-                used = (cpu_seconds(relay_pid[name]) - before) / (total / (1 << 30))
-                cpu[name] = min(cpu.get(name, used), used)
-                p50, p99 = round_trips(echo_port_, args.rtts)
-                if name in results:
-                    old_rate, old_p50, old_p99 = results[name]
-                    rate, p50, p99 = max(rate, old_rate), min(p50, old_p50), min(p99, old_p99)
-                results[name] = (rate, p50, p99)
-        for name, (rate, p50, p99) in results.items():
-            print(f"{name:24s} {rate / 1e9:7.2f} GB/s   rtt p50 {p50:7.1f} us  p99 {p99:7.1f} us", flush=True)
+                used = cpu_seconds(relay_pid[name]) - before
+                relay_cpu[name].append(used / gib)
+                path_cpu[name].append((used + client_cpu + cpu_seconds(sink.pid) - sink_before) / gib)
+                rates[name].append(rate)
+                lat[name].append(round_trips(echo_port_, args.rtts))
+        best = {name: max(r) for name, r in rates.items()}
+        p50 = {name: min(x[0] for x in xs) for name, xs in lat.items()}
+        p99 = {name: min(x[1] for x in xs) for name, xs in lat.items()}
+        for name in paths:
+            print(f"{name:24s} {best[name] / 1e9:7.2f} GB/s (median {statistics.median(rates[name]) / 1e9:5.2f})"
+                  f"   rtt p50 {p50[name]:7.1f} us  p99 {p99[name]:7.1f} us", flush=True)
 
-        d_rate, d_p50, _ = results["direct"]
-        s_rate, s_p50, _ = results["socat"]
+        cores = os.cpu_count() or 1
+        direct_s_per_gib = statistics.median((1 << 30) / r for r in rates["direct"])
         print()
-        print(f"{'path':24s} {'x direct':>9s} {'x socat':>9s} {'added p50 us':>13s} {'relay CPU s/GiB':>16s}")
-        for name, (rate, p50, _p99) in results.items():
-            print(f"{name:24s} {rate / d_rate:9.2f} {rate / s_rate:9.2f} {p50 - d_p50:13.1f} {cpu[name]:16.3f}")
+        print(f"best of {args.repeat} rounds; 'per round' = ratio to the direct (or socat) transfer of the same"
+              f" round: median [min-max]; CPU = client + sink + relay, median s/GiB; ceiling = {cores} cores"
+              f" x direct s/GiB / path CPU")
+        print(f"{'path':24s} {'x direct':>8s} {'per round':>17s} {'x socat':>8s} {'per round':>17s}"
+              f" {'added p50 us':>12s} {'relay CPU':>9s} {'path CPU':>8s} {'ceiling':>7s}")
+        for name in paths:
+            vs_direct = sorted(a / b for a, b in zip(rates[name], rates["direct"]))
+            vs_socat = sorted(a / b for a, b in zip(rates[name], rates["socat"]))
+            cpu_path = statistics.median(path_cpu[name])
+            ceiling = min(1.0, cores * direct_s_per_gib / cpu_path) if cpu_path else float("nan")
+            print(f"{name:24s} {best[name] / best['direct']:8.2f} "
+                  f"{statistics.median(vs_direct):5.2f} [{vs_direct[0]:4.2f}-{vs_direct[-1]:4.2f}] "
+                  f"{best[name] / best['socat']:8.2f} "
+                  f"{statistics.median(vs_socat):5.2f} [{vs_socat[0]:4.2f}-{vs_socat[-1]:4.2f}] "
+                  f"{p50[name] - p50['direct']:12.1f} {statistics.median(relay_cpu[name]):9.3f} "
+                  f"{cpu_path:8.3f} {ceiling:7.2f}")
         return 0
     finally:
         for p in procs:

@@ -19,7 +19,7 @@ from tests.host.servers import (LOOPBACK, TamperingProxy, ThreadedServer, echo, 
 PUMPS = ["splice", "copy", "streams"]
 
 
-async def start_relay(target_port: int, pump: str = "splice", **limits) -> Relay:
+async def start_relay(target_port: int, pump: str | None = None, **limits) -> Relay:  # None: default pump
     relay = Relay((LOOPBACK, 0), ("tcp", LOOPBACK, target_port), RelayLimits(**limits), pump=pump)  # type: ignore[arg-type]
     await relay.start()
     return relay
