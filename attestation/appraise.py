@@ -61,6 +61,18 @@ class _Appraisal:
     def failed(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]
 
+    def opt_in(self, name: str, risky: bool, allowed: bool, *, off: str, accepted: str, refused: str) -> None:
+        """A risky setting passes when it is off or the policy opts in; the detail says which case held."""
+        self.add(name, not risky or allowed, off if not risky else accepted if allowed else refused)
+
+    def exact_hex(self, name: str, label: str, have: Any, want: str | None) -> None:
+        """A hex value the policy may pin; unpinned passes."""
+        if want is None:
+            self.add(name, True, f"{label} not constrained by policy")
+        else:
+            ok = _hex_eq(have, want)
+            self.add(name, ok, f"{label} matches" if ok else f"{label} {have} != required {want}")
+
 
 def _appraise_snp(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
     c = v.claims
@@ -69,19 +81,18 @@ def _appraise_snp(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
     if guest_policy is None:
         a.add("guest_policy", False, "the report's guest policy is missing from the claims")
         return
-    debug = bool(guest_policy & SNP_POLICY_DEBUG)
-    a.add("debug_disabled", not debug or p.allow_debug,
-          "guest policy DEBUG is set and the policy allows debug guests" if debug and p.allow_debug
-          else "guest policy DEBUG is set: a debug guest's memory is readable by the host" if debug
-          else "guest policy DEBUG is clear")
-    ma = bool(guest_policy & SNP_POLICY_MIGRATE_MA)
-    a.add("migrate_ma", not ma or p.allow_migrate_ma,
-          "MIGRATE_MA is set but the policy does not allow a migration agent" if ma and not p.allow_migrate_ma
-          else f"MIGRATE_MA is {'set (allowed)' if ma else 'clear'}")
-    smt = bool(guest_policy & SNP_POLICY_SMT)
-    a.add("smt", not smt or p.allow_smt,
-          "guest policy allows SMT but the policy requires SMT off (set snp.allow_smt to accept)"
-          if smt and not p.allow_smt else f"SMT {'allowed by guest policy (accepted)' if smt else 'not allowed by guest policy'}")
+    a.opt_in("debug_disabled", bool(guest_policy & SNP_POLICY_DEBUG), p.allow_debug,
+             off="guest policy DEBUG is clear",
+             accepted="guest policy DEBUG is set and the policy allows debug guests",
+             refused="guest policy DEBUG is set: a debug guest's memory is readable by the host")
+    a.opt_in("migrate_ma", bool(guest_policy & SNP_POLICY_MIGRATE_MA), p.allow_migrate_ma,
+             off="MIGRATE_MA is clear",
+             accepted="MIGRATE_MA is set (allowed)",
+             refused="MIGRATE_MA is set but the policy does not allow a migration agent")
+    a.opt_in("smt", bool(guest_policy & SNP_POLICY_SMT), p.allow_smt,
+             off="SMT not allowed by guest policy",
+             accepted="SMT allowed by guest policy (accepted)",
+             refused="guest policy allows SMT but the policy requires SMT off (set snp.allow_smt to accept)")
 
     signing_key = c.get("signing_key")
     a.add("signing_key", signing_key in p.signing_keys,
@@ -123,11 +134,7 @@ def _appraise_snp(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
         a.add("min_tcb", not short, "reported TCB " + (", ".join(f"{k} {have.get(k)}" for k in wanted) + " meets the minimum"
                                                         if not short else "below the minimum: " + ", ".join(short)))
 
-    if p.host_data is None:
-        a.add("host_data", True, "HOST_DATA not constrained by policy")
-    else:
-        ok = _hex_eq(c.get("host_data"), p.host_data)
-        a.add("host_data", ok, "HOST_DATA matches" if ok else f"HOST_DATA {c.get('host_data')} != required {p.host_data}")
+    a.exact_hex("host_data", "HOST_DATA", c.get("host_data"), p.host_data)
 
 
 def _td_attributes(claims: dict[str, Any]) -> int | None:
@@ -147,23 +154,22 @@ def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
     if attrs is None:
         a.add("td_attributes", False, "TDATTRIBUTES missing from the claims")
         return
-    debug = bool(attrs & TD_ATTR_DEBUG)
-    a.add("debug_disabled", not debug or p.allow_debug,
-          "TDATTRIBUTES.DEBUG is set and the policy allows debug TDs" if debug and p.allow_debug
-          else "TDATTRIBUTES.DEBUG is set: a debug TD's state is readable by the host" if debug
-          else "TDATTRIBUTES.DEBUG is clear")
-    sept = bool(attrs & TD_ATTR_SEPT_VE_DISABLE)
-    a.add("sept_ve_disable", sept or not p.require_sept_ve_disable,
-          "SEPT_VE_DISABLE is set" if sept else
-          ("SEPT_VE_DISABLE is clear (allowed by policy)" if not p.require_sept_ve_disable
-           else "SEPT_VE_DISABLE is clear: the TD may take #VE on EPT violations (set tdx.require_sept_ve_disable: false to accept)"))
+    a.opt_in("debug_disabled", bool(attrs & TD_ATTR_DEBUG), p.allow_debug,
+             off="TDATTRIBUTES.DEBUG is clear",
+             accepted="TDATTRIBUTES.DEBUG is set and the policy allows debug TDs",
+             refused="TDATTRIBUTES.DEBUG is set: a debug TD's state is readable by the host")
+    # here the risk is the bit being clear
+    a.opt_in("sept_ve_disable", not attrs & TD_ATTR_SEPT_VE_DISABLE, not p.require_sept_ve_disable,
+             off="SEPT_VE_DISABLE is set",
+             accepted="SEPT_VE_DISABLE is clear (allowed by policy)",
+             refused="SEPT_VE_DISABLE is clear: the TD may take #VE on EPT violations "
+                     "(set tdx.require_sept_ve_disable: false to accept)")
 
     servicetd = c.get("mrservicetd")
-    bound = isinstance(servicetd, str) and any(ch != "0" for ch in servicetd)
-    a.add("service_td", not bound or p.allow_service_td,
-          "no service TD bound" if not bound else
-          (f"service TD {servicetd} bound (allowed by policy)" if p.allow_service_td
-           else f"MRSERVICETD is {servicetd}: a service TD is bound (set tdx.allow_service_td to accept)"))
+    a.opt_in("service_td", isinstance(servicetd, str) and any(ch != "0" for ch in servicetd), p.allow_service_td,
+             off="no service TD bound",
+             accepted=f"service TD {servicetd} bound (allowed by policy)",
+             refused=f"MRSERVICETD is {servicetd}: a service TD is bound (set tdx.allow_service_td to accept)")
 
     if not p.measurements:
         a.add("measurement", True, f"MRTD {c.get('mrtd')} (no allowlist in policy)")
@@ -197,13 +203,8 @@ def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
         else:
             ok = have_n is not None and have_n >= minimum
             a.add(key, ok, f"{label} {have_n} " + (">=" if ok else "<") + f" {minimum}")
-    for key, label in (("mrconfigid", "MRCONFIGID"), ("mrowner", "MROWNER")):
-        want = getattr(p, key)
-        if want is None:
-            a.add(key, True, f"{label} not constrained by policy")
-        else:
-            ok = _hex_eq(c.get(key), want)
-            a.add(key, ok, f"{label} matches" if ok else f"{label} {c.get(key)} != required {want}")
+    a.exact_hex("mrconfigid", "MRCONFIGID", c.get("mrconfigid"), p.mrconfigid)
+    a.exact_hex("mrowner", "MROWNER", c.get("mrowner"), p.mrowner)
 
     if v.tcb_status is None:
         a.add("collateral_present", not p.require_collateral,

@@ -102,41 +102,41 @@ def _is_bytes(value: Any) -> bool:
     return type(value) is bytes
 
 
+def _check_blob(value: Any, label: str, limit: int, *, may_be_empty: bool = False) -> None:
+    if not _is_bytes(value) or not (value or may_be_empty):
+        raise EvidenceError(f"{label}: must be {'bytes' if may_be_empty else 'non-empty bytes'}")
+    if len(value) > limit:
+        raise EvidenceError(f"{label}: {len(value)} bytes exceeds the limit of {limit}")
+
+
+def _check_count(items: Any, label: str, limit: int, unit: str = "entries") -> None:
+    if len(items) > limit:
+        raise EvidenceError(f"{label}: more than {limit} {unit}")
+
+
 def _validate(e: Evidence) -> None:
     if type(e.platform) is not str or e.platform not in PLATFORMS:
         raise EvidenceError(f"platform: must be one of {', '.join(PLATFORMS)}, got {e.platform!r:.40}")
-    if not _is_bytes(e.report) or not e.report:
-        raise EvidenceError("report: must be non-empty bytes")
-    if len(e.report) > MAX_REPORT_BYTES:
-        raise EvidenceError(f"report: {len(e.report)} bytes exceeds the limit of {MAX_REPORT_BYTES}")
+    _check_blob(e.report, "report", MAX_REPORT_BYTES)
     if type(e.certificates) is not tuple:
         raise EvidenceError("certificates: must be a sequence of DER bytes")
-    if len(e.certificates) > MAX_CERTIFICATES:
-        raise EvidenceError(f"certificates: more than {MAX_CERTIFICATES} entries")
+    _check_count(e.certificates, "certificates", MAX_CERTIFICATES)
     for i, cert in enumerate(e.certificates):
-        if not _is_bytes(cert) or not cert:
-            raise EvidenceError(f"certificates[{i}]: must be non-empty bytes")
-        if len(cert) > MAX_CERTIFICATE_BYTES:
-            raise EvidenceError(f"certificates[{i}]: {len(cert)} bytes exceeds the limit of {MAX_CERTIFICATE_BYTES}")
+        _check_blob(cert, f"certificates[{i}]", MAX_CERTIFICATE_BYTES)
     if not isinstance(e.collateral, Mapping):
         raise EvidenceError("collateral: must be a mapping of file name to bytes")
-    if len(e.collateral) > MAX_COLLATERAL_FILES:
-        raise EvidenceError(f"collateral: more than {MAX_COLLATERAL_FILES} files")
+    _check_count(e.collateral, "collateral", MAX_COLLATERAL_FILES, "files")
     for name, blob in e.collateral.items():
         if type(name) is not str or not _COLLATERAL_NAME.fullmatch(name):
             raise EvidenceError(f"collateral: bad file name {name!r:.80}")
-        if not _is_bytes(blob):
-            raise EvidenceError(f"collateral[{name}]: must be bytes")
-        if len(blob) > MAX_COLLATERAL_FILE_BYTES:
-            raise EvidenceError(f"collateral[{name}]: {len(blob)} bytes exceeds the limit of {MAX_COLLATERAL_FILE_BYTES}")
+        _check_blob(blob, f"collateral[{name}]", MAX_COLLATERAL_FILE_BYTES, may_be_empty=True)
     if e.collateral and e.platform != "tdx":
         raise EvidenceError(f"collateral: only TDX evidence carries collateral, not {e.platform}")
     if e.product is not None and (type(e.product) is not str or not _PRODUCT.fullmatch(e.product)):
         raise EvidenceError(f"product: must be up to {MAX_PRODUCT_CHARS} plain characters, got {e.product!r:.80}")
     if not isinstance(e.binding, Mapping):
         raise EvidenceError("binding: must be a mapping")
-    if len(e.binding) > MAX_BINDING_ENTRIES:
-        raise EvidenceError(f"binding: more than {MAX_BINDING_ENTRIES} entries")
+    _check_count(e.binding, "binding", MAX_BINDING_ENTRIES)
     for key, value in e.binding.items():
         if type(key) is not str or not _BINDING_KEY.fullmatch(key):
             raise EvidenceError(f"binding: bad key {key!r:.80}")
@@ -230,12 +230,17 @@ def decode_cmw(data: bytes) -> Evidence:
     return _from_payload(_strict_cbor(value, "evidence payload"))
 
 
-def _from_payload(payload: Any) -> Evidence:
-    if type(payload) is not dict:
-        raise EvidenceError("evidence payload: must be a map")
-    unknown = set(payload) - _PAYLOAD_KEYS
+def _check_top_level(value: Any, what: str, kind: str, allowed: frozenset[str]) -> None:
+    """Both wire forms: a map/object holding no key outside ``allowed``."""
+    if type(value) is not dict:
+        raise EvidenceError(f"{what}: must be {kind}")
+    unknown = set(value) - allowed
     if unknown:
-        raise EvidenceError(f"evidence payload: unknown key {sorted(map(str, unknown))[0]!r:.60}")
+        raise EvidenceError(f"{what}: unknown key {sorted(map(str, unknown))[0]!r:.60}")
+
+
+def _from_payload(payload: Any) -> Evidence:
+    _check_top_level(payload, "evidence payload", "a map", _PAYLOAD_KEYS)
     version = payload.get("v")
     if type(version) is not int or version != EVIDENCE_FORMAT_VERSION:
         raise EvidenceError(f"evidence payload: format version must be {EVIDENCE_FORMAT_VERSION}")
@@ -298,11 +303,7 @@ _JSON_KEYS = frozenset({"media_type", "v", "platform", "report", "certificates",
 
 def evidence_from_json(d: dict) -> Evidence:
     """JSON dict -> Evidence; same strictness as decode_cmw."""
-    if type(d) is not dict:
-        raise EvidenceError("evidence JSON: must be an object")
-    unknown = set(d) - _JSON_KEYS
-    if unknown:
-        raise EvidenceError(f"evidence JSON: unknown key {sorted(map(str, unknown))[0]!r:.60}")
+    _check_top_level(d, "evidence JSON", "an object", _JSON_KEYS)
     if d.get("media_type", EVIDENCE_MEDIA_TYPE) != EVIDENCE_MEDIA_TYPE:
         raise EvidenceError("evidence JSON: unsupported media_type")
     version = d.get("v")

@@ -12,11 +12,16 @@ microseconds per certificate or CRL, paid once per distinct input where callers 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .errors import ParseError
+
+T = TypeVar("T")
 
 # Everything cryptography raises on certificate or CRL bytes it cannot use.
 CRYPTOGRAPHY_PARSE_ERRORS: tuple[type[Exception], ...] = (
@@ -29,8 +34,25 @@ CRYPTOGRAPHY_PARSE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def _damaged(what: str, exc: Exception) -> ParseError:
-    return ParseError(f"{what} is damaged or unsupported ({type(exc).__name__}: {exc})")
+def _unusable(what: str, problem: str, exc: Exception) -> ParseError:
+    return ParseError(f"{what} {problem} ({type(exc).__name__}: {exc})")
+
+
+def _load(loader: Callable[[bytes], T], data: bytes, what: str, form: str) -> T:
+    """``loader(data)``; ParseError saying ``what`` is not ``form`` when cryptography refuses the bytes."""
+    try:
+        return loader(data)
+    except CRYPTOGRAPHY_PARSE_ERRORS as exc:
+        raise _unusable(what, f"is not {form}", exc) from None
+
+
+def _inspect_extensions_and_signature(signed: x509.Certificate | x509.CertificateRevocationList) -> None:
+    """The lazily decoded parts certificates and CRLs have in common."""
+    for extension in signed.extensions:
+        extension.value
+    signed.signature_algorithm_oid
+    signed.signature_hash_algorithm
+    signed.signature_algorithm_parameters
 
 
 def inspect_certificate(cert: x509.Certificate, what: str = "certificate") -> x509.Certificate:
@@ -43,13 +65,9 @@ def inspect_certificate(cert: x509.Certificate, what: str = "certificate") -> x5
         cert.not_valid_before_utc
         cert.not_valid_after_utc
         cert.public_key()
-        for extension in cert.extensions:
-            extension.value
-        cert.signature_algorithm_oid
-        cert.signature_hash_algorithm
-        cert.signature_algorithm_parameters
+        _inspect_extensions_and_signature(cert)
     except CRYPTOGRAPHY_PARSE_ERRORS as exc:
-        raise _damaged(what, exc) from None
+        raise _unusable(what, "is damaged or unsupported", exc) from None
     return cert
 
 
@@ -66,50 +84,31 @@ def inspect_crl(crl: x509.CertificateRevocationList, what: str = "CRL") -> x509.
         crl.issuer
         crl.last_update_utc
         crl.next_update_utc
-        for extension in crl.extensions:
-            extension.value
-        crl.signature_algorithm_oid
-        crl.signature_hash_algorithm
-        crl.signature_algorithm_parameters
+        _inspect_extensions_and_signature(crl)
     except CRYPTOGRAPHY_PARSE_ERRORS as exc:
-        raise _damaged(what, exc) from None
+        raise _unusable(what, "is damaged or unsupported", exc) from None
     return crl
 
 
 def load_der_certificate(der: bytes, what: str = "certificate") -> x509.Certificate:
     """One DER certificate, fully inspected; ParseError on anything unusable."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except CRYPTOGRAPHY_PARSE_ERRORS as exc:
-        raise ParseError(f"{what} is not a DER X.509 certificate ({type(exc).__name__}: {exc})") from None
-    return inspect_certificate(cert, what)
+    return inspect_certificate(_load(x509.load_der_x509_certificate, der, what, "a DER X.509 certificate"), what)
 
 
 def load_pem_certificates(pem: bytes, what: str = "certificate chain") -> list[x509.Certificate]:
     """Every CERTIFICATE block of ``pem``, each fully inspected; ParseError on anything unusable."""
-    try:
-        certs = x509.load_pem_x509_certificates(pem)
-    except CRYPTOGRAPHY_PARSE_ERRORS as exc:
-        raise ParseError(f"{what} is not PEM X.509 certificates ({type(exc).__name__}: {exc})") from None
+    certs = _load(x509.load_pem_x509_certificates, pem, what, "PEM X.509 certificates")
     return [inspect_certificate(cert, f"{what}[{i}]") for i, cert in enumerate(certs)]
 
 
 def load_der_crl(der: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
     """One DER CRL, fully inspected; ParseError on anything unusable."""
-    try:
-        crl = x509.load_der_x509_crl(der)
-    except CRYPTOGRAPHY_PARSE_ERRORS as exc:
-        raise ParseError(f"{what} is not a DER X.509 CRL ({type(exc).__name__}: {exc})") from None
-    return inspect_crl(crl, what)
+    return inspect_crl(_load(x509.load_der_x509_crl, der, what, "a DER X.509 CRL"), what)
 
 
 def load_pem_crl(pem: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
     """One PEM CRL, fully inspected; ParseError on anything unusable."""
-    try:
-        crl = x509.load_pem_x509_crl(pem)
-    except CRYPTOGRAPHY_PARSE_ERRORS as exc:
-        raise ParseError(f"{what} is not a PEM X.509 CRL ({type(exc).__name__}: {exc})") from None
-    return inspect_crl(crl, what)
+    return inspect_crl(_load(x509.load_pem_x509_crl, pem, what, "a PEM X.509 CRL"), what)
 
 
 def load_pem_or_der_crl(data: bytes, what: str = "CRL") -> x509.CertificateRevocationList:

@@ -11,20 +11,18 @@ damp the noise of a shared machine.
 from __future__ import annotations
 
 import sys
-import time
-import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import dcap_qvl  # noqa: E402
+from _timing import best_rates  # noqa: E402  (bench/ is on sys.path: the running script's folder)
 
 from attestation.tdx import clear_caches, collateral_from_files, load_collateral_dir, verify_quote  # noqa: E402
-from attestation.tdx.collateral import Collateral  # noqa: E402
+from attestation.tdx.collateral import qvl_collateral_fields  # noqa: E402
 
 VECTORS = ROOT.parent / "shared" / "vectors"
 QUOTE = VECTORS / "tdx" / "go-tdx-guest--quote_v5_sample.dat"
@@ -32,48 +30,12 @@ COLLATERAL = VECTORS / "tdx" / "collateral" / "pcs-2026-02"
 AT = datetime(2026, 2, 3, tzinfo=timezone.utc)
 
 
-def dcap_qvl_collateral(c: Collateral, ca: str = "platform") -> "dcap_qvl.QuoteCollateralV3":
-    """The same bytes as our Collateral, in dcap-qvl's form."""
-    files = dict(c.files)
-    tcb_chain = next(n for n in files if n.startswith("tcb_info_") and n.endswith("_chain.txt"))
-    return dcap_qvl.QuoteCollateralV3(
-        pck_crl_issuer_chain=urllib.parse.unquote(files[f"pck_crl_{ca}_chain.txt"].decode()),
-        root_ca_crl=files["root_ca.crl"],
-        pck_crl=files[f"pck_crl_{ca}.crl"],
-        tcb_info_issuer_chain=urllib.parse.unquote(files[tcb_chain].decode()),
-        tcb_info=c.tcb_info.raw_body.decode(),
-        tcb_info_signature=c.tcb_info.signature,
-        qe_identity_issuer_chain=urllib.parse.unquote(files["qe_identity_chain.txt"].decode()),
-        qe_identity=c.qe_identity.raw_body.decode(),
-        qe_identity_signature=c.qe_identity.signature,
-    )
-
-
-def _best_rates(fns: list[Callable[[], object]], seconds: float, rounds: int = 6) -> list[float]:
-    for fn in fns:
-        fn()  # warm-up (and a correctness smoke test)
-    best = [0.0] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            count = 0
-            start = time.perf_counter()
-            deadline = start + seconds / rounds
-            while True:
-                fn()
-                count += 1
-                now = time.perf_counter()
-                if now >= deadline:
-                    break
-            best[i] = max(best[i], count / (now - start))
-    return best
-
-
 def run_tdx(seconds: float = 2.0) -> list[tuple[str, float]]:
     """(label, verifications per second): ours cached, ours cold, dcap-qvl, ours cold incl. collateral parse."""
     raw = QUOTE.read_bytes()
     collateral = load_collateral_dir(COLLATERAL)
     files = dict(collateral.files)
-    peer = dcap_qvl_collateral(collateral)
+    peer = dcap_qvl.QuoteCollateralV3(**qvl_collateral_fields(collateral))
     now_secs = int(AT.timestamp())
 
     expected = verify_quote(raw, collateral=collateral, at=AT).tcb_status
@@ -93,7 +55,7 @@ def run_tdx(seconds: float = 2.0) -> list[tuple[str, float]]:
     def theirs() -> None:
         dcap_qvl.verify(raw, peer, now_secs)
 
-    rates = _best_rates([ours_cached, ours_cold, theirs, ours_cold_parse], seconds)
+    rates = best_rates([ours_cached, ours_cold, theirs, ours_cold_parse], seconds, rounds=6)
     clear_caches()
     return [
         ("tdx ours (chain+collateral cached)", rates[0]),

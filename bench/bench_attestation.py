@@ -17,8 +17,6 @@ import argparse
 import importlib.util
 import json
 import sys
-import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,28 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from attestation.snp import clear_caches, parse_report, verify_report  # noqa: E402
 from attestation.snp.certs import load_certificate  # noqa: E402
-
-
-def rates(fns: list[Callable[[], object]], seconds: float, rounds: int = 5) -> list[float]:
-    """Best-of-rounds operations per second of each function, rounds interleaved so that load on the
-    shared machine hits every function alike."""
-    for fn in fns:
-        fn()  # warm-up and smoke test
-    best = [0.0] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            n = 0
-            start = time.perf_counter()
-            deadline = start + seconds / rounds
-            while True:
-                for _ in range(10):
-                    fn()
-                n += 10
-                now = time.perf_counter()
-                if now >= deadline:
-                    break
-            best[i] = max(best[i], n / (now - start))
-    return best
+from _timing import best_rates  # noqa: E402  (bench/ is on sys.path: the running script's folder)
 
 
 def snp_rows(seconds: float) -> list[tuple[str, float]]:
@@ -82,7 +59,7 @@ def snp_rows(seconds: float) -> list[tuple[str, float]]:
         clear_caches()
         verify_report(report, vek=vek, chain=[chain], at=at)
 
-    raw_rate, cached_rate, cold_rate = rates([raw, cached, cold], seconds)
+    raw_rate, cached_rate, cold_rate = best_rates([raw, cached, cold], seconds, rounds=5, batch=10)
     return [("raw ECDSA P-384 verify (cryptography)", raw_rate),
             ("SNP verify_report, chain cached", cached_rate),
             ("SNP verify_report, cold (caches cleared)", cold_rate)]

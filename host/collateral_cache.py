@@ -58,14 +58,14 @@ from fastapi.responses import JSONResponse, Response
 
 from attestation.errors import FetchError
 from attestation.fetch import afetch_with_backoff, atomic_write
+from attestation.snp.kds import DEFAULT_KDS_URL
+from attestation.tdx.pcs import (INTEL_CERTS_URL, INTEL_PCS_URL, PCK_CRL_CHAIN_HEADER, PCK_CRL_PATH, QE_CHAIN_HEADER,
+                                 QE_IDENTITY_PATH, TCB_CHAIN_HEADER, TCB_PATH)
 
 from .metrics import COLLATERAL_REQUESTS, COLLATERAL_UPSTREAM_FETCHES
 
 log = logging.getLogger("cube.host.collateral")
 
-TCB_CHAIN_HEADER = "TCB-Info-Issuer-Chain"
-QE_CHAIN_HEADER = "SGX-Enclave-Identity-Issuer-Chain"
-CRL_CHAIN_HEADER = "SGX-PCK-CRL-Issuer-Chain"
 _LEGACY_TCB_CHAIN_HEADER = "SGX-TCB-Info-Issuer-Chain"
 MAX_UPSTREAM_BYTES = 4 * 1024 * 1024
 
@@ -87,9 +87,9 @@ class CollateralRequestError(Exception):
 @dataclass
 class CollateralCacheConfig:
     cache_dir: Path
-    kds_upstream: str = "https://kdsintf.amd.com"
-    pcs_upstream: str = "https://api.trustedservices.intel.com"
-    intel_certs_upstream: str = "https://certificates.trustedservices.intel.com"
+    kds_upstream: str = DEFAULT_KDS_URL
+    pcs_upstream: str = INTEL_PCS_URL
+    intel_certs_upstream: str = INTEL_CERTS_URL
     kds_seed_dir: Path | None = None
     pcs_seed_dir: Path | None = None
     offline: bool = False
@@ -226,20 +226,20 @@ class CollateralCache:
             raise CollateralRequestError(400, "fmspc: must be 12 hex digits", "invalid_fmspc")
         fmspc = fmspc.lower()
         return Resource("pcs", f"tcb_info_{fmspc}.json",
-                        f"{self.config.pcs_upstream.rstrip('/')}/tdx/certification/v4/tcb?fmspc={fmspc}",
+                        f"{self.config.pcs_upstream.rstrip('/')}{TCB_PATH}?fmspc={fmspc}",
                         "application/json", chain_header=TCB_CHAIN_HEADER, kind="tcb_info")
 
     def pcs_qe_identity(self) -> Resource:
         return Resource("pcs", "qe_identity.json",
-                        f"{self.config.pcs_upstream.rstrip('/')}/tdx/certification/v4/qe/identity",
+                        f"{self.config.pcs_upstream.rstrip('/')}{QE_IDENTITY_PATH}",
                         "application/json", chain_header=QE_CHAIN_HEADER, kind="qe_identity")
 
     def pcs_pck_crl(self, ca: str) -> Resource:
         if ca not in ("platform", "processor"):
             raise CollateralRequestError(400, "ca: must be platform or processor", "invalid_ca")
         return Resource("pcs", f"pck_crl_{ca}.crl",
-                        f"{self.config.pcs_upstream.rstrip('/')}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der",
-                        "application/pkix-crl", chain_header=CRL_CHAIN_HEADER, kind="crl")
+                        f"{self.config.pcs_upstream.rstrip('/')}{PCK_CRL_PATH}?ca={ca}&encoding=der",
+                        "application/pkix-crl", chain_header=PCK_CRL_CHAIN_HEADER, kind="crl")
 
     def pcs_root_ca_crl(self) -> Resource:
         return Resource("pcs", "root_ca.crl", f"{self.config.intel_certs_upstream.rstrip('/')}/IntelSGXRootCA.der",
@@ -423,18 +423,18 @@ def collateral_router(cache: CollateralCache) -> APIRouter:
             return await respond(lambda: cache.kds_vcek(product, hwid, dict(request.query_params)))
 
     for prefix in ("", "/pcs"):
-        @router.get(f"{prefix}/tdx/certification/v4/tcb", include_in_schema=not prefix)
+        @router.get(f"{prefix}{TCB_PATH}", include_in_schema=not prefix)
         async def tcb(request: Request) -> Response:
             params = request.query_params
             if params.get("update", "standard") != "standard":
                 return error(CollateralRequestError(400, "update: only standard is mirrored", "invalid_query"))
             return await respond(lambda: cache.pcs_tcb_info(params.get("fmspc", "")))
 
-        @router.get(f"{prefix}/tdx/certification/v4/qe/identity", include_in_schema=not prefix)
+        @router.get(f"{prefix}{QE_IDENTITY_PATH}", include_in_schema=not prefix)
         async def qe_identity() -> Response:
             return await respond(cache.pcs_qe_identity)
 
-        @router.get(f"{prefix}/sgx/certification/v4/pckcrl", include_in_schema=not prefix)
+        @router.get(f"{prefix}{PCK_CRL_PATH}", include_in_schema=not prefix)
         async def pck_crl(request: Request) -> Response:
             params = request.query_params
             encoding = params.get("encoding")

@@ -10,6 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from attestation.policy import DEFAULT_POLICY, Policy, load_policy
+from attestation.snp.kds import DEFAULT_KDS_URL
+from attestation.tdx.pcs import INTEL_CERTS_URL, INTEL_PCS_URL
 
 BUILTIN_DEFAULT = "builtin:default"
 
@@ -35,9 +37,9 @@ class RelaySettings(_Strict):
 
 class CollateralSettings(_Strict):
     enabled: bool = True
-    kds_upstream: str = "https://kdsintf.amd.com"
-    pcs_upstream: str = "https://api.trustedservices.intel.com"
-    intel_certs_upstream: str = "https://certificates.trustedservices.intel.com"
+    kds_upstream: str = DEFAULT_KDS_URL
+    pcs_upstream: str = INTEL_PCS_URL
+    intel_certs_upstream: str = INTEL_CERTS_URL
     kds_seed_dir: Path | None = None
     pcs_seed_dir: Path | None = None
     offline: bool = False

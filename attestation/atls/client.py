@@ -28,7 +28,7 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -170,6 +170,11 @@ def _origin_of(url: httpx.URL | str) -> tuple[str, str, int]:
     return url.scheme, (url.host or "").lower(), url.port or default
 
 
+def _bracketed(host: str) -> str:
+    """The host as written in a URL or Host header (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
 @dataclass(frozen=True)
 class _CertificateFacts:
     spki_der: bytes
@@ -218,8 +223,7 @@ class Attestor:
     @property
     def host_header(self) -> str:
         _, host, port = self.origin
-        shown = f"[{host}]" if ":" in host else host
-        return shown if port == 443 else f"{shown}:{port}"
+        return _bracketed(host) if port == 443 else f"{_bracketed(host)}:{port}"
 
     def require_origin(self, url: httpx.URL) -> None:
         """Refuse any request that is not for the attested origin (so credentials go nowhere else)."""
@@ -338,6 +342,15 @@ class Attestor:
         return report.failed("nonce_roundtrip", f"connection failed during verification ({type(exc).__name__}: "
                              f"{str(exc)[:160]})", retryable=True)
 
+    def handshake_failure(self, exc: BaseException) -> AttestedTLSError:
+        """The error of an explicit attest() whose TCP connect or TLS handshake failed."""
+        report = self.new_report()
+        return report.failed("tls_handshake", f"{type(exc).__name__}: {str(exc)[:160]}")
+
+    def finished_report(self) -> VerificationReport:
+        assert self.last_report is not None
+        return self.last_report
+
 
 def _peer_certificate(stream: Any) -> bytes | None:
     ssl_object = stream.get_extra_info("ssl_object")
@@ -366,15 +379,129 @@ def client_ssl_context() -> ssl.SSLContext:
     return ctx
 
 
-# -- sync network backend ------------------------------------------------------------------------
-class _PinnedStream(httpcore.NetworkStream):
-    """A verified TLS stream; looks 'readable' (so httpcore drops it when idle) once its verdict expired."""
+# -- the verification of one new connection, written once (sans-IO) ------------------------------
+# The flow below yields what it needs done on the connection; a sync and an async driver do it.
+_READ = object()  # step: read from the stream and send the bytes back in
+_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, h11.ProtocolError, OSError)
+_HANDSHAKE_ERRORS = (httpcore.NetworkError, httpcore.TimeoutException, OSError, ssl.SSLError)
 
-    def __init__(self, inner: httpcore.NetworkStream, attestor: Attestor, spki_hex: str) -> None:
+
+@dataclass(frozen=True)
+class _Call:
+    """Step: call ``fn(*args)``; the async driver runs it in a worker thread (appraisal may fetch collateral)."""
+
+    fn: Callable[..., None]
+    args: tuple[Any, ...]
+
+
+def _admission(attestor: Attestor, cert_der: bytes | None, force: bool) -> Generator[Any, Any, str]:
+    """Admit a freshly handshaken connection: its SPKI SHA-256 (hex) once pinned, else AttestedTLSError.
+
+    Steps yielded: bytes (write them), ``_READ`` (send back the bytes read), a ``_Call`` (make it). What a
+    step raises is thrown back in here, so every failure is judged and reported in this one place.
+    """
+    spki_hex = _cached_spki(attestor, cert_der, force)
+    if spki_hex is not None:
+        return spki_hex
+    report = attestor.new_report()
+    facts = attestor.certificate_facts(report, cert_der)
+    yield _Call(attestor.appraise_certificate, (report, facts))
+    nonce = secrets.token_bytes(NONCE_SIZE)
+    exchange = _NonceExchange(attestor.host_header, nonce)
+    try:
+        yield exchange.outgoing
+        while not exchange.receive((yield _READ)):
+            pass
+    except _TRANSPORT_ERRORS as exc:
+        raise attestor.transport_failure(report, exc) from None
+    evidence = attestor.fresh_evidence(report, exchange, nonce)
+    yield _Call(attestor.appraise_fresh, (report, facts, evidence, nonce))
+    attestor.pin(report, facts)
+    return facts.spki_hex
+
+
+def _admit_sync(attestor: Attestor, tls: httpcore.NetworkStream, force: bool) -> _PinnedStream:
+    flow = _admission(attestor, _peer_certificate(tls), force)
+    resume, value = flow.send, None
+    while True:
+        try:
+            step = resume(value)
+        except StopIteration as done:
+            return _PinnedStream(tls, attestor, done.value)
+        try:
+            if step is _READ:
+                value = tls.read(65536, attestor.io_timeout)
+            elif isinstance(step, _Call):
+                value = step.fn(*step.args)
+            else:
+                value = tls.write(step, attestor.io_timeout)
+            resume = flow.send
+        except Exception as exc:  # handed to the flow, which decides what it means
+            resume, value = flow.throw, exc
+
+
+async def _admit_async(attestor: Attestor, tls: httpcore.AsyncNetworkStream, force: bool) -> _AsyncPinnedStream:
+    import anyio.to_thread
+
+    flow = _admission(attestor, _peer_certificate(tls), force)
+    resume, value = flow.send, None
+    while True:
+        try:
+            step = resume(value)
+        except StopIteration as done:
+            return _AsyncPinnedStream(tls, attestor, done.value)
+        try:
+            if step is _READ:
+                value = await tls.read(65536, attestor.io_timeout)
+            elif isinstance(step, _Call):
+                value = await anyio.to_thread.run_sync(step.fn, *step.args)
+            else:
+                value = await tls.write(step, attestor.io_timeout)
+            resume = flow.send
+        except Exception as exc:
+            resume, value = flow.throw, exc
+
+
+# -- network streams: what sync and async share, then their I/O -----------------------------------
+class _Wrapped:
+    """A network stream of httpcore's (sync or async) with the Attestor that watches it."""
+
+    def __init__(self, inner: Any, attestor: Attestor) -> None:
         self._inner = inner
         self._attestor = attestor
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _Pinned(_Wrapped):
+    """A verified TLS stream; looks 'readable' (so httpcore drops it when idle) once its verdict expired."""
+
+    def __init__(self, inner: Any, attestor: Attestor, spki_hex: str) -> None:
+        super().__init__(inner, attestor)
         self.spki_sha256 = spki_hex
 
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and not self._attestor.trusted(self.spki_sha256):
+            return True
+        if info == "cube_ai_spki_sha256":
+            return self.spki_sha256
+        return super().get_extra_info(info)
+
+
+class _Unattested(_Wrapped):
+    """A TCP stream that verifies the enclave right after its TLS handshake and never writes in clear."""
+
+    def __init__(self, inner: Any, attestor: Attestor, force: bool = False) -> None:
+        super().__init__(inner, attestor)
+        self._force = force
+
+    def _refusal(self) -> AttestedTLSError:
+        return AttestedTLSError("refusing to write on a connection without attested TLS",
+                                VerificationReport(self._attestor.origin_text))
+
+
+class _PinnedStream(_Pinned, httpcore.NetworkStream):
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max_bytes, timeout)
 
@@ -384,34 +511,16 @@ class _PinnedStream(httpcore.NetworkStream):
     def close(self) -> None:
         self._inner.close()
 
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and not self._attestor.trusted(self.spki_sha256):
-            return True
-        if info == "cube_ai_spki_sha256":
-            return self.spki_sha256
-        return self._inner.get_extra_info(info)
 
-
-class _TcpStream(httpcore.NetworkStream):
-    """A TCP stream that verifies the enclave right after its TLS handshake and never writes in clear."""
-
-    def __init__(self, inner: httpcore.NetworkStream, attestor: Attestor, force: bool = False) -> None:
-        self._inner = inner
-        self._attestor = attestor
-        self._force = force
-
+class _TcpStream(_Unattested, httpcore.NetworkStream):
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return self._inner.read(max_bytes, timeout)
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        raise AttestedTLSError("refusing to write on a connection without attested TLS",
-                               VerificationReport(self._attestor.origin_text))
+        raise self._refusal()
 
     def close(self) -> None:
         self._inner.close()
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
 
     def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
@@ -423,28 +532,38 @@ class _TcpStream(httpcore.NetworkStream):
             raise
 
 
-def _admit_sync(attestor: Attestor, tls: httpcore.NetworkStream, force: bool) -> _PinnedStream:
-    cert_der = _peer_certificate(tls)
-    spki_hex = _cached_spki(attestor, cert_der, force)
-    if spki_hex is not None:
-        return _PinnedStream(tls, attestor, spki_hex)
-    report = attestor.new_report()
-    facts = attestor.certificate_facts(report, cert_der)
-    attestor.appraise_certificate(report, facts)
-    nonce = secrets.token_bytes(NONCE_SIZE)
-    exchange = _NonceExchange(attestor.host_header, nonce)
-    try:
-        tls.write(exchange.outgoing, attestor.io_timeout)
-        while not exchange.receive(tls.read(65536, attestor.io_timeout)):
-            pass
-    except (httpcore.NetworkError, httpcore.TimeoutException, h11.ProtocolError, OSError) as exc:
-        raise attestor.transport_failure(report, exc) from None
-    evidence = attestor.fresh_evidence(report, exchange, nonce)
-    attestor.appraise_fresh(report, facts, evidence, nonce)
-    attestor.pin(report, facts)
-    return _PinnedStream(tls, attestor, facts.spki_hex)
+class _AsyncPinnedStream(_Pinned, httpcore.AsyncNetworkStream):
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
+class _AsyncTcpStream(_Unattested, httpcore.AsyncNetworkStream):
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        raise self._refusal()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        try:
+            return await _admit_async(self._attestor, tls, self._force)
+        except BaseException:
+            await tls.aclose()
+            raise
+
+
+# -- network backends ----------------------------------------------------------------------------
 class _SyncAttestingBackend(httpcore.NetworkBackend):
     def __init__(self, attestor: Attestor, inner: httpcore.NetworkBackend | None = None) -> None:
         self._attestor = attestor
@@ -461,84 +580,6 @@ class _SyncAttestingBackend(httpcore.NetworkBackend):
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
-
-
-# -- async network backend -----------------------------------------------------------------------
-class _AsyncPinnedStream(httpcore.AsyncNetworkStream):
-    def __init__(self, inner: httpcore.AsyncNetworkStream, attestor: Attestor, spki_hex: str) -> None:
-        self._inner = inner
-        self._attestor = attestor
-        self.spki_sha256 = spki_hex
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and not self._attestor.trusted(self.spki_sha256):
-            return True
-        if info == "cube_ai_spki_sha256":
-            return self.spki_sha256
-        return self._inner.get_extra_info(info)
-
-
-class _AsyncTcpStream(httpcore.AsyncNetworkStream):
-    def __init__(self, inner: httpcore.AsyncNetworkStream, attestor: Attestor, force: bool = False) -> None:
-        self._inner = inner
-        self._attestor = attestor
-        self._force = force
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        raise AttestedTLSError("refusing to write on a connection without attested TLS",
-                               VerificationReport(self._attestor.origin_text))
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
-        try:
-            return await _admit_async(self._attestor, tls, self._force)
-        except BaseException:
-            await tls.aclose()
-            raise
-
-
-async def _admit_async(attestor: Attestor, tls: httpcore.AsyncNetworkStream, force: bool) -> _AsyncPinnedStream:
-    import anyio.to_thread
-
-    cert_der = _peer_certificate(tls)
-    spki_hex = _cached_spki(attestor, cert_der, force)
-    if spki_hex is not None:
-        return _AsyncPinnedStream(tls, attestor, spki_hex)
-    report = attestor.new_report()
-    facts = attestor.certificate_facts(report, cert_der)
-    # appraisal may fetch collateral (KDS/PCS): keep it off the event loop
-    await anyio.to_thread.run_sync(attestor.appraise_certificate, report, facts)
-    nonce = secrets.token_bytes(NONCE_SIZE)
-    exchange = _NonceExchange(attestor.host_header, nonce)
-    try:
-        await tls.write(exchange.outgoing, attestor.io_timeout)
-        while not exchange.receive(await tls.read(65536, attestor.io_timeout)):
-            pass
-    except (httpcore.NetworkError, httpcore.TimeoutException, h11.ProtocolError, OSError) as exc:
-        raise attestor.transport_failure(report, exc) from None
-    evidence = attestor.fresh_evidence(report, exchange, nonce)
-    await anyio.to_thread.run_sync(attestor.appraise_fresh, report, facts, evidence, nonce)
-    attestor.pin(report, facts)
-    return _AsyncPinnedStream(tls, attestor, facts.spki_hex)
 
 
 class _AsyncAttestingBackend(httpcore.AsyncNetworkBackend):
@@ -631,34 +672,39 @@ _RESERVED = ("transport", "mounts", "verify", "cert", "follow_redirects", "proxy
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0)
 
 
-def _check_kwargs(kwargs: dict[str, Any]) -> None:
-    for name in _RESERVED:
-        if name in kwargs:
-            raise TypeError(f"{name}= cannot be set on an attested client")
-
-
 # -- public clients ------------------------------------------------------------------------------
-class AttestedClient(httpx.Client):
-    """An httpx.Client bound to one attested enclave origin (see the module docstring)."""
+class _AttestedClientBase:
+    """What both clients share: their Attestor, the httpx options they fix, the transports, the last report."""
+
+    _transports: tuple[type, type]  # (guarding transport, attesting transport) of the sync or async kind
 
     def __init__(self, base_url: str, *, policy: Policy, verdict_ttl: float = DEFAULT_VERDICT_TTL,
                  verify_fn: VerifyFn | None = None, limits: httpx.Limits = DEFAULT_LIMITS,
                  io_timeout: float = DEFAULT_IO_TIMEOUT, **kwargs: Any) -> None:
-        _check_kwargs(kwargs)
+        for name in _RESERVED:
+            if name in kwargs:
+                raise TypeError(f"{name}= cannot be set on an attested client")
         self.attestor = Attestor(base_url, policy, verify_fn=verify_fn, verdict_ttl=verdict_ttl,
                                  io_timeout=io_timeout)
-        transport = _GuardedTransport(_AttestedHTTPTransport(self.attestor, limits), self.attestor)
-        super().__init__(base_url=base_url, transport=transport, follow_redirects=False, trust_env=False,
-                         limits=limits, **kwargs)
-
-    def send(self, request: httpx.Request, *, stream: bool = False, auth: Any = httpx.USE_CLIENT_DEFAULT,
-             follow_redirects: Any = httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
-        return super().send(request, stream=stream, auth=auth, follow_redirects=False)  # redirects never followed
+        guarding, attesting = self._transports
+        transport = guarding(attesting(self.attestor, limits), self.attestor)
+        super().__init__(base_url=base_url, transport=transport, follow_redirects=False,  # type: ignore[call-arg]
+                         trust_env=False, limits=limits, **kwargs)
 
     @property
     def verification_report(self) -> VerificationReport | None:
         """The report of the most recent verification (also attached to every AttestedTLSError)."""
         return self.attestor.last_report
+
+
+class AttestedClient(_AttestedClientBase, httpx.Client):
+    """An httpx.Client bound to one attested enclave origin (see the module docstring)."""
+
+    _transports = (_GuardedTransport, _AttestedHTTPTransport)
+
+    def send(self, request: httpx.Request, *, stream: bool = False, auth: Any = httpx.USE_CLIENT_DEFAULT,
+             follow_redirects: Any = httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
+        return super().send(request, stream=stream, auth=auth, follow_redirects=False)  # redirects never followed
 
     def attest(self) -> VerificationReport:
         """Verify the enclave now on a new connection (cache ignored), close it, and return the report."""
@@ -669,34 +715,20 @@ class AttestedClient(httpx.Client):
             tls = tcp.start_tls(client_ssl_context(), host, self.attestor.io_timeout)
         except AttestedTLSError:
             raise
-        except (httpcore.NetworkError, httpcore.TimeoutException, OSError, ssl.SSLError) as exc:
-            report = self.attestor.new_report()
-            raise report.failed("tls_handshake", f"{type(exc).__name__}: {str(exc)[:160]}") from None
+        except _HANDSHAKE_ERRORS as exc:
+            raise self.attestor.handshake_failure(exc) from None
         tls.close()
-        assert self.attestor.last_report is not None
-        return self.attestor.last_report
+        return self.attestor.finished_report()
 
 
-class AsyncAttestedClient(httpx.AsyncClient):
+class AsyncAttestedClient(_AttestedClientBase, httpx.AsyncClient):
     """The asyncio twin of :class:`AttestedClient`."""
 
-    def __init__(self, base_url: str, *, policy: Policy, verdict_ttl: float = DEFAULT_VERDICT_TTL,
-                 verify_fn: VerifyFn | None = None, limits: httpx.Limits = DEFAULT_LIMITS,
-                 io_timeout: float = DEFAULT_IO_TIMEOUT, **kwargs: Any) -> None:
-        _check_kwargs(kwargs)
-        self.attestor = Attestor(base_url, policy, verify_fn=verify_fn, verdict_ttl=verdict_ttl,
-                                 io_timeout=io_timeout)
-        transport = _AsyncGuardedTransport(_AsyncAttestedHTTPTransport(self.attestor, limits), self.attestor)
-        super().__init__(base_url=base_url, transport=transport, follow_redirects=False, trust_env=False,
-                         limits=limits, **kwargs)
+    _transports = (_AsyncGuardedTransport, _AsyncAttestedHTTPTransport)
 
     async def send(self, request: httpx.Request, *, stream: bool = False, auth: Any = httpx.USE_CLIENT_DEFAULT,
                    follow_redirects: Any = httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
         return await super().send(request, stream=stream, auth=auth, follow_redirects=False)
-
-    @property
-    def verification_report(self) -> VerificationReport | None:
-        return self.attestor.last_report
 
     async def attest(self) -> VerificationReport:
         _, host, port = self.attestor.origin
@@ -706,18 +738,15 @@ class AsyncAttestedClient(httpx.AsyncClient):
             tls = await tcp.start_tls(client_ssl_context(), host, self.attestor.io_timeout)
         except AttestedTLSError:
             raise
-        except (httpcore.NetworkError, httpcore.TimeoutException, OSError, ssl.SSLError) as exc:
-            report = self.attestor.new_report()
-            raise report.failed("tls_handshake", f"{type(exc).__name__}: {str(exc)[:160]}") from None
+        except _HANDSHAKE_ERRORS as exc:
+            raise self.attestor.handshake_failure(exc) from None
         await tls.aclose()
-        assert self.attestor.last_report is not None
-        return self.attestor.last_report
+        return self.attestor.finished_report()
 
 
 def _origin_url(base_url: str) -> str:
     scheme, host, port = _origin_of(base_url)
-    shown = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{shown}:{port}"
+    return f"{scheme}://{_bracketed(host)}:{port}"
 
 
 def openai_client(base_url: str, api_key: str, policy: Policy, *, verdict_ttl: float = DEFAULT_VERDICT_TTL,

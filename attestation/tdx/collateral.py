@@ -157,6 +157,15 @@ def _status(obj: Mapping, what: str) -> str:
     return status
 
 
+def _id_and_version(body: Mapping, what: str, want_id: str, want_version: int) -> tuple[str, int]:
+    """The signed document's ``id`` and ``version``, refused unless they are the kind this module reads."""
+    doc_id = _str(body, "id", what)
+    version = _int(body, "version", what)
+    if doc_id != want_id or version != want_version:
+        raise ParseError(f"{what} must be id {want_id!r} version {want_version}, got id {doc_id!r} version {version}")
+    return doc_id, version
+
+
 def _advisories(obj: Mapping, what: str) -> tuple[str, ...]:
     ids = obj.get("advisoryIDs", [])
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -178,11 +187,18 @@ class TcbLevel:
 
 
 @dataclass(frozen=True)
-class ModuleTcbLevel:
+class IsvTcbLevel:
+    """One TCB level keyed by a single ISV SVN: a TDX module identity's or the QE identity's."""
+
     isvsvn: int
     tcb_date: datetime
     status: str
     advisory_ids: tuple[str, ...]
+
+
+# The names each document's levels go by (same shape, same rules).
+ModuleTcbLevel = IsvTcbLevel
+QeTcbLevel = IsvTcbLevel
 
 
 @dataclass(frozen=True)
@@ -191,7 +207,7 @@ class TdxModuleIdentity:
     mrsigner: bytes
     attributes: bytes
     attributes_mask: bytes
-    tcb_levels: tuple[ModuleTcbLevel, ...]
+    tcb_levels: tuple[IsvTcbLevel, ...]
 
 
 @dataclass(frozen=True)
@@ -224,21 +240,24 @@ def _components(value: Any, what: str) -> tuple[int, ...]:
     return svns
 
 
-def _module_identity(obj: Mapping, what: str, with_levels: bool) -> TdxModuleIdentity:
-    levels: tuple[ModuleTcbLevel, ...] = ()
-    if with_levels:
-        parsed = []
-        for level in _list(obj.get("tcbLevels"), f"{what} tcbLevels"):
-            level = _obj(level, f"{what} tcbLevel")
-            parsed.append(
-                ModuleTcbLevel(
-                    isvsvn=_int(_obj(level.get("tcb"), f"{what} tcb"), "isvsvn", what, 255),
-                    tcb_date=_time(level, "tcbDate", what),
-                    status=_status(level, what),
-                    advisory_ids=_advisories(level, what),
-                )
+def _isv_tcb_levels(obj: Mapping, label: str, what: str, svn_limit: int) -> tuple[IsvTcbLevel, ...]:
+    """`tcbLevels` of a module or QE identity; ``label`` prefixes the container names in errors."""
+    levels = []
+    for level in _list(obj.get("tcbLevels"), f"{label} tcbLevels"):
+        level = _obj(level, f"{label} tcbLevel")
+        levels.append(
+            IsvTcbLevel(
+                isvsvn=_int(_obj(level.get("tcb"), f"{label} tcb"), "isvsvn", what, svn_limit),
+                tcb_date=_time(level, "tcbDate", what),
+                status=_status(level, what),
+                advisory_ids=_advisories(level, what),
             )
-        levels = tuple(parsed)
+        )
+    return tuple(levels)
+
+
+def _module_identity(obj: Mapping, what: str, with_levels: bool) -> TdxModuleIdentity:
+    levels = _isv_tcb_levels(obj, what, what, svn_limit=255) if with_levels else ()
     return TdxModuleIdentity(
         id=_str(obj, "id", what) if with_levels else "",
         mrsigner=_hex(obj.get("mrsigner"), f"{what} mrsigner", 48),
@@ -252,10 +271,7 @@ def parse_tcb_info(raw: bytes) -> TcbInfo:
     """PCS TCB info response bytes -> TcbInfo (TDX, version 3). ParseError on anything off."""
     body_bytes, body, signature = split_signed_json(raw, "tcbInfo", "TCB info")
     what = "TCB info"
-    tcb_id = _str(body, "id", what)
-    version = _int(body, "version", what)
-    if tcb_id != "TDX" or version != 3:
-        raise ParseError(f"TCB info must be id 'TDX' version 3, got id {tcb_id!r} version {version}")
+    tcb_id, version = _id_and_version(body, what, "TDX", 3)
     fmspc = _hex(body.get("fmspc"), "TCB info fmspc", 6)
     pce_id = _hex(body.get("pceId"), "TCB info pceId", 2)
     module = _module_identity(_obj(body.get("tdxModule"), "tdxModule"), "tdxModule", with_levels=False)
@@ -300,14 +316,6 @@ def parse_tcb_info(raw: bytes) -> TcbInfo:
 
 
 @dataclass(frozen=True)
-class QeTcbLevel:
-    isvsvn: int
-    tcb_date: datetime
-    status: str
-    advisory_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class QeIdentity:
     raw_body: bytes
     signature: bytes
@@ -322,28 +330,15 @@ class QeIdentity:
     attributes_mask: bytes
     mrsigner: bytes
     isvprodid: int
-    tcb_levels: tuple[QeTcbLevel, ...]
+    tcb_levels: tuple[IsvTcbLevel, ...]
 
 
 def parse_qe_identity(raw: bytes) -> QeIdentity:
     """PCS QE identity response bytes -> QeIdentity (id TD_QE, version 2)."""
     body_bytes, body, signature = split_signed_json(raw, "enclaveIdentity", "QE identity")
     what = "QE identity"
-    qe_id = _str(body, "id", what)
-    version = _int(body, "version", what)
-    if qe_id != "TD_QE" or version != 2:
-        raise ParseError(f"QE identity must be id 'TD_QE' version 2, got id {qe_id!r} version {version}")
-    levels = []
-    for level in _list(body.get("tcbLevels"), "QE tcbLevels"):
-        level = _obj(level, "QE tcbLevel")
-        levels.append(
-            QeTcbLevel(
-                isvsvn=_int(_obj(level.get("tcb"), "QE tcb"), "isvsvn", what),
-                tcb_date=_time(level, "tcbDate", what),
-                status=_status(level, what),
-                advisory_ids=_advisories(level, what),
-            )
-        )
+    qe_id, version = _id_and_version(body, what, "TD_QE", 2)
+    levels = _isv_tcb_levels(body, "QE", what, svn_limit=0xFFFF)
     if not levels:
         raise ParseError("QE identity has no tcbLevels")
     return QeIdentity(
@@ -360,7 +355,7 @@ def parse_qe_identity(raw: bytes) -> QeIdentity:
         attributes_mask=_hex(body.get("attributesMask"), "QE attributesMask", 16),
         mrsigner=_hex(body.get("mrsigner"), "QE mrsigner", 32),
         isvprodid=_int(body, "isvprodid", what),
-        tcb_levels=tuple(levels),
+        tcb_levels=levels,
     )
 
 
@@ -461,6 +456,27 @@ class Collateral:
 
 def collateral_to_files(c: Collateral) -> dict[str, bytes]:
     return dict(c.files)
+
+
+def qvl_collateral_fields(c: Collateral, ca: str = "platform") -> dict[str, str | bytes]:
+    """The collateral laid out as the fields of Intel QVL's ``QuoteCollateralV3`` (as dcap-qvl takes it).
+
+    Same signed bytes, chains (URL-decoded PEM) and CRL files, so a peer verifier sees exactly our input.
+    KeyError when the PCK CRL of ``ca`` or the root CA CRL is not in the collateral.
+    """
+    files = dict(c.files)
+    tcb_name = next(n for n in files if _TCB_FILE_RE.match(n))
+    return {
+        "pck_crl_issuer_chain": urllib.parse.unquote(files[f"pck_crl_{ca}_chain.txt"].decode()),
+        "root_ca_crl": files["root_ca.crl"],
+        "pck_crl": files[f"pck_crl_{ca}.crl"],
+        "tcb_info_issuer_chain": urllib.parse.unquote(files[tcb_name.replace(".json", "_chain.txt")].decode()),
+        "tcb_info": c.tcb_info.raw_body.decode(),
+        "tcb_info_signature": c.tcb_info.signature,
+        "qe_identity_issuer_chain": urllib.parse.unquote(files["qe_identity_chain.txt"].decode()),
+        "qe_identity": c.qe_identity.raw_body.decode(),
+        "qe_identity_signature": c.qe_identity.signature,
+    }
 
 
 def _select(files: Mapping[str, bytes], fmspc: str | None) -> dict[str, bytes]:

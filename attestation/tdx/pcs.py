@@ -29,7 +29,8 @@ from .chain import load_crl
 from .collateral import Collateral, collateral_from_files
 
 INTEL_PCS_URL = "https://api.trustedservices.intel.com"
-INTEL_ROOT_CA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+INTEL_CERTS_URL = "https://certificates.trustedservices.intel.com"
+INTEL_ROOT_CA_CRL_URL = INTEL_CERTS_URL + "/IntelSGXRootCA.der"
 TCB_PATH = "/tdx/certification/v4/tcb"
 QE_IDENTITY_PATH = "/tdx/certification/v4/qe/identity"
 PCK_CRL_PATH = "/sgx/certification/v4/pckcrl"

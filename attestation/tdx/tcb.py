@@ -113,24 +113,14 @@ def _tdx_ok(tee_tcb_svn: bytes, level: TcbLevel) -> bool:
     return all(tee_tcb_svn[i] >= level.tdx_components[i] for i in range(start, 16))
 
 
-def _converge_with_module(platform: str, module: str) -> str:
-    if module == OUT_OF_DATE:
-        if platform in (UP_TO_DATE, SW_HARDENING):
-            return OUT_OF_DATE
-        if platform in (CONFIG_NEEDED, CONFIG_SW_HARDENING):
-            return OUT_OF_DATE_CONFIG
-    if module == REVOKED:
-        return REVOKED
-    return platform
-
-
-def _converge_with_qe(status: str, qe: str) -> str:
-    if qe == OUT_OF_DATE:
+def _converge(status: str, component: str) -> str:
+    """Fold a component's status (TDX module, then QE) into the platform status: the same rule for both."""
+    if component == OUT_OF_DATE:
         if status in (UP_TO_DATE, SW_HARDENING):
             return OUT_OF_DATE
         if status in (CONFIG_NEEDED, CONFIG_SW_HARDENING):
             return OUT_OF_DATE_CONFIG
-    if qe == REVOKED:
+    if component == REVOKED:
         return REVOKED
     return status
 
@@ -198,10 +188,10 @@ def evaluate_tcb(
         assert mlevel is not None
         module_status = mlevel.status
         advisories.extend(mlevel.advisory_ids)
-    status = _converge_with_module(tdx_level.status, module_status)
+    status = _converge(tdx_level.status, module_status)
     if status != REVOKED and quote.body_type == BODY_TYPE_TD15:
         status = _relaunch(log, quote, tcb_info, sgx_level.status, status, module_status, qe_status)
-    status = _converge_with_qe(status, qe_status)
+    status = _converge(status, qe_status)
     advisories.extend(qe_advisory_ids)
     unique = tuple(dict.fromkeys(advisories))
     log.ok(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,7 +28,7 @@ from . import quote as quote_mod
 from . import pck as pck_mod
 from . import chain as chain_mod
 from .chain import ChainError, VerifiedChain, VerifiedCrl, check_crl_time, check_not_revoked, check_validity
-from .collateral import Collateral
+from .collateral import Collateral, QeIdentity, TcbInfo
 from .quote import Quote, parse_quote, quote_claims
 from .tcb import check_platform_match, check_qe_identity, check_tdx_module, evaluate_tcb
 from .trust import TCB_SIGNING_CN
@@ -108,22 +109,25 @@ def _check_pck_chain(log: CheckLog, q: Quote, at: datetime) -> VerifiedChain:
 # ---------------------------------------------------------------------------------------------- collateral
 
 
-def _verify_collateral_signatures(log: CheckLog, c: Collateral) -> _VerifiedCollateral:
-    try:
-        tcb_chain = chain_mod.verify_chain_structure(c.tcb_info_chain, leaf_cns=(TCB_SIGNING_CN,))
-    except ChainError as exc:
-        log.fail("tcb_info_signature", f"TCB info issuer chain: {exc}")
-    if not _ecdsa_ok(tcb_chain.certs[0].public_key(), c.tcb_info.signature, c.tcb_info.raw_body):
-        log.fail("tcb_info_signature", "TCB info signature does not verify with the Intel SGX TCB Signing key")
-    if c.qe_identity_chain == tcb_chain.certs:  # PCS signs both with the same TCB Signing certificate
-        qe_chain = tcb_chain
+def _verify_signed_document(log: CheckLog, check: str, what: str, issuer_chain: tuple[x509.Certificate, ...],
+                            document: TcbInfo | QeIdentity, known: VerifiedChain | None = None) -> VerifiedChain:
+    """Issuer chain up to a TCB Signing leaf, then the document's signature; ``known``: a chain already verified."""
+    if known is not None and issuer_chain == known.certs:  # PCS signs both documents with the same certificate
+        chain = known
     else:
         try:
-            qe_chain = chain_mod.verify_chain_structure(c.qe_identity_chain, leaf_cns=(TCB_SIGNING_CN,))
+            chain = chain_mod.verify_chain_structure(issuer_chain, leaf_cns=(TCB_SIGNING_CN,))
         except ChainError as exc:
-            log.fail("qe_identity_signature", f"QE identity issuer chain: {exc}")
-    if not _ecdsa_ok(qe_chain.certs[0].public_key(), c.qe_identity.signature, c.qe_identity.raw_body):
-        log.fail("qe_identity_signature", "QE identity signature does not verify with the Intel SGX TCB Signing key")
+            log.fail(check, f"{what} issuer chain: {exc}")
+    if not _ecdsa_ok(chain.certs[0].public_key(), document.signature, document.raw_body):
+        log.fail(check, f"{what} signature does not verify with the Intel SGX TCB Signing key")
+    return chain
+
+
+def _verify_collateral_signatures(log: CheckLog, c: Collateral) -> _VerifiedCollateral:
+    tcb_chain = _verify_signed_document(log, "tcb_info_signature", "TCB info", c.tcb_info_chain, c.tcb_info)
+    qe_chain = _verify_signed_document(log, "qe_identity_signature", "QE identity", c.qe_identity_chain,
+                                       c.qe_identity, known=tcb_chain)
     root_crl = None
     if c.root_ca_crl is not None:
         try:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import struct
-import urllib.parse
 from datetime import datetime
 from pathlib import Path
 
 import dcap_qvl
 
 from attestation.tdx import parse_quote
-from attestation.tdx.collateral import Collateral
+from attestation.tdx.collateral import Collateral, qvl_collateral_fields
 from attestation.tdx.quote import HEADER_SIZE
 
 VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
@@ -73,19 +71,7 @@ def when(text: str) -> datetime:
 
 def to_dcap_qvl(c: Collateral, ca: str = "platform") -> "dcap_qvl.QuoteCollateralV3":
     """Our collateral as dcap-qvl's QuoteCollateralV3 (same signed bytes, same chains, same CRLs)."""
-    files = dict(c.files)
-    tcb_chain_name = next(n for n in files if re.fullmatch(r"tcb_info_[0-9a-f]{12}_chain\.txt", n))
-    return dcap_qvl.QuoteCollateralV3(
-        pck_crl_issuer_chain=urllib.parse.unquote(files[f"pck_crl_{ca}_chain.txt"].decode()),
-        root_ca_crl=files["root_ca.crl"],
-        pck_crl=files[f"pck_crl_{ca}.crl"],
-        tcb_info_issuer_chain=urllib.parse.unquote(files[tcb_chain_name].decode()),
-        tcb_info=c.tcb_info.raw_body.decode(),
-        tcb_info_signature=c.tcb_info.signature,
-        qe_identity_issuer_chain=urllib.parse.unquote(files["qe_identity_chain.txt"].decode()),
-        qe_identity=c.qe_identity.raw_body.decode(),
-        qe_identity_signature=c.qe_identity.signature,
-    )
+    return dcap_qvl.QuoteCollateralV3(**qvl_collateral_fields(c, ca))
 
 
 def collateral_path(entry: dict) -> Path:

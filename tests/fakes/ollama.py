@@ -218,24 +218,25 @@ class FakeOllama(FakeBackend):
             return JSONResponse({"error": error}, status_code=404)
         return JSONResponse(self._openai_card(entry))
 
-    @staticmethod
-    def _requested_name(body: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    async def _model_request(self, request: Request) -> tuple[str, dict[str, Any]] | Response:
+        """(model name, JSON body) of a delete or pull, or Ollama's 400 answer when the body names none."""
+        body = await self._seen(request)
         try:
             payload = json.loads(body or b"{}")
         except json.JSONDecodeError:
-            return None, None
+            payload = None
         if not isinstance(payload, dict):
-            return None, None
+            return JSONResponse({"error": "invalid character in request body"}, status_code=400)
         name = payload.get("model") or payload.get("name")
-        return (name if isinstance(name, str) and name else None), payload
+        if not isinstance(name, str) or not name:
+            return JSONResponse({"error": "model is required"}, status_code=400)
+        return name, payload
 
     async def _delete(self, request: Request) -> Response:
-        body = await self._seen(request)
-        name, payload = self._requested_name(body)
-        if payload is None:
-            return JSONResponse({"error": "invalid character in request body"}, status_code=400)
-        if name is None:
-            return JSONResponse({"error": "model is required"}, status_code=400)
+        asked = await self._model_request(request)
+        if isinstance(asked, Response):
+            return asked
+        name, _ = asked
         with self._state_lock:
             found = self._models.pop(normalize_name(name), None)
         if found is None:
@@ -243,12 +244,10 @@ class FakeOllama(FakeBackend):
         return Response(status_code=200)
 
     async def _pull(self, request: Request) -> Response:
-        body = await self._seen(request)
-        name, payload = self._requested_name(body)
-        if payload is None:
-            return JSONResponse({"error": "invalid character in request body"}, status_code=400)
-        if name is None:
-            return JSONResponse({"error": "model is required"}, status_code=400)
+        asked = await self._model_request(request)
+        if isinstance(asked, Response):
+            return asked
+        name, payload = asked
         stream = payload.get("stream", True) is not False
         if not stream:
             last: dict[str, Any] = {}
