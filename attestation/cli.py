@@ -99,6 +99,17 @@ def _certificates_der(data: bytes, what: str) -> list[bytes]:
         raise InputError(f"{what}: not a PEM or DER certificate ({exc})") from None
 
 
+def _crl_der(data: bytes, what: str) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from .x509parse import load_pem_or_der_crl
+
+    try:
+        return load_pem_or_der_crl(data, "CRL").public_bytes(Encoding.DER)
+    except ParseError as exc:
+        raise InputError(f"{what}: not a PEM or DER CRL ({exc})") from None
+
+
 # -- commands ---------------------------------------------------------------------------------------
 
 def _cmd_verify_report(args: argparse.Namespace) -> Verdict:
@@ -121,13 +132,19 @@ def _cmd_verify_report(args: argparse.Namespace) -> Verdict:
     platform = "snp"
     if certs and _organization_of(certs[-1]) == SIM_ORGANIZATION:
         platform = "sim"  # verified only against the policy's sim root (verify_evidence enforces it)
+    collateral = {}
+    if args.crl:
+        from .evidence import SNP_CRL_FILE
+
+        collateral[SNP_CRL_FILE] = _crl_der(_read(args.crl, "--crl"), f"--crl {args.crl}")
     kds = None
     if args.kds:
         from .snp.kds import KdsClient
 
         kds = KdsClient(base_url=args.kds)
     try:
-        evidence = Evidence(platform=platform, report=raw, certificates=tuple(certs), product=args.product)
+        evidence = Evidence(platform=platform, report=raw, certificates=tuple(certs), product=args.product,
+                            collateral=collateral)
     except EvidenceError as exc:
         raise InputError(str(exc)) from None
     return verify_evidence(evidence, policy=policy, at=_parse_at(args.at), kds=kds)
@@ -281,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chain", metavar="PEM", help="ASK or ASVK, then ARK (PEM or DER)")
     p.add_argument("--product", metavar="NAME", help="product (Milan, Genoa, Turin) when the report cannot say")
     p.add_argument("--kds", metavar="URL", help="fetch missing certificates from this AMD KDS (or host agent) URL")
+    p.add_argument("--crl", metavar="FILE", help="AMD KDS CRL (PEM or DER) to check the ASK/ASVK against")
     common(p)
 
     p = sub.add_parser("verify-quote", help="verify an Intel TDX quote")

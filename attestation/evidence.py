@@ -11,7 +11,7 @@ The payload is a CBOR map with text keys::
       "platform": "snp" | "tdx" | "sim",
       "report": bstr,                      ; SNP/sim report or TDX quote
       ? "certificates": [* bstr],          ; DER: VEK, ASK|ASVK, ARK (SNP/sim)
-      ? "collateral": {* text => bstr},    ; TDX collateral_to_files() names
+      ? "collateral": {* text => bstr},    ; TDX: collateral_to_files() names; SNP/sim: "crl.der" only
       ? "product": text,
       ? "binding": {* text => bstr / text / uint / bool},   ; e.g. scheme + nonce
     }
@@ -60,6 +60,7 @@ PLATFORMS = ("snp", "tdx", "sim")
 _COLLATERAL_NAME = re.compile(r"[a-z0-9_]{1,64}\.(json|txt|crl|pem|der)")
 _BINDING_KEY = re.compile(r"[a-z0-9_.-]{1,32}")
 _PRODUCT = re.compile(r"[A-Za-z0-9 ()_.,+-]{1,%d}" % MAX_PRODUCT_CHARS)
+SNP_CRL_FILE = "crl.der"  # SNP/sim collateral: the KDS CRL of the product (DER, signed by the ARK)
 _PAYLOAD_KEYS = frozenset({"v", "platform", "report", "certificates", "collateral", "product", "binding"})
 
 
@@ -130,8 +131,8 @@ def _validate(e: Evidence) -> None:
         if type(name) is not str or not _COLLATERAL_NAME.fullmatch(name):
             raise EvidenceError(f"collateral: bad file name {name!r:.80}")
         _check_blob(blob, f"collateral[{name}]", MAX_COLLATERAL_FILE_BYTES, may_be_empty=True)
-    if e.collateral and e.platform != "tdx":
-        raise EvidenceError(f"collateral: only TDX evidence carries collateral, not {e.platform}")
+    if e.platform != "tdx" and not set(e.collateral) <= {SNP_CRL_FILE}:
+        raise EvidenceError(f"collateral: {e.platform} evidence carries at most the AMD CRL ({SNP_CRL_FILE!r})")
     if e.product is not None and (type(e.product) is not str or not _PRODUCT.fullmatch(e.product)):
         raise EvidenceError(f"product: must be up to {MAX_PRODUCT_CHARS} plain characters, got {e.product!r:.80}")
     if not isinstance(e.binding, Mapping):

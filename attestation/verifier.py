@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .appraise import appraise
 from .errors import AttestationError, CollateralError, EvidenceError, ParseError, VerificationError
-from .evidence import Evidence
+from .evidence import SNP_CRL_FILE, Evidence
 from .policy import DEFAULT_POLICY, Policy
 from .verdict import Check, Verdict, VerifiedEvidence
 
@@ -130,13 +130,16 @@ def _verify(evidence: Evidence, policy: Policy, at: datetime | None, kds, pcs) -
         from .snp.verify import verify_report
 
         vek, chain = split_snp_certificates(evidence.certificates)
+        # Revocation is checked whenever the evidence carries the AMD CRL (a report proves nothing about it).
+        crls = tuple(v for k, v in evidence.collateral.items() if k == SNP_CRL_FILE)
         if evidence.platform == "sim":
             from .sim import sim_trust
 
             assert policy.sim_root_fingerprint is not None  # checked by the caller
             return verify_report(evidence.report, vek=vek, chain=chain, product=evidence.product, at=at,
-                                 trust=sim_trust(policy.sim_root_fingerprint))
-        return verify_report(evidence.report, vek=vek, chain=chain, product=evidence.product, at=at, kds=kds)
+                                 trust=sim_trust(policy.sim_root_fingerprint), check_crl=bool(crls), crls=crls)
+        return verify_report(evidence.report, vek=vek, chain=chain, product=evidence.product, at=at, kds=kds,
+                             check_crl=bool(crls), crls=crls)
     if evidence.platform == "tdx":
         from .tdx.verify import verify_quote
 

@@ -71,7 +71,8 @@ def test_verify_report_with_policy(capsys, vectors_dir, expected, tmp_path):
     assert code == 1 and "vmpl" in doc["error"]
 
 
-@pytest.mark.parametrize("problem", ["missing", "garbage", "bad-policy", "bad-at", "no-certs", "bad-cert"])
+@pytest.mark.parametrize("problem", ["missing", "garbage", "bad-policy", "bad-at", "no-certs", "bad-cert",
+                                     "bad-crl"])
 def test_verify_report_input_errors(capsys, vectors_dir, expected, tmp_path, problem):
     entry = _entry(expected, "snp", "report_milan.hex")
     args = snp_args(vectors_dir, entry) + ["--at", "2023-04-05T00:00:00Z", "--json"]
@@ -90,10 +91,37 @@ def test_verify_report_input_errors(capsys, vectors_dir, expected, tmp_path, pro
     elif problem == "bad-cert":
         (tmp_path / "c.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
         args[args.index("--vek") + 1] = str(tmp_path / "c.pem")
+    elif problem == "bad-crl":
+        (tmp_path / "crl.der").write_bytes(b"\x30\x03\x02\x01\x00")
+        args += ["--crl", str(tmp_path / "crl.der")]
     code, doc = run(capsys, "verify-report", *args)
     assert code == 2 and not doc["ok"] and doc["error"]
     if problem == "bad-policy":
         assert "snp.allow_debugg" in doc["error"]
+    if problem == "bad-crl":
+        assert "--crl" in doc["error"]
+
+
+def test_verify_report_checks_a_given_crl(capsys, tmp_path, sim_platform, sim_dir):
+    """--crl: the ASK must not be on the ARK's CRL (here the simulated chain's, revoking its ASK)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from tests.attestation.test_verifier import _sim_crl
+
+    report, certs = sim_platform.report(bytes(64))
+    (tmp_path / "report.bin").write_bytes(report)
+    (tmp_path / "vcek.der").write_bytes(certs[0])
+    chain_pem = b"".join(x509.load_der_x509_certificate(c).public_bytes(Encoding.PEM) for c in certs[1:])
+    (tmp_path / "chain.pem").write_bytes(chain_pem)
+    (tmp_path / "policy.yaml").write_text(f"platforms: [sim]\nsim_root_fingerprint: \"{sim_platform.fingerprint}\"\n")
+    (tmp_path / "crl.der").write_bytes(_sim_crl(sim_dir, sim_platform, revoke_ask=True))
+    base = ["verify-report", str(tmp_path / "report.bin"), "--vek", str(tmp_path / "vcek.der"), "--chain",
+            str(tmp_path / "chain.pem"), "--policy", str(tmp_path / "policy.yaml"), "--json"]
+    code, doc = run(capsys, *base)
+    assert code == 0, doc["error"]
+    code, doc = run(capsys, *base, "--crl", str(tmp_path / "crl.der"))
+    assert code == 1 and "revoked" in doc["error"]
 
 
 def test_verify_quote_v5_up_to_date(capsys, vectors_dir, expected):

@@ -79,7 +79,7 @@ def test_encoding_is_deterministic(vectors_dir):
         ({"v": 1, "platform": "snp", "report": b"x", "certificates": [b"a"] * 9}, "more than 8"),
         ({"v": 1, "platform": "snp", "report": b"x", "certificates": ["a"]}, r"certificates\[0\]"),
         ({"v": 1, "platform": "snp", "report": b"x", "certificates": []}, "present but empty"),
-        ({"v": 1, "platform": "snp", "report": b"x", "collateral": {"a.json": b"{}"}}, "only TDX"),
+        ({"v": 1, "platform": "snp", "report": b"x", "collateral": {"a.json": b"{}"}}, "at most the AMD CRL"),
         ({"v": 1, "platform": "tdx", "report": b"x", "collateral": {"../etc/passwd": b""}}, "bad file name"),
         ({"v": 1, "platform": "tdx", "report": b"x", "binding": {"nonce": 1.5}}, r"binding\[nonce\]"),
         ({"v": 1, "platform": "tdx", "report": b"x", "binding": {"n": -1}}, "out of range"),

@@ -223,3 +223,56 @@ def test_sim_accepted_only_by_its_own_policy(sim_platform, sim_policy):
                                                                 % sim_platform.fingerprint)).ok
     wrong_rd = verify_evidence(evidence, policy=sim_policy, expected_report_data=bytes(64))
     assert _failed(wrong_rd) == {"report_data"}
+
+
+def _sim_crl(sim_dir, sim_platform, *, revoke_ask: bool, next_update_days: int = 30, signer=None) -> bytes:
+    """A KDS-style CRL (RSASSA-PSS SHA-384, issued by the ARK) for the simulated chain."""
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    key = signer or serialization.load_pem_private_key((sim_dir / "ark_key.pem").read_bytes(), password=None)
+    now = datetime.now(timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(sim_platform.ark.subject)
+               .last_update(now - timedelta(days=1)).next_update(now + timedelta(days=next_update_days)))
+    if revoke_ask:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(sim_platform.ask.serial_number)
+            .revocation_date(now - timedelta(hours=1)).build())
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+    return builder.sign(key, hashes.SHA384(), rsa_padding=pss).public_bytes(serialization.Encoding.DER)
+
+
+def test_snp_crl_carried_in_evidence_is_checked(sim_dir, sim_platform, sim_policy):
+    """The AMD CRL travels as collateral "crl.der": a revoked ASK is refused, a clean CRL recorded as checked."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from attestation.evidence import SNP_CRL_FILE, decode_cmw, encode_cmw
+
+    report, certs = sim_platform.report(bytes(64))
+
+    def verdict_with(crl: bytes | None):
+        collateral = {SNP_CRL_FILE: crl} if crl is not None else {}
+        evidence = Evidence(platform="sim", report=report, certificates=tuple(certs), product=sim_platform.product,
+                            collateral=collateral)
+        return verify_evidence(decode_cmw(encode_cmw(evidence)), policy=sim_policy)
+
+    without = verdict_with(None)
+    assert without.ok and "crl" not in {c.name for c in without.checks}
+    clean = verdict_with(_sim_crl(sim_dir, sim_platform, revoke_ask=False))
+    assert clean.ok and any(c.name == "crl" and c.ok for c in clean.checks)
+    revoked = verdict_with(_sim_crl(sim_dir, sim_platform, revoke_ask=True))
+    assert not revoked.ok and "crl" in _failed(revoked) and "revoked" in revoked.error
+    forged = verdict_with(_sim_crl(sim_dir, sim_platform, revoke_ask=False,
+                                   signer=rsa.generate_private_key(public_exponent=65537, key_size=2048)))
+    assert not forged.ok and "crl" in _failed(forged)
+
+
+def test_snp_evidence_carries_no_collateral_but_the_crl(sim_platform):
+    from attestation.errors import EvidenceError
+
+    report, certs = sim_platform.report(bytes(64))
+    with pytest.raises(EvidenceError, match="at most the AMD CRL"):
+        Evidence(platform="sim", report=report, certificates=tuple(certs), collateral={"tcb_info.json": b"{}"})
