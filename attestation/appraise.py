@@ -20,7 +20,10 @@ SNP_POLICY_MIGRATE_MA = 1 << 18
 SNP_POLICY_DEBUG = 1 << 19
 # TDX TDATTRIBUTES bits (little-endian u64)
 TD_ATTR_DEBUG = 1 << 0
+TD_ATTR_TUD_RESERVED = 0xFE  # bits 1-7 of the TD-under-debug byte: reserved, must be zero
 TD_ATTR_SEPT_VE_DISABLE = 1 << 28
+# Intel revoked the platform's keys: no policy may accept it (QVL and dcap-qvl fail verification).
+TCB_REVOKED = "Revoked"
 
 
 def _hex_eq(a: str | None, b: str | None) -> bool:
@@ -158,6 +161,10 @@ def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
              off="TDATTRIBUTES.DEBUG is clear",
              accepted="TDATTRIBUTES.DEBUG is set and the policy allows debug TDs",
              refused="TDATTRIBUTES.DEBUG is set: a debug TD's state is readable by the host")
+    reserved = attrs & TD_ATTR_TUD_RESERVED
+    a.add("td_attributes_reserved", not reserved,
+          "reserved TUD bits 1-7 are clear" if not reserved
+          else f"TDATTRIBUTES sets reserved TUD bits {reserved:#04x} (bits 1-7 must be zero)")
     # here the risk is the bit being clear
     a.opt_in("sept_ve_disable", not attrs & TD_ATTR_SEPT_VE_DISABLE, not p.require_sept_ve_disable,
              off="SEPT_VE_DISABLE is set",
@@ -226,10 +233,12 @@ def appraise(verified: VerifiedEvidence, policy: Policy, *, expected_report_data
         _appraise_tdx(verified, policy, a)
 
     if verified.tcb_status is not None:
-        ok = verified.tcb_status in policy.accepted_tcb_statuses
+        revoked = verified.tcb_status == TCB_REVOKED
+        ok = verified.tcb_status in policy.accepted_tcb_statuses and not revoked
         advisories = f" (advisories: {', '.join(verified.advisory_ids)})" if verified.advisory_ids else ""
         a.add("tcb_status", ok, f"TCB status {verified.tcb_status}{advisories} is "
-              + ("accepted" if ok else f"not accepted (policy accepts {', '.join(policy.accepted_tcb_statuses)})"))
+              + ("accepted" if ok else "never accepted, whatever the policy lists" if revoked
+                 else f"not accepted (policy accepts {', '.join(policy.accepted_tcb_statuses)})"))
 
     if policy.max_collateral_age_days is not None:
         issued = verified.collateral_issued_at
@@ -251,7 +260,8 @@ def appraise(verified: VerifiedEvidence, policy: Policy, *, expected_report_data
         a.add("report_data", ok, f"REPORT_DATA matches the {source}'s expected value" if ok
               else f"REPORT_DATA does not match the {source}'s expected value (not bound to this session/key)")
 
-    failed = a.failed
+    # Verification raises on its first failed check, but a failed check handed in must still count.
+    failed = [c for c in verified.checks if not c.ok] + a.failed
     ok = not failed
     status = verified.tcb_status or ("verified" if ok else "refused")
     error = None if ok else "refused by policy: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)

@@ -132,14 +132,15 @@ def _verify(evidence: Evidence, policy: Policy, at: datetime | None, kds, pcs) -
         vek, chain = split_snp_certificates(evidence.certificates)
         # Revocation is checked whenever the evidence carries the AMD CRL (a report proves nothing about it).
         crls = tuple(v for k, v in evidence.collateral.items() if k == SNP_CRL_FILE)
+        check_crl = bool(crls) or policy.snp.require_crl  # no CRL and none to fetch: CollateralError
         if evidence.platform == "sim":
             from .sim import sim_trust
 
             assert policy.sim_root_fingerprint is not None  # checked by the caller
             return verify_report(evidence.report, vek=vek, chain=chain, product=evidence.product, at=at,
-                                 trust=sim_trust(policy.sim_root_fingerprint), check_crl=bool(crls), crls=crls)
+                                 trust=sim_trust(policy.sim_root_fingerprint), check_crl=check_crl, crls=crls)
         return verify_report(evidence.report, vek=vek, chain=chain, product=evidence.product, at=at, kds=kds,
-                             check_crl=bool(crls), crls=crls)
+                             check_crl=check_crl, crls=crls)
     if evidence.platform == "tdx":
         from .tdx.verify import verify_quote
 

@@ -9,6 +9,7 @@ platform's attestation device, and the TlsManager serialises access to the provi
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import threading
@@ -59,6 +60,20 @@ class TokenBucket:
             return wait
 
 
+def rate_limit_key(host: str) -> str:
+    """The bucket of a client address: its IPv6 /64 (one host usually holds a whole /64, so per-address
+    buckets would let it hop addresses freely); IPv4-mapped IPv6 counts as the IPv4 address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 def _parse_nonce(request: Request) -> bytes:
     values = request.query_params.getlist("nonce")
     if not values:
@@ -87,7 +102,7 @@ def attestation_router(tls: TlsManager, *, per_client_rate: float = 2.0, burst: 
     async def attestation(request: Request) -> Response:
         try:
             nonce = _parse_nonce(request)
-            client = request.client.host if request.client else "unknown"
+            client = rate_limit_key(request.client.host) if request.client else "unknown"
             wait = limiter.take(client)
             if wait > 0:
                 raise ApiError(429, "Too many attestation requests from this address; retry later.",

@@ -38,12 +38,18 @@ class GenerationCache:
             return None
         return hit[1]
 
-    def put(self, key: str, value: object) -> None:
+    def generation(self) -> int:
+        """Take this *before* reading the store and hand it to ``put``."""
+        return self._store.generation
+
+    def put(self, key: str, value: object, read_at: int) -> None:
+        """Cache ``value`` as read when the generation was ``read_at``: a write that landed while the read
+        was in flight (a revocation, say) has moved the generation on, so the entry is born stale."""
         if not self.enabled:
             return
         if len(self._entries) >= self._max:
             self._entries.clear()
-        self._entries[key] = (self._store.generation, value)
+        self._entries[key] = (read_at, value)
 
 
 class LastUsedTracker:
@@ -122,10 +128,11 @@ class Authenticator:
         digest = self.hash(credentials)
         record = self._cache.get(digest)
         if not isinstance(record, AuthRecord):
+            read_at = self._cache.generation()
             record = await self._store.find_auth(digest)
             if record is None:
                 raise self._fail("unknown", "Invalid API key: unknown or deleted key.")
-            self._cache.put(digest, record)
+            self._cache.put(digest, record, read_at)
         if not hmac.compare_digest(record.pat.token_hash, digest):
             raise self._fail("unknown", "Invalid API key: unknown or deleted key.")
         now = self._clock()
@@ -140,7 +147,8 @@ class Authenticator:
         hit = self._domains.get(domain_id)
         if isinstance(hit, Domain):
             return hit
+        read_at = self._domains.generation()
         domain = await self._store.get_domain(domain_id)
         if domain is not None:
-            self._domains.put(domain_id, domain)
+            self._domains.put(domain_id, domain, read_at)
         return domain

@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 from enclave.tokens import PAT_PATTERN
 
 REDACTED = "[REDACTED]"
-_AUTH_HEADER = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+)?[^\s\"',;}]+")
+# The scheme word (kept) of the usual HTTP authentication schemes; whatever follows it is the credential.
+_AUTH_SCHEMES = r"(?:bearer|basic|digest|token|negotiate|ntlm|apikey|aws4-hmac-sha256)"
+_AUTH_HEADER = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(" + _AUTH_SCHEMES + r"\s+)?[^\s\"',;}]+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;}]+")
 
 

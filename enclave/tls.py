@@ -77,9 +77,12 @@ class _KeyContext(ssl.SSLContext):
 
 def _base_server_context(cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
     ctx = cls(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # No resumption: a resumed session skips the Certificate message, and every connection must
-    # show its attested certificate to the client.
+    # show its attested certificate to the client (after a rotation a resumed session would carry
+    # the old certificate while the connection is attributed to the new key).  TLS 1.2 resumes by
+    # session id from OpenSSL's server cache, which Python cannot switch off (and Python gives every
+    # context the same session id context), so TLS 1.3 only, where resumption needs a ticket.
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
     ctx.verify_mode = ssl.CERT_NONE

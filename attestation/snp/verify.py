@@ -107,7 +107,9 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
     from ``kds`` when given, else CollateralError. ``at`` (default: now; naive means UTC) is the
     verification time. ``crls`` supplies CRLs directly for ``check_crl``; otherwise they come from kds.
     """
-    rep = report if isinstance(report, Report) else parse_report(report)
+    # A Report object is re-read from its raw bytes: the claims must be the fields the signature covers,
+    # whatever was done to the object (one struct unpack).
+    rep = parse_report(report.raw if isinstance(report, Report) else report)
     when = _as_utc(at)
     log = CheckLog()
     kind = rep.signing_key_name
@@ -219,6 +221,13 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
     else:
         log.fail("tcb_matches_vek", f"REPORTED_TCB {decode_tcb(rep.reported_tcb, family)} != "
                                     f"VEK {decode_tcb(cert_tcb, family)}")
+    # The firmware never reports (nor may a VEK be derived for) a TCB above the one it runs.
+    reported, current = decode_tcb(rep.reported_tcb, family), decode_tcb(rep.current_tcb, family)
+    above = [f"{part} {getattr(reported, part)} > {getattr(current, part)}"
+             for part in ("fmc", "bl", "tee", "snp", "ucode")
+             if (getattr(reported, part) or 0) > (getattr(current, part) or 0)]
+    log.require(not above, "tcb_not_above_current", f"REPORTED_TCB <= CURRENT_TCB {current}",
+                "REPORTED_TCB exceeds CURRENT_TCB: " + ", ".join(above))
     if kind == "VLEK":
         log.ok("chip_id_matches_vek", "not applicable: a VLEK is not bound to a chip")
     elif rep.mask_chip_key:

@@ -1,8 +1,9 @@
 """verify_quote: a TDX DCAP quote -> VerifiedEvidence, every step a named check (fail closed).
 
 Without collateral: header, PCK chain to the pinned Intel SGX Root CA, QE report signature and binding,
-quote signature. With collateral: also the TCB info / QE identity signatures and freshness, CRLs, the TDX
-module and QE identities and the QVL-style TCB evaluation.
+Intel's TD QE and TDX module by pinned identity (MRSIGNER / MRSIGNERSEAM), quote signature. With collateral:
+also the TCB info / QE identity signatures and freshness, CRLs, the TDX module and QE identities and the
+QVL-style TCB evaluation.
 
 Time-independent results (chain signatures, collateral signatures, CRL signatures) are cached by the exact
 bytes they cover; the time checks are re-run on every call, so a cached entry can never outlive validity.
@@ -31,6 +32,7 @@ from .chain import ChainError, VerifiedChain, VerifiedCrl, check_crl_time, check
 from .collateral import Collateral, QeIdentity, TcbInfo
 from .quote import Quote, parse_quote, quote_claims
 from .tcb import check_platform_match, check_qe_identity, check_tdx_module, evaluate_tcb
+from . import trust as trust_mod
 from .trust import TCB_SIGNING_CN
 
 if TYPE_CHECKING:
@@ -212,6 +214,29 @@ def _check_qe_report(log: CheckLog, q: Quote, chain: VerifiedChain) -> None:
     )
 
 
+def _check_pinned_identities(log: CheckLog, q: Quote) -> None:
+    """Without collateral nothing else says the QE and the TDX module are Intel's: a QE of another signer holding
+    a PCK-certified key (any enclave granted PROVISIONKEY can obtain one) could sign any TD report."""
+    qe = q.sig_data.qe_report
+    problems = []
+    if not hmac.compare_digest(qe.mrsigner, trust_mod.INTEL_TD_QE_MRSIGNER):
+        problems.append(f"QE MRSIGNER {qe.mrsigner.hex()} is not Intel's TD QE signer")
+    if qe.isvprodid != trust_mod.INTEL_TD_QE_ISVPRODID:
+        problems.append(f"QE ISVPRODID {qe.isvprodid} is not {trust_mod.INTEL_TD_QE_ISVPRODID} (TD_QE)")
+    if qe.attributes[0] & 0x02:
+        problems.append("the QE runs in debug mode")
+    log.require(not problems, "qe_identity", "QE is Intel's TD QE (pinned MRSIGNER, ISVPRODID 2, not debug)",
+                "; ".join(problems))
+    body = q.body
+    log.require(
+        body.mrsignerseam == trust_mod.INTEL_TDX_MODULE_MRSIGNER and body.seam_attributes == bytes(8),
+        "tdx_module",
+        "TDX module is Intel's (MRSIGNERSEAM and SEAMATTRIBUTES zero)",
+        f"TDX module is not Intel's: MRSIGNERSEAM {body.mrsignerseam.hex()}, "
+        f"SEAMATTRIBUTES {body.seam_attributes.hex()}",
+    )
+
+
 def _check_quote_signature(log: CheckLog, q: Quote) -> None:
     sd = q.sig_data
     try:
@@ -259,6 +284,8 @@ def verify_quote(
     qe_status, qe_advisories = ("", ())
     if collateral is not None:
         qe_status, qe_advisories = check_qe_identity(log, q.sig_data.qe_report, collateral.qe_identity)
+    else:
+        _check_pinned_identities(log, q)
     _check_quote_signature(log, q)
     claims = quote_claims(q)
     evidence = VerifiedEvidence(platform="tdx", product=None, claims=claims, checks=log.checks)

@@ -96,3 +96,23 @@ def test_without_an_attested_tls_connection_the_endpoint_refuses(sim_provider):
         response = client.get(ATTESTATION_PATH, params={"nonce": secrets.token_hex(32)})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "attestation_unavailable"
+
+
+@pytest.mark.parametrize("first,second,shared", [
+    ("2001:db8:1:2::1", "2001:db8:1:2:ffff::7", True),    # one IPv6 /64: one bucket (a host owns all of it)
+    ("2001:db8:1:2::1", "2001:db8:1:3::1", False),        # another /64: another bucket
+    ("::ffff:192.0.2.1", "192.0.2.1", True),              # IPv4-mapped IPv6 is the IPv4 address
+    ("192.0.2.1", "192.0.2.2", False),
+])
+def test_rate_limit_cannot_be_dodged_by_hopping_addresses_inside_an_ipv6_prefix(sim_provider, first, second, shared):
+    from enclave.tls import TlsManager
+
+    tls = TlsManager(sim_provider, hostnames=["localhost"], rotate_every=None)
+    tls.start()
+    app = enclave_like_app(tls, rate=0.001, burst=1)
+    codes = []
+    for address in (first, second):
+        with TestClient(app, client=(address, 50000)) as client:
+            codes.append(client.get(ATTESTATION_PATH, params={"nonce": secrets.token_hex(32)}).status_code)
+    assert codes[0] == 503  # token taken (then refused: no attested TLS in-process)
+    assert codes[1] == (429 if shared else 503)

@@ -146,3 +146,41 @@ def test_no_key_means_no_handshake(sim_provider):
     with pytest.raises(ssl.SSLError) as info:
         server.do_handshake()
     assert not isinstance(info.value, ssl.SSLWantReadError)
+
+
+@pytest.mark.parametrize("highest", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.MAXIMUM_SUPPORTED])
+def test_no_session_resumption_every_connection_shows_its_own_certificate(make_server, highest):
+    """A resumed TLS session skips the Certificate message: after a rotation the client would still hold the
+    old certificate while the enclave attributes (and attests) the connection to the new key."""
+    server = make_server()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # only observing the handshake
+    ctx.maximum_version = highest
+
+    def connect(session: ssl.SSLSession | None = None) -> tuple[ssl.SSLSession, bool, str, str] | None:
+        raw = socket.create_connection(("127.0.0.1", server.port))
+        try:
+            tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        except ssl.SSLError:
+            raw.close()
+            return None  # this TLS version is refused: nothing to resume either
+        with tls:
+            tls.sendall(b"GET /v1/connection-key HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            response = b""
+            while chunk := tls.recv(65536):
+                response += chunk
+            held = spki_sha256(spki_der_of(x509.load_der_x509_certificate(tls.getpeercert(True))))
+            attributed = response.rsplit(b'"spki_sha256":"', 1)[1].split(b'"')[0].decode()
+            return tls.session, tls.session_reused, held, attributed
+
+    first = connect()
+    if first is None:
+        assert highest == ssl.TLSVersion.TLSv1_2
+        return
+    server.tls.rotate()
+    second = connect(first[0])
+    assert second is not None
+    _, reused, held, attributed = second
+    assert not reused
+    assert held == attributed == server.tls.current.spki_sha256

@@ -30,7 +30,8 @@ def test_every_vector_verifies_with_its_claims(expected: dict) -> None:
         assert evidence.platform == "tdx"
         assert evidence.tcb_status is None
         names = [c.name for c in evidence.checks]
-        assert names == ["header", "pck_chain", "qe_report_signature", "qe_report_binding", "quote_signature"]
+        assert names == ["header", "pck_chain", "qe_report_signature", "qe_report_binding", "qe_identity",
+                         "tdx_module", "quote_signature"]
         assert all(c.ok for c in evidence.checks)
         compared = [k for k in CLAIM_KEYS if k in entry]
         assert {k: evidence.claims[k] for k in compared} == {k: entry[k] for k in compared}

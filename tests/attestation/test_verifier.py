@@ -276,3 +276,25 @@ def test_snp_evidence_carries_no_collateral_but_the_crl(sim_platform):
     report, certs = sim_platform.report(bytes(64))
     with pytest.raises(EvidenceError, match="at most the AMD CRL"):
         Evidence(platform="sim", report=report, certificates=tuple(certs), collateral={"tcb_info.json": b"{}"})
+
+
+def test_policy_can_require_the_snp_crl_so_a_host_cannot_skip_revocation(sim_dir, sim_platform, sim_policy):
+    """The CRL travels in host-assembled evidence; a relying party that needs revocation checked says so."""
+    from attestation.evidence import SNP_CRL_FILE, decode_cmw, encode_cmw
+    from attestation.policy import Policy
+
+    strict = Policy.model_validate({**sim_policy.model_dump(),
+                                    "snp": {**sim_policy.snp.model_dump(), "require_crl": True}})
+    report, certs = sim_platform.report(bytes(64))
+
+    def verdict_with(crl: bytes | None):
+        collateral = {SNP_CRL_FILE: crl} if crl is not None else {}
+        evidence = Evidence(platform="sim", report=report, certificates=tuple(certs), product=sim_platform.product,
+                            collateral=collateral)
+        return verify_evidence(decode_cmw(encode_cmw(evidence)), policy=strict)
+
+    stripped = verdict_with(None)
+    assert not stripped.ok and stripped.status == "collateral_unavailable"
+    clean = verdict_with(_sim_crl(sim_dir, sim_platform, revoke_ask=False))
+    assert clean.ok and any(c.name == "crl" and c.ok for c in clean.checks)
+    assert not Policy().snp.require_crl  # opt-in: evidence-only policies keep working without a CRL

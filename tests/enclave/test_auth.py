@@ -93,3 +93,45 @@ def test_last_used_written_on_stop(env: Env) -> None:
     env.run(start_stop())
     assert env.run(env.store.get_pat(pat.id)).last_used_at is not None
     assert env.tracker.pending == 0
+
+
+def test_revocation_racing_a_lookup_is_not_hidden_by_the_cache(tmp_path: Path) -> None:
+    """A lookup that read the PAT just before a concurrent revocation must not cache the stale row."""
+    env = Env(tmp_path)
+    try:
+        real_find = env.store.find_auth
+
+        async def lookup_overtaken_by_revocation(digest: str):
+            record = await real_find(digest)          # the row as it was before the revocation committed
+            await env.store.revoke_pat(env.pat.id)    # the revocation lands while this lookup is in flight
+            return record
+
+        env.store.find_auth = lookup_overtaken_by_revocation  # type: ignore[method-assign]
+        env.run(env.auth.authenticate(f"Bearer {env.token}"))  # in flight before the revocation: admitted
+        env.store.find_auth = real_find  # type: ignore[method-assign]
+        with pytest.raises(ApiError) as err:
+            env.run(env.auth.authenticate(f"Bearer {env.token}"))
+        assert env.failures[-1] == "revoked", err.value.message
+    finally:
+        env.run(env.store.close())
+        env.loop.close()
+
+
+def test_domain_change_racing_a_lookup_is_not_hidden_by_the_cache(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    try:
+        domain = env.run(env.store.create_domain("d"))
+        real_get = env.store.get_domain
+
+        async def lookup_overtaken_by_update(domain_id: str):
+            found = await real_get(domain_id)
+            env.store.get_domain = real_get  # type: ignore[method-assign]  (update_domain reads it back)
+            await env.store.update_domain(domain_id, model_allowlist=["only-this"])
+            return found
+
+        env.store.get_domain = lookup_overtaken_by_update  # type: ignore[method-assign]
+        assert env.run(env.auth.domain(domain.id)).model_allowlist is None
+        assert tuple(env.run(env.auth.domain(domain.id)).model_allowlist or ()) == ("only-this",)
+    finally:
+        env.run(env.store.close())
+        env.loop.close()

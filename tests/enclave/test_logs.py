@@ -62,3 +62,14 @@ def test_service_logs_never_contain_a_pat(tmp_path) -> None:
         assert secret not in out
     for line in out.splitlines():
         json.loads(line)                                             # structured: one JSON object per line
+
+
+def test_redact_keeps_the_credential_of_any_authorization_scheme_out() -> None:
+    """Only the scheme word may survive: `Authorization: Basic <base64>` must not leak its credential."""
+    for text in ("Authorization: Basic dXNlcjpzM2NyZXQ=", "authorization=Digest opaque-secret-value",
+                 '{"Authorization": "Token tok-secret-123"}', "Authorization: Bearer sk-secret-456"):
+        out = redact(text)
+        assert REDACTED in out
+        for secret in ("dXNlcjpzM2NyZXQ", "opaque-secret-value", "tok-secret-123", "sk-secret-456"):
+            assert secret not in out, out
+    assert redact("Authorization: Basic dXNlcjpzM2NyZXQ=") == f"Authorization: Basic {REDACTED}"
