@@ -132,6 +132,14 @@ class Policy(_Strict):
     report_data: Hex64 | None = None
     snp: SnpPolicy = Field(default_factory=SnpPolicy)
     tdx: TdxPolicy = Field(default_factory=TdxPolicy)
+    # A client that sends credentials refuses a policy accepting any snp/tdx guest image unless this is set:
+    # without a measurement allowlist a host could boot its own image on genuine hardware and be trusted.
+    allow_unmeasured: bool = False
+
+    def unmeasured_platforms(self) -> list[str]:
+        """Allowed hardware platforms (snp, tdx) for which this policy pins no measurement."""
+        pinned = {"snp": bool(self.snp.measurements), "tdx": bool(self.tdx.measurements)}
+        return [p for p in self.platforms if p in pinned and not pinned[p]]
 
     @model_validator(mode="after")
     def _sim_needs_root(self) -> "Policy":

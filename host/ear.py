@@ -77,11 +77,12 @@ _IDENTITY = {"report_signature", "quote_signature", "qe_report_signature", "qe_i
              "platform"}
 _REVOCATION = {"crl", "pck_crl", "root_ca_crl"}
 _NOT_CRYPTO = {"product", "report_format", "parse", "evidence", "collateral", "verification", "platform"}
-_HARDWARE = {"tcb_level", "tcb_status", "tcb_matches_vek", "min_tcb", "tdx_module", "min_tee_tcb_svn",
-             "collateral_present", "collateral_age", "min_pcesvn", "min_qe_isvsvn"}
+_HARDWARE = {"tcb_level", "tcb_status", "tcb_matches_vek", "tcb_not_above_current", "min_tcb", "tdx_module",
+             "min_tee_tcb_svn", "collateral_present", "collateral_age", "min_pcesvn", "min_qe_isvsvn"}
 _EXECUTABLES = {"measurement", "min_guest_svn", "service_td"}
 _CONFIGURATION = {"debug_disabled", "guest_policy", "migrate_ma", "smt", "vmpl", "host_data", "td_attributes",
-                  "sept_ve_disable", "report_data", "signing_key", "platform_allowed", "mrconfigid", "mrowner"}
+                  "td_attributes_reserved", "sept_ve_disable", "report_data", "signing_key", "platform_allowed",
+                  "mrconfigid", "mrowner"}
 
 
 def ear_status(verdict: Verdict) -> str:

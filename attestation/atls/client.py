@@ -37,7 +37,7 @@ import h11
 import httpcore
 import httpx
 
-from ..errors import AttestationError, ParseError, VerificationError
+from ..errors import AttestationError, ParseError, PolicyError, VerificationError
 from ..evidence import MAX_EVIDENCE_BYTES, Evidence, decode_cmw
 from ..policy import Policy
 from ..verdict import Check, Verdict
@@ -673,6 +673,22 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20,
 
 
 # -- public clients ------------------------------------------------------------------------------
+def require_measured_policy(policy: Policy) -> None:
+    """Refuse, before any connection, a policy under which any image on genuine hardware would be trusted.
+
+    A client sends credentials once the enclave is verified; if the policy pins no measurement, a host could
+    boot an image of its own on genuine SNP/TDX hardware and receive them. ``allow_unmeasured: true`` in the
+    policy opts out explicitly (``cube-attest verify-url`` only inspects, so it does not require this).
+    """
+    unmeasured = policy.unmeasured_platforms()
+    if unmeasured and not policy.allow_unmeasured:
+        raise PolicyError(
+            f"policy {policy.name!r} accepts any {'/'.join(unmeasured)} guest image (no measurement allowlist): "
+            "a host could run its own image and receive your credentials; list the expected measurements "
+            "(e.g. from `cube-host measure`), or set allow_unmeasured: true to accept that risk"
+        )
+
+
 class _AttestedClientBase:
     """What both clients share: their Attestor, the httpx options they fix, the transports, the last report."""
 
@@ -680,10 +696,12 @@ class _AttestedClientBase:
 
     def __init__(self, base_url: str, *, policy: Policy, verdict_ttl: float = DEFAULT_VERDICT_TTL,
                  verify_fn: VerifyFn | None = None, limits: httpx.Limits = DEFAULT_LIMITS,
-                 io_timeout: float = DEFAULT_IO_TIMEOUT, **kwargs: Any) -> None:
+                 io_timeout: float = DEFAULT_IO_TIMEOUT, require_measurement: bool = True, **kwargs: Any) -> None:
         for name in _RESERVED:
             if name in kwargs:
                 raise TypeError(f"{name}= cannot be set on an attested client")
+        if require_measurement:
+            require_measured_policy(policy)
         self.attestor = Attestor(base_url, policy, verify_fn=verify_fn, verdict_ttl=verdict_ttl,
                                  io_timeout=io_timeout)
         guarding, attesting = self._transports

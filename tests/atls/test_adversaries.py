@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from attestation.atls.binding import binding_parameters
 from attestation.atls.client import AsyncAttestedClient, AttestedClient, AttestedTLSError, openai_client
+from attestation.errors import PolicyError
 from attestation.evidence import encode_cmw
 from attestation.policy import DEFAULT_POLICY, policy_from_yaml, sim_policy_yaml
 from enclave.attestation_api import ATTESTATION_PATH, CMW_CBOR_MEDIA_TYPE
@@ -139,13 +140,29 @@ def test_old_nonce_relabelled_as_new_is_refused(make_server, sim_policy):
     assert server.app.state.seen_authorization == []
 
 
+PRODUCTION_POLICY = policy_from_yaml('name: production\nplatforms: [snp]\nsnp:\n  measurements: ["' + "ab" * 48 + '"]\n')
+
+
 def test_production_policy_refuses_sim_evidence(make_server):
     server = make_server()
-    with AttestedClient(server.url, policy=DEFAULT_POLICY) as client:
+    with AttestedClient(server.url, policy=PRODUCTION_POLICY) as client:
         with pytest.raises(AttestedTLSError) as info:
             client.get("/v1/secret", headers=AUTH)
     assert failed_step(info.value) == "certificate_appraisal"
     assert "sim" in info.value.report.error
+    assert server.app.state.seen_authorization == []
+
+
+def test_a_policy_pinning_no_measurement_is_refused_before_connecting(make_server):
+    """Any genuine SNP/TDX image would pass such a policy: the client refuses it unless explicitly allowed."""
+    server = make_server()
+    with pytest.raises(PolicyError, match="no measurement allowlist"):
+        AttestedClient(server.url, policy=DEFAULT_POLICY)
+    opted_in = DEFAULT_POLICY.model_copy(update={"allow_unmeasured": True})
+    with AttestedClient(server.url, policy=opted_in) as client:   # accepted, and still refuses sim evidence
+        with pytest.raises(AttestedTLSError) as info:
+            client.get("/v1/secret", headers=AUTH)
+    assert failed_step(info.value) == "certificate_appraisal"
     assert server.app.state.seen_authorization == []
 
 
