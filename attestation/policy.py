@@ -240,6 +240,7 @@ def sim_policy_yaml(fingerprint: str) -> str:
         f"sim_root_fingerprint: \"{fingerprint}\"\n"
         "snp:\n"
         "  vmpl: 0\n"
+        "  require_crl: true   # the sim issues its own ARK-signed CRL; evidence without it is refused\n"
     )
 
 

@@ -8,8 +8,9 @@ for AMD's (O="Cube AI Simulated Platform (NOT AMD)", CNs starting "SIM-"), and i
 through ``sim_trust(fingerprint)``: a root a policy names explicitly, kept apart from AMD_TRUST.
 
 The chain is created once per installation and persisted (directory 0700, private keys 0600) in
-``$CUBE_SIM_DIR`` or ``~/.local/share/cube-ai/sim``.  Simulated evidence proves nothing about
-hardware; its only use is development and tests.
+``$CUBE_SIM_DIR`` or ``~/.local/share/cube-ai/sim``.  Like AMD KDS, the platform also issues an
+ARK-signed CRL (``SimPlatform.crl()``), so revocation checking runs for simulated evidence too.
+Simulated evidence proves nothing about hardware; its only use is development and tests.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import secrets
 import shutil
 import struct
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -58,6 +60,12 @@ PLATFORM_INFO = 0x0
 # Legacy (Milan/Genoa) TCB_VERSION: byte0 boot loader, byte1 TEE, byte6 SNP, byte7 microcode.
 SIM_TCB = {"bootloader": 9, "tee": 0, "snp": 23, "microcode": 0x48}
 SIM_MEASUREMENT = hashlib.sha384(b"cube-ai simulated guest image v1").digest()
+
+# The sim CRL, shaped like an AMD KDS CRL: thisUpdate an hour back (clock skew), valid a week,
+# re-issued once less than a day of that remains.
+CRL_BACKDATE = timedelta(hours=1)
+CRL_LIFETIME = timedelta(days=7)
+CRL_RENEW_BEFORE = timedelta(days=1)
 
 _VCEK_OID = "1.3.6.1.4.1.3704.1."
 _DIR_MODE = 0o700
@@ -172,6 +180,12 @@ def _vcek_cert(pub, ask_key, now: datetime, chip_id: bytes, tcb: dict[str, int])
     return builder.sign(ask_key, hashes.SHA384(), rsa_padding=_pss())
 
 
+def _check_key_mode(path: Path) -> None:
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise ProviderError(f"sim key {path} is readable by others (mode {mode:o}); expected 600")
+
+
 def _write_private(path: Path, key) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -192,6 +206,11 @@ class SimPlatform:
     vcek_key: ec.EllipticCurvePrivateKey
     chip_id: bytes
     tcb: dict[str, int]
+    # The ARK key signs only CRLs: loaded on the first crl() call, not with the platform.
+    _ark_key: rsa.RSAPrivateKey | None = field(default=None, init=False, repr=False, compare=False)
+    _crl_der: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _crl_next_update: datetime | None = field(default=None, init=False, repr=False, compare=False)
+    _crl_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str:
@@ -265,9 +284,7 @@ class SimPlatform:
             if os.stat(directory).st_mode & 0o077:
                 os.chmod(directory, _DIR_MODE)
             for key_file in ("ark_key.pem", "ask_key.pem", "vcek_key.pem"):
-                mode = os.stat(directory / key_file).st_mode & 0o777
-                if mode & 0o077:
-                    raise ProviderError(f"sim key {directory / key_file} is readable by others (mode {mode:o}); expected 600")
+                _check_key_mode(directory / key_file)
             meta = json.loads((directory / _META).read_text())
             ark = x509.load_pem_x509_certificate((directory / "ark.pem").read_bytes())
             ask = x509.load_pem_x509_certificate((directory / "ask.pem").read_bytes())
@@ -284,6 +301,44 @@ class SimPlatform:
         if len(chip_id) != 64:
             raise ProviderError(f"sim platform in {directory}: chip_id must be 64 bytes")
         return cls(directory=directory, ark=ark, ask=ask, vcek=vcek, vcek_key=vcek_key, chip_id=chip_id, tcb=tcb)
+
+    # -- revocation ----------------------------------------------------------------------------
+    def _ark_private_key(self) -> rsa.RSAPrivateKey:
+        if self._ark_key is None:
+            path = self.directory / "ark_key.pem"
+            try:
+                _check_key_mode(path)
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except ProviderError:
+                raise
+            except (OSError, ValueError, TypeError) as exc:
+                raise ProviderError(f"sim platform in {self.directory}: the ARK key is unreadable: {exc}") from exc
+            if not isinstance(key, rsa.RSAPrivateKey) or key.public_key() != self.ark.public_key():
+                raise ProviderError(f"sim platform in {self.directory}: the ARK key does not match its certificate")
+            self._ark_key = key
+        return self._ark_key
+
+    def crl(self, *, now: datetime | None = None) -> bytes:
+        """The platform's CRL (DER), as AMD KDS serves one per product: issued and RSASSA-PSS/SHA-384
+        signed by the ARK, listing no ASK.  Cached; re-issued when less than CRL_RENEW_BEFORE remains."""
+        now = now or datetime.now(timezone.utc)
+        now = (now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)).replace(microsecond=0)
+        with self._crl_lock:
+            if (self._crl_der is not None and self._crl_next_update is not None
+                    and now < self._crl_next_update - CRL_RENEW_BEFORE):
+                return self._crl_der
+            next_update = now + CRL_LIFETIME
+            crl = (
+                x509.CertificateRevocationListBuilder()
+                .issuer_name(self.ark.subject)
+                .last_update(now - CRL_BACKDATE)
+                .next_update(next_update)
+                .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
+                .sign(self._ark_private_key(), hashes.SHA384(), rsa_padding=_pss())
+            )
+            self._crl_der = crl.public_bytes(serialization.Encoding.DER)
+            self._crl_next_update = next_update
+            return self._crl_der
 
     # -- reports -----------------------------------------------------------------------------
     def report(

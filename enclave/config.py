@@ -46,6 +46,29 @@ class AttestationSettings(_Strict):
     rotate_every_seconds: float | None = Field(3600.0, gt=0)
     sim_dir: Path | None = None
     rate_limit: float = Field(5.0, gt=0, description="attestation requests per second per client")
+    # AMD KDS or a mirror of its paths (e.g. the host agent's collateral cache, http://<host>:7080/kds):
+    # SEV-SNP evidence then carries the product's CRL, so verifiers with snp.require_crl accept it. The
+    # CRL is ARK-signed: an untrusted mirror can only make verifiers refuse, never accept. Unused by the sim.
+    kds_url: str | None = Field(None, description="AMD KDS (or mirror) base URL for the CRL in SNP evidence")
+
+    @field_validator("kds_url")
+    @classmethod
+    def _check_kds_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        import httpx
+
+        try:
+            url = httpx.URL(value)
+        except Exception as exc:  # httpx.InvalidURL and friends
+            raise ValueError(f"not a URL: {exc}") from None
+        if url.scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        if not url.host:
+            raise ValueError("has no host")
+        if url.userinfo or url.query or url.fragment:
+            raise ValueError("must be a plain base URL (no credentials, query or fragment)")
+        return str(url).rstrip("/")
 
 
 class TlsSettings(_Strict):

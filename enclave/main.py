@@ -126,8 +126,15 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, json_format=settings.log_json)
     boot, default_domain = asyncio.run(_prepare(settings))
     sim_dir = settings.attestation.sim_dir or settings.data_dir / "sim"
+    kds = None
+    if settings.attestation.kds_url and not settings.simulate:
+        from attestation.snp.kds import KdsClient
+
+        # Few attempts: a fetch runs under the provider lock, in the path of attestation requests.
+        kds = KdsClient(base_url=settings.attestation.kds_url, cache_dir=settings.data_dir / "kds",
+                        max_attempts=2, timeout=5.0)
     try:
-        provider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir)
+        provider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds)
     except AttestationError as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2

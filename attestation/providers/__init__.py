@@ -4,19 +4,24 @@
 - ``SevGuestProvider``: SEV-SNP ``/dev/sev-guest`` SNP_GET_EXT_REPORT ioctl, for kernels without configfs-tsm.
 - ``SimProvider``: the simulated platform (development and tests only).
 
-``detect_provider()`` picks the first that works here.
+``detect_provider()`` picks the first that works here.  Given a ``KdsClient`` (AMD KDS or a mirror
+of its paths), the SEV-SNP providers attach the product's CRL to their evidence (``snp_crl``); the
+simulated platform always attaches its own.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..errors import ProviderError
 from ..evidence import Evidence
 from .configfs_tsm import TSM_REPORT_ROOT, ConfigfsTsmProvider, TsmFs
 from .sev_guest import SEV_GUEST_DEVICE, SevGuestProvider
 from .sim import SimProvider
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..snp.kds import KdsClient
 
 __all__ = [
     "EvidenceProvider",
@@ -37,12 +42,16 @@ class EvidenceProvider(Protocol):
 
 def detect_provider(*, simulate: bool = False, sim_dir: Path | None = None,
                     tsm_root: Path = TSM_REPORT_ROOT, sev_device: Path = SEV_GUEST_DEVICE,
-                    tsm_fs: TsmFs | None = None) -> EvidenceProvider:
-    """The evidence provider for this machine: sim when asked, else configfs-tsm, else /dev/sev-guest."""
+                    tsm_fs: TsmFs | None = None, kds: KdsClient | None = None) -> EvidenceProvider:
+    """The evidence provider for this machine: sim when asked, else configfs-tsm, else /dev/sev-guest.
+
+    ``kds``: where SEV-SNP providers fetch the product's CRL to attach to every piece of evidence
+    (ignored for the sim, which issues its own, and for TDX).
+    """
     if simulate:
         return SimProvider(sim_dir)
     if Path(tsm_root).is_dir():
-        provider = ConfigfsTsmProvider(tsm_root, fs=tsm_fs)
+        provider = ConfigfsTsmProvider(tsm_root, fs=tsm_fs, kds=kds)
         try:
             provider.probe()
             return provider
@@ -50,7 +59,7 @@ def detect_provider(*, simulate: bool = False, sim_dir: Path | None = None,
             if not Path(sev_device).exists():
                 raise
     if Path(sev_device).exists():
-        return SevGuestProvider(sev_device)
+        return SevGuestProvider(sev_device, kds=kds)
     raise ProviderError(
         f"no attestation interface on this machine (neither {tsm_root} nor {sev_device}); "
         "run inside an SEV-SNP or TDX guest, or use the simulated platform (--simulate)"

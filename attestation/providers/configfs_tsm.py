@@ -13,6 +13,8 @@ Protocol, per report:
 
 All file access goes through a small ``TsmFs`` object so tests can run this exact code against a
 directory that behaves as the kernel's does (see tests/attestation/test_providers.py).
+
+Given a ``KdsClient``, SNP evidence also carries the product's AMD CRL (see ``snp_crl``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ import errno
 import os
 import secrets
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ProviderError
 from ..evidence import Evidence
+from .snp_crl import with_snp_crl
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..snp.kds import KdsClient
 
 TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
 INBLOB_SIZE = 64
@@ -100,11 +106,12 @@ class ConfigfsTsmProvider:
     """Evidence through configfs-tsm; works for SEV-SNP (sev_guest) and TDX (tdx_guest)."""
 
     def __init__(self, root: Path = TSM_REPORT_ROOT, *, fs: TsmFs | None = None, privlevel: int | None = None,
-                 max_attempts: int = MAX_ATTEMPTS) -> None:
+                 max_attempts: int = MAX_ATTEMPTS, kds: KdsClient | None = None) -> None:
         self.root = Path(root)
         self.fs = fs or OsFs()
         self.privlevel = privlevel
         self.max_attempts = max_attempts
+        self.kds = kds  # when set, SNP evidence carries the product's CRL (a fetch failure is a ProviderError)
         self._platform: str | None = None
 
     @property
@@ -157,6 +164,12 @@ class ConfigfsTsmProvider:
             raise ProviderError("configfs-tsm: generation is not a number") from None
 
     def get_evidence(self, report_data: bytes) -> Evidence:
+        evidence = self._report(report_data)
+        if self.kds is not None and evidence.platform == "snp":
+            evidence = with_snp_crl(evidence, self.kds)  # after the entry is gone: nothing held while fetching
+        return evidence
+
+    def _report(self, report_data: bytes) -> Evidence:
         if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != INBLOB_SIZE:
             raise ProviderError(f"report_data must be exactly {INBLOB_SIZE} bytes")
         entry = self._new_entry()

@@ -17,6 +17,8 @@ report (0x4A0 bytes).  When the certificate buffer is too small the ioctl fails 
 SNP_GUEST_VMM_ERR_INVALID_LEN (1) and ``certs_len`` says how much is needed; retry with that.
 The certificate buffer holds the GHCB certificate table (same format as configfs-tsm's auxblob).
 
+Given a ``KdsClient``, the evidence also carries the product's AMD CRL (see ``snp_crl``).
+
 Hardware is needed to run this; tests cover the structure packing and the response parsing.
 """
 
@@ -27,10 +29,15 @@ import errno
 import os
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ProviderError
 from ..evidence import Evidence
 from .configfs_tsm import certificates_from_auxblob
+from .snp_crl import with_snp_crl
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..snp.kds import KdsClient
 
 SEV_GUEST_DEVICE = Path("/dev/sev-guest")
 
@@ -85,11 +92,16 @@ def parse_report_response(resp: bytes) -> bytes:
 class SevGuestProvider:
     platform = "snp"
 
-    def __init__(self, device: Path = SEV_GUEST_DEVICE, *, vmpl: int = 0) -> None:
+    def __init__(self, device: Path = SEV_GUEST_DEVICE, *, vmpl: int = 0, kds: KdsClient | None = None) -> None:
         self.device = Path(device)
         self.vmpl = vmpl
+        self.kds = kds  # when set, evidence carries the product's CRL (a fetch failure is a ProviderError)
 
-    def get_evidence(self, report_data: bytes) -> Evidence:  # pragma: no cover - needs SEV-SNP hardware
+    def get_evidence(self, report_data: bytes) -> Evidence:
+        evidence = self._report(report_data)
+        return with_snp_crl(evidence, self.kds) if self.kds is not None else evidence
+
+    def _report(self, report_data: bytes) -> Evidence:  # pragma: no cover - needs SEV-SNP hardware
         import fcntl
 
         if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != 64:

@@ -1,11 +1,15 @@
-"""Evidence from the simulated platform (see attestation.sim). Development and tests only."""
+"""Evidence from the simulated platform (see attestation.sim). Development and tests only.
+
+The evidence always carries the platform's own CRL (``crl.der``), as SNP evidence does when the
+enclave is given a KDS source, so policies with ``snp.require_crl`` work against the sim too.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import ProviderError
-from ..evidence import Evidence
+from ..evidence import SNP_CRL_FILE, Evidence
 
 
 class SimProvider:
@@ -24,4 +28,5 @@ class SimProvider:
         if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != 64:
             raise ProviderError("report_data must be exactly 64 bytes")
         report, certs = self.sim.report(bytes(report_data))
-        return Evidence(platform="sim", report=report, certificates=tuple(certs), product=self.sim.product)
+        return Evidence(platform="sim", report=report, certificates=tuple(certs), product=self.sim.product,
+                        collateral={SNP_CRL_FILE: self.sim.crl()})

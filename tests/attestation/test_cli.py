@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from attestation.cli import main
-from attestation.evidence import Evidence, encode_cmw, evidence_to_json
+from attestation.evidence import SNP_CRL_FILE, Evidence, encode_cmw, evidence_to_json
 
 KEYS = {"ok", "platform", "product", "status", "claims", "checks", "error"}
 
@@ -152,7 +152,8 @@ def test_verify_quote_refused_and_errors(capsys, vectors_dir, expected, tmp_path
 
 def test_verify_evidence_cbor_and_json(capsys, tmp_path, sim_platform, sim_dir):
     report, certs = sim_platform.report(bytes(64))
-    evidence = Evidence("sim", report, tuple(certs), product="Sim")
+    # the sim-fingerprint policy requires the CRL (snp.require_crl), which the sim issues itself
+    evidence = Evidence("sim", report, tuple(certs), product="Sim", collateral={SNP_CRL_FILE: sim_platform.crl()})
     (tmp_path / "e.cbor").write_bytes(encode_cmw(evidence))
     (tmp_path / "e.json").write_text(json.dumps(evidence_to_json(evidence)))
     policy = tmp_path / "sim.yaml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import struct
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from attestation.errors import ProviderError
-from attestation.evidence import Evidence
+from attestation.evidence import SNP_CRL_FILE, Evidence, decode_cmw, encode_cmw
 from attestation.providers import (
     ConfigfsTsmProvider,
     EvidenceProvider,
@@ -127,19 +128,21 @@ def test_configfs_tsm_snp_evidence_verifies(kernel, sim_platform, sim_policy):
     assert evidence.platform == "snp" and len(evidence.certificates) == 3
     assert kernel.entries == {} and kernel.removed == 1
     # The fake kernel signs with the sim platform: verify it as sim evidence through the same path.
-    as_sim = Evidence("sim", evidence.report, evidence.certificates, product="Sim")
+    as_sim = Evidence("sim", evidence.report, evidence.certificates, product="Sim",
+                      collateral={SNP_CRL_FILE: sim_platform.crl()})  # the sim policy requires a CRL
     verdict = verify_evidence(as_sim, policy=sim_policy, expected_report_data=rd)
     assert verdict.ok, verdict.error
 
 
-def test_configfs_tsm_generation_race_retries(kernel, sim_policy):
+def test_configfs_tsm_generation_race_retries(kernel, sim_platform, sim_policy):
     kernel.race_on_outblob = 2
     provider = ConfigfsTsmProvider(kernel.root, fs=kernel)
     rd = b"\x42" * 64
     evidence = provider.get_evidence(rd)
     assert kernel.outblob_reads == 3  # two raced attempts, one clean
-    verdict = verify_evidence(Evidence("sim", evidence.report, evidence.certificates), policy=sim_policy,
-                              expected_report_data=rd)
+    verdict = verify_evidence(Evidence("sim", evidence.report, evidence.certificates,
+                                       collateral={SNP_CRL_FILE: sim_platform.crl()}),
+                              policy=sim_policy, expected_report_data=rd)
     assert verdict.ok, verdict.error
     assert kernel.entries == {}
 
@@ -249,6 +252,90 @@ def test_sim_provider(sim_dir, sim_policy):
         provider.get_evidence(b"\x07" * 63)
 
 
+def test_sim_provider_evidence_carries_a_crl_that_verifies(sim_dir, sim_policy):
+    """The development policy requires the CRL; the sim provider attaches its own, which is checked."""
+    assert sim_policy.snp.require_crl and sim_policy.snp.vmpl == 0
+    evidence = SimProvider(sim_dir).get_evidence(b"\x07" * 64)
+    assert set(evidence.collateral) == {SNP_CRL_FILE}
+    verdict = verify_evidence(decode_cmw(encode_cmw(evidence)), policy=sim_policy, expected_report_data=b"\x07" * 64)
+    assert verdict.ok, verdict.error
+    assert [c.ok for c in verdict.checks if c.name == "crl"] == [True]
+
+
+def test_sim_policy_refuses_evidence_with_the_crl_stripped(sim_dir, sim_policy):
+    """A host that drops the CRL from the bundle cannot skip revocation against the development policy."""
+    evidence = SimProvider(sim_dir).get_evidence(b"\x07" * 64)
+    stripped = dataclasses.replace(evidence, collateral={})
+    verdict = verify_evidence(decode_cmw(encode_cmw(stripped)), policy=sim_policy, expected_report_data=b"\x07" * 64)
+    assert not verdict.ok and verdict.status == "collateral_unavailable"
+    assert "CRL" in verdict.error
+
+
+@pytest.fixture
+def fake_kds():
+    from tests.attestation.test_snp_kds import FakeKds
+
+    fake = FakeKds()
+    url = fake.start()
+    yield fake, url
+    fake.stop()
+
+
+def test_configfs_tsm_with_kds_attaches_the_product_crl(kernel, sim_platform, sim_policy, fake_kds):
+    """The product comes from the report (CPUID) or its VEK: here the fake kernel's VCEK says "Sim"."""
+    from attestation.snp.kds import KdsClient
+
+    fake, url = fake_kds
+    fake.crls[("vcek", "Sim")] = sim_platform.crl()
+    with KdsClient(base_url=url) as kds:
+        provider = ConfigfsTsmProvider(kernel.root, fs=kernel, kds=kds)
+        rd = bytes(range(64))
+        evidence = provider.get_evidence(rd)
+        again = provider.get_evidence(rd)
+    assert fake.requests == ["/vcek/v1/Sim/crl"]  # fetched once, then served from the client's cache
+    assert evidence.platform == "snp" and evidence.collateral[SNP_CRL_FILE] == sim_platform.crl()
+    assert again.collateral[SNP_CRL_FILE] == sim_platform.crl()
+    assert kernel.entries == {}
+    as_sim = Evidence("sim", evidence.report, evidence.certificates, collateral=evidence.collateral)
+    verdict = verify_evidence(decode_cmw(encode_cmw(as_sim)), policy=sim_policy, expected_report_data=rd)
+    assert verdict.ok, verdict.error
+    assert [c.ok for c in verdict.checks if c.name == "crl"] == [True]
+
+
+def test_configfs_tsm_with_failing_kds_is_a_provider_error(kernel, fake_kds):
+    from attestation.snp.kds import KdsClient
+
+    fake, url = fake_kds  # serves no CRL: 404, which KDS answers at once (not retried)
+    with KdsClient(base_url=url, max_attempts=1) as kds:
+        with pytest.raises(ProviderError, match=r"cannot fetch the AMD CRL of Sim \(VCEK\).*HTTP 404.*not published"):
+            ConfigfsTsmProvider(kernel.root, fs=kernel, kds=kds).get_evidence(bytes(64))
+    assert kernel.entries == {}
+    fake.crls[("vcek", "Sim")] = b"not a CRL"
+    with KdsClient(base_url=url, max_attempts=1) as kds:
+        with pytest.raises(ProviderError, match="unusable data"):
+            ConfigfsTsmProvider(kernel.root, fs=kernel, kds=kds).get_evidence(bytes(64))
+    with KdsClient(base_url="http://127.0.0.1:9", max_attempts=1, timeout=2.0) as kds:  # nothing listens
+        with pytest.raises(ProviderError, match="cannot fetch the AMD CRL"):
+            ConfigfsTsmProvider(kernel.root, fs=kernel, kds=kds).get_evidence(bytes(64))
+
+
+def test_configfs_tsm_with_kds_needs_to_know_the_product(kernel, fake_kds):
+    """No CPUID (zero) and no VEK from the host: which CRL to attach cannot be told -> ProviderError."""
+    from attestation.snp.kds import KdsClient
+
+    class NoCerts(FakeTsmKernel):
+        def read(self, path):
+            data = super().read(path)
+            return b"" if path.name == "auxblob" else data
+
+    bare = NoCerts(kernel.root, sim=kernel.sim)
+    _fake, url = fake_kds
+    with KdsClient(base_url=url) as kds:
+        with pytest.raises(ProviderError, match="which product"):
+            ConfigfsTsmProvider(bare.root, fs=bare, kds=kds).get_evidence(bytes(64))
+    assert ConfigfsTsmProvider(bare.root, fs=bare).get_evidence(bytes(64)).collateral == {}  # without kds: as before
+
+
 def test_detect_provider(tmp_path, sim_dir):
     assert isinstance(detect_provider(simulate=True, sim_dir=sim_dir), SimProvider)
     with pytest.raises(ProviderError, match="--simulate"):
@@ -271,3 +358,16 @@ def test_detect_provider_prefers_configfs_tsm(kernel, tmp_path):
     assert isinstance(found, ConfigfsTsmProvider) and found.platform == "snp"
     assert isinstance(found, EvidenceProvider)
     assert kernel.entries == {}
+
+
+def test_detect_provider_hands_the_kds_client_to_snp_providers(kernel, tmp_path, sim_dir):
+    from attestation.snp.kds import KdsClient
+
+    kds = KdsClient(base_url="http://127.0.0.1:9")
+    kernel.root.mkdir()
+    device = tmp_path / "sev-guest"
+    device.write_bytes(b"")
+    assert detect_provider(tsm_root=kernel.root, sev_device=device, tsm_fs=kernel, kds=kds).kds is kds
+    assert detect_provider(tsm_root=tmp_path / "no-tsm", sev_device=device, kds=kds).kds is kds
+    assert detect_provider(tsm_root=kernel.root, sev_device=device, tsm_fs=kernel).kds is None
+    assert isinstance(detect_provider(simulate=True, sim_dir=sim_dir, kds=kds), SimProvider)  # the sim has its own

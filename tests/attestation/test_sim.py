@@ -122,3 +122,66 @@ def test_default_directory_from_environment(monkeypatch, tmp_path, sim_dir):
 def test_sim_trust_rejects_bad_fingerprint():
     with pytest.raises(ValueError):
         sim_trust("xyz")
+
+
+def test_crl_is_shaped_like_amd_kds(sim_platform):
+    """Issued by the ARK, RSASSA-PSS SHA-384 salt 48, thisUpdate an hour back, nextUpdate in a week, no ASK listed."""
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.x509.oid import SignatureAlgorithmOID
+
+    now = datetime.now(timezone.utc)
+    crl = x509.load_der_x509_crl(sim_platform.crl())
+    assert crl.issuer == sim_platform.ark.subject
+    assert crl.signature_algorithm_oid == SignatureAlgorithmOID.RSASSA_PSS
+    salt_48 = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+    sim_platform.ark.public_key().verify(crl.signature, crl.tbs_certlist_bytes, salt_48, hashes.SHA384())
+    assert abs(crl.last_update_utc - (now - timedelta(hours=1))) < timedelta(minutes=5)
+    assert abs(crl.next_update_utc - (now + timedelta(days=7))) < timedelta(minutes=5)
+    assert len(crl) == 0 and crl.get_revoked_certificate_by_serial_number(sim_platform.ask.serial_number) is None
+    # and it passes the SNP verifier's CRL check for the sim chain
+    report, certs = sim_platform.report(bytes(64))
+    verified = verify_report(report, vek=certs[0], chain=certs[1:], trust=sim_platform.trust, check_crl=True,
+                             crls=[sim_platform.crl()])
+    assert any(c.name == "crl" and c.ok for c in verified.checks)
+
+
+def test_crl_cached_then_reissued_near_next_update(tmp_path, sim_dir):
+    import shutil
+    from datetime import datetime, timedelta, timezone
+
+    from cryptography import x509
+
+    copy = tmp_path / "sim"
+    shutil.copytree(sim_dir, copy)
+    platform = SimPlatform.load_or_create(copy)
+    now = datetime.now(timezone.utc)
+    first = platform.crl(now=now)
+    assert platform.crl(now=now + timedelta(days=5)) is first  # cached while more than a day remains
+    renewed = platform.crl(now=now + timedelta(days=6, hours=12))
+    assert renewed != first
+    assert x509.load_der_x509_crl(renewed).next_update_utc > x509.load_der_x509_crl(first).next_update_utc
+
+
+def test_crl_refused_when_ark_key_became_world_readable(tmp_path, sim_dir):
+    """The ARK key is loaded lazily, on the first CRL; its 0600 check runs then too."""
+    import shutil
+
+    copy = tmp_path / "sim"
+    shutil.copytree(sim_dir, copy)
+    platform = SimPlatform.load_or_create(copy)
+    os.chmod(copy / "ark_key.pem", 0o644)
+    with pytest.raises(ProviderError, match="readable by others"):
+        platform.crl()
+    os.chmod(copy / "ark_key.pem", 0o600)
+    (copy / "ark_key.pem").unlink()
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    fd = os.open(copy / "ark_key.pem", os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    with pytest.raises(ProviderError, match="does not match"):
+        platform.crl()

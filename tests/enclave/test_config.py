@@ -41,6 +41,8 @@ def test_yaml_and_env_overrides(tmp_path: Path) -> None:
     ("backends: [{name: x, kind: tgi, base_url: 'http://h'}]\n", {}, "backends.0.kind"),
     ("backends: [{name: x, kind: ollama, base_url: 'ftp://h'}]\n", {}, "backends.0.base_url"),
     ("database_url: mysql://x\n", {}, "database_url"),
+    ("attestation: {kds_url: 'ftp://kds'}\n", {}, "attestation.kds_url"),
+    ("attestation: {kds_url: 'https://u:p@kds.example'}\n", {}, "attestation.kds_url"),
     ("pat_default_ttl_days: 400\n", {}, "pat_default_ttl_days must not exceed"),
     ("{}\n", {"CUBE_ENCLAVE__LISTEN__PORT": "many"}, "listen.port"),
     ("{}\n", {"CUBE_ENCLAVE__NOPE": "1"}, "nope: unknown key"),
@@ -53,6 +55,28 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict, needle: str) 
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, text), environ=env)
     assert needle in str(err.value)
+
+
+def test_kds_url_for_the_snp_crl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """attestation.kds_url reaches detect_provider as a KdsClient (unset: none); the sim ignores it."""
+    assert load_settings(DEFAULT_CONFIG, environ={}).attestation.kds_url is None
+    path = write(tmp_path, "attestation: {kds_url: 'http://127.0.0.1:7080/kds/'}\n")
+    assert load_settings(path, environ={}).attestation.kds_url == "http://127.0.0.1:7080/kds"
+    import attestation.providers
+    from attestation.errors import ProviderError
+
+    seen: dict = {}
+
+    def fake_detect(**kwargs):
+        seen.update(kwargs)
+        raise ProviderError("no attestation interface (test)")
+
+    monkeypatch.setattr(attestation.providers, "detect_provider", fake_detect)
+    monkeypatch.setattr("enclave.logs.configure_logging", lambda *a, **k: None)  # leave the root logger alone
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+    assert seen["kds"].base_url == "http://127.0.0.1:7080/kds"
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data"), "--simulate"]) == 2
+    assert seen["kds"] is None and seen["simulate"] is True
 
 
 def test_cli_prints_config_errors_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

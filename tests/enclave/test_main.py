@@ -74,6 +74,7 @@ def test_serve_bootstraps_and_prints_working_examples(tmp_path: Path) -> None:
     curl = next(line for line in out.splitlines() if line.strip().startswith("curl "))
     assert f"--cacert {cert}" in curl and f"/proxy/{domain}/v1/models" in curl
     policy_file = tmp_path / "data" / "sim-policy.yaml"
+    assert load_policy(policy_file).snp.require_crl  # the sim evidence carried its CRL, or the client had refused
     assert f"cube-attest verify-url https://localhost:{port} --policy {policy_file}" in out
     assert "openai_client(" in out and str(policy_file) in out
     # second start: no new bootstrap, no token
