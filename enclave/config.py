@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from enclave.backends.base import BackendConfig
+from enclave.backends.base import BackendConfig, plain_http_base_url
 
 ENV_PREFIX = "CUBE_ENCLAVE__"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "enclave.yaml"
@@ -54,21 +54,7 @@ class AttestationSettings(_Strict):
     @field_validator("kds_url")
     @classmethod
     def _check_kds_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        import httpx
-
-        try:
-            url = httpx.URL(value)
-        except Exception as exc:  # httpx.InvalidURL and friends
-            raise ValueError(f"not a URL: {exc}") from None
-        if url.scheme not in ("http", "https"):
-            raise ValueError("must start with http:// or https://")
-        if not url.host:
-            raise ValueError("has no host")
-        if url.userinfo or url.query or url.fragment:
-            raise ValueError("must be a plain base URL (no credentials, query or fragment)")
-        return str(url).rstrip("/")
+        return None if value is None else plain_http_base_url(value)
 
 
 class TlsSettings(_Strict):

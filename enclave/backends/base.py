@@ -32,6 +32,24 @@ def check_model_name(model: str) -> str:
     return model
 
 
+def plain_http_base_url(value: str) -> str:
+    """An http(s) base URL with a host and nothing else (no credentials, query or fragment), without a
+    trailing slash; ValueError saying what is wrong otherwise (for pydantic validators)."""
+    try:
+        url = httpx.URL(value)
+    except Exception as exc:  # httpx.InvalidURL and friends
+        raise ValueError(f"not a URL: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if not url.host:
+        raise ValueError("has no host")
+    if url.userinfo:
+        raise ValueError("must not carry credentials (a backend's token goes in api_key)")
+    if url.query or url.fragment:
+        raise ValueError("must not have a query or fragment")
+    return str(url).rstrip("/")
+
+
 class BackendConfig(BaseModel):
     """One LLM backend as listed in the enclave configuration.
 
@@ -54,19 +72,7 @@ class BackendConfig(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
-        try:
-            url = httpx.URL(value)
-        except Exception as exc:  # httpx.InvalidURL and friends
-            raise ValueError(f"not a URL: {exc}") from None
-        if url.scheme not in ("http", "https"):
-            raise ValueError("must start with http:// or https://")
-        if not url.host:
-            raise ValueError("has no host")
-        if url.userinfo:
-            raise ValueError("must not carry credentials; put a token in api_key")
-        if url.query or url.fragment:
-            raise ValueError("must not have a query or fragment")
-        return str(url).rstrip("/")
+        return plain_http_base_url(value)
 
     @field_validator("api_key")
     @classmethod
