@@ -11,7 +11,16 @@ import hmac
 from datetime import datetime, timezone
 from typing import Any
 
-from .policy import Policy
+from .policy import (
+    SNP_GUEST_POLICY_BITS,
+    SNP_PLATFORM_INFO_BITS,
+    TD_ATTRIBUTE_BITS,
+    Policy,
+    SnpMinTcb,
+    SnpPlatformInfoRule,
+    TdAttributesRule,
+    XfamRule,
+)
 from .verdict import Check, Verdict, VerifiedEvidence
 
 # SEV-SNP guest policy bits
@@ -45,6 +54,23 @@ def _int(value: Any) -> int | None:
     return None
 
 
+def _le_hex(value: Any) -> int | None:
+    """A claim in quote byte order (hex of little-endian bytes) as an integer."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return int.from_bytes(bytes.fromhex(value), "little")
+    except ValueError:
+        return None
+
+
+def _version(text: Any) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(x) for x in str(text).split("."))
+    except ValueError:
+        return None
+
+
 def snp_tcb_components(tcb: int, product: str | None) -> dict[str, int]:
     """Decode a TCB_VERSION by product: Turin's layout differs from Milan/Genoa's."""
     b = tcb.to_bytes(8, "little")
@@ -76,6 +102,52 @@ class _Appraisal:
             ok = _hex_eq(have, want)
             self.add(name, ok, f"{label} matches" if ok else f"{label} {have} != required {want}")
 
+    def one_of_hex(self, name: str, label: str, have: Any, allowed: list[str]) -> None:
+        """A hex value that must be in the policy's list when it gives one."""
+        if not allowed:
+            self.add(name, True, f"{label} not constrained by policy")
+        else:
+            ok = any(_hex_eq(have, want) for want in allowed)
+            self.add(name, ok, f"{label} {have} " + ("is allowed" if ok else f"is not among the {len(allowed)} allowed"))
+
+    def bits(self, name: str, label: str, have: int | None, rule: Any, names: dict[str, int],
+             exact: int | None = None, mask: tuple[int, int] | None = None) -> None:
+        """Appraise a bit field: named bits required set / forbidden, and an exact or masked value."""
+        if rule is None:
+            self.add(name, True, f"{label} not constrained by policy")
+            return
+        if have is None:
+            self.add(name, False, f"{label} missing from the claims")
+            return
+        wrong = [f"{n} is clear" for n in getattr(rule, "require", ()) if not have >> names[n] & 1]
+        wrong += [f"{n} is set" for n in getattr(rule, "forbid", ()) if have >> names[n] & 1]
+        if exact is not None and have != exact:
+            wrong.append(f"value {have:#x} != required {exact:#x}")
+        if mask is not None and have & mask[0] != mask[1]:
+            wrong.append(f"value {have:#x} under mask {mask[0]:#x} is {have & mask[0]:#x}, required {mask[1]:#x}")
+        self.add(name, not wrong, f"{label} {have:#x} " + ("meets the policy" if not wrong
+                                                             else "refused: " + "; ".join(wrong)))
+
+    def min_tcb(self, name: str, label: str, raw_claim: Any, minimum: SnpMinTcb, product: str | None) -> None:
+        """Each TCB component the policy names is at least its minimum."""
+        wanted = {k: val for k, val in minimum.model_dump().items() if val is not None}
+        reported = _int(raw_claim)
+        if not wanted:
+            self.add(name, True, f"{label} {raw_claim} (no minimum in policy)")
+            return
+        if reported is None:
+            self.add(name, False, f"the report's {label} is missing from the claims")
+            return
+        have = snp_tcb_components(reported, product)
+        short = []
+        for comp, least in wanted.items():
+            if comp not in have:
+                short.append(f"{comp} (not in this product's TCB)")
+            elif have[comp] < least:
+                short.append(f"{comp} {have[comp]} < {least}")
+        self.add(name, not short, f"{label} " + (", ".join(f"{k} {have.get(k)}" for k in wanted) + " meets the minimum"
+                                                 if not short else "below the minimum: " + ", ".join(short)))
+
 
 def _appraise_snp(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
     c = v.claims
@@ -104,9 +176,14 @@ def _appraise_snp(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
 
     vmpl = _int(c.get("vmpl"))
     if p.vmpl is None:
-        a.add("vmpl", True, f"VMPL {vmpl} (not constrained by policy)")
+        a.add("vmpl", True, f"VMPL {vmpl} (policy accepts any VMPL: vmpl: null)")
     else:
-        a.add("vmpl", vmpl == p.vmpl, f"VMPL {vmpl}" + ("" if vmpl == p.vmpl else f", policy requires VMPL {p.vmpl}"))
+        a.add("vmpl", vmpl == p.vmpl, f"VMPL {vmpl}" + ("" if vmpl == p.vmpl else
+                                                         f", policy requires VMPL {p.vmpl} (set snp.vmpl to accept another)"))
+    a.bits("guest_policy_bits", "guest POLICY", guest_policy, p.guest_policy, SNP_GUEST_POLICY_BITS)
+    info_rule: SnpPlatformInfoRule | None = p.platform_info
+    a.bits("platform_info", "PLATFORM_INFO", _int(c.get("platform_info")), info_rule, SNP_PLATFORM_INFO_BITS,
+           exact=info_rule.exact if info_rule else None)
 
     svn = _int(c.get("guest_svn"))
     ok = svn is not None and svn >= p.min_guest_svn
@@ -116,28 +193,33 @@ def _appraise_snp(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
     if not p.measurements:
         a.add("measurement", True, f"measurement {measurement} (no allowlist in policy)")
     else:
-        hit = any(_hex_eq(measurement, m) for m in p.measurements)
-        a.add("measurement", hit, f"measurement {measurement} " + ("is in the allowlist" if hit
-                                                                     else f"is not among the {len(p.measurements)} allowed"))
+        hit = next((m for m in p.measurements if _hex_eq(measurement, m.measurement)), None)
+        a.add("measurement", hit is not None, f"measurement {measurement} " + (
+            ("is in the allowlist" + (" (with kernel hashes)" if hit.kernel_hashes else " (firmware only)"))
+            if hit is not None else f"is not among the {len(p.measurements)} allowed"))
 
-    wanted = {k: val for k, val in p.min_tcb.model_dump().items() if val is not None}
-    reported = _int(c.get("reported_tcb"))
-    if not wanted:
-        a.add("min_tcb", True, f"reported TCB {c.get('reported_tcb')} (no minimum in policy)")
-    elif reported is None:
-        a.add("min_tcb", False, "the report's REPORTED_TCB is missing from the claims")
+    a.min_tcb("min_tcb", "REPORTED_TCB", c.get("reported_tcb"), p.min_tcb, v.product)
+    a.min_tcb("min_launch_tcb", "LAUNCH_TCB", c.get("launch_tcb"), p.min_launch_tcb, v.product)
+    if p.min_firmware is None:
+        a.add("min_firmware", True, f"SEV firmware {c.get('current_version')} (no minimum in policy)")
     else:
-        have = snp_tcb_components(reported, v.product)
-        short = []
-        for comp, minimum in wanted.items():
-            if comp not in have:
-                short.append(f"{comp} (not in this product's TCB)")
-            elif have[comp] < minimum:
-                short.append(f"{comp} {have[comp]} < {minimum}")
-        a.add("min_tcb", not short, "reported TCB " + (", ".join(f"{k} {have.get(k)}" for k in wanted) + " meets the minimum"
-                                                        if not short else "below the minimum: " + ", ".join(short)))
+        need = _version(p.min_firmware)
+        have = {k: _version(c.get(f"{k}_version")) for k in ("current", "committed")}
+        low = [f"{k} {c.get(f'{k}_version')}" for k, ver in have.items() if ver is None or need is None or ver < need]
+        a.add("min_firmware", not low, f"SEV firmware current {c.get('current_version')}, committed "
+              f"{c.get('committed_version')} " + ("meet" if not low else f"below ({', '.join(low)})")
+              + f" the minimum {p.min_firmware}")
 
     a.exact_hex("host_data", "HOST_DATA", c.get("host_data"), p.host_data)
+    a.one_of_hex("id_key_digest", "ID_KEY_DIGEST", c.get("id_key_digest"), p.id_key_digests)
+    if not p.author_key_digests:
+        a.add("author_key_digest", True, "AUTHOR_KEY_DIGEST not constrained by policy")
+    elif c.get("author_key_en") is not True:
+        a.add("author_key_digest", False, "the policy requires an author key but AUTHOR_KEY_EN is clear")
+    else:
+        a.one_of_hex("author_key_digest", "AUTHOR_KEY_DIGEST", c.get("author_key_digest"), p.author_key_digests)
+    a.exact_hex("family_id", "FAMILY_ID", c.get("family_id"), p.family_id)
+    a.exact_hex("image_id", "IMAGE_ID", c.get("image_id"), p.image_id)
 
 
 def _td_attributes(claims: dict[str, Any]) -> int | None:
@@ -171,6 +253,14 @@ def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
              accepted="SEPT_VE_DISABLE is clear (allowed by policy)",
              refused="SEPT_VE_DISABLE is clear: the TD may take #VE on EPT violations "
                      "(set tdx.require_sept_ve_disable: false to accept)")
+
+    attr_rule: TdAttributesRule | None = p.td_attributes
+    a.bits("td_attributes_bits", "TDATTRIBUTES", attrs, attr_rule, TD_ATTRIBUTE_BITS,
+           exact=_le_hex(attr_rule.exact) if attr_rule and attr_rule.exact else None)
+    xfam_rule: XfamRule | None = p.xfam
+    a.bits("xfam", "XFAM", _le_hex(c.get("xfam")), xfam_rule, {},
+           exact=_le_hex(xfam_rule.exact) if xfam_rule and xfam_rule.exact else None,
+           mask=(_le_hex(xfam_rule.mask), _le_hex(xfam_rule.value)) if xfam_rule and xfam_rule.mask else None)  # type: ignore[arg-type]
 
     servicetd = c.get("mrservicetd")
     a.opt_in("service_td", isinstance(servicetd, str) and any(ch != "0" for ch in servicetd), p.allow_service_td,

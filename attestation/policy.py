@@ -7,17 +7,23 @@ them); DEFAULT_POLICY is the permissive one used when no policy is given: it app
 evidence itself proves (signatures, chains, TCB status when collateral was evaluated) and still
 refuses debug guests and debug TDs.
 
+A policy is *measured* for a platform (``Policy.measurement_gaps``) only when every allowlist entry pins the
+whole boot chain: SEV-SNP launch digests computed with kernel hashes (``kernel_hashes: true``: the digest
+covers OVMF, the kernel, initrd and command line), TDX entries pinning MRTD (the TDVF firmware) and RTMR0-2
+(firmware configuration, kernel/initrd, command line).  A firmware-only digest accepts any OS booted on
+that firmware.  See docs/policies.md for every setting.
+
 Example::
 
     platforms: [snp, tdx]
     accepted_tcb_statuses: [UpToDate]
     snp:
-      measurements: ["<96 hex>"]
+      measurements:
+        - {measurement: "<96 hex>", kernel_hashes: true}
       min_tcb: {bootloader: 3, snp: 8, microcode: 115}
-      vmpl: 0
     tdx:
       measurements:
-        - {mrtd: "<96 hex>", rtmr0: "<96 hex>"}
+        - {mrtd: "<96 hex>", rtmr0: "<96 hex>", rtmr1: "<96 hex>", rtmr2: "<96 hex>"}
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import PolicyError
 
@@ -44,11 +50,29 @@ TCB_STATUSES = (
 )
 MAX_POLICY_BYTES = 256 * 1024
 _HEX = re.compile(r"[0-9a-fA-F]*")
+# Example policies carry "REPLACE..." where an operator's own value belongs; loading one refuses to run.
+PLACEHOLDER_PREFIX = "replace"
+
+# Named bits an appraisal rule may require or forbid (AMD SEV-SNP ABI: guest POLICY and PLATFORM_INFO;
+# Intel TDX module ABI: TDATTRIBUTES).  Bit numbers in the little-endian value.
+SNP_GUEST_POLICY_BITS = {
+    "SMT": 16, "MIGRATE_MA": 18, "DEBUG": 19, "SINGLE_SOCKET": 20, "CXL_ALLOW": 21, "MEM_AES_256_XTS": 22,
+    "RAPL_DIS": 23, "CIPHERTEXT_HIDING_DRAM": 24, "PAGE_SWAP_DISABLE": 25,
+}
+SNP_PLATFORM_INFO_BITS = {
+    "SMT_EN": 0, "TSME_EN": 1, "ECC_EN": 2, "RAPL_DIS": 3, "CIPHERTEXT_HIDING_DRAM_EN": 4,
+    "ALIAS_CHECK_COMPLETE": 5, "SEV_TIO_EN": 7,
+}
+TD_ATTRIBUTE_BITS = {"DEBUG": 0, "SEPT_VE_DISABLE": 28, "MIGRATABLE": 29, "PKS": 30, "KL": 31, "PERFMON": 63}
+# The RTMRs a TD's boot chain extends: 0 firmware configuration, 1 kernel/initrd, 2 command line (3: runtime).
+TDX_BOOT_RTMRS = ("rtmr0", "rtmr1", "rtmr2")
 
 
 def _hex_of(n_bytes: int):
     def check(value: str) -> str:
         text = value.strip().lower()
+        if text.startswith(PLACEHOLDER_PREFIX):
+            raise ValueError("is a placeholder from an example policy: put your image's value here")
         if text.startswith("0x"):
             text = text[2:]
         if not _HEX.fullmatch(text) or len(text) != 2 * n_bytes:
@@ -58,6 +82,7 @@ def _hex_of(n_bytes: int):
     return AfterValidator(check)
 
 
+Hex8 = Annotated[str, _hex_of(8)]
 Hex16 = Annotated[str, _hex_of(16)]
 Hex32 = Annotated[str, _hex_of(32)]
 Hex48 = Annotated[str, _hex_of(48)]
@@ -80,15 +105,108 @@ class SnpMinTcb(_Strict):
     fmc: Byte | None = None
 
 
+class SnpMeasurement(_Strict):
+    """One accepted SNP launch digest.  ``kernel_hashes`` says it was computed with QEMU ``kernel-hashes=on``,
+    so it covers the kernel, initrd and command line as well as the firmware; only such entries make a policy
+    measured.  A bare hex string in the allowlist means ``{measurement: <hex>, kernel_hashes: false}``."""
+
+    measurement: Hex48
+    kernel_hashes: bool = False
+
+
+def _measurement_entry(value: Any) -> Any:
+    return {"measurement": value} if isinstance(value, str) else value
+
+
+class _BitsRule(_Strict):
+    """Named bits a field must have set (``require``) or clear (``forbid``)."""
+
+    @model_validator(mode="after")
+    def _not_both(self) -> "_BitsRule":
+        both = set(getattr(self, "require", ())) & set(getattr(self, "forbid", ()))
+        if both:
+            raise ValueError(f"both required and forbidden: {', '.join(sorted(both))}")
+        return self
+
+
+class SnpGuestPolicyRule(_BitsRule):
+    """Bits of the guest POLICY the VM was launched with (beyond allow_debug / allow_smt / allow_migrate_ma)."""
+
+    require: list[Literal[tuple(SNP_GUEST_POLICY_BITS)]] = Field(default_factory=list)  # type: ignore[valid-type]
+    forbid: list[Literal[tuple(SNP_GUEST_POLICY_BITS)]] = Field(default_factory=list)  # type: ignore[valid-type]
+
+
+class SnpPlatformInfoRule(_BitsRule):
+    """PLATFORM_INFO: the host platform's configuration at report time; ``exact`` pins the whole value."""
+
+    require: list[Literal[tuple(SNP_PLATFORM_INFO_BITS)]] = Field(default_factory=list)  # type: ignore[valid-type]
+    forbid: list[Literal[tuple(SNP_PLATFORM_INFO_BITS)]] = Field(default_factory=list)  # type: ignore[valid-type]
+    exact: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None
+
+
+class TdAttributesRule(_BitsRule):
+    """TDATTRIBUTES bits (beyond allow_debug / require_sept_ve_disable); ``exact`` is 16 hex digits in quote
+    byte order, as the ``td_attributes`` claim shows it."""
+
+    require: list[Literal[tuple(TD_ATTRIBUTE_BITS)]] = Field(default_factory=list)  # type: ignore[valid-type]
+    forbid: list[Literal[tuple(TD_ATTRIBUTE_BITS)]] = Field(default_factory=list)  # type: ignore[valid-type]
+    exact: Hex8 | None = None
+
+
+class XfamRule(_Strict):
+    """XFAM (the extended CPU features the TD may use), in quote byte order as the ``xfam`` claim shows it:
+    ``exact`` the whole value, or ``mask`` + ``value``: the bits under the mask must equal value's."""
+
+    exact: Hex8 | None = None
+    mask: Hex8 | None = None
+    value: Hex8 | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "XfamRule":
+        if (self.mask is None) != (self.value is None):
+            raise ValueError("mask and value go together")
+        if self.exact is not None and self.mask is not None:
+            raise ValueError("give exact or mask/value, not both")
+        if self.exact is None and self.mask is None:
+            raise ValueError("give exact or mask/value")
+        if self.mask is not None and int(self.value, 16) & ~int(self.mask, 16):  # type: ignore[arg-type]
+            raise ValueError("value sets bits outside mask")
+        return self
+
+
+_FIRMWARE_VERSION = re.compile(r"(\d{1,3})\.(\d{1,3})(?:\.(\d{1,3}))?")
+
+
+def _firmware_version(value: str) -> str:
+    match = _FIRMWARE_VERSION.fullmatch(value.strip())
+    if not match or any(int(g) > 255 for g in match.groups() if g is not None):
+        raise ValueError('must be "MAJOR.MINOR" or "MAJOR.MINOR.BUILD" (each 0-255), e.g. "1.55.21"')
+    major, minor, build = match.groups()
+    return f"{int(major)}.{int(minor)}.{int(build or 0)}"
+
+
 class SnpPolicy(_Strict):
-    measurements: list[Hex48] = Field(default_factory=list, max_length=1024)
+    measurements: list[Annotated[SnpMeasurement, BeforeValidator(_measurement_entry)]] = Field(
+        default_factory=list, max_length=1024)
     min_tcb: SnpMinTcb = Field(default_factory=SnpMinTcb)
+    # LAUNCH_TCB: the TCB the guest was launched under (REPORTED_TCB can be lowered by the host later).
+    min_launch_tcb: SnpMinTcb = Field(default_factory=SnpMinTcb)
+    # SEV firmware version: both CURRENT and COMMITTED (the rollback floor) must be at least this.
+    min_firmware: Annotated[str, AfterValidator(_firmware_version)] | None = None
     min_guest_svn: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     allow_debug: bool = False
     allow_migrate_ma: bool = False
     allow_smt: bool = False
-    vmpl: Annotated[int, Field(ge=0, le=3)] | None = None
+    # The VMPL the report was requested from; null accepts any (software below VMPL 0 did not ask).
+    vmpl: Annotated[int, Field(ge=0, le=3)] | None = 0
     host_data: Hex32 | None = None
+    guest_policy: SnpGuestPolicyRule | None = None
+    platform_info: SnpPlatformInfoRule | None = None
+    # ID block: the ID key (and optionally author key) that signed it, and the family/image ids it names.
+    id_key_digests: list[Hex48] = Field(default_factory=list, max_length=64)
+    author_key_digests: list[Hex48] = Field(default_factory=list, max_length=64)
+    family_id: Hex16 | None = None
+    image_id: Hex16 | None = None
     signing_keys: list[Literal["VCEK", "VLEK"]] = Field(default_factory=lambda: ["VCEK", "VLEK"], min_length=1)
     # The AMD CRL reaches a verifier inside evidence the (untrusted) host assembles, so without this a
     # host can skip the revocation check by leaving the CRL out; true refuses evidence without one
@@ -116,6 +234,8 @@ class TdxPolicy(_Strict):
     allow_debug: bool = False
     require_sept_ve_disable: bool = True
     allow_service_td: bool = False
+    td_attributes: TdAttributesRule | None = None
+    xfam: XfamRule | None = None
     require_collateral: bool = False
 
 
@@ -136,10 +256,28 @@ class Policy(_Strict):
     # without a measurement allowlist a host could boot its own image on genuine hardware and be trusted.
     allow_unmeasured: bool = False
 
+    def measurement_gaps(self) -> dict[str, str]:
+        """Allowed hardware platform -> why this policy does not pin its whole boot chain (empty: measured).
+
+        The one definition of "measured": SNP, every allowlisted launch digest has ``kernel_hashes: true``;
+        TDX, every entry pins MRTD and RTMR0, RTMR1 and RTMR2.  An empty allowlist is unmeasured.
+        """
+        gaps = {}
+        for platform in self.platforms:
+            if platform in ("snp", "tdx"):
+                gap = _measurement_gap(self, platform)
+                if gap:
+                    gaps[platform] = gap
+        return gaps
+
     def unmeasured_platforms(self) -> list[str]:
-        """Allowed hardware platforms (snp, tdx) for which this policy pins no measurement."""
-        pinned = {"snp": bool(self.snp.measurements), "tdx": bool(self.tdx.measurements)}
-        return [p for p in self.platforms if p in pinned and not pinned[p]]
+        """Allowed hardware platforms (snp, tdx) whose boot chain this policy does not pin."""
+        return list(self.measurement_gaps())
+
+    def is_measured(self, platform: str | None) -> bool:
+        """Whether evidence of this platform was compared with a whole measured boot chain (sim: as snp)."""
+        kind = "snp" if platform == "sim" else platform
+        return kind in ("snp", "tdx") and _measurement_gap(self, kind) is None
 
     @model_validator(mode="after")
     def _sim_needs_root(self) -> "Policy":
@@ -151,6 +289,28 @@ class Policy(_Strict):
         if len(set(self.platforms)) != len(self.platforms):
             raise ValueError("platforms: listed twice")
         return self
+
+
+def _measurement_gap(policy: Policy, platform: str) -> str | None:
+    if platform == "snp":
+        entries = policy.snp.measurements
+        if not entries:
+            return "no measurement allowlist"
+        firmware_only = [str(i) for i, m in enumerate(entries) if not m.kernel_hashes]
+        if firmware_only:
+            one = len(firmware_only) == 1
+            return (f"snp.measurements entr{'y' if one else 'ies'} {', '.join(firmware_only)} "
+                    f"lack{'s' if one else ''} kernel_hashes: true (a firmware-only digest accepts any kernel, initrd and command line)")
+        return None
+    entries_t = policy.tdx.measurements
+    if not entries_t:
+        return "no measurement allowlist"
+    partial = [f"{i} (no {', '.join(r.upper() for r in TDX_BOOT_RTMRS if getattr(m, r) is None)})"
+               for i, m in enumerate(entries_t) if any(getattr(m, r) is None for r in TDX_BOOT_RTMRS)]
+    if partial:
+        return ("tdx.measurements entries must pin MRTD and RTMR0-2 (MRTD covers only the firmware): "
+                + ", ".join(partial))
+    return None
 
 
 def _describe(err: ValidationError) -> str:
@@ -248,6 +408,6 @@ DEFAULT_POLICY = Policy(
     name="default (evidence only)",
     platforms=["snp", "tdx"],
     accepted_tcb_statuses=["UpToDate"],
-    snp=SnpPolicy(allow_debug=False, allow_migrate_ma=True, allow_smt=True),
+    snp=SnpPolicy(allow_debug=False, allow_migrate_ma=True, allow_smt=True, vmpl=None),
     tdx=TdxPolicy(allow_debug=False, require_sept_ve_disable=False, allow_service_td=True),
 )

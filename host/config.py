@@ -57,6 +57,8 @@ class VerifySettings(_Strict):
     default_policy: str = "default"
     developer: str = "cube-ai"
     build: str = "cube-host 0.1.0"
+    # EAR `exp` = `iat` + this: a result describes evidence at one moment, so it is short-lived.
+    ear_lifetime_seconds: float = Field(300.0, ge=1, le=86400)
     status_max_enclaves: int = Field(64, ge=1, le=10_000)
 
 

@@ -9,6 +9,7 @@ Shape (JSON claims)::
     {
       "eat_profile": "tag:github.com,2023:veraison/ear",
       "iat": 1767225600,
+      "exp": 1767225900,                                                # iat + lifetime (default 300 s)
       "ear.verifier-id": {"developer": "cube-ai", "build": "cube-host 0.1.0"},
       "eat_nonce": "<the caller's nonce, echoed verbatim>",            # when one was given
       "submods": {
@@ -25,20 +26,26 @@ Shape (JSON claims)::
       "ear.cube-ai.advisory": "signed by the untrusted host agent; verify evidence yourself where you can"
     }
 
-Status mapping: refused -> contraindicated; accepted and TCB UpToDate (or, where the platform has no
-TCB status, every check passed) -> affirming; accepted but the TCB status is one the policy tolerates
-other than UpToDate, or TDX verified without TCB evaluation (no collateral) -> warning.
+Status mapping: refused -> contraindicated; affirming only when the policy is *measured* for the platform
+(``Policy.is_measured``: the whole boot chain pinned) and every check passed with the TCB UpToDate (or, on
+SNP, which has no TCB status, every check passed); accepted otherwise -> warning: the policy pins no (or only a
+firmware) measurement, the TCB status is one the policy tolerates other than UpToDate, or TDX was verified
+without TCB evaluation (no collateral).
+
+``exp`` is ``iat`` plus a short lifetime (``verify.ear_lifetime_seconds``, default 300 s): a result is about
+evidence at one moment, not a standing credential; ``verify_ear`` requires and checks it.
 
 Trustworthiness vector (AR4SI values: 0 no claim, 2 affirming, 32 warning, 96 contraindicated,
 99 cryptographic validation failed), each claim derived from the verdict's checks:
   instance-identity  signatures and certificate chains (report/quote signature, VEK/PCK chain, pinned
                      root, QE binding); 99 when one failed, 96 when a certificate is revoked (CRL);
-  hardware           TCB checks (TCB level/status, VEK-TCB match, minimum TCB, TDX module); 32 when an
-                     accepted but not up-to-date TCB, 96 when refused;
-  configuration      guest policy / TD attributes (debug, migration agent, SMT, VMPL, SEPT_VE_DISABLE,
-                     host data, REPORT_DATA binding, signing key, platform);
-  executables        launch measurement (MEASUREMENT / MRTD+RTMRs), guest SVN, service TD: 0 when the
-                     policy pins no measurement (nothing was compared with approved builds).
+  hardware           TCB checks (TCB level/status, VEK-TCB match, minimum TCB and launch TCB, SEV firmware
+                     version, PLATFORM_INFO, TDX module); 32 when an accepted but not up-to-date TCB, 96 when refused;
+  configuration      guest policy / TD attributes (debug, migration agent, SMT, VMPL, guest POLICY bits,
+                     TDATTRIBUTES bits, XFAM, SEPT_VE_DISABLE, host data, REPORT_DATA binding, signing key, platform);
+  executables        launch measurement (MEASUREMENT / MRTD+RTMRs), ID block (ID/author key, family/image id),
+                     guest SVN, service TD: 0 when the policy is not measured (the boot chain was not compared
+                     with approved builds).
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ EAR_MEDIA_TYPE = 'application/eat+jwt; eat_profile="tag:github.com,2023:veraison
 SUBMOD = "cpu0"
 ADVISORY = "signed by the untrusted host agent; clients that can should verify the evidence themselves"
 KEY_FILE = "ear-signing-key.pem"
+DEFAULT_LIFETIME_SECONDS = 300.0
 
 AFFIRMING, WARNING, CONTRAINDICATED = "affirming", "warning", "contraindicated"
 
@@ -78,32 +86,29 @@ _IDENTITY = {"report_signature", "quote_signature", "qe_report_signature", "qe_i
 _REVOCATION = {"crl", "pck_crl", "root_ca_crl"}
 _NOT_CRYPTO = {"product", "report_format", "parse", "evidence", "collateral", "verification", "platform"}
 _HARDWARE = {"tcb_level", "tcb_status", "tcb_matches_vek", "tcb_not_above_current", "min_tcb", "tdx_module",
-             "min_tee_tcb_svn", "collateral_present", "collateral_age", "min_pcesvn", "min_qe_isvsvn"}
-_EXECUTABLES = {"measurement", "min_guest_svn", "service_td"}
+             "min_tee_tcb_svn", "collateral_present", "collateral_age", "min_pcesvn", "min_qe_isvsvn",
+             "min_launch_tcb", "min_firmware", "platform_info"}
+_EXECUTABLES = {"measurement", "min_guest_svn", "service_td", "id_key_digest", "author_key_digest", "family_id",
+                "image_id"}
 _CONFIGURATION = {"debug_disabled", "guest_policy", "migrate_ma", "smt", "vmpl", "host_data", "td_attributes",
                   "td_attributes_reserved", "sept_ve_disable", "report_data", "signing_key", "platform_allowed",
-                  "mrconfigid", "mrowner"}
+                  "mrconfigid", "mrowner", "guest_policy_bits", "td_attributes_bits", "xfam"}
 
 
-def ear_status(verdict: Verdict) -> str:
+def _tcb_short(verdict: Verdict) -> bool:
+    """Accepted with a TCB below UpToDate, or TDX with no TCB evaluation at all (no collateral)."""
+    if verdict.status == "verified":
+        return verdict.platform == "tdx"
+    return verdict.status != "UpToDate"
+
+
+def ear_status(verdict: Verdict, policy: Policy | None) -> str:
+    """contraindicated / warning / affirming (see the module docstring); without a measured policy, at most warning."""
     if not verdict.ok:
         return CONTRAINDICATED
-    if verdict.status == "UpToDate":
-        return AFFIRMING
-    if verdict.status == "verified":
-        # TDX verified on signatures alone (no collateral, so no TCB evaluation) cannot be affirmed.
-        return WARNING if verdict.platform == "tdx" else AFFIRMING
-    return WARNING  # an accepted TCB status other than UpToDate
-
-
-def _pins_measurements(policy: Policy | None, platform: str | None) -> bool:
-    if policy is None:
-        return False
-    if platform in ("snp", "sim"):
-        return bool(policy.snp.measurements)
-    if platform == "tdx":
-        return bool(policy.tdx.measurements)
-    return False
+    if policy is None or not policy.is_measured(verdict.platform):
+        return WARNING  # any image on genuine hardware would have passed: nothing affirms the software
+    return WARNING if _tcb_short(verdict) else AFFIRMING
 
 
 def trustworthiness_vector(verdict: Verdict, policy: Policy | None = None) -> dict[str, int]:
@@ -130,15 +135,15 @@ def trustworthiness_vector(verdict: Verdict, policy: Policy | None = None) -> di
         vector["instance-identity"] = NO_CLAIM
 
     hardware = band(_HARDWARE)
-    if hardware == TV_AFFIRMING and ear_status(verdict) == WARNING:
+    if hardware == TV_AFFIRMING and verdict.ok and _tcb_short(verdict):
         hardware = TV_WARNING  # TCB accepted below UpToDate, or not evaluated at all (TDX without collateral)
     if hardware == NO_CLAIM and verdict.ok and verdict.platform in ("snp", "sim"):
         hardware = TV_AFFIRMING  # VEK chain to the pinned root: genuine part, TCB bound by the VEK
     vector["hardware"] = hardware
     vector["configuration"] = band(_CONFIGURATION)
     vector["executables"] = band(_EXECUTABLES)
-    if verdict.ok and not _pins_measurements(policy, verdict.platform):
-        vector["executables"] = NO_CLAIM  # nothing was compared against approved measurements
+    if verdict.ok and not (policy is not None and policy.is_measured(verdict.platform)):
+        vector["executables"] = NO_CLAIM  # the boot chain was not compared against approved measurements
     # Unknown check names that failed still have to show up somewhere.
     known = _IDENTITY | _HARDWARE | _EXECUTABLES | _CONFIGURATION
     if any(not c.ok and c.name not in known for c in checks) and vector["configuration"] != TV_CONTRAINDICATED:
@@ -147,9 +152,13 @@ def trustworthiness_vector(verdict: Verdict, policy: Policy | None = None) -> di
 
 
 def build_ear(verdict: Verdict, *, policy_name: str, nonce: str | None, developer: str, build: str,
-              policy: Policy | None = None, now: float | None = None) -> dict[str, Any]:
+              policy: Policy | None = None, now: float | None = None,
+              lifetime: float = DEFAULT_LIFETIME_SECONDS) -> dict[str, Any]:
+    if not lifetime > 0:
+        raise ValueError("EAR lifetime must be positive")
+    issued = int(now if now is not None else time.time())
     submod: dict[str, Any] = {
-        "ear.status": ear_status(verdict),
+        "ear.status": ear_status(verdict, policy),
         "ear.trustworthiness-vector": trustworthiness_vector(verdict, policy),
         "ear.appraisal-policy-id": f"cube-ai:policy:{policy_name}",
         "ear.cube-ai.claims": {
@@ -165,7 +174,8 @@ def build_ear(verdict: Verdict, *, policy_name: str, nonce: str | None, develope
     }
     claims: dict[str, Any] = {
         "eat_profile": EAR_PROFILE,
-        "iat": int(now if now is not None else time.time()),
+        "iat": issued,
+        "exp": issued + max(1, int(lifetime)),
         "ear.verifier-id": {"developer": developer, "build": build},
         "submods": {SUBMOD: submod},
         "ear.cube-ai.advisory": ADVISORY,
@@ -232,11 +242,12 @@ def jwk_thumbprint(jwk: dict[str, str]) -> str:
     return _b64url(hashlib.sha256(canonical).digest())
 
 
-def verify_ear(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
-    """Check an EAR JWT against a JWKS (by kid) and the EAR profile; returns the claims.
+def verify_ear(token: str, jwks: dict[str, Any], *, leeway: float = 0.0) -> dict[str, Any]:
+    """Check an EAR JWT against a JWKS (by kid), its expiry and the EAR profile; returns the claims.
 
-    Raises jwt.InvalidTokenError on any failure. Useful for operators and tests; remember the
-    result is only as trustworthy as the host that signed it.
+    Raises jwt.InvalidTokenError on any failure (jwt.ExpiredSignatureError once ``exp`` has passed, a
+    MissingRequiredClaimError without one). Useful for operators and tests; remember the result is only
+    as trustworthy as the host that signed it.
     """
     header = jwt.get_unverified_header(token)
     if header.get("alg") != "ES256":
@@ -244,7 +255,8 @@ def verify_ear(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
     for key in jwks.get("keys", []):
         if key.get("kid") == header.get("kid"):
             public = jwt.algorithms.ECAlgorithm.from_jwk(json.dumps(key))
-            claims = jwt.decode(token, public, algorithms=["ES256"], options={"require": ["iat"]})
+            claims = jwt.decode(token, public, algorithms=["ES256"], leeway=leeway,
+                                options={"require": ["iat", "exp"], "verify_exp": True, "verify_iat": True})
             if claims.get("eat_profile") != EAR_PROFILE:
                 raise jwt.InvalidTokenError("not an EAR (eat_profile)")
             return claims

@@ -2,6 +2,7 @@
 
     cube-host measure --ovmf OVMF.fd [--kernel K --initrd I --append TEXT] --vcpus N
                       [--vcpu-type EPYC-v4] [--guest-features 0x1] [--policy-out FILE [--force]]
+                      [--firmware-only]   (needed for --policy-out without --kernel: not for production)
     cube-host qemu-cmd --platform snp|tdx --ovmf OVMF.fd [--kernel ...] --memory 8G --vcpus 4
                       [--vsock-cid N] [--forward HOSTPORT:GUESTPORT ...] [--disk FILE] [--json] [--measure]
 
@@ -49,7 +50,11 @@ def add_launch_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     p_measure = sub.add_parser("measure", help="expected SEV-SNP launch measurement (and a policy pinning it)")
     _add_snp_inputs(p_measure)
     p_measure.add_argument("--policy-out", type=Path, default=None, help="write a ready SNP policy YAML here")
-    p_measure.add_argument("--policy-name", default="snp-enclave")
+    p_measure.add_argument("--policy-name", default=None,
+                           help="policy name (default snp-enclave; snp-firmware-only with --firmware-only)")
+    p_measure.add_argument("--firmware-only", action="store_true",
+                           help="without --kernel: write the firmware-only policy anyway, marked not for production "
+                                "(the attested client refuses it unless allow_unmeasured: true is added)")
     p_measure.add_argument("--force", action="store_true", help="replace an existing --policy-out file")
 
     p_qemu = sub.add_parser("qemu-cmd", help="print the QEMU command line for the enclave VM (never runs it)")
@@ -76,8 +81,8 @@ def run_measure(args: argparse.Namespace) -> int:
     launch = _snp_launch(args)
     measurement = snp_measurement(launch)
     if args.policy_out is not None:
-        write_policy(args.policy_out, snp_policy_yaml(measurement, launch, name=args.policy_name),
-                     overwrite=args.force)
+        write_policy(args.policy_out, snp_policy_yaml(measurement, launch, name=args.policy_name,
+                                                      firmware_only=args.firmware_only), overwrite=args.force)
     print(measurement.hex())
     return 0
 

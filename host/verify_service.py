@@ -289,9 +289,9 @@ def create_app(config: HostConfig, *, collateral_transport: httpx.AsyncBaseTrans
             verdict = Verdict(ok=False, platform=evidence.platform, product=evidence.product, status="error",
                               claims={}, checks=[Check("verification", False, f"internal error: {type(exc).__name__}")],
                               error="internal verifier error")
-        status = ear_status(verdict)
+        status = ear_status(verdict, policy)
         claims = build_ear(verdict, policy_name=policy_name, nonce=nonce, developer=config.verify.developer,
-                           build=config.verify.build, policy=policy)
+                           build=config.verify.build, policy=policy, lifetime=config.verify.ear_lifetime_seconds)
         token = signer.sign(claims)
         VERIFY_RESULTS.labels(status, policy_name).inc()
         try:

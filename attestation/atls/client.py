@@ -676,16 +676,19 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20,
 def require_measured_policy(policy: Policy) -> None:
     """Refuse, before any connection, a policy under which any image on genuine hardware would be trusted.
 
-    A client sends credentials once the enclave is verified; if the policy pins no measurement, a host could
-    boot an image of its own on genuine SNP/TDX hardware and receive them. ``allow_unmeasured: true`` in the
+    A client sends credentials once the enclave is verified; if the policy does not pin the whole boot chain
+    (``Policy.measurement_gaps``: firmware-only digests count as unmeasured), a host could boot an OS of its
+    own on genuine SNP/TDX hardware and receive them. ``allow_unmeasured: true`` in the
     policy opts out explicitly (``cube-attest verify-url`` only inspects, so it does not require this).
     """
-    unmeasured = policy.unmeasured_platforms()
-    if unmeasured and not policy.allow_unmeasured:
+    gaps = policy.measurement_gaps()  # the one definition of "measured" (attestation.policy)
+    if gaps and not policy.allow_unmeasured:
         raise PolicyError(
-            f"policy {policy.name!r} accepts any {'/'.join(unmeasured)} guest image (no measurement allowlist): "
-            "a host could run its own image and receive your credentials; list the expected measurements "
-            "(e.g. from `cube-host measure`), or set allow_unmeasured: true to accept that risk"
+            f"policy {policy.name!r} does not pin the whole boot chain ("
+            + "; ".join(f"{platform}: {why}" for platform, why in gaps.items())
+            + "): a host could run its own OS on genuine hardware and receive your credentials; list the expected "
+            "measurements (SNP: `cube-host measure --kernel ...`; TDX: MRTD and RTMR0-2), or set "
+            "allow_unmeasured: true to accept that risk"
         )
 
 

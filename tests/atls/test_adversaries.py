@@ -140,7 +140,8 @@ def test_old_nonce_relabelled_as_new_is_refused(make_server, sim_policy):
     assert server.app.state.seen_authorization == []
 
 
-PRODUCTION_POLICY = policy_from_yaml('name: production\nplatforms: [snp]\nsnp:\n  measurements: ["' + "ab" * 48 + '"]\n')
+PRODUCTION_POLICY = policy_from_yaml('name: production\nplatforms: [snp]\nsnp:\n  measurements: [{measurement: "'
+                                     + "ab" * 48 + '", kernel_hashes: true}]\n')
 
 
 def test_production_policy_refuses_sim_evidence(make_server):

@@ -19,8 +19,11 @@ def test_example_policies_load():
     names = sorted(p.name for p in POLICIES.glob("*.yaml"))
     assert {"evidence-only.yaml", "snp-production.yaml", "tdx-production.yaml", "sim-development.yaml"} <= set(names)
     for path in POLICIES.glob("*.yaml"):
-        assert isinstance(load_policy(path), Policy)
-    assert load_policy(POLICIES / "tdx-production.yaml").tdx.require_collateral is True
+        if "production" in path.name:  # placeholders: test_measured_policy fills them in
+            with pytest.raises(PolicyError, match="placeholder"):
+                load_policy(path)
+        else:
+            assert isinstance(load_policy(path), Policy)
     assert "sim" in load_policy(POLICIES / "sim-development.yaml").platforms
 
 
@@ -42,7 +45,7 @@ def test_defaults_are_strict_and_default_policy_permissive():
 
 def test_values_normalised():
     p = policy_from_yaml(f"snp:\n  measurements: ['0x{'AB' * 48}']\nreport_data: '{'Cd' * 64}'\n")
-    assert p.snp.measurements == ["ab" * 48]
+    assert [m.measurement for m in p.snp.measurements] == ["ab" * 48]
     assert p.report_data == "cd" * 64
 
 

@@ -21,7 +21,7 @@ def _snp_policy(extra: str) -> object:
                                   "trustee--test-report.bin", "trustee--test-vlek-report.bin"])
 def test_snp_vectors_yield_expected_claims(snp_vector, name):
     evidence, entry, at = snp_vector(name)
-    verdict = verify_evidence(evidence, policy=policy_from_yaml("snp: {allow_debug: true, allow_smt: true}"), at=at)
+    verdict = verify_evidence(evidence, policy=policy_from_yaml("snp: {allow_debug: true, allow_smt: true, vmpl: null}"), at=at)
     assert verdict.ok, verdict.error
     assert verdict.platform == "snp" and verdict.status == "verified"
     for key in ("policy", "vmpl", "signing_key", "reported_tcb", "measurement", "report_data", "chip_id"):
@@ -64,7 +64,7 @@ def test_vmpl_miss(snp_vector):
     verdict = verify_evidence(evidence, policy=_snp_policy("  vmpl: 0\n"), at=at)
     assert _failed(verdict) == {"vmpl"}
     assert verify_evidence(evidence, policy=_snp_policy("  vmpl: 1\n"), at=at).ok
-    only_vcek = verify_evidence(evidence, policy=_snp_policy("  signing_keys: [VCEK]\n"), at=at)
+    only_vcek = verify_evidence(evidence, policy=_snp_policy("  vmpl: 1\n  signing_keys: [VCEK]\n"), at=at)
     assert _failed(only_vcek) == {"signing_key"}
 
 

@@ -107,7 +107,8 @@ def test_cli_verifies_the_enclave_before_sending_the_token(svc, capsys, tmp_path
     assert main(["--url", server.url, "--policy", str(sim_policy), "--token", root, "--json", "whoami"]) == 0
     assert json.loads(capsys.readouterr().out)["user"]["superadmin"] is True
     production = tmp_path / "snp.yaml"
-    production.write_text('name: production\nplatforms: [snp]\nsnp: {measurements: ["' + "ab" * 48 + '"]}\n')
+    production.write_text('name: production\nplatforms: [snp]\nsnp: {measurements: [{measurement: "' + "ab" * 48
+                          + '", kernel_hashes: true}]}\n')
     assert main(["--url", server.url, "--policy", str(production), "--token", root, "whoami"]) == 1
     err = capsys.readouterr().err
     assert "not verified, nothing was sent" in err and "sim" in err

@@ -38,6 +38,8 @@ from pathlib import Path
 import pytest
 
 from attestation.appraise import appraise
+from attestation.atls.client import require_measured_policy
+from attestation.errors import PolicyError
 from attestation.policy import load_policy
 from attestation.sim import SIM_MEASUREMENT, SimPlatform
 from attestation.snp.verify import verify_report
@@ -165,7 +167,8 @@ def test_policy_out_loads_and_admits_only_the_measured_image(capsys, guest, tmp_
     measurement = out.strip()
     policy = load_policy(policy_path)
     assert policy.platforms == ["snp"]
-    assert policy.snp.measurements == [measurement]
+    assert [(m.measurement, m.kernel_hashes) for m in policy.snp.measurements] == [(measurement, True)]
+    require_measured_policy(policy)  # kernel, initrd and command line are in the digest: a measured policy
     assert policy.snp.allow_debug is False and policy.snp.allow_migrate_ma is False and policy.snp.vmpl == 0
 
     sim = SimPlatform.load_or_create(tmp_path / "sim")
@@ -179,11 +182,36 @@ def test_policy_out_loads_and_admits_only_the_measured_image(capsys, guest, tmp_
 
     # an existing policy file is never silently replaced
     before = policy_path.read_bytes()
-    code, _, err = run(capsys, "measure", "--ovmf", str(guest["ovmf"]), "--vcpus", "8", "--policy-out", str(policy_path))
+    code, _, err = run(capsys, "measure", "--ovmf", str(guest["ovmf"]), "--vcpus", "8", "--kernel", str(guest["kernel"]),
+                       "--policy-out", str(policy_path))
     assert code == 2 and "--force" in err and policy_path.read_bytes() == before
-    code, out, _ = run(capsys, "measure", "--ovmf", str(guest["ovmf"]), "--vcpus", "8", "--policy-out",
-                       str(policy_path), "--force")
-    assert code == 0 and load_policy(policy_path).snp.measurements == [out.strip()] != [measurement]
+    code, out, _ = run(capsys, "measure", "--ovmf", str(guest["ovmf"]), "--vcpus", "8", "--kernel", str(guest["kernel"]),
+                       "--policy-out", str(policy_path), "--force")
+    assert code == 0 and [m.measurement for m in load_policy(policy_path).snp.measurements] == [out.strip()]
+    assert out.strip() != measurement
+
+
+def test_firmware_only_policy_needs_asking_and_is_never_production(capsys, guest, tmp_path) -> None:
+    """Without --kernel the digest covers only OVMF: any OS on that firmware matches it."""
+    policy_path = tmp_path / "fw.yaml"
+    base = ["measure", "--ovmf", str(guest["ovmf"]), "--vcpus", "4", "--policy-out", str(policy_path)]
+    code, out, err = run(capsys, *base)
+    assert code == 2 and out == "" and "--firmware-only" in err and "any kernel" in err
+    assert not policy_path.exists()
+    code, out, err = run(capsys, *base, "--firmware-only")
+    assert code == 0, err
+    text = policy_path.read_text()
+    assert text.startswith("# FIRMWARE-ONLY") and "NOT FOR PRODUCTION" in text and "kernel-hashes=off" in text
+    assert all("production" not in line.lower() or "not for production" in line.lower()
+               or "for production" in line.lower() for line in text.splitlines())
+    policy = load_policy(policy_path)
+    assert policy.name == "snp-firmware-only"
+    assert [(m.measurement, m.kernel_hashes) for m in policy.snp.measurements] == [(out.strip(), False)]
+    with pytest.raises(PolicyError, match="lacks kernel_hashes: true"):
+        require_measured_policy(policy)  # the attested client refuses it before connecting
+    code, _, err = run(capsys, "measure", "--ovmf", str(guest["ovmf"]), "--vcpus", "4", "--kernel", str(guest["kernel"]),
+                       "--firmware-only", "--policy-out", str(tmp_path / "x.yaml"))
+    assert code == 2 and "covers the whole boot chain" in err
 
 
 def _option(argv: list[str], flag: str) -> list[str]:
