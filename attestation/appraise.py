@@ -110,9 +110,11 @@ class _Appraisal:
             ok = any(_hex_eq(have, want) for want in allowed)
             self.add(name, ok, f"{label} {have} " + ("is allowed" if ok else f"is not among the {len(allowed)} allowed"))
 
-    def bits(self, name: str, label: str, have: int | None, rule: Any, names: dict[str, int],
-             exact: int | None = None, mask: tuple[int, int] | None = None) -> None:
-        """Appraise a bit field: named bits required set / forbidden, and an exact or masked value."""
+    def bits(self, name: str, label: str, have: int | None, rule: Any, names: dict[str, int], *,
+             exact: int | None = None, mask: tuple[int, int] | None = None, shown: str | None = None) -> None:
+        """Appraise a bit field: named bits required set / forbidden, and an exact or masked value.
+
+        ``shown`` is the value as the claims show it (TDX fields: hex in quote byte order)."""
         if rule is None:
             self.add(name, True, f"{label} not constrained by policy")
             return
@@ -125,8 +127,8 @@ class _Appraisal:
             wrong.append(f"value {have:#x} != required {exact:#x}")
         if mask is not None and have & mask[0] != mask[1]:
             wrong.append(f"value {have:#x} under mask {mask[0]:#x} is {have & mask[0]:#x}, required {mask[1]:#x}")
-        self.add(name, not wrong, f"{label} {have:#x} " + ("meets the policy" if not wrong
-                                                             else "refused: " + "; ".join(wrong)))
+        self.add(name, not wrong, f"{label} {shown or hex(have)} " + ("meets the policy" if not wrong
+                                                                     else "refused: " + "; ".join(wrong)))
 
     def min_tcb(self, name: str, label: str, raw_claim: Any, minimum: SnpMinTcb, product: str | None) -> None:
         """Each TCB component the policy names is at least its minimum."""
@@ -224,12 +226,7 @@ def _appraise_snp(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
 
 def _td_attributes(claims: dict[str, Any]) -> int | None:
     raw = claims.get("td_attributes")
-    if not isinstance(raw, str) or len(raw) != 16:
-        return None
-    try:
-        return int.from_bytes(bytes.fromhex(raw), "little")
-    except ValueError:
-        return None
+    return _le_hex(raw) if isinstance(raw, str) and len(raw) == 16 else None
 
 
 def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
@@ -255,12 +252,15 @@ def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
                      "(set tdx.require_sept_ve_disable: false to accept)")
 
     attr_rule: TdAttributesRule | None = p.td_attributes
-    a.bits("td_attributes_bits", "TDATTRIBUTES", attrs, attr_rule, TD_ATTRIBUTE_BITS,
+    a.bits("td_attributes_bits", "TDATTRIBUTES", attrs, attr_rule, TD_ATTRIBUTE_BITS, shown=c.get("td_attributes"),
            exact=_le_hex(attr_rule.exact) if attr_rule and attr_rule.exact else None)
     xfam_rule: XfamRule | None = p.xfam
-    a.bits("xfam", "XFAM", _le_hex(c.get("xfam")), xfam_rule, {},
-           exact=_le_hex(xfam_rule.exact) if xfam_rule and xfam_rule.exact else None,
-           mask=(_le_hex(xfam_rule.mask), _le_hex(xfam_rule.value)) if xfam_rule and xfam_rule.mask else None)  # type: ignore[arg-type]
+    xfam_mask = None
+    if xfam_rule is not None and xfam_rule.mask is not None and xfam_rule.value is not None:
+        xfam_mask = (int.from_bytes(bytes.fromhex(xfam_rule.mask), "little"),
+                     int.from_bytes(bytes.fromhex(xfam_rule.value), "little"))
+    a.bits("xfam", "XFAM", _le_hex(c.get("xfam")), xfam_rule, {}, shown=c.get("xfam"), mask=xfam_mask,
+           exact=_le_hex(xfam_rule.exact) if xfam_rule and xfam_rule.exact else None)
 
     servicetd = c.get("mrservicetd")
     a.opt_in("service_td", isinstance(servicetd, str) and any(ch != "0" for ch in servicetd), p.allow_service_td,
