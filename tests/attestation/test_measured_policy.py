@@ -106,3 +106,13 @@ def test_production_examples_refuse_to_load_until_filled_in(tdx_vector, snp_vect
     require_measured_policy(snp)
     assert snp.snp.vmpl == 0
     assert verify_evidence(evidence, policy=snp, at=at).ok, "the example's other rules accept a current Milan report"
+
+
+def test_attested_clients_refuse_an_mrtd_only_policy_before_any_connection(tdx_vector):
+    from attestation.atls.client import AsyncAttestedClient, AttestedClient
+
+    _, entry, _ = tdx_vector(V5)
+    mrtd_only = policy_from_yaml(_tdx_entry(entry))
+    for client in (AttestedClient, AsyncAttestedClient):
+        with pytest.raises(PolicyError, match="does not pin the whole boot chain"):
+            client("https://127.0.0.1:9", policy=mrtd_only)  # port 9 (discard): nothing is ever dialled
