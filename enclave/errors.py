@@ -99,14 +99,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return f"Invalid value for {where}: {msg}{more}.", param, "invalid_value"
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this path (Starlette's own 405 names only the first route's)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "\0"})   # a method no route has: path-only match
-        if match is Match.PARTIAL and isinstance(getattr(route, "methods", None), set):
-            methods |= route.methods
-    return sorted(methods)
+    """Every method some route serves at this path (Starlette's own 405 names only the first route's). Asked
+    through ``matches`` alone, so routers included in routers are searched too."""
+    return [m for m in _METHODS
+            if any(route.matches({**request.scope, "method": m})[0] is Match.FULL for route in request.app.router.routes)]
 
 
 def install_error_handlers(app: FastAPI, *,
