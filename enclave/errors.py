@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("enclave.errors")
 
@@ -98,6 +99,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return f"Invalid value for {where}: {msg}{more}.", param, "invalid_value"
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's own 405 names only the first route's). Asked
+    through ``matches`` alone, so routers included in routers are searched too."""
+    return [m for m in _METHODS
+            if any(route.matches({**request.scope, "method": m})[0] is Match.FULL for route in request.app.router.routes)]
+
+
 def install_error_handlers(app: FastAPI, *,
                            before_validation_error: Callable[[Request], Awaitable[JSONResponse | None]] | None = None
                            ) -> None:
@@ -117,11 +128,12 @@ def install_error_handlers(app: FastAPI, *,
         return error_response(400, message, code, param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers or {})
         if exc.status_code == 404:
             return error_response(404, "No such route.", "not_found", headers=headers)
         if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
             return error_response(405, "Method not allowed for this route.", "method_not_allowed", headers=headers)
         detail = exc.detail if isinstance(exc.detail, str) else "Request failed."
         return error_response(exc.status_code, detail, None, headers=headers)
