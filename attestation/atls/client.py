@@ -111,6 +111,10 @@ class VerificationReport:
         }
 
 
+class NotAttestedError(AttestationError):
+    """A path that would not be attested TLS (an unchecked pool, a WebSocket of openai's): refused, nothing sent."""
+
+
 class AttestedTLSError(VerificationError):
     """The enclave behind a connection could not be verified; nothing carrying credentials was sent."""
 
@@ -371,11 +375,29 @@ def _cached_spki(attestor: Attestor, cert_der: bytes | None, force: bool) -> str
 
 
 def client_ssl_context() -> ssl.SSLContext:
-    """TLS for attested connections: CA validation replaced by the evidence checks after the handshake."""
+    """TLS for attested connections: CA validation replaced by the evidence checks after the handshake.
+
+    Only ever handed to our attesting network backends, which check the evidence inside ``start_tls``;
+    anything else gets :func:`refusing_ssl_context`.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # the certificate is self-signed; trust comes from the attested SPKI
+    return ctx
+
+
+def refusing_ssl_context() -> ssl.SSLContext:
+    """A client context under which no TLS handshake can complete: certificates required, no trust anchor.
+
+    httpx builds a connection pool of its own from the context its transport is constructed with; ours
+    replace that pool at once. Should the replacement ever not take effect, the pool left over refuses
+    every server (no default or ``SSL_CERT_FILE`` roots are loaded) instead of talking unattested TLS.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no load_default_certs(): the trust store stays empty
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
     return ctx
 
 
@@ -612,22 +634,47 @@ def _pool_kwargs(limits: httpx.Limits) -> dict[str, Any]:
     }
 
 
+def _install_pool(transport: httpx.HTTPTransport | httpx.AsyncHTTPTransport, pool: Any) -> None:
+    """Make ``pool`` the one connection pool of an httpx transport, or raise: never a pool we did not build.
+
+    httpx has no public hook for the network backend, so its transport's private ``_pool`` is replaced;
+    this checks that the replacement took (the pool we built, with our backend, and no other pool left on
+    the transport) so an httpx/httpcore change fails here, at construction, not open at request time.
+    """
+    transport._pool = pool  # type: ignore[assignment]
+    _check_pool(transport, pool)
+
+
+def _check_pool(transport: Any, pool: Any) -> None:
+    backend = getattr(pool, "_network_backend", None)
+    pools = [value for value in vars(transport).values()
+             if isinstance(value, (httpcore.ConnectionPool, httpcore.AsyncConnectionPool))]
+    if (getattr(transport, "_pool", None) is not pool
+            or not isinstance(backend, (_SyncAttestingBackend, _AsyncAttestingBackend))
+            or pools != [pool]):
+        raise NotAttestedError(
+            f"the attested connection pool did not take effect in httpx {httpx.__version__} / httpcore "
+            f"{httpcore.__version__} (pool {type(getattr(transport, '_pool', None)).__name__}, backend "
+            f"{type(backend).__name__}); refusing to build a client whose connections might not be attested"
+        )
+
+
 class _AttestedHTTPTransport(httpx.HTTPTransport):
     """httpx's transport (its request/response and error mapping) over an attesting httpcore pool."""
 
     def __init__(self, attestor: Attestor, limits: httpx.Limits) -> None:
-        ctx = client_ssl_context()
-        super().__init__(verify=ctx, trust_env=False, limits=limits)
-        self._pool = httpcore.ConnectionPool(ssl_context=ctx, network_backend=_SyncAttestingBackend(attestor),
-                                             **_pool_kwargs(limits))
+        super().__init__(verify=refusing_ssl_context(), trust_env=False, limits=limits)
+        _install_pool(self, httpcore.ConnectionPool(ssl_context=client_ssl_context(),
+                                                    network_backend=_SyncAttestingBackend(attestor),
+                                                    **_pool_kwargs(limits)))
 
 
 class _AsyncAttestedHTTPTransport(httpx.AsyncHTTPTransport):
     def __init__(self, attestor: Attestor, limits: httpx.Limits) -> None:
-        ctx = client_ssl_context()
-        super().__init__(verify=ctx, trust_env=False, limits=limits)
-        self._pool = httpcore.AsyncConnectionPool(ssl_context=ctx, network_backend=_AsyncAttestingBackend(attestor),
-                                                  **_pool_kwargs(limits))
+        super().__init__(verify=refusing_ssl_context(), trust_env=False, limits=limits)
+        _install_pool(self, httpcore.AsyncConnectionPool(ssl_context=client_ssl_context(),
+                                                         network_backend=_AsyncAttestingBackend(attestor),
+                                                         **_pool_kwargs(limits)))
 
 
 class _GuardedTransport(httpx.BaseTransport):
@@ -769,18 +816,24 @@ def _origin_url(base_url: str) -> str:
 
 def openai_client(base_url: str, api_key: str, policy: Policy, *, verdict_ttl: float = DEFAULT_VERDICT_TTL,
                   verify_fn: VerifyFn | None = None, **openai_kwargs: Any) -> Any:
-    """``openai.OpenAI`` whose every request goes through an :class:`AttestedClient` for ``base_url``'s origin."""
-    import openai
+    """``openai.OpenAI`` whose every request goes through an :class:`AttestedClient` for ``base_url``'s origin.
 
+    Its WebSocket features (realtime, Responses WebSocket mode, ...) are not attested and raise
+    :class:`NotAttestedError` before connecting (see :mod:`attestation.atls.openai_clients`).
+    """
+    from .openai_clients import AttestedOpenAI, check_api_key
+
+    check_api_key(api_key)
     http_client = AttestedClient(_origin_url(base_url), policy=policy, verdict_ttl=verdict_ttl, verify_fn=verify_fn)
-    return openai.OpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)
+    return AttestedOpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)
 
 
 def async_openai_client(base_url: str, api_key: str, policy: Policy, *, verdict_ttl: float = DEFAULT_VERDICT_TTL,
                         verify_fn: VerifyFn | None = None, **openai_kwargs: Any) -> Any:
-    """``openai.AsyncOpenAI`` over an :class:`AsyncAttestedClient`."""
-    import openai
+    """``openai.AsyncOpenAI`` over an :class:`AsyncAttestedClient` (WebSocket features refused likewise)."""
+    from .openai_clients import AsyncAttestedOpenAI, check_api_key
 
+    check_api_key(api_key)
     http_client = AsyncAttestedClient(_origin_url(base_url), policy=policy, verdict_ttl=verdict_ttl,
                                       verify_fn=verify_fn)
-    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)
+    return AsyncAttestedOpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)
