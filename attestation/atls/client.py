@@ -18,7 +18,10 @@ verification (connection dropped, endpoint busy) are retried once on a fresh con
 to any other origin are refused, redirects are never followed, environment proxies are ignored.
 
 Certificate-authority validation is replaced by attestation here (the certificate is self-signed
-by a key generated inside the enclave); nothing is trusted before the evidence checks pass.
+by a key generated inside the enclave); nothing is trusted before the evidence checks pass. The
+pool httpx builds for itself is replaced by ours at construction, checked to have taken
+(:class:`NotAttestedError` if not), and built from a context that completes no handshake at all.
+The openai-python wrappers (``openai_client``) are in :mod:`attestation.atls.openai_clients`.
 """
 
 from __future__ import annotations
@@ -755,6 +758,10 @@ class _AttestedClientBase:
         transport = guarding(attesting(self.attestor, limits), self.attestor)
         super().__init__(base_url=base_url, transport=transport, follow_redirects=False,  # type: ignore[call-arg]
                          trust_env=False, limits=limits, **kwargs)
+        chosen = getattr(self, "_transport_for_url", lambda url: None)(self.base_url)
+        if chosen is not transport:  # httpx chose another transport for our origin: it would not be attested
+            raise NotAttestedError(f"httpx {httpx.__version__} did not route {self.attestor.origin_text} through "
+                                   f"the attested transport (got {type(chosen).__name__}); refusing to build it")
 
     @property
     def verification_report(self) -> VerificationReport | None:

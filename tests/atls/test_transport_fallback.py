@@ -2,7 +2,8 @@
 
 Simulated here as an httpx release that keeps its pool under another name (and an httpcore one that renames
 the pool's backend): construction must refuse, and even with that check gone, the pool httpx built itself
-must not complete a handshake with a server the process trusts, so no byte of the request leaves.
+must not complete a handshake with a server the process trusts, so no byte of the request leaves. An
+httpx Client that ignored ``transport=`` is refused at construction too.
 """
 
 from __future__ import annotations
@@ -99,3 +100,12 @@ async def test_the_unswapped_pool_cannot_handshake_so_no_request_byte_leaves(cli
     monkeypatch.setattr(atls_client, "refusing_ssl_context", atls_client.client_ssl_context)
     await get_secret(client_class, webpki_mitm.url, sim_policy)  # answered (503) by the MITM, unattested
     assert f"Bearer {PAT}".encode() in webpki_mitm.recorded
+
+
+@CLIENTS
+def test_construction_refuses_when_httpx_ignores_the_attested_transport(client_class, sim_policy, monkeypatch):
+    base = httpx.Client if client_class is AttestedClient else httpx.AsyncClient
+    default = httpx.HTTPTransport if client_class is AttestedClient else httpx.AsyncHTTPTransport
+    monkeypatch.setattr(base, "_init_transport", lambda self, **kwargs: default())  # transport= not honoured
+    with pytest.raises(NotAttestedError, match="did not route https://127.0.0.1:1 through the attested"):
+        client_class("https://127.0.0.1:1", policy=sim_policy)
