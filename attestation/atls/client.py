@@ -380,22 +380,24 @@ def _cached_spki(attestor: Attestor, cert_der: bytes | None, force: bool) -> str
 def client_ssl_context() -> ssl.SSLContext:
     """TLS for attested connections: CA validation replaced by the evidence checks after the handshake.
 
-    Only ever handed to our attesting network backends, which check the evidence inside ``start_tls``;
-    anything else gets :func:`refusing_ssl_context`.
+    Made only inside our streams' ``start_tls``, which checks the evidence before the stream is handed
+    on; every pool and caller holds :func:`refusing_ssl_context` instead.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # the certificate is self-signed; trust comes from the attested SPKI
+    ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
 
 def refusing_ssl_context() -> ssl.SSLContext:
     """A client context under which no TLS handshake can complete: certificates required, no trust anchor.
 
-    httpx builds a connection pool of its own from the context its transport is constructed with; ours
-    replace that pool at once. Should the replacement ever not take effect, the pool left over refuses
-    every server (no default or ``SSL_CERT_FILE`` roots are loaded) instead of talking unattested TLS.
+    This is what httpx's own pool (which ours replace at construction) and our pools carry: should the
+    pool replacement or our network backend ever not take effect (an httpx/httpcore change), the
+    connection refuses every server (no default or ``SSL_CERT_FILE`` roots are loaded) instead of
+    talking unattested TLS. Only our attesting streams handshake, with :func:`client_ssl_context`.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no load_default_certs(): the trust store stays empty
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -549,7 +551,8 @@ class _TcpStream(_Unattested, httpcore.NetworkStream):
 
     def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
-        tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        # ssl_context (the pool's, a refusing one) is not used: attestation below replaces CA validation
+        tls = self._inner.start_tls(client_ssl_context(), server_hostname, timeout)
         try:
             return _admit_sync(self._attestor, tls, self._force)
         except BaseException:
@@ -580,7 +583,7 @@ class _AsyncTcpStream(_Unattested, httpcore.AsyncNetworkStream):
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                         timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        tls = await self._inner.start_tls(client_ssl_context(), server_hostname, timeout)  # as in _TcpStream
         try:
             return await _admit_async(self._attestor, tls, self._force)
         except BaseException:
@@ -667,7 +670,7 @@ class _AttestedHTTPTransport(httpx.HTTPTransport):
 
     def __init__(self, attestor: Attestor, limits: httpx.Limits) -> None:
         super().__init__(verify=refusing_ssl_context(), trust_env=False, limits=limits)
-        _install_pool(self, httpcore.ConnectionPool(ssl_context=client_ssl_context(),
+        _install_pool(self, httpcore.ConnectionPool(ssl_context=refusing_ssl_context(),
                                                     network_backend=_SyncAttestingBackend(attestor),
                                                     **_pool_kwargs(limits)))
 
@@ -675,7 +678,7 @@ class _AttestedHTTPTransport(httpx.HTTPTransport):
 class _AsyncAttestedHTTPTransport(httpx.AsyncHTTPTransport):
     def __init__(self, attestor: Attestor, limits: httpx.Limits) -> None:
         super().__init__(verify=refusing_ssl_context(), trust_env=False, limits=limits)
-        _install_pool(self, httpcore.AsyncConnectionPool(ssl_context=client_ssl_context(),
+        _install_pool(self, httpcore.AsyncConnectionPool(ssl_context=refusing_ssl_context(),
                                                          network_backend=_AsyncAttestingBackend(attestor),
                                                          **_pool_kwargs(limits)))
 
@@ -784,7 +787,7 @@ class AttestedClient(_AttestedClientBase, httpx.Client):
         raw = httpcore.SyncBackend().connect_tcp(host, port, timeout=self.attestor.io_timeout)
         tcp = _TcpStream(raw, self.attestor, force=True)
         try:
-            tls = tcp.start_tls(client_ssl_context(), host, self.attestor.io_timeout)
+            tls = tcp.start_tls(refusing_ssl_context(), host, self.attestor.io_timeout)
         except AttestedTLSError:
             raise
         except _HANDSHAKE_ERRORS as exc:
@@ -807,7 +810,7 @@ class AsyncAttestedClient(_AttestedClientBase, httpx.AsyncClient):
         raw = await httpcore.AnyIOBackend().connect_tcp(host, port, timeout=self.attestor.io_timeout)
         tcp = _AsyncTcpStream(raw, self.attestor, force=True)
         try:
-            tls = await tcp.start_tls(client_ssl_context(), host, self.attestor.io_timeout)
+            tls = await tcp.start_tls(refusing_ssl_context(), host, self.attestor.io_timeout)
         except AttestedTLSError:
             raise
         except _HANDSHAKE_ERRORS as exc:

@@ -88,15 +88,26 @@ def test_construction_refuses_when_the_swap_does_not_take(client_class, change, 
         client_class("https://127.0.0.1:1", policy=sim_policy)
 
 
+@pytest.fixture
+def httpcore_ignores_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pools that keep our backend as ``_network_backend`` but open connections with httpcore's default one."""
+    for module, name in ((httpcore._sync.connection_pool, "HTTPConnection"),
+                         (httpcore._async.connection_pool, "AsyncHTTPConnection")):
+        connection = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda _c=connection, **kwargs: _c(**{**kwargs, "network_backend": None}))
+
+
 @CLIENTS
-async def test_the_unswapped_pool_cannot_handshake_so_no_request_byte_leaves(client_class, webpki_mitm, sim_policy,
-                                                                            httpx_renamed_its_pool, monkeypatch):
-    monkeypatch.setattr(atls_client, "_check_pool", lambda transport, pool: None)  # the guard gone as well
+@pytest.mark.parametrize("change", ["httpx_renamed_its_pool", "httpcore_ignores_the_backend"])
+async def test_an_unattested_path_cannot_handshake_so_no_request_byte_leaves(client_class, change, webpki_mitm,
+                                                                             sim_policy, monkeypatch, request):
+    request.getfixturevalue(change)
+    monkeypatch.setattr(atls_client, "_check_pool", lambda transport, pool: None)  # the construction guard gone
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         await get_secret(client_class, webpki_mitm.url, sim_policy)
     assert webpki_mitm.connections == 1 and webpki_mitm.handshakes == 0 and not webpki_mitm.recorded
 
-    # Control: the context the base pool was built with before (CERT_NONE) hands the MITM the PAT.
+    # Control: the context the pools were built with before (CERT_NONE) hands the MITM the PAT.
     monkeypatch.setattr(atls_client, "refusing_ssl_context", atls_client.client_ssl_context)
     await get_secret(client_class, webpki_mitm.url, sim_policy)  # answered (503) by the MITM, unattested
     assert f"Bearer {PAT}".encode() in webpki_mitm.recorded
