@@ -20,8 +20,9 @@ to any other origin are refused, redirects are never followed, environment proxi
 Certificate-authority validation is replaced by attestation here (the certificate is self-signed
 by a key generated inside the enclave); nothing is trusted before the evidence checks pass. The
 pool httpx builds for itself is replaced by ours at construction, checked to have taken
-(:class:`NotAttestedError` if not), and built from a context that completes no handshake at all.
-The openai-python wrappers (``openai_client``) are in :mod:`attestation.atls.openai_clients`.
+(:class:`NotAttestedError` if not); both carry a TLS context that completes no handshake, and only
+our streams' ``start_tls`` (which attests) handshakes without CA validation. The openai-python
+wrappers (``openai_client``) are in :mod:`attestation.atls.openai_clients`.
 """
 
 from __future__ import annotations
