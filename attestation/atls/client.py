@@ -18,7 +18,11 @@ verification (connection dropped, endpoint busy) are retried once on a fresh con
 to any other origin are refused, redirects are never followed, environment proxies are ignored.
 
 Certificate-authority validation is replaced by attestation here (the certificate is self-signed
-by a key generated inside the enclave); nothing is trusted before the evidence checks pass.
+by a key generated inside the enclave); nothing is trusted before the evidence checks pass. The
+pool httpx builds for itself is replaced by ours at construction, checked to have taken
+(:class:`NotAttestedError` if not); both carry a TLS context that completes no handshake, and only
+our streams' ``start_tls`` (which attests) handshakes without CA validation. The openai-python
+wrappers (``openai_client``) are in :mod:`attestation.atls.openai_clients`.
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ class VerificationReport:
             "error": self.error,
             "spki_sha256": self.spki_sha256,
         }
+
+
+class NotAttestedError(AttestationError):
+    """A path that would not be attested TLS (an unchecked pool, a WebSocket of openai's): refused, nothing sent."""
 
 
 class AttestedTLSError(VerificationError):
@@ -371,11 +379,31 @@ def _cached_spki(attestor: Attestor, cert_der: bytes | None, force: bool) -> str
 
 
 def client_ssl_context() -> ssl.SSLContext:
-    """TLS for attested connections: CA validation replaced by the evidence checks after the handshake."""
+    """TLS for attested connections: CA validation replaced by the evidence checks after the handshake.
+
+    Made only inside our streams' ``start_tls``, which checks the evidence before the stream is handed
+    on; every pool and caller holds :func:`refusing_ssl_context` instead.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # the certificate is self-signed; trust comes from the attested SPKI
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def refusing_ssl_context() -> ssl.SSLContext:
+    """A client context under which no TLS handshake can complete: certificates required, no trust anchor.
+
+    This is what httpx's own pool (which ours replace at construction) and our pools carry: should the
+    pool replacement or our network backend ever not take effect (an httpx/httpcore change), the
+    connection refuses every server (no default or ``SSL_CERT_FILE`` roots are loaded) instead of
+    talking unattested TLS. Only our attesting streams handshake, with :func:`client_ssl_context`.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no load_default_certs(): the trust store stays empty
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
     return ctx
 
 
@@ -524,7 +552,8 @@ class _TcpStream(_Unattested, httpcore.NetworkStream):
 
     def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
-        tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        # ssl_context (the pool's, a refusing one) is not used: attestation below replaces CA validation
+        tls = self._inner.start_tls(client_ssl_context(), server_hostname, timeout)
         try:
             return _admit_sync(self._attestor, tls, self._force)
         except BaseException:
@@ -555,7 +584,7 @@ class _AsyncTcpStream(_Unattested, httpcore.AsyncNetworkStream):
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                         timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        tls = await self._inner.start_tls(client_ssl_context(), server_hostname, timeout)  # as in _TcpStream
         try:
             return await _admit_async(self._attestor, tls, self._force)
         except BaseException:
@@ -612,22 +641,47 @@ def _pool_kwargs(limits: httpx.Limits) -> dict[str, Any]:
     }
 
 
+def _install_pool(transport: httpx.HTTPTransport | httpx.AsyncHTTPTransport, pool: Any) -> None:
+    """Make ``pool`` the one connection pool of an httpx transport, or raise: never a pool we did not build.
+
+    httpx has no public hook for the network backend, so its transport's private ``_pool`` is replaced;
+    this checks that the replacement took (the pool we built, with our backend, and no other pool left on
+    the transport) so an httpx/httpcore change fails here, at construction, not open at request time.
+    """
+    transport._pool = pool  # type: ignore[assignment]
+    _check_pool(transport, pool)
+
+
+def _check_pool(transport: Any, pool: Any) -> None:
+    backend = getattr(pool, "_network_backend", None)
+    pools = [value for value in vars(transport).values()
+             if isinstance(value, (httpcore.ConnectionPool, httpcore.AsyncConnectionPool))]
+    if (getattr(transport, "_pool", None) is not pool
+            or not isinstance(backend, (_SyncAttestingBackend, _AsyncAttestingBackend))
+            or pools != [pool]):
+        raise NotAttestedError(
+            f"the attested connection pool did not take effect in httpx {httpx.__version__} / httpcore "
+            f"{httpcore.__version__} (pool {type(getattr(transport, '_pool', None)).__name__}, backend "
+            f"{type(backend).__name__}); refusing to build a client whose connections might not be attested"
+        )
+
+
 class _AttestedHTTPTransport(httpx.HTTPTransport):
     """httpx's transport (its request/response and error mapping) over an attesting httpcore pool."""
 
     def __init__(self, attestor: Attestor, limits: httpx.Limits) -> None:
-        ctx = client_ssl_context()
-        super().__init__(verify=ctx, trust_env=False, limits=limits)
-        self._pool = httpcore.ConnectionPool(ssl_context=ctx, network_backend=_SyncAttestingBackend(attestor),
-                                             **_pool_kwargs(limits))
+        super().__init__(verify=refusing_ssl_context(), trust_env=False, limits=limits)
+        _install_pool(self, httpcore.ConnectionPool(ssl_context=refusing_ssl_context(),
+                                                    network_backend=_SyncAttestingBackend(attestor),
+                                                    **_pool_kwargs(limits)))
 
 
 class _AsyncAttestedHTTPTransport(httpx.AsyncHTTPTransport):
     def __init__(self, attestor: Attestor, limits: httpx.Limits) -> None:
-        ctx = client_ssl_context()
-        super().__init__(verify=ctx, trust_env=False, limits=limits)
-        self._pool = httpcore.AsyncConnectionPool(ssl_context=ctx, network_backend=_AsyncAttestingBackend(attestor),
-                                                  **_pool_kwargs(limits))
+        super().__init__(verify=refusing_ssl_context(), trust_env=False, limits=limits)
+        _install_pool(self, httpcore.AsyncConnectionPool(ssl_context=refusing_ssl_context(),
+                                                         network_backend=_AsyncAttestingBackend(attestor),
+                                                         **_pool_kwargs(limits)))
 
 
 class _GuardedTransport(httpx.BaseTransport):
@@ -711,6 +765,10 @@ class _AttestedClientBase:
         transport = guarding(attesting(self.attestor, limits), self.attestor)
         super().__init__(base_url=base_url, transport=transport, follow_redirects=False,  # type: ignore[call-arg]
                          trust_env=False, limits=limits, **kwargs)
+        chosen = getattr(self, "_transport_for_url", lambda url: None)(self.base_url)
+        if chosen is not transport:  # httpx chose another transport for our origin: it would not be attested
+            raise NotAttestedError(f"httpx {httpx.__version__} did not route {self.attestor.origin_text} through "
+                                   f"the attested transport (got {type(chosen).__name__}); refusing to build it")
 
     @property
     def verification_report(self) -> VerificationReport | None:
@@ -733,7 +791,7 @@ class AttestedClient(_AttestedClientBase, httpx.Client):
         raw = httpcore.SyncBackend().connect_tcp(host, port, timeout=self.attestor.io_timeout)
         tcp = _TcpStream(raw, self.attestor, force=True)
         try:
-            tls = tcp.start_tls(client_ssl_context(), host, self.attestor.io_timeout)
+            tls = tcp.start_tls(refusing_ssl_context(), host, self.attestor.io_timeout)
         except AttestedTLSError:
             raise
         except _HANDSHAKE_ERRORS as exc:
@@ -756,7 +814,7 @@ class AsyncAttestedClient(_AttestedClientBase, httpx.AsyncClient):
         raw = await httpcore.AnyIOBackend().connect_tcp(host, port, timeout=self.attestor.io_timeout)
         tcp = _AsyncTcpStream(raw, self.attestor, force=True)
         try:
-            tls = await tcp.start_tls(client_ssl_context(), host, self.attestor.io_timeout)
+            tls = await tcp.start_tls(refusing_ssl_context(), host, self.attestor.io_timeout)
         except AttestedTLSError:
             raise
         except _HANDSHAKE_ERRORS as exc:
@@ -772,18 +830,24 @@ def _origin_url(base_url: str) -> str:
 
 def openai_client(base_url: str, api_key: str, policy: Policy, *, verdict_ttl: float = DEFAULT_VERDICT_TTL,
                   verify_fn: VerifyFn | None = None, **openai_kwargs: Any) -> Any:
-    """``openai.OpenAI`` whose every request goes through an :class:`AttestedClient` for ``base_url``'s origin."""
-    import openai
+    """``openai.OpenAI`` whose every request goes through an :class:`AttestedClient` for ``base_url``'s origin.
 
+    Its WebSocket features (realtime, Responses WebSocket mode, ...) are not attested and raise
+    :class:`NotAttestedError` before connecting (see :mod:`attestation.atls.openai_clients`).
+    """
+    from .openai_clients import AttestedOpenAI, check_api_key
+
+    check_api_key(api_key)
     http_client = AttestedClient(_origin_url(base_url), policy=policy, verdict_ttl=verdict_ttl, verify_fn=verify_fn)
-    return openai.OpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)
+    return AttestedOpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)
 
 
 def async_openai_client(base_url: str, api_key: str, policy: Policy, *, verdict_ttl: float = DEFAULT_VERDICT_TTL,
                         verify_fn: VerifyFn | None = None, **openai_kwargs: Any) -> Any:
-    """``openai.AsyncOpenAI`` over an :class:`AsyncAttestedClient`."""
-    import openai
+    """``openai.AsyncOpenAI`` over an :class:`AsyncAttestedClient` (WebSocket features refused likewise)."""
+    from .openai_clients import AsyncAttestedOpenAI, check_api_key
 
+    check_api_key(api_key)
     http_client = AsyncAttestedClient(_origin_url(base_url), policy=policy, verdict_ttl=verdict_ttl,
                                       verify_fn=verify_fn)
-    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)
+    return AsyncAttestedOpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)

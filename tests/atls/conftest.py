@@ -120,3 +120,14 @@ def make_server(sim_provider: SimProvider) -> Iterator[Callable[..., Server]]:
     for server, manager in started:
         server.stop()
         manager.stop()
+
+
+@pytest.fixture
+def webpki_mitm(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A TLS server whose CA the process trusts (``SSL_CERT_FILE``), as a WebPKI-certified MITM would be."""
+    from .webpki import TrustedMitm  # webpki imports this module
+
+    server = TrustedMitm(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_file))
+    yield server
+    server.close()

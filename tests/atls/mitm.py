@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from attestation.atls.certificate import ID_PE_CMW
 
-from .conftest import bind_loopback
+from .listener import LoopbackListener
 
 
-class Mitm:
+class Mitm(LoopbackListener):
     def __init__(self, genuine_cert: x509.Certificate, upstream_port: int, workdir: Path, *, port: int = 0) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         copied = genuine_cert.extensions.get_extension_for_oid(ID_PE_CMW)
@@ -45,29 +45,7 @@ class Mitm:
         self.upstream_ctx.check_hostname = False
         self.upstream_ctx.verify_mode = ssl.CERT_NONE  # the adversary does not care
         self.upstream_port = upstream_port
-        self.recorded = bytearray()
-        self.handshakes = 0
-        self._lock = threading.Lock()
-        self._listener = bind_loopback(port)
-        self.port = self._listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-        self._accepter = threading.Thread(target=self._accept_loop, daemon=True)
-        self._accepter.start()
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
+        super().__init__(port=port)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -109,9 +87,3 @@ class Mitm:
                     s.close()
                 except OSError:
                     pass
-
-    def close(self) -> None:
-        self._closed = True
-        self._listener.close()
-        for t in self._threads:
-            t.join(timeout=5)
