@@ -116,7 +116,11 @@ class TdxPolicy(_Strict):
     allow_debug: bool = False
     require_sept_ve_disable: bool = True
     allow_service_td: bool = False
-    require_collateral: bool = False
+    # Without Intel collateral (TCB info, QE identity, PCK and root CA CRLs) a quote proves nothing about
+    # revocation or TCB currency: a revoked or OutOfDate platform would pass. The enclave attaches it to its
+    # evidence (from the host's PCS mirror; Intel-signed, so the mirror cannot forge it) and a verifier
+    # given a PcsClient fetches what is missing; false accepts signatures alone.
+    require_collateral: bool = True
 
 
 class Policy(_Strict):

@@ -250,10 +250,11 @@ def crl_covers(crl: x509.CertificateRevocationList, chain: VerifiedChain) -> boo
 
 
 def check_crl(crl: x509.CertificateRevocationList, chain: VerifiedChain, *, at: datetime,
-              log: CheckLog) -> None:
+              log: CheckLog) -> str:
     """The CRL must be issued and PSS-signed by the chain's ARK, carry a nextUpdate, be current at ``at``
-    (thisUpdate <= at <= nextUpdate) and not list the ASK/ASVK.  Whether it is the CRL *for* that
-    ASK/ASVK is ``crl_covers``' question (the caller decides what a CRL of another scope means)."""
+    (thisUpdate <= at <= nextUpdate) and not list the ASK/ASVK; else a failed "crl" check. Returns what
+    was found (for the caller's one "crl" check). Whether it is the CRL *for* that ASK/ASVK is
+    ``crl_covers``' question (the caller decides what a CRL of another scope means)."""
     ark = chain.ark
     problems = []
     if crl.issuer != ark.subject:
@@ -279,6 +280,7 @@ def check_crl(crl: x509.CertificateRevocationList, chain: VerifiedChain, *, at: 
         log.fail("crl", "; ".join(problems))
     serial = chain.intermediate.serial_number
     revoked = crl.get_revoked_certificate_by_serial_number(serial)
-    log.require(revoked is None, "crl", f"{_cn(chain.intermediate.subject)} serial {serial:#x} not revoked",
-                f"{_cn(chain.intermediate.subject)} serial {serial:#x} is revoked"
-                + (f" since {revoked.revocation_date_utc.isoformat()}" if revoked is not None else ""))
+    if revoked is not None:
+        log.fail("crl", f"{_cn(chain.intermediate.subject)} serial {serial:#x} is revoked since "
+                        f"{revoked.revocation_date_utc.isoformat()}")
+    return f"{_cn(chain.intermediate.subject)} serial {serial:#x} not revoked"

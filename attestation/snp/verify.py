@@ -267,17 +267,16 @@ def _check_revocation(verified: VerifiedChain, crls: Sequence[bytes | x509.Certi
         if kds is None:
             raise CollateralError("check_crl needs a CRL: pass crls= or a KDS client")
         supplied, fetched = [inspect_crl(kds.crl(family, vlek=kind == "VLEK"))], True
-    for crl in supplied:
-        _check_crl_against(crl, verified, at=at, log=log)
+    found = [_check_crl_against(crl, verified, at=at, log=log) for crl in supplied]
     inter_cn = _cn(verified.intermediate)
     where = ", ".join(sorted(crl_distribution_points(verified.intermediate))) or "no CRL distribution point"
     if fetched or any(crl_covers(crl, verified) for crl in supplied):
-        log.ok("crl", f"the CRL covering {inter_cn} ({where}) was checked"
+        log.ok("crl", f"{found[0]}: the CRL covering {inter_cn} ({where}) is current"
                + (" (fetched from KDS by this verifier)" if fetched else ""))
     elif required:
         log.fail("crl", f"no CRL given covers {inter_cn} (published at {where}); a CRL of another "
-                              "scope, such as the VCEK CRL for a VLEK chain, says nothing about it")
-    else:
+                        "scope, such as the VCEK CRL for a VLEK chain, says nothing about it")
+    elif supplied:
         log.ok("crl", f"no CRL covering {inter_cn} was given; revocation not checked (not required)")
 
 
