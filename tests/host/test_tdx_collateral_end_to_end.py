@@ -143,3 +143,15 @@ def test_attested_client_hands_its_collateral_source_to_the_verifier(mirror, quo
                 no_source.attestor._appraise(no_source.attestor.new_report(), "fresh_appraisal", bare, report_data)
         wrapped = openai_client("https://127.0.0.1:1/v1", "key", policy, pcs=pcs)
         assert wrapped._client.attestor._collateral_sources == {"pcs": pcs}
+
+
+def test_cube_attest_fetches_collateral_with_pcs(mirror, vectors_dir, capsys) -> None:
+    import json
+
+    from attestation.cli import main
+
+    args = ["verify-quote", str(vectors_dir / V5_QUOTE), "--at", "2026-02-03T00:00:00Z", "--json"]
+    assert main(args) == 1  # the default policy requires collateral: none given, none fetched
+    assert "collateral_present" in [c["name"] for c in json.loads(capsys.readouterr().out)["checks"] if not c["ok"]]
+    assert main(args + ["--pcs", f"{mirror.base_url}/pcs"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "UpToDate"
