@@ -239,6 +239,9 @@ def crl_scope(crl: x509.CertificateRevocationList, ark: x509.Certificate) -> fro
         idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
     except x509.ExtensionNotFound:
         return crl_distribution_points(ark)
+    if (idp.only_contains_user_certs or idp.only_contains_attribute_certs or idp.only_some_reasons
+            or idp.indirect_crl):
+        return frozenset()  # not a complete CRL of the ARK's CA certificates: it covers no ASK/ASVK
     return frozenset(str(name.value) for name in (idp.full_name or ())
                      if isinstance(name, x509.UniformResourceIdentifier))
 

@@ -262,15 +262,19 @@ def _check_revocation(verified: VerifiedChain, crls: Sequence[bytes | x509.Certi
     itself from the kind's own KDS path is taken as that path's CRL: the caller chose that source.
     """
     supplied = [inspect_crl(c) if isinstance(c, x509.CertificateRevocationList) else _load_crl(c) for c in crls]
-    fetched = False
-    if not supplied and required:
-        if kds is None:
-            raise CollateralError("check_crl needs a CRL: pass crls= or a KDS client")
-        supplied, fetched = [inspect_crl(kds.crl(family, vlek=kind == "VLEK"))], True
     found = [_check_crl_against(crl, verified, at=at, log=log) for crl in supplied]
+    covered = any(crl_covers(crl, verified) for crl in supplied)
+    fetched = False
+    if required and not covered:
+        if kds is None and not supplied:
+            raise CollateralError("check_crl needs a CRL: pass crls= or a KDS client")
+        if kds is not None:
+            crl = inspect_crl(kds.crl(family, vlek=kind == "VLEK"))
+            found.insert(0, _check_crl_against(crl, verified, at=at, log=log))
+            covered = fetched = True
     inter_cn = _cn(verified.intermediate)
     where = ", ".join(sorted(crl_distribution_points(verified.intermediate))) or "no CRL distribution point"
-    if fetched or any(crl_covers(crl, verified) for crl in supplied):
+    if covered:
         log.ok("crl", f"{found[0]}: the CRL covering {inter_cn} ({where}) is current"
                + (" (fetched from KDS by this verifier)" if fetched else ""))
     elif required:

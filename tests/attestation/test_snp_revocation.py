@@ -110,6 +110,31 @@ def test_verifier_fetches_the_crl_of_the_reports_key_kind(vlek_platform: Platfor
     assert any(c.name == "crl" and "fetched from KDS" in c.detail for c in verified.checks)
 
 
+def test_a_crl_of_another_scope_in_evidence_sends_the_verifier_to_its_own_kds(vcek_platform: Platform,
+                                                                              vlek_platform: Platform) -> None:
+    kds = _Kds(vlek_platform.crl([vlek_platform.ask.serial_number]))  # the real VLEK CRL lists the ASVK
+    with pytest.raises(VerificationError) as e:
+        _verify(vlek_platform, [vcek_platform.crl()], kds=kds)  # the host's stand-in does not hide it
+    assert kds.asked == [("Milan", True)] and "is revoked" in e.value.checks[-1].detail
+
+
+def test_a_partial_crl_covers_no_intermediate(vlek_platform: Platform) -> None:
+    crl = vlek_platform.crl(scope=kds_crl_url("Milan", vlek=True))
+    ext = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint)
+    assert crl_covers(crl, _chain(vlek_platform.ark, vlek_platform.ask))
+    user_only = x509.CertificateRevocationListBuilder().issuer_name(crl.issuer).last_update(crl.last_update_utc) \
+        .next_update(crl.next_update_utc).add_extension(x509.IssuingDistributionPoint(
+            full_name=ext.value.full_name, relative_name=None, only_contains_user_certs=True,
+            only_contains_ca_certs=False, only_some_reasons=None, indirect_crl=False,
+            only_contains_attribute_certs=False), critical=True)
+    from cryptography.hazmat.primitives import hashes
+
+    from .test_snp_forge import PSS
+
+    signed = user_only.sign(vlek_platform.ark_key, hashes.SHA384(), rsa_padding=PSS)
+    assert not crl_covers(signed, _chain(vlek_platform.ark, vlek_platform.ask))  # ASVKs are CA certificates
+
+
 def _chain(ark: x509.Certificate, intermediate: x509.Certificate) -> VerifiedChain:
     return VerifiedChain(ark, intermediate, intermediate, None, NOW, NOW, ())  # type: ignore[arg-type]
 
