@@ -160,7 +160,11 @@ def serve(args: argparse.Namespace) -> int:
     try:
         tls.start()
     except AttestationError as e:
-        print(f"cube-enclave: cannot obtain attestation evidence: {e}", file=sys.stderr)
+        hint = ""
+        if kds is not None or pcs is not None:
+            hint = ("\ncube-enclave: the AMD CRL / Intel collateral come from attestation.kds_url / pcs_url (default: the "
+                    "host agent's mirror, `cube-host serve`, at 10.0.2.2:7080); start it, point them elsewhere, or set null")
+        print(f"cube-enclave: cannot obtain attestation evidence: {e}{hint}", file=sys.stderr)
         return 2
     policy_path = None
     fingerprint = getattr(provider, "fingerprint", None)

@@ -109,6 +109,28 @@ def test_pcs_url_for_the_tdx_collateral(tmp_path: Path, monkeypatch: pytest.Monk
         load_settings(write(tmp_path, "attestation: {pcs_url: 'ftp://pcs'}\n"), environ={})
 
 
+def test_missing_collateral_mirror_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Real hardware with no mirror at the default address: no evidence, no start, and a message saying why."""
+    import attestation.providers
+    from attestation.errors import ProviderError
+
+    class NoCollateral:
+        platform = "tdx"
+
+        def get_evidence(self, report_data: bytes):
+            raise ProviderError("cannot fetch the Intel collateral of FMSPC 90c06f000000 (test)")
+
+    monkeypatch.setattr(attestation.providers, "detect_provider", lambda **kwargs: NoCollateral())
+    monkeypatch.setattr("enclave.logs.configure_logging", lambda *a, **k: None)
+    path = write(tmp_path, "attestation: {}\n")
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot obtain attestation evidence: cannot fetch the Intel collateral" in err
+    assert "attestation.kds_url / pcs_url" in err and "cube-host serve" in err
+    assert not (tmp_path / "data" / "server-cert.pem").exists()
+
+
 def test_cli_prints_config_errors_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "listen: {port: -1}\n")
     assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path)]) == 2
