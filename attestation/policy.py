@@ -91,8 +91,8 @@ class SnpPolicy(_Strict):
     host_data: Hex32 | None = None
     signing_keys: list[Literal["VCEK", "VLEK"]] = Field(default_factory=lambda: ["VCEK", "VLEK"], min_length=1)
     # The AMD CRL reaches a verifier inside evidence the (untrusted) host assembles, so without this a
-    # host can skip the revocation check by leaving the CRL out; true refuses evidence without one
-    # (unless a KDS client is given to fetch it).
+    # host can skip the revocation check by leaving the CRL out (or offering the other key kind's); true
+    # refuses evidence without a current CRL covering its ASK/ASVK (unless a KDS client is given to fetch it).
     require_crl: bool = False
 
 
