@@ -85,8 +85,8 @@ def test_vlek_crl_covers_the_asvk_and_its_revocation_counts(vlek_platform: Platf
     assert "is revoked" in _crl_failure(vlek_platform, [revoked])
 
 
-def test_vcek_scoped_crl_does_not_cover_an_asvk_even_alongside_nothing_required(vlek_platform: Platform,
-                                                                                 vcek_platform: Platform) -> None:
+def test_crl_of_another_scope_leaves_revocation_unchecked_when_not_required(vlek_platform: Platform,
+                                                                            vcek_platform: Platform) -> None:
     # Not required by policy: a CRL of the other kind is checked (signature, dates) but revocation stays unchecked.
     verified = _verify(vlek_platform, [vcek_platform.crl()], required=False)
     assert any(c.name == "crl" and "revocation not checked" in c.detail for c in verified.checks)
