@@ -305,7 +305,8 @@ def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
 
     if v.tcb_status is None:
         a.add("collateral_present", not p.require_collateral,
-              "no collateral evaluated; the policy requires a TCB evaluation with collateral" if p.require_collateral
+              "the evidence carries no Intel collateral and the verifier fetched none (no PcsClient): revocation "
+              "and TCB status are unknown; tdx.require_collateral is set" if p.require_collateral
               else "no collateral evaluated: TCB status unknown (allowed by policy)")
 
 

@@ -3,8 +3,8 @@
 Subcommands (a stable contract, relied on by scripts and other components):
 
   verify-report REPORT [--vek CERT] [--chain PEM] [--product NAME] [--at ISO8601] [--policy FILE] [--json]
-  verify-quote QUOTE [--collateral DIR] [--at ISO8601] [--policy FILE] [--json]
-  verify-evidence FILE [--at ISO8601] [--policy FILE] [--json]
+  verify-quote QUOTE [--collateral DIR | --pcs URL] [--at ISO8601] [--policy FILE] [--json]
+  verify-evidence FILE [--pcs URL] [--at ISO8601] [--policy FILE] [--json]
   verify-url URL [--policy FILE] [--json]                (attested TLS; attestation.atls.cli)
   sim-init [--dir DIR] / sim-fingerprint [--dir DIR]     (simulated platform root + ready policy)
 
@@ -190,7 +190,16 @@ def _cmd_verify_quote(args: argparse.Namespace) -> Verdict:
         evidence = Evidence(platform="tdx", report=raw, collateral=files)
     except EvidenceError as exc:
         raise InputError(str(exc)) from None
-    return verify_evidence(evidence, policy=policy, at=at)
+    return verify_evidence(evidence, policy=policy, at=at, pcs=_pcs_client(args))
+
+
+def _pcs_client(args: argparse.Namespace):
+    """A PcsClient for --pcs (Intel PCS or a mirror such as the host agent's /pcs), else None."""
+    if not getattr(args, "pcs", None):
+        return None
+    from .tdx.pcs import PcsClient
+
+    return PcsClient(base_url=args.pcs)
 
 
 def _cmd_verify_evidence(args: argparse.Namespace) -> Verdict:
@@ -211,7 +220,7 @@ def _cmd_verify_evidence(args: argparse.Namespace) -> Verdict:
             evidence = decode_cmw(raw)
     except EvidenceError as exc:
         raise InputError(f"evidence {args.file}: {exc}") from None
-    return verify_evidence(evidence, policy=policy, at=at)
+    return verify_evidence(evidence, policy=policy, at=at, pcs=_pcs_client(args))
 
 
 def _cmd_sim(args: argparse.Namespace, create: bool) -> int:
@@ -304,10 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify-quote", help="verify an Intel TDX quote")
     p.add_argument("quote", metavar="QUOTE", help="quote file")
     p.add_argument("--collateral", metavar="DIR", help="Intel PCS collateral directory (enables the TCB status)")
+    p.add_argument("--pcs", metavar="URL", help="fetch the collateral from this Intel PCS (or host agent /pcs) URL")
     common(p)
 
     p = sub.add_parser("verify-evidence", help="verify a Cube AI evidence bundle (CBOR CMW or JSON)")
     p.add_argument("file", metavar="FILE")
+    p.add_argument("--pcs", metavar="URL", help="fetch TDX collateral the evidence lacks from this PCS (or mirror) URL")
     common(p)
 
     p = sub.add_parser("verify-url", help="connect to an attested-TLS endpoint and verify its evidence")

@@ -209,8 +209,8 @@ class SnpPolicy(_Strict):
     image_id: Hex16 | None = None
     signing_keys: list[Literal["VCEK", "VLEK"]] = Field(default_factory=lambda: ["VCEK", "VLEK"], min_length=1)
     # The AMD CRL reaches a verifier inside evidence the (untrusted) host assembles, so without this a
-    # host can skip the revocation check by leaving the CRL out; true refuses evidence without one
-    # (unless a KDS client is given to fetch it).
+    # host can skip the revocation check by leaving the CRL out (or offering the other key kind's); true
+    # refuses evidence without a current CRL covering its ASK/ASVK (unless a KDS client is given to fetch it).
     require_crl: bool = False
 
 
@@ -236,7 +236,11 @@ class TdxPolicy(_Strict):
     allow_service_td: bool = False
     td_attributes: TdAttributesRule | None = None
     xfam: XfamRule | None = None
-    require_collateral: bool = False
+    # Without Intel collateral (TCB info, QE identity, PCK and root CA CRLs) a quote proves nothing about
+    # revocation or TCB currency: a revoked or OutOfDate platform would pass. The enclave attaches it to its
+    # evidence (from the host's PCS mirror; Intel-signed, so the mirror cannot forge it) and a verifier
+    # given a PcsClient fetches what is missing; false accepts signatures alone.
+    require_collateral: bool = True
 
 
 class Policy(_Strict):

@@ -130,9 +130,10 @@ def _verify(evidence: Evidence, policy: Policy, at: datetime | None, kds, pcs) -
         from .snp.verify import verify_report
 
         vek, chain = split_snp_certificates(evidence.certificates)
-        # Revocation is checked whenever the evidence carries the AMD CRL (a report proves nothing about it).
+        # Any AMD CRL the evidence carries is checked (a report proves nothing about revocation); with
+        # snp.require_crl one covering the chain's ASK/ASVK must be there (or come from ``kds``).
         crls = tuple(v for k, v in evidence.collateral.items() if k == SNP_CRL_FILE)
-        check_crl = bool(crls) or policy.snp.require_crl  # no CRL and none to fetch: CollateralError
+        check_crl = policy.snp.require_crl
         if evidence.platform == "sim":
             from .sim import sim_trust
 

@@ -28,6 +28,11 @@ class ConfigError(Exception):
     """Configuration is invalid; the message names the key and the reason."""
 
 
+# The host agent's collateral mirror as a guest started by `cube-host launch` reaches it.
+DEFAULT_KDS_MIRROR = "http://10.0.2.2:7080/kds"
+DEFAULT_PCS_MIRROR = "http://10.0.2.2:7080/pcs"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,14 +51,17 @@ class AttestationSettings(_Strict):
     rotate_every_seconds: float | None = Field(3600.0, gt=0)
     sim_dir: Path | None = None
     rate_limit: float = Field(5.0, gt=0, description="attestation requests per second per client")
-    # AMD KDS or a mirror of its paths (e.g. the host agent's collateral cache, http://<host>:7080/kds):
-    # SEV-SNP evidence then carries the product's CRL, so verifiers with snp.require_crl accept it. The
-    # CRL is ARK-signed: an untrusted mirror can only make verifiers refuse, never accept. Unused by the sim.
-    kds_url: str | None = Field(None, description="AMD KDS (or mirror) base URL for the CRL in SNP evidence")
+    # Revocation data carried in the evidence, fetched through the host agent's collateral mirror
+    # (`cube-host serve`, 127.0.0.1:7080 on the host = 10.0.2.2:7080 from a guest on QEMU user networking,
+    # as `cube-host launch` starts it). The host is untrusted, but the AMD CRL is ARK-signed and Intel's
+    # collateral Intel-signed: a lying mirror can only get the evidence refused, never accepted. Unused by the
+    # sim; null turns one off (verifiers requiring it then refuse this enclave's evidence).
+    kds_url: str | None = Field(DEFAULT_KDS_MIRROR, description="AMD KDS (or mirror) base URL for the CRL in SNP evidence")
+    pcs_url: str | None = Field(DEFAULT_PCS_MIRROR, description="Intel PCS (or mirror) base URL for the collateral in TDX evidence")
 
-    @field_validator("kds_url")
+    @field_validator("kds_url", "pcs_url")
     @classmethod
-    def _check_kds_url(cls, value: str | None) -> str | None:
+    def _check_collateral_url(cls, value: str | None) -> str | None:
         return None if value is None else plain_http_base_url(value)
 
 

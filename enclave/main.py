@@ -110,6 +110,27 @@ def banner(settings: Settings, *, base: str, cert_path: Path, policy_path: Path 
     return "\n".join(lines)
 
 
+def _collateral_clients(settings: Settings) -> tuple[Any, Any]:
+    """(KdsClient, PcsClient) for the revocation data real evidence carries; None where unset or simulated.
+
+    Few attempts and short timeouts: a fetch runs under the provider lock, in the path of attestation
+    requests; both cache on disk until the objects' nextUpdate.
+    """
+    if settings.simulate:
+        return None, None
+    a = settings.attestation
+    kds = pcs = None
+    if a.kds_url:
+        from attestation.snp.kds import KdsClient
+
+        kds = KdsClient(base_url=a.kds_url, cache_dir=settings.data_dir / "kds", max_attempts=2, timeout=5.0)
+    if a.pcs_url:
+        from attestation.tdx.pcs import PcsClient
+
+        pcs = PcsClient(base_url=a.pcs_url, cache_dir=settings.data_dir / "pcs", max_retries=1, timeout=5.0)
+    return kds, pcs
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -126,15 +147,9 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, json_format=settings.log_json)
     boot, default_domain = asyncio.run(_prepare(settings))
     sim_dir = settings.attestation.sim_dir or settings.data_dir / "sim"
-    kds = None
-    if settings.attestation.kds_url and not settings.simulate:
-        from attestation.snp.kds import KdsClient
-
-        # Few attempts: a fetch runs under the provider lock, in the path of attestation requests.
-        kds = KdsClient(base_url=settings.attestation.kds_url, cache_dir=settings.data_dir / "kds",
-                        max_attempts=2, timeout=5.0)
+    kds, pcs = _collateral_clients(settings)
     try:
-        provider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds)
+        provider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds, pcs=pcs)
     except AttestationError as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2
@@ -145,7 +160,11 @@ def serve(args: argparse.Namespace) -> int:
     try:
         tls.start()
     except AttestationError as e:
-        print(f"cube-enclave: cannot obtain attestation evidence: {e}", file=sys.stderr)
+        hint = ""
+        if kds is not None or pcs is not None:
+            hint = ("\ncube-enclave: the AMD CRL / Intel collateral come from attestation.kds_url / pcs_url (default: the "
+                    "host agent's mirror, `cube-host serve`, at 10.0.2.2:7080); start it, point them elsewhere, or set null")
+        print(f"cube-enclave: cannot obtain attestation evidence: {e}{hint}", file=sys.stderr)
         return 2
     policy_path = None
     fingerprint = getattr(provider, "fingerprint", None)

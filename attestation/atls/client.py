@@ -202,7 +202,12 @@ class Attestor:
         verify_fn: VerifyFn | None = None,
         verdict_ttl: float = DEFAULT_VERDICT_TTL,
         io_timeout: float = DEFAULT_IO_TIMEOUT,
+        kds: Any = None,
+        pcs: Any = None,
     ) -> None:
+        """``kds``/``pcs``: a KdsClient / PcsClient the verifier fetches missing AMD CRLs / Intel collateral
+        from (e.g. AMD KDS and Intel PCS, or a mirror: all of it is vendor-signed); default: only what the
+        evidence carries."""
         scheme, host, port = _origin_of(base_url)
         if scheme != "https" or not host:
             raise ValueError(f"attested TLS needs an https:// URL with a host, got {base_url!r}")
@@ -215,6 +220,7 @@ class Attestor:
         self.origin = (scheme, host, port)
         self.policy = policy
         self._verify = verify_fn
+        self._collateral_sources = {k: v for k, v in (("kds", kds), ("pcs", pcs)) if v is not None}
         self.verdict_ttl = verdict_ttl
         self.io_timeout = io_timeout
         self._lock = threading.Lock()
@@ -291,7 +297,8 @@ class Attestor:
 
     def _appraise(self, report: VerificationReport, name: str, evidence: Evidence, expected: bytes) -> Verdict:
         try:
-            verdict = self._verify(evidence, policy=self.policy, expected_report_data=expected)
+            verdict = self._verify(evidence, policy=self.policy, expected_report_data=expected,
+                                   **self._collateral_sources)
         except AttestationError as exc:  # verify_evidence should not raise; fail closed if it does
             raise report.failed(name, str(exc)) from None
         if name == "certificate_appraisal":
@@ -753,14 +760,15 @@ class _AttestedClientBase:
 
     def __init__(self, base_url: str, *, policy: Policy, verdict_ttl: float = DEFAULT_VERDICT_TTL,
                  verify_fn: VerifyFn | None = None, limits: httpx.Limits = DEFAULT_LIMITS,
-                 io_timeout: float = DEFAULT_IO_TIMEOUT, require_measurement: bool = True, **kwargs: Any) -> None:
+                 io_timeout: float = DEFAULT_IO_TIMEOUT, require_measurement: bool = True, kds: Any = None,
+                 pcs: Any = None, **kwargs: Any) -> None:
         for name in _RESERVED:
             if name in kwargs:
                 raise TypeError(f"{name}= cannot be set on an attested client")
         if require_measurement:
             require_measured_policy(policy)
         self.attestor = Attestor(base_url, policy, verify_fn=verify_fn, verdict_ttl=verdict_ttl,
-                                 io_timeout=io_timeout)
+                                 io_timeout=io_timeout, kds=kds, pcs=pcs)
         guarding, attesting = self._transports
         transport = guarding(attesting(self.attestor, limits), self.attestor)
         super().__init__(base_url=base_url, transport=transport, follow_redirects=False,  # type: ignore[call-arg]
@@ -829,25 +837,28 @@ def _origin_url(base_url: str) -> str:
 
 
 def openai_client(base_url: str, api_key: str, policy: Policy, *, verdict_ttl: float = DEFAULT_VERDICT_TTL,
-                  verify_fn: VerifyFn | None = None, **openai_kwargs: Any) -> Any:
+                  verify_fn: VerifyFn | None = None, kds: Any = None, pcs: Any = None, **openai_kwargs: Any) -> Any:
     """``openai.OpenAI`` whose every request goes through an :class:`AttestedClient` for ``base_url``'s origin.
 
     Its WebSocket features (realtime, Responses WebSocket mode, ...) are not attested and raise
-    :class:`NotAttestedError` before connecting (see :mod:`attestation.atls.openai_clients`).
+    :class:`NotAttestedError` before connecting (see :mod:`attestation.atls.openai_clients`). ``kds`` / ``pcs``
+    are collateral sources the verifier may fetch AMD CRLs / Intel collateral from.
     """
     from .openai_clients import AttestedOpenAI, check_api_key
 
     check_api_key(api_key)
-    http_client = AttestedClient(_origin_url(base_url), policy=policy, verdict_ttl=verdict_ttl, verify_fn=verify_fn)
+    http_client = AttestedClient(_origin_url(base_url), policy=policy, verdict_ttl=verdict_ttl, verify_fn=verify_fn,
+                                 kds=kds, pcs=pcs)
     return AttestedOpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)
 
 
 def async_openai_client(base_url: str, api_key: str, policy: Policy, *, verdict_ttl: float = DEFAULT_VERDICT_TTL,
-                        verify_fn: VerifyFn | None = None, **openai_kwargs: Any) -> Any:
+                        verify_fn: VerifyFn | None = None, kds: Any = None, pcs: Any = None,
+                        **openai_kwargs: Any) -> Any:
     """``openai.AsyncOpenAI`` over an :class:`AsyncAttestedClient` (WebSocket features refused likewise)."""
     from .openai_clients import AsyncAttestedOpenAI, check_api_key
 
     check_api_key(api_key)
     http_client = AsyncAttestedClient(_origin_url(base_url), policy=policy, verdict_ttl=verdict_ttl,
-                                      verify_fn=verify_fn)
+                                      verify_fn=verify_fn, kds=kds, pcs=pcs)
     return AsyncAttestedOpenAI(base_url=base_url, api_key=api_key, http_client=http_client, **openai_kwargs)

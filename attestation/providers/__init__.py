@@ -6,7 +6,8 @@
 
 ``detect_provider()`` picks the first that works here.  Given a ``KdsClient`` (AMD KDS or a mirror
 of its paths), the SEV-SNP providers attach the product's CRL to their evidence (``snp_crl``); the
-simulated platform always attaches its own.
+simulated platform always attaches its own.  Given a ``PcsClient`` (Intel PCS or a mirror), TDX
+evidence carries the quote's Intel collateral (``tdx_collateral``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .sim import SimProvider
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..snp.kds import KdsClient
+    from ..tdx.pcs import PcsClient
 
 __all__ = [
     "EvidenceProvider",
@@ -42,16 +44,18 @@ class EvidenceProvider(Protocol):
 
 def detect_provider(*, simulate: bool = False, sim_dir: Path | None = None,
                     tsm_root: Path = TSM_REPORT_ROOT, sev_device: Path = SEV_GUEST_DEVICE,
-                    tsm_fs: TsmFs | None = None, kds: KdsClient | None = None) -> EvidenceProvider:
+                    tsm_fs: TsmFs | None = None, kds: KdsClient | None = None,
+                    pcs: PcsClient | None = None) -> EvidenceProvider:
     """The evidence provider for this machine: sim when asked, else configfs-tsm, else /dev/sev-guest.
 
     ``kds``: where SEV-SNP providers fetch the product's CRL to attach to every piece of evidence
-    (ignored for the sim, which issues its own, and for TDX).
+    (ignored for the sim, which issues its own, and for TDX). ``pcs``: where the TDX provider fetches
+    the quote's Intel collateral to attach likewise.
     """
     if simulate:
         return SimProvider(sim_dir)
     if Path(tsm_root).is_dir():
-        provider = ConfigfsTsmProvider(tsm_root, fs=tsm_fs, kds=kds)
+        provider = ConfigfsTsmProvider(tsm_root, fs=tsm_fs, kds=kds, pcs=pcs)
         try:
             provider.probe()
             return provider

@@ -14,7 +14,8 @@ Protocol, per report:
 All file access goes through a small ``TsmFs`` object so tests can run this exact code against a
 directory that behaves as the kernel's does (see tests/attestation/test_providers.py).
 
-Given a ``KdsClient``, SNP evidence also carries the product's AMD CRL (see ``snp_crl``).
+Given a ``KdsClient``, SNP evidence also carries the product's AMD CRL (see ``snp_crl``); given a
+``PcsClient``, TDX evidence carries the quote's Intel collateral (see ``tdx_collateral``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import ProviderError
 from ..evidence import Evidence
 from .snp_crl import with_snp_crl
+from .tdx_collateral import with_tdx_collateral
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..snp.kds import KdsClient
+    from ..tdx.pcs import PcsClient
 
 TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
 INBLOB_SIZE = 64
@@ -106,12 +109,14 @@ class ConfigfsTsmProvider:
     """Evidence through configfs-tsm; works for SEV-SNP (sev_guest) and TDX (tdx_guest)."""
 
     def __init__(self, root: Path = TSM_REPORT_ROOT, *, fs: TsmFs | None = None, privlevel: int | None = None,
-                 max_attempts: int = MAX_ATTEMPTS, kds: KdsClient | None = None) -> None:
+                 max_attempts: int = MAX_ATTEMPTS, kds: KdsClient | None = None,
+                 pcs: PcsClient | None = None) -> None:
         self.root = Path(root)
         self.fs = fs or OsFs()
         self.privlevel = privlevel
         self.max_attempts = max_attempts
         self.kds = kds  # when set, SNP evidence carries the product's CRL (a fetch failure is a ProviderError)
+        self.pcs = pcs  # when set, TDX evidence carries the quote's Intel collateral (likewise)
         self._platform: str | None = None
 
     @property
@@ -167,6 +172,8 @@ class ConfigfsTsmProvider:
         evidence = self._report(report_data)
         if self.kds is not None and evidence.platform == "snp":
             evidence = with_snp_crl(evidence, self.kds)  # after the entry is gone: nothing held while fetching
+        if self.pcs is not None and evidence.platform == "tdx":
+            evidence = with_tdx_collateral(evidence, self.pcs)
         return evidence
 
     def _report(self, report_data: bytes) -> Evidence:

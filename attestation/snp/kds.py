@@ -117,7 +117,7 @@ class KdsClient:
 
     def _crl_fresh(self, data: bytes) -> bool:
         nu = _load_crl(data).next_update_utc
-        return nu is None or self._clock() <= nu
+        return nu is not None and self._clock() <= nu
 
     def _cache_file(self, path: str) -> Path | None:
         if self.cache_dir is None:
@@ -179,4 +179,6 @@ def _load_crl(data: bytes) -> x509.CertificateRevocationList:
 
 
 def _validate_crl(data: bytes) -> None:
-    _load_crl(data)
+    """A usable CRL has a nextUpdate: without one it could be served (and cached) forever."""
+    if _load_crl(data).next_update_utc is None:
+        raise ParseError("the CRL has no nextUpdate")

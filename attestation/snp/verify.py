@@ -27,6 +27,7 @@ from ..verdict import CheckLog, VerifiedEvidence
 from ..x509parse import inspect_crl, load_pem_or_der_crl
 from .certs import VekExtensions, cert_der, load_certificate, load_certificates, parse_vek_extensions
 from .chain import LruCache, clear_chain_cache, verify_chain
+from .chain import VerifiedChain, crl_covers, crl_distribution_points
 from .chain import check_crl as _check_crl_against
 from .report import Report, parse_report, report_claims
 from .tcb import LAYOUT_TURIN, decode_tcb, family_from_name, layout_for, resolve_product
@@ -105,7 +106,10 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
     ``chain`` holds the ASK or ASVK and the ARK (bytes in PEM or DER, or certificates; one PEM blob
     with both is fine; a VEK found there is used when ``vek`` is None). Missing certificates come
     from ``kds`` when given, else CollateralError. ``at`` (default: now; naive means UTC) is the
-    verification time. ``crls`` supplies CRLs directly for ``check_crl``; otherwise they come from kds.
+    verification time. ``crls`` (e.g. the CRL carried in evidence) are always checked: issued and signed
+    by the ARK, with a nextUpdate, current at ``at``, not listing the ASK/ASVK. ``check_crl`` also
+    *requires* one of them to be the CRL covering this chain's ASK/ASVK (``chain.crl_covers``); with no
+    CRL given it is fetched from ``kds`` (the key kind's own KDS path), else CollateralError.
     """
     # A Report object is re-read from its raw bytes: the claims must be the fields the signature covers,
     # whatever was done to the object (one struct unpack).
@@ -199,17 +203,8 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
     verified = verify_chain(ark, ark_der, inter, inter_der, vek_cert, vek_der, product=family, kind=kind,
                             trust=trust, at=when, log=log)
 
-    if check_crl:
-        crl_list = [inspect_crl(c) if isinstance(c, x509.CertificateRevocationList) else _load_crl(c) for c in crls]
-        if not crl_list:
-            if kds is None:
-                raise CollateralError("check_crl needs a CRL: pass crls= or a KDS client")
-            crl_list = [inspect_crl(kds.crl(family, vlek=kind == "VLEK"))]
-        matching = [c for c in crl_list if c.issuer == ark.subject]
-        if not matching:
-            log.fail("crl", "no CRL issued by the ARK was supplied")
-        for crl in matching:
-            _check_crl_against(crl, verified, at=when, log=log)
+    if check_crl or crls:
+        _check_revocation(verified, crls, family=family, kind=kind, kds=kds, required=check_crl, at=when, log=log)
 
     # Binding of the VEK to this product, TCB and chip.
     vek_family = family_from_name(vek_ext.product_name)
@@ -255,6 +250,38 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
     return VerifiedEvidence(platform="sim" if trust.name == "sim" else "snp", product=family,
                             claims=claims, checks=log.checks)
 
+
+
+def _check_revocation(verified: VerifiedChain, crls: Sequence[bytes | x509.CertificateRevocationList], *,
+                      family: str, kind: str, kds: KdsClient | None, required: bool, at: datetime,
+                      log: CheckLog) -> None:
+    """Check every CRL given; when ``required``, one must cover the chain's ASK/ASVK.
+
+    A CRL from the evidence covers it only by what it says (its scope, see ``chain.crl_scope``): the
+    host assembles evidence and could offer the VCEK CRL for a VLEK chain. One this verifier fetched
+    itself from the kind's own KDS path is taken as that path's CRL: the caller chose that source.
+    """
+    supplied = [inspect_crl(c) if isinstance(c, x509.CertificateRevocationList) else _load_crl(c) for c in crls]
+    found = [_check_crl_against(crl, verified, at=at, log=log) for crl in supplied]
+    covered = any(crl_covers(crl, verified) for crl in supplied)
+    fetched = False
+    if required and not covered:
+        if kds is None and not supplied:
+            raise CollateralError("check_crl needs a CRL: pass crls= or a KDS client")
+        if kds is not None:
+            crl = inspect_crl(kds.crl(family, vlek=kind == "VLEK"))
+            found.insert(0, _check_crl_against(crl, verified, at=at, log=log))
+            covered = fetched = True
+    inter_cn = _cn(verified.intermediate)
+    where = ", ".join(sorted(crl_distribution_points(verified.intermediate))) or "no CRL distribution point"
+    if covered:
+        log.ok("crl", f"{found[0]}: the CRL covering {inter_cn} ({where}) is current"
+               + (" (fetched from KDS by this verifier)" if fetched else ""))
+    elif required:
+        log.fail("crl", f"no CRL given covers {inter_cn} (published at {where}); a CRL of another "
+                        "scope, such as the VCEK CRL for a VLEK chain, says nothing about it")
+    elif supplied:
+        log.ok("crl", f"no CRL covering {inter_cn} was given; revocation not checked (not required)")
 
 
 def _load_crl(data: bytes) -> x509.CertificateRevocationList:

@@ -75,11 +75,13 @@ def test_collateral_age():
     assert appraise(tdx("UpToDate", issued=NOW - timedelta(days=29)), policy, at=NOW).ok
     old = appraise(tdx("UpToDate", issued=NOW - timedelta(days=31)), policy, at=NOW)
     assert failed(old) == {"collateral_age"}
-    assert appraise(tdx(), policy, at=NOW).ok  # no collateral: nothing to age
+    bare = policy_from_yaml("max_collateral_age_days: 30\ntdx: {require_collateral: false}")
+    assert appraise(tdx(), bare, at=NOW).ok  # no collateral (allowed): nothing to age
+    assert failed(appraise(tdx(), policy, at=NOW)) == {"collateral_present"}  # required by default
 
 
 def test_tdx_measurement_entries_and_svns():
-    v = tdx()
+    v = tdx("UpToDate")
     entry = {"mrtd": "bb" * 48, "rtmr1": "01" * 48}
     ok = policy_from_yaml({"tdx": {"measurements": [entry]}}.__repr__().replace("'", '"'))
     assert appraise(v, ok).ok

@@ -138,7 +138,8 @@ def test_verify_quote_v5_up_to_date(capsys, vectors_dir, expected):
 def test_verify_quote_refused_and_errors(capsys, vectors_dir, expected, tmp_path):
     debug = _entry(expected, "tdx", "tdx_quote_4.dat")
     code, doc = run(capsys, "verify-quote", str(vectors_dir / debug["quote"]), "--at", "2023-02-08T08:02:55Z", "--json")
-    assert code == 1 and [c["name"] for c in doc["checks"] if not c["ok"]] == ["debug_disabled"]
+    # Without --collateral the default policy also misses the Intel collateral it requires.
+    assert code == 1 and [c["name"] for c in doc["checks"] if not c["ok"]] == ["debug_disabled", "collateral_present"]
     no_level = _entry(expected, "tdx", "tdx_quote_5.dat")
     code, doc = run(capsys, "verify-quote", str(vectors_dir / no_level["quote"]),
                     "--collateral", str(vectors_dir / "tdx/collateral/pcs-2026-01"), "--at", "2026-01-20T00:00:00Z", "--json")

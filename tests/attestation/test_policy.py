@@ -123,3 +123,12 @@ def test_random_text_only_policy_error(text):
         policy_from_yaml(text)
     except PolicyError:
         pass
+
+
+def test_revocation_is_required_by_the_examples_and_tdx_collateral_by_default() -> None:
+    """Without these the host can drop the CRL / Intel collateral and a revoked or OutOfDate platform passes."""
+    assert load_policy(POLICIES / "snp-production.yaml").snp.require_crl is True
+    assert load_policy(POLICIES / "sim-development.yaml").snp.require_crl is True
+    for name in ("tdx-production.yaml", "evidence-only.yaml"):
+        assert load_policy(POLICIES / name).tdx.require_collateral is True, name
+    assert Policy().tdx.require_collateral is True and DEFAULT_POLICY.tdx.require_collateral is True

@@ -99,6 +99,37 @@ def _cert(subject: x509.Name, issuer: x509.Name, public_key, signer, *, ca: bool
     return b.sign(signer, hashes.SHA384(), rsa_padding=PSS if pss else padding.PKCS1v15())
 
 
+def kds_crl_url(product: str, *, vlek: bool) -> str:
+    return f"https://kds.test/{'vlek' if vlek else 'vcek'}/v1/{product}/crl"
+
+
+def crl_dp(url: str) -> x509.CRLDistributionPoints:
+    return x509.CRLDistributionPoints([x509.DistributionPoint([x509.UniformResourceIdentifier(url)], None, None, None)])
+
+
+def _der_tlv(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + body
+
+
+def _der_children(der: bytes) -> list[bytes]:
+    """The encoded TLVs inside the outer SEQUENCE of ``der``."""
+    def header(buf: bytes, i: int) -> tuple[int, int]:
+        first = buf[i + 1]
+        if first < 0x80:
+            return i + 2, first
+        k = first & 0x7F
+        return i + 2 + k, int.from_bytes(buf[i + 2:i + 2 + k], "big")
+    start, length = header(der, 0)
+    out, i = [], start
+    while i < start + length:
+        body, n = header(der, i)
+        out.append(der[i:body + n])
+        i = body + n
+    return out
+
+
 @dataclass
 class Platform:
     product: str = "Milan"
@@ -120,10 +151,13 @@ class Platform:
         self.vek_key = ec_key(self.tag + "vek")
         ark_name = _name(f"ARK-{p}", self.org)
         inter_name = _name(f"SEV-VLEK-{p}" if self.vlek else f"SEV-{p}", self.org)
+        # CRL distribution points as AMD's: the ARK and ASK name the VCEK CRL, the ASVK the VLEK one.
         self.ark = _cert(ark_name, ark_name, self.ark_key.public_key(), self.ark_key, ca=True, serial=1,
-                         not_before=self.not_before - timedelta(days=365), not_after=self.not_after)
+                         not_before=self.not_before - timedelta(days=365), not_after=self.not_after,
+                         extra=[crl_dp(kds_crl_url(p, vlek=False))])
         self.ask = _cert(inter_name, ark_name, self.ask_key.public_key(), self.ark_key, ca=True, serial=0x1234,
-                         not_before=self.not_before - timedelta(days=365), not_after=self.not_after)
+                         not_before=self.not_before - timedelta(days=365), not_after=self.not_after,
+                         extra=[crl_dp(kds_crl_url(p, vlek=self.vlek))])
         hwid = None if self.vlek else (self.chip_id[:8] if turin else self.chip_id)
         exts = amd_extensions(self.product_name or (p if turin or self.vlek else f"{p}-B0"),
                               self.reported_tcb, hwid=hwid, csp_id="CN=test-csp" if self.vlek else None,
@@ -169,13 +203,31 @@ class Platform:
         r[0x2E8:0x2E8 + 72] = ss.to_bytes(72, "little")
         return bytes(r)
 
-    def crl(self, revoked_serials=(), *, next_update: datetime | None = None, signer=None) -> x509.CertificateRevocationList:
+    def crl(self, revoked_serials=(), *, next_update: datetime | None = None, signer=None,
+            this_update: datetime | None = None, scope: str | None = None) -> x509.CertificateRevocationList:
+        """An ARK-signed CRL; ``scope``: the URI of an Issuing Distribution Point extension."""
         b = (x509.CertificateRevocationListBuilder().issuer_name(self.ark.subject)
-             .last_update(NOW - timedelta(days=1)).next_update(next_update or NOW + timedelta(days=30)))
+             .last_update(this_update or NOW - timedelta(days=1)).next_update(next_update or NOW + timedelta(days=30)))
         for s in revoked_serials:
             b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(s)
                                           .revocation_date(NOW - timedelta(days=2)).build())
+        if scope is not None:
+            b = b.add_extension(x509.IssuingDistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(scope)], relative_name=None, only_contains_user_certs=False,
+                only_contains_ca_certs=False, only_some_reasons=None, indirect_crl=False,
+                only_contains_attribute_certs=False), critical=True)
         return b.sign(signer or self.ark_key, hashes.SHA384(), rsa_padding=PSS)
+
+    def crl_without_next_update(self) -> x509.CertificateRevocationList:
+        """An ARK-signed CRL whose TBSCertList has no nextUpdate (the builder cannot make one)."""
+        tbs = _der_children(self.crl().tbs_certlist_bytes)
+        assert tbs[4][0] == 0x17  # version, signature, issuer, thisUpdate, nextUpdate (UTCTime), ...
+        body = b"".join(tbs[:4] + tbs[5:])
+        new_tbs = _der_tlv(0x30, body)
+        signature = self.ark_key.sign(new_tbs, PSS, hashes.SHA384())
+        sig_alg = _der_children(self.crl().public_bytes(serialization.Encoding.DER))[1]
+        der = _der_tlv(0x30, new_tbs + sig_alg + _der_tlv(0x03, b"\x00" + signature))
+        return x509.load_der_x509_crl(der)
 
 
 @pytest.fixture(scope="module")

@@ -249,3 +249,24 @@ def test_crl_cache_honours_next_update(tmp_path: Path) -> None:
         assert fake.requests == ["/vcek/v1/Milan/crl"] * 2
     finally:
         fake.stop()
+
+
+def test_crl_without_next_update_is_neither_accepted_nor_cached(tmp_path: Path) -> None:
+    """Such a CRL would be "fresh" forever: a mirror could pin a CRL from before a revocation."""
+    p = Platform(tag="k")
+    fake = FakeKds()
+    fake.crls[("vcek", "Milan")] = p.crl_without_next_update().public_bytes(serialization.Encoding.DER)
+    base = fake.start()
+    try:
+        client = KdsClient(base_url=base, cache_dir=tmp_path, max_attempts=1)
+        with pytest.raises(FetchError, match="no nextUpdate"):
+            client.crl("Milan")
+        assert not any(tmp_path.rglob("crl"))
+        # Planted in the disk cache (the host's disk), it is not served from there either.
+        (tmp_path / "vcek/v1/Milan").mkdir(parents=True)
+        (tmp_path / "vcek/v1/Milan/crl").write_bytes(fake.crls[("vcek", "Milan")])
+        offline = KdsClient(base_url=base, cache_dir=tmp_path, offline=True)
+        with pytest.raises(CollateralError, match="not cached"):
+            offline.crl("Milan")
+    finally:
+        fake.stop()

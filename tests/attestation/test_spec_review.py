@@ -61,12 +61,12 @@ def test_snp_turin_tcb_compared_per_component_in_turin_layout() -> None:
 def test_tdx_reserved_tud_bits_refused_by_every_policy(bit: int) -> None:
     attrs = ((1 << 28) | (1 << bit)).to_bytes(8, "little").hex()
     for policy in (DEFAULT_POLICY, policy_from_yaml("{}"), policy_from_yaml("tdx: {allow_debug: true}")):
-        assert failed(appraise(tdx(td_attributes=attrs), policy)) == {"td_attributes_reserved"}
+        assert failed(appraise(tdx("UpToDate", td_attributes=attrs), policy)) == {"td_attributes_reserved"}
 
 
 def test_tdx_known_attribute_bits_pass_the_reserved_check() -> None:
     for attrs in (1 << 28, (1 << 28) | (1 << 30), (1 << 28) | (1 << 63), 1 << 30):
-        verdict = appraise(tdx(td_attributes=attrs.to_bytes(8, "little").hex()), DEFAULT_POLICY)
+        verdict = appraise(tdx("UpToDate", td_attributes=attrs.to_bytes(8, "little").hex()), DEFAULT_POLICY)
         assert verdict.ok, verdict.error
         assert next(c for c in verdict.checks if c.name == "td_attributes_reserved").ok
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from attestation.evidence import Evidence
-from attestation.policy import policy_from_yaml
+from attestation.policy import DEFAULT_POLICY, policy_from_yaml
 from attestation.verifier import verify_evidence
 
 
@@ -127,6 +127,8 @@ def test_wrong_products_chain_refused(snp_vector, vectors_dir):
 
 # -- TDX -----------------------------------------------------------------------------------------
 
+BARE = "tdx: {require_collateral: false}"  # these vectors have no Intel collateral: judge the quote alone
+
 def test_tdx_v5_with_collateral_up_to_date(tdx_vector):
     evidence, entry, at = tdx_vector("go-tdx-guest--quote_v5_sample.dat", "pcs-2026-02")
     verdict = verify_evidence(evidence, at=at)
@@ -152,37 +154,45 @@ def test_tdx_collateral_age_and_required_collateral(tdx_vector):
     stale = verify_evidence(evidence, policy=policy_from_yaml("max_collateral_age_days: 0.01"), at=at)
     assert _failed(stale) == {"collateral_age"}
     bare, _, at2 = tdx_vector("go-tdx-guest--quote_v5_sample.dat")
-    assert verify_evidence(bare, at=at2).ok
-    need = policy_from_yaml("tdx: {require_collateral: true}")
-    assert _failed(verify_evidence(bare, policy=need, at=at2)) == {"collateral_present"}
+    assert verify_evidence(bare, policy=policy_from_yaml("tdx: {require_collateral: false}"), at=at2).ok
+    # Collateral is required by default (DEFAULT_POLICY and any policy that does not turn it off): a bare quote
+    # says nothing about revocation or TCB status, so the host could strip it from a revoked platform's evidence.
+    for policy in (DEFAULT_POLICY, policy_from_yaml("{}"), policy_from_yaml("tdx: {require_collateral: true}")):
+        verdict = verify_evidence(bare, policy=policy, at=at2)
+        assert not verdict.ok and _failed(verdict) == {"collateral_present"}, policy.name
+        assert "no Intel collateral" in verdict.error
 
 
 def test_debug_td_refused(tdx_vector):
     evidence, _, at = tdx_vector("trustee--tdx_quote_4.dat")
-    verdict = verify_evidence(evidence, at=at)
+    verdict = verify_evidence(evidence, policy=policy_from_yaml(BARE), at=at)
     assert not verdict.ok and _failed(verdict) == {"debug_disabled"}
-    assert verify_evidence(evidence, policy=policy_from_yaml("tdx: {allow_debug: true}"), at=at).ok
+    assert verify_evidence(evidence, policy=policy_from_yaml("tdx: {allow_debug: true, require_collateral: false}"), at=at).ok
 
 
 def test_azure_td_needs_sept_ve_disable_allowance(tdx_vector):
     evidence, _, at = tdx_vector("trustee--td-quote.bin")
-    strict = verify_evidence(evidence, policy=policy_from_yaml("platforms: [tdx]"), at=at)
+    strict = verify_evidence(evidence, policy=policy_from_yaml("platforms: [tdx]\n" + BARE), at=at)
     assert _failed(strict) == {"sept_ve_disable"}
-    assert verify_evidence(evidence, policy=policy_from_yaml("tdx: {require_sept_ve_disable: false}"), at=at).ok
+    loose = "tdx: {require_sept_ve_disable: false, require_collateral: false}"
+    assert verify_evidence(evidence, policy=policy_from_yaml(loose), at=at).ok
 
 
 def test_service_td_refused_unless_allowed(tdx_vector):
     evidence, _, at = tdx_vector("trustee--tdx_quote_5.dat")
-    verdict = verify_evidence(evidence, policy=policy_from_yaml("{}"), at=at)
+    verdict = verify_evidence(evidence, policy=policy_from_yaml(BARE), at=at)
     assert _failed(verdict) == {"service_td"}
-    assert verify_evidence(evidence, policy=policy_from_yaml("tdx: {allow_service_td: true}"), at=at).ok
+    allowed = "tdx: {allow_service_td: true, require_collateral: false}"
+    assert verify_evidence(evidence, policy=policy_from_yaml(allowed), at=at).ok
 
 
 def test_mrconfigid_and_tee_tcb_svn(tdx_vector):
     evidence, entry, at = tdx_vector("trustee--tdx_quote_6.dat")
-    ok = policy_from_yaml(f"tdx:\n  mrconfigid: '{entry['mrconfigid']}'\n  min_tee_tcb_svn: '{entry['tee_tcb_svn']}'\n")
+    ok = policy_from_yaml(f"tdx:\n  mrconfigid: '{entry['mrconfigid']}'\n  min_tee_tcb_svn: '{entry['tee_tcb_svn']}'\n"
+                          "  require_collateral: false\n")
     assert verify_evidence(evidence, policy=ok, at=at).ok
-    bad = policy_from_yaml(f"tdx:\n  mrconfigid: '{'00' * 48}'\n  min_tee_tcb_svn: '{'ff' * 16}'\n")
+    bad = policy_from_yaml(f"tdx:\n  mrconfigid: '{'00' * 48}'\n  min_tee_tcb_svn: '{'ff' * 16}'\n"
+                           "  require_collateral: false\n")
     assert _failed(verify_evidence(evidence, policy=bad, at=at)) == {"mrconfigid", "min_tee_tcb_svn"}
 
 

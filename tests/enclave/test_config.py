@@ -58,8 +58,11 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict, needle: str) 
 
 
 def test_kds_url_for_the_snp_crl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """attestation.kds_url reaches detect_provider as a KdsClient (unset: none); the sim ignores it."""
-    assert load_settings(DEFAULT_CONFIG, environ={}).attestation.kds_url is None
+    """attestation.kds_url reaches detect_provider as a KdsClient (default: the host agent's mirror as a
+    guest reaches it); the sim ignores it."""
+    defaults = load_settings(DEFAULT_CONFIG, environ={}).attestation
+    assert defaults.kds_url == "http://10.0.2.2:7080/kds" and defaults.pcs_url == "http://10.0.2.2:7080/pcs"
+    assert load_settings(write(tmp_path, "attestation: {}\n"), environ={}).attestation.kds_url == defaults.kds_url
     path = write(tmp_path, "attestation: {kds_url: 'http://127.0.0.1:7080/kds/'}\n")
     assert load_settings(path, environ={}).attestation.kds_url == "http://127.0.0.1:7080/kds"
     import attestation.providers
@@ -77,6 +80,55 @@ def test_kds_url_for_the_snp_crl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert seen["kds"].base_url == "http://127.0.0.1:7080/kds"
     assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data"), "--simulate"]) == 2
     assert seen["kds"] is None and seen["simulate"] is True
+
+
+def test_pcs_url_for_the_tdx_collateral(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """attestation.pcs_url reaches detect_provider as a PcsClient (the root CA CRL from the same mirror);
+    null turns it off; the sim gets none."""
+    import attestation.providers
+    from attestation.errors import ProviderError
+
+    seen: dict = {}
+
+    def fake_detect(**kwargs):
+        seen.update(kwargs)
+        raise ProviderError("no attestation interface (test)")
+
+    monkeypatch.setattr(attestation.providers, "detect_provider", fake_detect)
+    monkeypatch.setattr("enclave.logs.configure_logging", lambda *a, **k: None)
+    data = str(tmp_path / "data")
+    assert main(["serve", "--config", str(write(tmp_path, "attestation: {}\n")), "--data-dir", data]) == 2
+    assert seen["pcs"].base_url == "http://10.0.2.2:7080/pcs"
+    assert seen["pcs"].root_ca_crl_url == "http://10.0.2.2:7080/pcs/sgx/certification/v4/rootcacrl"
+    off = write(tmp_path, "attestation: {pcs_url: null, kds_url: null}\n")
+    assert main(["serve", "--config", str(off), "--data-dir", data]) == 2
+    assert seen["pcs"] is None and seen["kds"] is None
+    assert main(["serve", "--config", str(write(tmp_path, "attestation: {}\n")), "--data-dir", data, "--simulate"]) == 2
+    assert seen["pcs"] is None
+    with pytest.raises(ConfigError, match="attestation.pcs_url"):
+        load_settings(write(tmp_path, "attestation: {pcs_url: 'ftp://pcs'}\n"), environ={})
+
+
+def test_missing_collateral_mirror_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Real hardware with no mirror at the default address: no evidence, no start, and a message saying why."""
+    import attestation.providers
+    from attestation.errors import ProviderError
+
+    class NoCollateral:
+        platform = "tdx"
+
+        def get_evidence(self, report_data: bytes):
+            raise ProviderError("cannot fetch the Intel collateral of FMSPC 90c06f000000 (test)")
+
+    monkeypatch.setattr(attestation.providers, "detect_provider", lambda **kwargs: NoCollateral())
+    monkeypatch.setattr("enclave.logs.configure_logging", lambda *a, **k: None)
+    path = write(tmp_path, "attestation: {}\n")
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot obtain attestation evidence: cannot fetch the Intel collateral" in err
+    assert "attestation.kds_url / pcs_url" in err and "cube-host serve" in err
+    assert not (tmp_path / "data" / "server-cert.pem").exists()
 
 
 def test_cli_prints_config_errors_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,12 +31,12 @@ SNP_EXPECTED = {
 }
 TDX_EXPECTED = {
     "tdx/go-tdx-guest--tdx_prod_quote_SPR_E4.dat": "contraindicated",  # no matching TCB level (pcs-2023-06)
-    "tdx/go-tdx-guest--quote_v5_sample.dat": "warning",                # pcs-2026-02 at 2026-02-03: UpToDate
-    "tdx/go-tdx-guest--cos-113-tdx-quote.dat": "warning",              # signatures only: TCB not evaluated
+    "tdx/go-tdx-guest--quote_v5_sample.dat": "warning",                # pcs-2026-02 at 2026-02-03: UpToDate, unmeasured policy
+    "tdx/go-tdx-guest--cos-113-tdx-quote.dat": "contraindicated",      # no Intel collateral: required by default
     "tdx/trustee--tdx_quote_4.dat": "contraindicated",                 # debug TD
     "tdx/trustee--tdx_quote_5.dat": "contraindicated",                 # no matching TCB level (pcs-2026-01)
-    "tdx/trustee--tdx_quote_6.dat": "warning",
-    "tdx/trustee--td-quote.bin": "warning",
+    "tdx/trustee--tdx_quote_6.dat": "contraindicated",                 # no collateral
+    "tdx/trustee--td-quote.bin": "contraindicated",                    # no collateral
 }
 NONCE = "0123456789abcdef0123456789abcdef"
 CBOR = {"content-type": "application/cmw+cbor", "accept": "application/json"}
