@@ -33,7 +33,8 @@ def _snp(snp_vector, name: str, rules: str):
 
 def _tdx(tdx_vector, name: str, rules: str):
     evidence, entry, at = tdx_vector(name)
-    policy = policy_from_yaml("tdx:\n  require_sept_ve_disable: false\n" + rules)
+    # these tests are about the attribute rules: quotes without collateral are appraised on signatures alone
+    policy = policy_from_yaml("tdx:\n  require_sept_ve_disable: false\n  require_collateral: false\n" + rules)
     return verify_evidence(evidence, policy=policy, at=at), entry
 
 
@@ -147,7 +148,7 @@ def test_td_attributes(tdx_vector, name, rules, ok):
 def test_td_attributes_migratable_and_perfmon_bits_refused():
     from tests.attestation.test_appraise import tdx  # hand-made claims: no vector sets these bits
 
-    policy = policy_from_yaml("tdx: {td_attributes: {forbid: [MIGRATABLE, PERFMON]}}")
+    policy = policy_from_yaml("tdx: {td_attributes: {forbid: [MIGRATABLE, PERFMON]}, require_collateral: false}")
     for attrs, word in (((1 << 28) | (1 << 29), "MIGRATABLE is set"), ((1 << 28) | (1 << 63), "PERFMON is set")):
         verdict = appraise(tdx(td_attributes=attrs.to_bytes(8, "little").hex()), policy)
         assert _failed(verdict) == {"td_attributes_bits"} and word in verdict.error
