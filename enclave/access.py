@@ -222,7 +222,7 @@ def may_issue_pat(minter: Principal, owner: User, domain_id: str | None, domain:
     if owner.is_superadmin:
         return Decision(False, 403, "owner_outranks_issuer",
                         "A key for a superadmin can only be minted by that superadmin or another superadmin.")
-    minter_role = minter.role_in(domain_id)
+    minter_role = "admin" if minter.is_superadmin else minter.role_in(domain_id)
     if minter_role is None or _ROLE_RANK[owner_role] > _ROLE_RANK[minter_role]:
         return Decision(False, 403, "owner_outranks_issuer",
                         "You may not mint a key for a member who holds more in this domain than you.")
