@@ -141,6 +141,12 @@ def may_view_self(principal: Principal) -> Decision:
     return ALLOW
 
 
+def visible_roles(principal: Principal) -> dict[str, str]:
+    """The memberships a key may see: all of them, or for a domain-bound key only its own domain's."""
+    bound = principal.pat.domain_id
+    return {d: r for d, r in principal.roles.items() if bound is None or d == bound}
+
+
 def may_manage_platform(principal: Principal) -> Decision:
     """Platform administration: a superadmin's key that is bound to no domain, with the manage scope."""
     if not principal.is_superadmin:

@@ -17,7 +17,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from enclave.access import (Principal, bound_new_pat, is_own_key_in_binding, may_issue_pat, may_manage_domain,
-                            may_manage_own_keys, may_manage_platform, may_revoke_pat, may_view_pat, may_view_self)
+                            may_manage_own_keys, may_manage_platform, may_revoke_pat, may_view_pat, may_view_self,
+                            visible_roles)
 from enclave.api.context import AppContext, authenticated, check, find_domain, find_user
 from enclave.api.schemas import (ERROR_RESPONSES, AdminModelOut, BackendStatusOut, DomainCreate, DomainOut,
                                  DomainRef, DomainUpdate, MemberOut, MembershipSet, MeOut, ModelPull, PatCreate,
@@ -378,7 +379,7 @@ async def revoke_domain_pat(pat_id: PatId, request: Request, m: DomainManager = 
 async def whoami(request: Request, principal: Principal = Depends(authenticated)) -> MeOut:
     check(may_view_self(principal))
     return MeOut(user=user_out(principal.user), pat=pat_out(principal.pat, _ctx(request).clock()),
-                 memberships=dict(principal.roles))
+                 memberships=visible_roles(principal))
 
 
 @me.get("/users/me/pats", response_model=list[PatOut],

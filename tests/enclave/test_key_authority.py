@@ -84,6 +84,7 @@ def test_a_domain_bound_key_manages_only_keys_bound_to_its_domain(svc) -> None:
         in_a = root.post(f"/domains/{a}/members/{user}/pats", json={"name": "in-a"}).json()
         unbound = root.post(f"/admin/users/{user}/pats", json={"name": "anywhere"}).json()
     with server.client(world.tokens["bound_b"]) as c:
+        assert c.get("/users/me").json()["memberships"] == {b: "member"}    # not its role in A
         listed = c.get("/users/me/pats").json()
         assert [p["id"] for p in listed] == [world.pat_ids["bound_b"]]
         assert {p["domain_id"] for p in listed} == {b}
