@@ -26,7 +26,8 @@ from enclave.schema import domains, memberships, pats, users
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 ROLES = ("admin", "member")
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID_ANY_CASE = re.compile(_UUID.pattern, re.IGNORECASE)
 
 
 class StoreError(Exception):
@@ -43,7 +44,9 @@ def utcnow() -> datetime:
 
 def canonical_uuid(value: str) -> str | None:
     """The canonical (lower-case) form of an id written in any case; None when ``value`` is not a UUID."""
-    return value.lower() if _UUID.fullmatch(value) else None
+    if _UUID.fullmatch(value):          # the common case, on the hot path: already canonical
+        return value
+    return value.lower() if _UUID_ANY_CASE.fullmatch(value) else None
 
 
 def _aware(value: datetime | None) -> datetime | None:

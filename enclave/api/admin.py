@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from enclave.access import (Principal, bound_new_pat, is_own_key_in_binding, may_issue_pat, may_manage_domain,
                             may_manage_own_keys, may_manage_platform, may_revoke_pat, may_view_pat, may_view_self,
                             visible_roles)
-from enclave.api.context import AppContext, authenticated, check, find_domain, find_user
+from enclave.api.context import AppContext, authenticated, check, decided_domain_id, find_domain, find_user
 from enclave.api.schemas import (ERROR_RESPONSES, AdminModelOut, BackendStatusOut, DomainCreate, DomainOut,
                                  DomainRef, DomainUpdate, MemberOut, MembershipSet, MeOut, ModelPull, PatCreate,
                                  PatCreated, PatId, PatOut, UserCreate, UserOut, UserRef, UserUpdate)
@@ -82,7 +82,7 @@ async def _platform_admin(principal: Principal = Depends(authenticated)) -> Prin
 async def _domain_manager(domain_id: DomainRef, request: Request,
                           principal: Principal = Depends(authenticated)) -> DomainManager:
     domain = await find_domain(_ctx(request).store, domain_id)
-    check(may_manage_domain(principal, domain.id if domain else canonical_uuid(domain_id) or domain_id, domain))
+    check(may_manage_domain(principal, decided_domain_id(domain_id, domain), domain))
     assert domain is not None
     return DomainManager(principal, domain)
 

@@ -57,3 +57,9 @@ async def find_domain(store: Store, ref: str) -> Domain | None:
     """A domain by id (any case) or by its unique name."""
     did = canonical_uuid(ref)
     return await (store.get_domain(did) if did else store.get_domain_by_name(ref))
+
+
+def decided_domain_id(ref: str, domain: Domain | None) -> str:
+    """The domain id an access decision is about: the found domain's, else the path's reference as given
+    (canonical when it is a UUID), so an unknown domain is judged like a foreign one."""
+    return domain.id if domain is not None else canonical_uuid(ref) or ref

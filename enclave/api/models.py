@@ -6,11 +6,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from enclave.access import Principal, Scope, may_list_models, may_use_model, model_rule
-from enclave.api.context import AppContext, check
+from enclave.api.context import AppContext, check, decided_domain_id
 from enclave.api.schemas import ERROR_RESPONSES, DomainRef, ErrorEnvelope, ModelList, ModelObject
 from enclave.errors import ApiError, model_not_found
 from enclave.registry import openai_model_list
-from enclave.store import Domain, canonical_uuid
+from enclave.store import Domain
 
 router = APIRouter(tags=["models"])
 
@@ -31,7 +31,7 @@ async def _domain_for(ctx: AppContext, principal: Principal, ref: str) -> Domain
     """The domain named by id (any case) or name in the path, once the principal may list models there; an
     unknown domain looks like a foreign one."""
     domain = await ctx.auth.domain(ref)
-    check(may_list_models(principal, domain.id if domain else canonical_uuid(ref) or ref, domain))
+    check(may_list_models(principal, decided_domain_id(ref, domain), domain))
     assert domain is not None
     return domain
 

@@ -24,7 +24,8 @@ from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, make
 
 ROLES = ("superadmin", "admin", "member", "nonmember")     # admin / member: of domain A
 BINDINGS = (None, "A", "B")
-SCOPE_SETS = {"all": ("models:read", "models:infer", "manage"), "use": ("models:read", "models:infer")}
+SCOPE_SETS = {"all": ("models:read", "models:infer", "manage"), "use": ("models:read", "models:infer"),
+              "manage": ("manage",)}
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class Who:
     @property
     def manage(self) -> bool:
         return self.role is not None and "manage" in SCOPE_SETS[self.scopes]
+
+    @property
+    def read(self) -> bool:
+        return self.role is not None and "models:read" in SCOPE_SETS[self.scopes]
 
 
 Rule = Callable[[Who], bool]
@@ -63,7 +68,7 @@ def in_domain_a(w: Who) -> bool:
 
 
 def models_of_a(w: Who) -> bool:
-    return in_domain_a(w)          # both scope sets hold models:read
+    return in_domain_a(w) and w.read
 
 
 def admin_of_a(w: Who) -> bool:
@@ -118,7 +123,7 @@ ROUTES: dict[tuple[str, str], tuple[Rule, str, object]] = {
     ("DELETE", "/admin/users/{user_id}"): (platform, "/admin/users/{victim}", None),
     ("GET", "/admin/users/{user_id}/pats"): (platform, "/admin/users/{target}/pats", None),
     ("POST", "/admin/users/{user_id}/pats"): (platform, "/admin/users/{target}/pats",
-                                              {"name": "k", "scopes": ["models:read"]}),
+                                              {"name": "k", "scopes": ["manage"]}),
     ("DELETE", "/admin/users/{user_id}/pats/{pat_id}"): (platform, "/admin/users/{target}/pats/{target_key}", None),
     ("GET", "/domains/{domain_id}/members"): (admin_of_a, "/domains/{A}/members", None),
     ("PUT", "/domains/{domain_id}/members/{user_id}"): (admin_of_a, "/domains/{A}/members/{target}",
@@ -126,11 +131,11 @@ ROUTES: dict[tuple[str, str], tuple[Rule, str, object]] = {
     ("DELETE", "/domains/{domain_id}/members/{user_id}"): (admin_of_a, "/domains/{A}/members/{leaver}", None),
     ("GET", "/domains/{domain_id}/pats"): (admin_of_a, "/domains/{A}/pats", None),
     ("POST", "/domains/{domain_id}/members/{user_id}/pats"): (admin_of_a, "/domains/{A}/members/{target}/pats",
-                                                              {"name": "k", "scopes": ["models:read"]}),
+                                                              {"name": "k", "scopes": ["manage"]}),
     ("DELETE", "/domains/{domain_id}/pats/{pat_id}"): (admin_of_a, "/domains/{A}/pats/{target_key}", None),
     ("GET", "/users/me"): (any_key, "/users/me", None),
     ("GET", "/users/me/pats"): (own_keys, "/users/me/pats", None),
-    ("POST", "/users/me/pats"): (own_keys, "/users/me/pats", {"name": "k", "scopes": ["models:read"]}),
+    ("POST", "/users/me/pats"): (own_keys, "/users/me/pats", {"name": "k", "scopes": ["manage"]}),
     ("DELETE", "/users/me/pats/{pat_id}"): (own_keys, "/users/me/pats/{spare}", None),
     ("GET", "/pats/{pat_id}"): (key_bound_to_a, "/pats/{target_key}", None),
     ("DELETE", "/pats/{pat_id}"): (key_bound_to_a, "/pats/{target_key}", None),
