@@ -1,14 +1,21 @@
-"""The single access decision used by model listing, model retrieval and (later) inference.
+"""Every authorization decision of the service, one named function per action; handlers only call them.
 
-Rules, in order: the PAT must not be bound to another domain; the owner must be a member of the domain (a
-superadmin acts everywhere); the PAT must hold the scope; the model must pass the PAT's allowlist and the
-domain's allowlist when either is set (entries are exact ids or shell-style patterns such as ``llama3*``).
+Model use (listing, retrieval and later inference), in order: the PAT must not be bound to another domain;
+the owner must be a member of the domain (a superadmin acts everywhere); the PAT must hold the scope; the model
+must pass the PAT's allowlist and the domain's allowlist when either is set (entries are exact ids or
+shell-style patterns such as ``llama3*``).
+
+Keys (see README "Keys and who may mint them"): a PAT bound to a domain never has platform powers; anyone
+mints keys for themself within their key's bounds; an unbound superadmin key mints for anyone; a domain admin
+mints domain-bound keys for members of that domain who are not superadmins. A new key never exceeds the key
+that creates it: scopes, domain binding, lifetime and model allowlist are all bounded by it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 from fnmatch import fnmatchcase
 
@@ -23,6 +30,7 @@ class Scope(StrEnum):
 
 ALL_SCOPES = tuple(s.value for s in Scope)
 DEFAULT_SCOPES = (Scope.MODELS_READ.value, Scope.MODELS_INFER.value)
+_ROLE_RANK = {"member": 1, "admin": 2}
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class Decision:
     status: int = 200
     code: str | None = None
     message: str = ""
+    param: str | None = None
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -60,9 +69,13 @@ def _matches(model_id: str, patterns: Iterable[str]) -> bool:
     return any(p == model_id or fnmatchcase(model_id, p) for p in patterns)
 
 
+def _lacks(scope: Scope) -> Decision:
+    return Decision(False, 403, "insufficient_scope", f"This API key lacks the `{scope}` scope.")
+
+
 def domain_access(principal: Principal, domain_id: str, domain: Domain | None, scope: Scope) -> Decision:
     """May this principal act in the domain with this scope? Unknown domains look like foreign ones to
-    non-superadmins (403), so domain ids cannot be probed."""
+    non-superadmins (403), so domain ids and names cannot be probed."""
     if principal.pat.domain_id is not None and principal.pat.domain_id != domain_id:
         return Decision(False, 403, "not_a_member", "This API key is bound to another domain.")
     if not principal.is_superadmin and (domain is None or principal.role_in(domain_id) is None):
@@ -70,15 +83,20 @@ def domain_access(principal: Principal, domain_id: str, domain: Domain | None, s
     if domain is None:
         return Decision(False, 404, "domain_not_found", "Domain not found.")
     if not principal.has_scope(scope):
-        return Decision(False, 403, "insufficient_scope", f"This API key lacks the `{scope}` scope.")
+        return _lacks(scope)
     return ALLOW
+
+
+def may_list_models(principal: Principal, domain_id: str, domain: Domain | None) -> Decision:
+    """The domain part of model discovery (``model_rule`` then decides per model)."""
+    return domain_access(principal, domain_id, domain, Scope.MODELS_READ)
 
 
 #: The model part of the access decision: model id -> ALLOW or the refusal.
 ModelRule = Callable[[str], Decision]
 
-_NOT_IN_PAT_ALLOWLIST = Decision(False, 404, "model_not_found", "Model not in this API key's allowlist.")
-_NOT_IN_DOMAIN_ALLOWLIST = Decision(False, 404, "model_not_found", "Model not enabled in this domain.")
+_NOT_IN_PAT_ALLOWLIST = Decision(False, 404, "model_not_found", "Model not in this API key's allowlist.", "model")
+_NOT_IN_DOMAIN_ALLOWLIST = Decision(False, 404, "model_not_found", "Model not enabled in this domain.", "model")
 
 
 def allow_every_model(model_id: str) -> Decision:
@@ -117,6 +135,30 @@ def may_use_model(principal: Principal, domain_id: str, domain: Domain | None, m
     return model_rule(principal, domain)(model_id)
 
 
+# ---- administration --------------------------------------------------------------------------------------
+def may_view_self(principal: Principal) -> Decision:
+    """``GET /users/me``: any valid key may see who it belongs to."""
+    return ALLOW
+
+
+def visible_roles(principal: Principal) -> dict[str, str]:
+    """The memberships a key may see: all of them, or for a domain-bound key only its own domain's."""
+    bound = principal.pat.domain_id
+    return {d: r for d, r in principal.roles.items() if bound is None or d == bound}
+
+
+def may_manage_platform(principal: Principal) -> Decision:
+    """Platform administration: a superadmin's key that is bound to no domain, with the manage scope."""
+    if not principal.is_superadmin:
+        return Decision(False, 403, "not_superadmin", "Only a superadmin may do this.")
+    if principal.pat.domain_id is not None:
+        return Decision(False, 403, "domain_bound_key",
+                        "This API key is bound to a domain; platform administration needs an unbound key.")
+    if not principal.has_scope(Scope.MANAGE):
+        return _lacks(Scope.MANAGE)
+    return ALLOW
+
+
 def may_manage_domain(principal: Principal, domain_id: str, domain: Domain | None) -> Decision:
     """Domain administration: superadmin, or a domain admin, with the manage scope."""
     gate = domain_access(principal, domain_id, domain, Scope.MANAGE)
@@ -127,9 +169,133 @@ def may_manage_domain(principal: Principal, domain_id: str, domain: Domain | Non
     return Decision(False, 403, "not_domain_admin", "Only domain admins may manage this domain.")
 
 
-def may_manage_platform(principal: Principal) -> Decision:
-    if not principal.is_superadmin:
-        return Decision(False, 403, "not_superadmin", "Only a superadmin may do this.")
-    if not principal.has_scope(Scope.MANAGE):
-        return Decision(False, 403, "insufficient_scope", "This API key lacks the `manage` scope.")
+def may_manage_own_keys(principal: Principal) -> Decision:
+    """``/users/me/pats``: the manage scope (what the key then sees is ``is_own_key_in_binding``)."""
+    return ALLOW if principal.has_scope(Scope.MANAGE) else _lacks(Scope.MANAGE)
+
+
+def is_own_key_in_binding(principal: Principal, pat: Pat) -> bool:
+    """A key the principal manages as its owner: its own, and, for a domain-bound key, bound to the same domain."""
+    bound = principal.pat.domain_id
+    return pat.user_id == principal.user.id and (bound is None or pat.domain_id == bound)
+
+
+_PAT_NOT_FOUND = Decision(False, 404, "pat_not_found", "API key not found.", "pat_id")
+
+
+def may_manage_pat(principal: Principal, pat: Pat | None, pat_domain: Domain | None) -> Decision:
+    """See or revoke one key by id: its owner (within the caller key's binding), an admin of the domain the key
+    is bound to, or an unbound superadmin key. Anything else looks like an unknown id (404), so ids cannot be
+    probed."""
+    if pat is None:
+        return _PAT_NOT_FOUND
+    if is_own_key_in_binding(principal, pat):
+        return may_manage_own_keys(principal)
+    if may_manage_platform(principal):
+        return ALLOW
+    if pat.domain_id is not None and may_manage_domain(principal, pat.domain_id, pat_domain):
+        return ALLOW
+    return _PAT_NOT_FOUND
+
+
+def may_view_pat(principal: Principal, pat: Pat | None, pat_domain: Domain | None) -> Decision:
+    return may_manage_pat(principal, pat, pat_domain)
+
+
+def may_revoke_pat(principal: Principal, pat: Pat | None, pat_domain: Domain | None) -> Decision:
+    return may_manage_pat(principal, pat, pat_domain)
+
+
+def may_issue_pat(minter: Principal, owner: User, domain_id: str | None, domain: Domain | None,
+                  owner_role: str | None) -> Decision:
+    """Who may mint a key for whom (the key's own bounds are ``bound_new_pat``).
+
+    ``domain_id`` is the domain the new key is bound to (None: unbound); ``owner_role`` the owner's role there.
+    (a) anyone for themself; (b) an unbound superadmin key for anyone; (c) a domain admin, domain-bound keys
+    only, for a member of that domain who is not a superadmin and holds no more there than the minter.
+    """
+    if owner.id == minter.user.id:
+        return may_manage_own_keys(minter)
+    if domain_id is None:
+        return may_manage_platform(minter)
+    gate = may_manage_domain(minter, domain_id, domain)
+    if not gate:
+        return gate
+    if owner_role is None:
+        return Decision(False, 404, "member_not_found", "Member not found.", "user_id")
+    if may_manage_platform(minter):
+        return ALLOW
+    if owner.is_superadmin:
+        return Decision(False, 403, "owner_outranks_issuer",
+                        "A key for a superadmin can only be minted by that superadmin or another superadmin.")
+    minter_role = "admin" if minter.is_superadmin else minter.role_in(domain_id)
+    if minter_role is None or _ROLE_RANK[owner_role] > _ROLE_RANK[minter_role]:
+        return Decision(False, 403, "owner_outranks_issuer",
+                        "You may not mint a key for a member who holds more in this domain than you.")
     return ALLOW
+
+
+# ---- the bounds of a new key -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PatTerms:
+    """What a new key gets, once ``bound_new_pat`` has admitted the request."""
+    scopes: tuple[str, ...]
+    domain_id: str | None
+    expires_at: datetime
+    model_allowlist: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class PatBounds(Decision):
+    terms: PatTerms | None = None
+
+
+_WILDCARD = frozenset("*?[")
+
+
+def _allowlist_within(requested: Sequence[str], creator: Sequence[str]) -> list[str]:
+    """Entries of ``requested`` the creator's allowlist does not cover: an exact id must be matched by it, a
+    pattern must appear in it verbatim (pattern containment is not decided)."""
+    return [r for r in requested
+            if (r not in creator if _WILDCARD & set(r) else not _matches(r, creator))]
+
+
+def bound_new_pat(creator: Principal, *, scopes: Sequence[str], domain_id: str | None,
+                  expires_in_days: int | None, model_allowlist: Sequence[str] | None, now: datetime,
+                  default_days: int, max_days: int) -> PatBounds:
+    """Bound a new key by the key that creates it: scopes ⊆ the creator's; a domain-bound creator only makes
+    keys bound to its domain; expiry ≤ the creator's (the default lifetime is capped at it, an explicit longer
+    one refused); allowlist ⊆ the creator's when it has one (omitted: inherited)."""
+    wanted = tuple(dict.fromkeys(str(s) for s in scopes))
+    missing = [s for s in wanted if not creator.has_scope(s)]
+    if missing:
+        return PatBounds(False, 403, "insufficient_scope",
+                         f"A new API key cannot have scopes the current key lacks: {', '.join(missing)}.", "scopes")
+    bound = creator.pat.domain_id
+    if bound is not None:
+        if domain_id not in (None, bound):
+            return PatBounds(False, 403, "not_a_member", "This API key is bound to another domain.")
+        domain_id = bound
+    if expires_in_days is not None and expires_in_days > max_days:
+        return PatBounds(False, 400, "expiry_too_long", f"`expires_in_days` may be at most {max_days}.",
+                         "expires_in_days")
+    cap = creator.pat.expires_at
+    if expires_in_days is None:
+        expires_at = min(now + timedelta(days=default_days), cap)
+    else:
+        expires_at = now + timedelta(days=expires_in_days)
+        if expires_at > cap:
+            return PatBounds(False, 400, "expiry_too_long",
+                             f"A new API key cannot outlive the current one (it expires {cap.isoformat()}); "
+                             "ask for fewer days.", "expires_in_days")
+    allow = tuple(model_allowlist) if model_allowlist is not None else None
+    limit = creator.pat.model_allowlist
+    if limit is not None:
+        if allow is None:
+            allow = limit
+        elif wider := _allowlist_within(allow, limit):
+            return PatBounds(False, 403, "model_allowlist_too_wide",
+                             "A new API key may only use models the current key may use; not covered: "
+                             f"{', '.join(wider)}.", "model_allowlist")
+    return PatBounds(True, terms=PatTerms(scopes=wanted, domain_id=domain_id, expires_at=expires_at,
+                                          model_allowlist=allow))

@@ -1,4 +1,9 @@
-"""``cube-admin``: the admin API from the command line (httpx), with ``--json`` output everywhere."""
+"""``cube-admin``: the admin API from the command line (httpx), with ``--json`` output everywhere.
+
+The token is only ever sent over attested TLS (``--policy``): the enclave is verified, and its key pinned,
+before the first byte of the request. Plain WebPKI TLS is an explicit, warned opt-in
+(``--insecure-no-attestation``). Proxies from the environment are never used.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from attestation.errors import AttestationError
 
@@ -29,9 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cube-admin", description="Administer a Cube AI enclave over its HTTP API")
     p.add_argument("--url", default=os.environ.get("CUBE_URL", DEFAULT_URL), help="service URL (env CUBE_URL)")
     p.add_argument("--token", default=None, help="personal access token (default: env CUBE_TOKEN)")
-    p.add_argument("--ca", help="PEM file to trust for the server certificate (e.g. data_dir/server-cert.pem)")
     p.add_argument("--policy", help="attestation policy YAML: verify the enclave (attested TLS) before the token is "
-                                    "sent, e.g. data_dir/sim-policy.yaml for the local simulated demo")
+                                    "sent, e.g. data_dir/sim-policy.yaml for the local simulated demo (required "
+                                    "unless --insecure-no-attestation)")
+    p.add_argument("--insecure-no-attestation", action="store_true",
+                   help="send the token over plain WebPKI TLS without verifying the enclave (anyone holding a "
+                        "certificate for the name receives the token); prints a warning")
+    p.add_argument("--ca", help="with --insecure-no-attestation: a PEM file to trust instead of the system CAs")
     p.add_argument("--json", action="store_true", help="print raw JSON")
     sub = p.add_subparsers(dest="group", required=True)
 
@@ -40,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("backends", help="backends and health").add_subparsers(dest="action", required=True)
     g.add_parser("list")
 
-    g = sub.add_parser("models", help="platform models").add_subparsers(dest="action", required=True)
-    g.add_parser("list")
+    g = sub.add_parser("models", help="models").add_subparsers(dest="action", required=True)
+    a = g.add_parser("list", help="every model with its backend (superadmin), or with --domain the models you "
+                                  "may use there")
+    a.add_argument("--domain", help="domain id or name: list what this key may use there (member view)")
     a = g.add_parser("pull", help="add a model to an Ollama backend (progress bar)")
     a.add_argument("backend")
     a.add_argument("model")
@@ -55,14 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--allow", action="append", help="model id or pattern allowed in the domain (repeatable)")
     a = g.add_parser("show")
-    a.add_argument("domain_id")
+    a.add_argument("domain_id", help="domain id or name")
     a = g.add_parser("update")
-    a.add_argument("domain_id")
+    a.add_argument("domain_id", help="domain id or name")
     a.add_argument("--name")
     a.add_argument("--allow", action="append")
     a.add_argument("--clear-allowlist", action="store_true")
     a = g.add_parser("delete")
-    a.add_argument("domain_id")
+    a.add_argument("domain_id", help="domain id or name")
 
     g = sub.add_parser("users").add_subparsers(dest="action", required=True)
     g.add_parser("list")
@@ -70,24 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("--superadmin", action="store_true")
     a = g.add_parser("show")
-    a.add_argument("user_id")
+    a.add_argument("user_id", help="user id or name")
     a = g.add_parser("update")
-    a.add_argument("user_id")
+    a.add_argument("user_id", help="user id or name")
     a.add_argument("--name")
     a.add_argument("--superadmin", action=argparse.BooleanOptionalAction, default=None)
     a = g.add_parser("delete")
-    a.add_argument("user_id")
+    a.add_argument("user_id", help="user id or name")
 
     g = sub.add_parser("members", help="domain memberships").add_subparsers(dest="action", required=True)
     a = g.add_parser("list")
-    a.add_argument("domain_id")
+    a.add_argument("domain_id", help="domain id or name")
     a = g.add_parser("set", help="add a user to a domain or change the role")
-    a.add_argument("domain_id")
-    a.add_argument("user_id")
+    a.add_argument("domain_id", help="domain id or name")
+    a.add_argument("user_id", help="user id or name")
     a.add_argument("--role", choices=["admin", "member"], default="member")
     a = g.add_parser("remove")
-    a.add_argument("domain_id")
-    a.add_argument("user_id")
+    a.add_argument("domain_id", help="domain id or name")
+    a.add_argument("user_id", help="user id or name")
 
     g = sub.add_parser("pats", help="personal access tokens").add_subparsers(dest="action", required=True)
     a = g.add_parser("list", help="yours, a user's (--user, superadmin) or a domain's (--domain)")
@@ -95,11 +106,13 @@ def _parser() -> argparse.ArgumentParser:
     a = g.add_parser("create", help="yours; a user's (--user); a domain member's (--domain D --member U)")
     a.add_argument("name")
     _pat_target(a)
-    a.add_argument("--member", help="with --domain: the member to issue a domain-bound PAT for")
+    a.add_argument("--member", help="with --domain: the member (id or name) to issue a domain-bound PAT for")
     a.add_argument("--scope", action="append", choices=["models:read", "models:infer", "manage"])
     a.add_argument("--days", type=int, help="lifetime in days (default: server default)")
     a.add_argument("--allow", action="append", help="model id or pattern this PAT may use (repeatable)")
-    a = g.add_parser("revoke")
+    a = g.add_parser("show", help="one key by id, wherever you may manage it")
+    a.add_argument("pat_id")
+    a = g.add_parser("revoke", help="revoke a key by id, wherever you may manage it")
     a.add_argument("pat_id")
     _pat_target(a)
     return p
@@ -107,8 +120,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pat_target(a: argparse.ArgumentParser) -> None:
     t = a.add_mutually_exclusive_group()
-    t.add_argument("--user")
-    t.add_argument("--domain")
+    t.add_argument("--user", help="user id or name")
+    t.add_argument("--domain", help="domain id or name")
 
 
 def _seg(value: str) -> str:
@@ -141,12 +154,21 @@ class Api:
         timeout = httpx.Timeout(30.0, read=None)
         headers = {"Authorization": f"Bearer {token}"}
         if args.policy:
-            if args.ca:
-                raise CliError("--policy and --ca exclude each other: the attested key is the trust root")
+            if args.ca or args.insecure_no_attestation:
+                raise CliError("--policy excludes --ca and --insecure-no-attestation: the attested key is the "
+                               "trust root")
             self.client = _attested_client(args.url, args.policy, timeout=timeout, headers=headers)
             return
+        if not args.insecure_no_attestation:
+            raise CliError("refusing to send the token without verifying the enclave: pass --policy FILE "
+                           "(attested TLS), or --insecure-no-attestation to accept plain TLS")
+        if args.ca and not os.path.isfile(args.ca):
+            raise CliError(f"--ca {args.ca}: no such file")
+        print("cube-admin: WARNING: --insecure-no-attestation: the enclave is not verified; the token goes to "
+              "whoever holds a TLS certificate for this name", file=sys.stderr)
         verify = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
-        self.client = httpx.Client(base_url=args.url, verify=verify, timeout=timeout, headers=headers)
+        self.client = httpx.Client(base_url=args.url, verify=verify, timeout=timeout, headers=headers,
+                                   trust_env=False)
 
     def _check(self, r: httpx.Response) -> None:
         if r.status_code < 400:
@@ -173,11 +195,26 @@ class Api:
                     yield json.loads(line)
 
 
+_ID_COLUMNS = frozenset({"id", "user_id", "domain_id", "issued_by"})
+_FOLDED_MIN_WIDTH = 10
+
+
 def _table(console: Console, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*[_cell(row.get(c)) for c in columns])
-    console.print(table)
+    """A table whose id columns always show whole (never cut or wrapped: they are meant to be copied); other
+    columns fold. When the ids alone exceed the terminal, the table is wider than it rather than cropped."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = {c: max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)}
+    mins = {c: widths[c] if c in _ID_COLUMNS else min(_FOLDED_MIN_WIDTH, widths[c]) for c in columns}
+    table = Table(*[Column(c, no_wrap=c in _ID_COLUMNS, overflow="fold", min_width=mins[c]) for c in columns])
+    for r in cells:
+        table.add_row(*r)
+    needed = sum(mins.values()) + 3 * len(columns) + 1      # cells plus borders and padding
+    width = console.width
+    console.width = max(width, needed)
+    try:
+        console.print(table, crop=False)
+    finally:
+        console.width = width
 
 
 def _cell(value: Any) -> str:
@@ -233,6 +270,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if a == "remove":
             api.call("DELETE", f"/admin/models/{quote(args.model, safe='/:')}", params={"backend": args.backend})
             out = {"removed": args.model}
+        elif args.domain:
+            out = api.call("GET", f"/proxy/{_seg(args.domain)}/v1/models")["data"]
+            columns = ("id", "owned_by", "created")
         else:
             out, columns = api.call("GET", "/admin/models"), ("id", "backend", "kind", "owned_by", "created")
     elif g == "domains":
@@ -278,33 +318,41 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 _table(console, rows, columns)
                 return 0
     elif g == "pats":
-        if args.domain:
-            base = f"/domains/{_seg(args.domain)}"
-        elif args.user:
-            base = f"/admin/users/{_seg(args.user)}"
+        domain, user = getattr(args, "domain", None), getattr(args, "user", None)
+        if domain:
+            base = f"/domains/{_seg(domain)}"
+        elif user:
+            base = f"/admin/users/{_seg(user)}"
         else:
             base = "/users/me"
         if a == "create":
             body = {"name": args.name, "expires_in_days": args.days, "model_allowlist": args.allow}
             if args.scope:
                 body["scopes"] = args.scope
-            if args.domain:
+            if domain:
                 if not args.member:
-                    raise CliError("--domain needs --member USER_ID")
+                    raise CliError("--domain needs --member USER (id or name)")
                 path = f"{base}/members/{_seg(args.member)}/pats"
             else:
                 path = f"{base}/pats"
             out = api.call("POST", path, {k: v for k, v in body.items() if v is not None})
             if not args.json:
-                console.print("New API key (shown once, store it now):")
+                console.print(f"New API key {out['id']} for user {out['user_id']} (issued by {out['issued_by']}, "
+                              f"expires {out['expires_at']}); the secret is shown once, store it now:",
+                              soft_wrap=True)
                 print(out["token"])
                 return 0
+        elif a == "show":
+            out = api.call("GET", f"/pats/{_seg(args.pat_id)}")
         elif a == "revoke":
-            api.call("DELETE", f"{base}/pats/{_seg(args.pat_id)}")
+            # With neither --user nor --domain the key is found wherever the caller may manage it.
+            prefix = base if domain or user else ""
+            api.call("DELETE", f"{prefix}/pats/{_seg(args.pat_id)}")
             out = {"revoked": args.pat_id}
         else:
             out = api.call("GET", f"{base}/pats")
-            columns = ("id", "name", "display", "scopes", "domain_id", "state", "expires_at", "last_used_at")
+            columns = ("id", "name", "display", "scopes", "domain_id", "issued_by", "state", "expires_at",
+                       "last_used_at")
     else:  # pragma: no cover - argparse guarantees a group
         raise CliError(f"unknown command {g}")
     if args.json:

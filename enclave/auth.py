@@ -10,7 +10,7 @@ from datetime import datetime
 
 from enclave.access import Principal
 from enclave.errors import ApiError, unauthorized
-from enclave.store import AuthRecord, Domain, Store, utcnow
+from enclave.store import AuthRecord, Domain, Store, canonical_uuid, utcnow
 from enclave.tokens import TokenFormatError, parse_token, token_hash
 
 log = logging.getLogger("enclave.auth")
@@ -143,12 +143,15 @@ class Authenticator:
         self._tracker.mark(record.pat.id, now)
         return Principal(user=record.user, pat=record.pat, roles=record.roles)
 
-    async def domain(self, domain_id: str) -> Domain | None:
-        hit = self._domains.get(domain_id)
+    async def domain(self, ref: str) -> Domain | None:
+        """A domain by id (any case) or unique name; cached, so a hit costs no database round trip."""
+        domain_id = canonical_uuid(ref)
+        key = domain_id or "name:" + ref
+        hit = self._domains.get(key)
         if isinstance(hit, Domain):
             return hit
         read_at = self._domains.generation()
-        domain = await self._store.get_domain(domain_id)
+        domain = await (self._store.get_domain(domain_id) if domain_id else self._store.get_domain_by_name(ref))
         if domain is not None:
-            self._domains.put(domain_id, domain, read_at)
+            self._domains.put(key, domain, read_at)
         return domain

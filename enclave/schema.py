@@ -53,4 +53,5 @@ pats = sa.Table(
     sa.Column("expires_at", Timestamp, nullable=False),
     sa.Column("revoked_at", Timestamp, nullable=True),
     sa.Column("last_used_at", Timestamp, nullable=True),
+    sa.Column("issued_by", sa.String(36), sa.ForeignKey("users.id", ondelete="SET NULL"), nullable=True),
 )

@@ -7,6 +7,7 @@ an in-process cache of authentication results can tell it is stale (see enclave.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from enclave.schema import domains, memberships, pats, users
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 ROLES = ("admin", "member")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_UUID_ANY_CASE = re.compile(_UUID.pattern, re.IGNORECASE)
 
 
 class StoreError(Exception):
@@ -37,6 +40,13 @@ class Conflict(StoreError):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def canonical_uuid(value: str) -> str | None:
+    """The canonical (lower-case) form of an id written in any case; None when ``value`` is not a UUID."""
+    if _UUID.fullmatch(value):          # the common case, on the hot path: already canonical
+        return value
+    return value.lower() if _UUID_ANY_CASE.fullmatch(value) else None
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -83,6 +93,7 @@ class Pat:
     expires_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+    issued_by: str | None = None   # the user who minted it (the owner for self-made keys; None: deleted issuer)
 
 
 @dataclass(frozen=True)
@@ -109,7 +120,7 @@ def _pat(row: Any) -> Pat:
                last4=row.last4, scopes=tuple(row.scopes or ()),
                model_allowlist=tuple(allow) if allow is not None else None,
                created_at=_aware(row.created_at), expires_at=_aware(row.expires_at),
-               revoked_at=_aware(row.revoked_at), last_used_at=_aware(row.last_used_at))
+               revoked_at=_aware(row.revoked_at), last_used_at=_aware(row.last_used_at), issued_by=row.issued_by)
 
 
 def _upgrade(connection: sa.Connection) -> None:
@@ -189,6 +200,10 @@ class Store:
         rows = await self._rows(users.select().where(users.c.id == user_id))
         return _user(rows[0]) if rows else None
 
+    async def get_user_by_name(self, name: str) -> User | None:
+        rows = await self._rows(users.select().where(users.c.name == name))
+        return _user(rows[0]) if rows else None
+
     async def list_users(self) -> list[User]:
         return [_user(r) for r in await self._rows(users.select().order_by(users.c.name))]
 
@@ -225,6 +240,10 @@ class Store:
 
     async def get_domain(self, domain_id: str) -> Domain | None:
         rows = await self._rows(domains.select().where(domains.c.id == domain_id))
+        return _domain(rows[0]) if rows else None
+
+    async def get_domain_by_name(self, name: str) -> Domain | None:
+        rows = await self._rows(domains.select().where(domains.c.name == name))
         return _domain(rows[0]) if rows else None
 
     async def list_domains(self, ids: Iterable[str] | None = None) -> list[Domain]:
@@ -295,14 +314,17 @@ class Store:
     # personal access tokens
     async def create_pat(self, *, user_id: str, name: str, token_hash: str, last4: str, scopes: Iterable[str],
                          expires_at: datetime, domain_id: str | None = None,
-                         model_allowlist: Iterable[str] | None = None) -> Pat:
+                         model_allowlist: Iterable[str] | None = None, issued_by: str | None = None) -> Pat:
+        """``issued_by``: who minted the key (default: its owner)."""
         allow = list(model_allowlist) if model_allowlist is not None else None
         pat = Pat(id=str(uuid.uuid4()), user_id=user_id, domain_id=domain_id, name=name, token_hash=token_hash,
                   last4=last4, scopes=tuple(scopes), model_allowlist=tuple(allow) if allow is not None else None,
-                  created_at=utcnow(), expires_at=_aware(expires_at), revoked_at=None, last_used_at=None)
+                  created_at=utcnow(), expires_at=_aware(expires_at), revoked_at=None, last_used_at=None,
+                  issued_by=issued_by or user_id)
         await self._write(pats.insert().values(
             id=pat.id, user_id=user_id, domain_id=domain_id, name=name, token_hash=token_hash, last4=last4,
-            scopes=list(pat.scopes), model_allowlist=allow, created_at=pat.created_at, expires_at=pat.expires_at))
+            scopes=list(pat.scopes), model_allowlist=allow, created_at=pat.created_at, expires_at=pat.expires_at,
+            issued_by=pat.issued_by))
         return pat
 
     async def get_pat(self, pat_id: str) -> Pat | None:
@@ -358,4 +380,4 @@ async def open_store(settings: Any) -> Store:
 
 
 __all__ = ["AuthRecord", "Conflict", "Domain", "Member", "Pat", "ROLES", "Store", "StoreError", "User",
-           "open_store", "utcnow"]
+           "canonical_uuid", "open_store", "utcnow"]

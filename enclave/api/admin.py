@@ -1,7 +1,8 @@
-"""Admin API: platform (superadmin), domain administration (domain admins) and self-service PATs.
+"""Admin API: platform (superadmin), domain administration (domain admins), self-service PATs and keys by id.
 
-Every route needs a PAT with the ``manage`` scope except ``GET /users/me``. A new PAT never gets more than the
-creating PAT has: its scopes must be a subset, and a PAT bound to a domain only creates PATs bound to it.
+Every route needs a PAT with the ``manage`` scope except ``GET /users/me``; who may do what is decided in
+``enclave.access`` (one function per action), the handlers only call it. Users and domains in paths are ids
+(any case) or unique names.
 """
 
 from __future__ import annotations
@@ -9,26 +10,30 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from enclave.access import Principal, Scope, may_manage_domain, may_manage_platform
-from enclave.api.context import AppContext, authenticated, check, uuid_param
+from enclave.access import (Principal, bound_new_pat, is_own_key_in_binding, may_issue_pat, may_manage_domain,
+                            may_manage_own_keys, may_manage_platform, may_revoke_pat, may_view_pat, may_view_self,
+                            visible_roles)
+from enclave.api.context import AppContext, authenticated, check, decided_domain_id, find_domain, find_user
 from enclave.api.schemas import (ERROR_RESPONSES, AdminModelOut, BackendStatusOut, DomainCreate, DomainOut,
-                                 DomainUpdate, MemberOut, MembershipSet, MeOut, ModelPull, PatCreate, PatCreated,
-                                 PatOut, UserCreate, UserOut, UserUpdate)
+                                 DomainRef, DomainUpdate, MemberOut, MembershipSet, MeOut, ModelPull, PatCreate,
+                                 PatCreated, PatId, PatOut, UserCreate, UserOut, UserRef, UserUpdate)
 from enclave import registry as reg
-from enclave.errors import ApiError, bad_request, envelope, forbidden, not_found
-from enclave.store import Conflict, Domain, Member, Pat, User
+from enclave.errors import ApiError, envelope, not_found
+from enclave.store import Conflict, Domain, Member, Pat, User, canonical_uuid
 from enclave.tokens import PAT_PREFIX, generate_token
 
 log = logging.getLogger("enclave.admin")
 
 platform = APIRouter(prefix="/admin", tags=["platform admin"], responses=ERROR_RESPONSES)
 domain_admin = APIRouter(prefix="/domains/{domain_id}", tags=["domain admin"], responses=ERROR_RESPONSES)
-me = APIRouter(prefix="/users/me", tags=["self service"], responses=ERROR_RESPONSES)
+# Self service (/users/me...) and keys by id (/pats/{id}) share one router, so the app includes it as before.
+me = APIRouter(tags=["self service"], responses=ERROR_RESPONSES)
 
 
 # ---- rendering -------------------------------------------------------------------------------------------
@@ -51,7 +56,7 @@ def pat_out(p: Pat, now: datetime) -> PatOut:
                   display=f"{PAT_PREFIX}...{p.last4}", scopes=list(p.scopes),
                   model_allowlist=list(p.model_allowlist) if p.model_allowlist is not None else None,
                   created_at=p.created_at, expires_at=p.expires_at, revoked_at=p.revoked_at,
-                  last_used_at=p.last_used_at, state=state)
+                  last_used_at=p.last_used_at, state=state, issued_by=p.issued_by)
 
 
 def _ctx(request: Request) -> AppContext:
@@ -62,46 +67,51 @@ def _conflict(e: Conflict, what: str) -> ApiError:
     return ApiError(409, f"{what} already exists.", code="already_exists")
 
 
-async def _platform_admin(request: Request, principal: Principal = Depends(authenticated)) -> Principal:
+@dataclass(frozen=True)
+class DomainManager:
+    """The caller of a domain-admin route, with the domain its path names."""
+    principal: Principal
+    domain: Domain
+
+
+async def _platform_admin(principal: Principal = Depends(authenticated)) -> Principal:
     check(may_manage_platform(principal))
     return principal
 
 
-async def _domain_manager(domain_id: str, request: Request,
-                          principal: Principal = Depends(authenticated)) -> Principal:
-    uuid_param(domain_id, "domain_id")
-    domain = await _ctx(request).store.get_domain(domain_id)
-    check(may_manage_domain(principal, domain_id, domain))
-    return principal
+async def _domain_manager(domain_id: DomainRef, request: Request,
+                          principal: Principal = Depends(authenticated)) -> DomainManager:
+    domain = await find_domain(_ctx(request).store, domain_id)
+    check(may_manage_domain(principal, decided_domain_id(domain_id, domain), domain))
+    assert domain is not None
+    return DomainManager(principal, domain)
 
 
 async def _self_manager(principal: Principal = Depends(authenticated)) -> Principal:
-    if not principal.has_scope(Scope.MANAGE):
-        raise forbidden("This API key lacks the `manage` scope.", "insufficient_scope")
+    check(may_manage_own_keys(principal))
     return principal
 
 
-async def _issue_pat(ctx: AppContext, creator: Principal, owner_id: str, body: PatCreate,
-                     domain_id: str | None) -> PatCreated:
-    scopes = list(dict.fromkeys(str(s) for s in body.scopes))
-    missing = [s for s in scopes if not creator.has_scope(s)]
-    if missing:
-        raise forbidden(f"A new API key cannot have scopes the current key lacks: {', '.join(missing)}.",
-                        "insufficient_scope")
-    if creator.pat.domain_id is not None:
-        if domain_id not in (None, creator.pat.domain_id):
-            raise forbidden("This API key is bound to another domain.", "not_a_member")
-        domain_id = creator.pat.domain_id
-    days = body.expires_in_days or ctx.settings.pat_default_ttl_days
-    if days > ctx.settings.pat_max_ttl_days:
-        raise bad_request(f"`expires_in_days` may be at most {ctx.settings.pat_max_ttl_days}.",
-                          code="expiry_too_long", param="expires_in_days")
+async def _issue_pat(ctx: AppContext, creator: Principal, owner: User, body: PatCreate,
+                     domain: Domain | None) -> PatCreated:
+    """Mint a key for ``owner`` (bound to ``domain`` when given), once ``enclave.access`` has admitted the
+    minter and bounded the key by the creating one."""
+    role = (await ctx.store.roles_of(owner.id)).get(domain.id) if domain else None
+    check(may_issue_pat(creator, owner, domain.id if domain else None, domain, role))
     now = ctx.clock()
+    bounds = bound_new_pat(creator, scopes=[str(s) for s in body.scopes], domain_id=domain.id if domain else None,
+                           expires_in_days=body.expires_in_days, model_allowlist=body.model_allowlist, now=now,
+                           default_days=ctx.settings.pat_default_ttl_days, max_days=ctx.settings.pat_max_ttl_days)
+    check(bounds)
+    terms = bounds.terms
+    assert terms is not None
     token = generate_token()
-    pat = await ctx.store.create_pat(user_id=owner_id, name=body.name, token_hash=ctx.auth.hash(token),
-                                     last4=token[-4:], scopes=scopes, expires_at=now + timedelta(days=days),
-                                     domain_id=domain_id, model_allowlist=body.model_allowlist)
-    log.info("issued PAT %s for user %s (domain %s)", pat.id, owner_id, domain_id or "any")
+    pat = await ctx.store.create_pat(user_id=owner.id, name=body.name, token_hash=ctx.auth.hash(token),
+                                     last4=token[-4:], scopes=terms.scopes, expires_at=terms.expires_at,
+                                     domain_id=terms.domain_id, model_allowlist=terms.model_allowlist,
+                                     issued_by=creator.user.id)
+    log.info("issued PAT %s for user %s (domain %s) by %s", pat.id, owner.id, terms.domain_id or "any",
+             creator.user.id)
     return PatCreated(**pat_out(pat, now).model_dump(), token=token)
 
 
@@ -189,25 +199,24 @@ async def list_domains(request: Request, _: Principal = Depends(_platform_admin)
     return [domain_out(d) for d in await _ctx(request).store.list_domains()]
 
 
-async def _domain_or_404(request: Request, domain_id: str) -> Domain:
-    uuid_param(domain_id, "domain_id")
-    domain = await _ctx(request).store.get_domain(domain_id)
+async def _domain_or_404(request: Request, ref: str) -> Domain:
+    domain = await find_domain(_ctx(request).store, ref)
     if domain is None:
         raise not_found("Domain", "domain_not_found")
     return domain
 
 
 @platform.get("/domains/{domain_id}", response_model=DomainOut)
-async def get_domain(domain_id: str, request: Request, _: Principal = Depends(_platform_admin)) -> DomainOut:
+async def get_domain(domain_id: DomainRef, request: Request, _: Principal = Depends(_platform_admin)) -> DomainOut:
     return domain_out(await _domain_or_404(request, domain_id))
 
 
 @platform.patch("/domains/{domain_id}", response_model=DomainOut)
-async def update_domain(domain_id: str, body: DomainUpdate, request: Request,
+async def update_domain(domain_id: DomainRef, body: DomainUpdate, request: Request,
                         _: Principal = Depends(_platform_admin)) -> DomainOut:
-    await _domain_or_404(request, domain_id)
+    domain = await _domain_or_404(request, domain_id)
     try:
-        d = await _ctx(request).store.update_domain(domain_id, name=body.name, model_allowlist=body.model_allowlist,
+        d = await _ctx(request).store.update_domain(domain.id, name=body.name, model_allowlist=body.model_allowlist,
                                                     clear_allowlist=body.clear_model_allowlist)
     except Conflict as e:
         raise _conflict(e, f"A domain named `{body.name}`") from None
@@ -216,9 +225,9 @@ async def update_domain(domain_id: str, body: DomainUpdate, request: Request,
 
 
 @platform.delete("/domains/{domain_id}", status_code=204, summary="Delete a domain, its memberships and its PATs")
-async def delete_domain(domain_id: str, request: Request, _: Principal = Depends(_platform_admin)) -> Response:
-    await _domain_or_404(request, domain_id)
-    await _ctx(request).store.delete_domain(domain_id)
+async def delete_domain(domain_id: DomainRef, request: Request, _: Principal = Depends(_platform_admin)) -> Response:
+    domain = await _domain_or_404(request, domain_id)
+    await _ctx(request).store.delete_domain(domain.id)
     return Response(status_code=204)
 
 
@@ -236,16 +245,15 @@ async def list_users(request: Request, _: Principal = Depends(_platform_admin)) 
     return [user_out(u) for u in await _ctx(request).store.list_users()]
 
 
-async def _user_or_404(request: Request, user_id: str) -> User:
-    uuid_param(user_id, "user_id")
-    user = await _ctx(request).store.get_user(user_id)
+async def _user_or_404(request: Request, ref: str) -> User:
+    user = await find_user(_ctx(request).store, ref)
     if user is None:
         raise not_found("User", "user_not_found")
     return user
 
 
 @platform.get("/users/{user_id}", response_model=UserOut)
-async def get_user(user_id: str, request: Request, _: Principal = Depends(_platform_admin)) -> UserOut:
+async def get_user(user_id: UserRef, request: Request, _: Principal = Depends(_platform_admin)) -> UserOut:
     return user_out(await _user_or_404(request, user_id))
 
 
@@ -255,13 +263,13 @@ async def _keep_a_superadmin(request: Request, user: User) -> None:
 
 
 @platform.patch("/users/{user_id}", response_model=UserOut)
-async def update_user(user_id: str, body: UserUpdate, request: Request,
+async def update_user(user_id: UserRef, body: UserUpdate, request: Request,
                       _: Principal = Depends(_platform_admin)) -> UserOut:
     user = await _user_or_404(request, user_id)
     if body.superadmin is False:
         await _keep_a_superadmin(request, user)
     try:
-        updated = await _ctx(request).store.update_user(user_id, name=body.name, is_superadmin=body.superadmin)
+        updated = await _ctx(request).store.update_user(user.id, name=body.name, is_superadmin=body.superadmin)
     except Conflict as e:
         raise _conflict(e, f"A user named `{body.name}`") from None
     assert updated is not None
@@ -269,115 +277,140 @@ async def update_user(user_id: str, body: UserUpdate, request: Request,
 
 
 @platform.delete("/users/{user_id}", status_code=204, summary="Delete a user, their memberships and PATs")
-async def delete_user(user_id: str, request: Request, _: Principal = Depends(_platform_admin)) -> Response:
+async def delete_user(user_id: UserRef, request: Request, _: Principal = Depends(_platform_admin)) -> Response:
     user = await _user_or_404(request, user_id)
     await _keep_a_superadmin(request, user)
-    await _ctx(request).store.delete_user(user_id)
+    await _ctx(request).store.delete_user(user.id)
     return Response(status_code=204)
 
 
 @platform.get("/users/{user_id}/pats", response_model=list[PatOut])
-async def list_user_pats(user_id: str, request: Request, _: Principal = Depends(_platform_admin)) -> list[PatOut]:
-    await _user_or_404(request, user_id)
+async def list_user_pats(user_id: UserRef, request: Request, _: Principal = Depends(_platform_admin)) -> list[PatOut]:
+    user = await _user_or_404(request, user_id)
     now = _ctx(request).clock()
-    return [pat_out(p, now) for p in await _ctx(request).store.list_pats(user_id=user_id)]
+    return [pat_out(p, now) for p in await _ctx(request).store.list_pats(user_id=user.id)]
 
 
 @platform.post("/users/{user_id}/pats", response_model=PatCreated, status_code=201,
                summary="Issue a PAT for a user (valid in every domain the user belongs to); shown once")
-async def create_user_pat(user_id: str, body: PatCreate, request: Request,
+async def create_user_pat(user_id: UserRef, body: PatCreate, request: Request,
                           principal: Principal = Depends(_platform_admin)) -> PatCreated:
-    await _user_or_404(request, user_id)
-    return await _issue_pat(_ctx(request), principal, user_id, body, None)
+    user = await _user_or_404(request, user_id)
+    return await _issue_pat(_ctx(request), principal, user, body, None)
 
 
 @platform.delete("/users/{user_id}/pats/{pat_id}", status_code=204)
-async def revoke_user_pat(user_id: str, pat_id: str, request: Request,
-                          _: Principal = Depends(_platform_admin)) -> Response:
-    await _user_or_404(request, user_id)
-    await _revoke(request, pat_id, lambda p: p.user_id == user_id)
+async def revoke_user_pat(user_id: UserRef, pat_id: PatId, request: Request,
+                          principal: Principal = Depends(_platform_admin)) -> Response:
+    user = await _user_or_404(request, user_id)
+    await _revoke(request, principal, pat_id, lambda p: p.user_id == user.id)
     return Response(status_code=204)
 
 
-async def _revoke(request: Request, pat_id: str, allowed) -> None:
-    uuid_param(pat_id, "pat_id")
+async def _pat_for(request: Request, principal: Principal, pat_id: str, decide, within=None) -> Pat:
+    """The key ``pat_id`` names, once ``decide`` (an ``enclave.access`` rule) admits the principal; a key outside
+    the route's reach (``within``) or not visible to the caller is a 404 like an unknown one."""
     store = _ctx(request).store
-    pat = await store.get_pat(pat_id)
-    if pat is None or not allowed(pat):
-        raise not_found("API key", "pat_not_found")
-    await store.revoke_pat(pat_id, at=_ctx(request).clock())
-    log.info("revoked PAT %s", pat_id)
+    canonical = canonical_uuid(pat_id)
+    pat = await store.get_pat(canonical) if canonical else None
+    if pat is not None and within is not None and not within(pat):
+        pat = None
+    domain = await store.get_domain(pat.domain_id) if pat is not None and pat.domain_id else None
+    check(decide(principal, pat, domain))
+    assert pat is not None
+    return pat
+
+
+async def _revoke(request: Request, principal: Principal, pat_id: str, within=None) -> None:
+    pat = await _pat_for(request, principal, pat_id, may_revoke_pat, within)
+    await _ctx(request).store.revoke_pat(pat.id, at=_ctx(request).clock())
+    log.info("revoked PAT %s", pat.id)
 
 
 # ---- domain administration -----------------------------------------------------------------------------
 @domain_admin.get("/members", response_model=list[MemberOut])
-async def list_members(domain_id: str, request: Request,
-                       _: Principal = Depends(_domain_manager)) -> list[MemberOut]:
-    return [member_out(m) for m in await _ctx(request).store.list_members(domain_id)]
+async def list_members(request: Request, m: DomainManager = Depends(_domain_manager)) -> list[MemberOut]:
+    return [member_out(x) for x in await _ctx(request).store.list_members(m.domain.id)]
 
 
 @domain_admin.put("/members/{user_id}", response_model=MemberOut, summary="Add a user to the domain or change the role")
-async def set_member(domain_id: str, user_id: str, body: MembershipSet, request: Request,
-                     _: Principal = Depends(_domain_manager)) -> MemberOut:
-    await _user_or_404(request, user_id)
-    return member_out(await _ctx(request).store.set_membership(domain_id, user_id, body.role))
+async def set_member(user_id: UserRef, body: MembershipSet, request: Request,
+                     m: DomainManager = Depends(_domain_manager)) -> MemberOut:
+    user = await _user_or_404(request, user_id)
+    return member_out(await _ctx(request).store.set_membership(m.domain.id, user.id, body.role))
 
 
-@domain_admin.delete("/members/{user_id}", status_code=204)
-async def remove_member(domain_id: str, user_id: str, request: Request,
-                        _: Principal = Depends(_domain_manager)) -> Response:
-    uuid_param(user_id, "user_id")
+@domain_admin.delete("/members/{user_id}", status_code=204, summary="Remove a member and revoke their keys bound here")
+async def remove_member(user_id: UserRef, request: Request, m: DomainManager = Depends(_domain_manager)) -> Response:
     store = _ctx(request).store
-    if not await store.remove_membership(domain_id, user_id):
+    user = await find_user(store, user_id)
+    if user is None or not await store.remove_membership(m.domain.id, user.id):
         raise not_found("Member", "member_not_found")
-    for pat in await store.list_pats(user_id=user_id, domain_id=domain_id):
+    for pat in await store.list_pats(user_id=user.id, domain_id=m.domain.id):
         if pat.revoked_at is None:
             await store.revoke_pat(pat.id, at=_ctx(request).clock())
     return Response(status_code=204)
 
 
 @domain_admin.get("/pats", response_model=list[PatOut], summary="PATs bound to this domain")
-async def list_domain_pats(domain_id: str, request: Request, _: Principal = Depends(_domain_manager)) -> list[PatOut]:
+async def list_domain_pats(request: Request, m: DomainManager = Depends(_domain_manager)) -> list[PatOut]:
     now = _ctx(request).clock()
-    return [pat_out(p, now) for p in await _ctx(request).store.list_pats(domain_id=domain_id)]
+    return [pat_out(p, now) for p in await _ctx(request).store.list_pats(domain_id=m.domain.id)]
 
 
 @domain_admin.post("/members/{user_id}/pats", response_model=PatCreated, status_code=201,
-                   summary="Issue a PAT bound to this domain for a member; shown once")
-async def create_member_pat(domain_id: str, user_id: str, body: PatCreate, request: Request,
-                            principal: Principal = Depends(_domain_manager)) -> PatCreated:
-    uuid_param(user_id, "user_id")
-    if await _ctx(request).store.get_member(domain_id, user_id) is None:
+                   summary="Issue a PAT bound to this domain for a member who is not a superadmin; shown once")
+async def create_member_pat(user_id: UserRef, body: PatCreate, request: Request,
+                            m: DomainManager = Depends(_domain_manager)) -> PatCreated:
+    user = await find_user(_ctx(request).store, user_id)
+    if user is None:
         raise not_found("Member", "member_not_found")
-    return await _issue_pat(_ctx(request), principal, user_id, body, domain_id)
+    return await _issue_pat(_ctx(request), m.principal, user, body, m.domain)
 
 
 @domain_admin.delete("/pats/{pat_id}", status_code=204)
-async def revoke_domain_pat(domain_id: str, pat_id: str, request: Request,
-                            _: Principal = Depends(_domain_manager)) -> Response:
-    await _revoke(request, pat_id, lambda p: p.domain_id == domain_id)
+async def revoke_domain_pat(pat_id: PatId, request: Request, m: DomainManager = Depends(_domain_manager)) -> Response:
+    await _revoke(request, m.principal, pat_id, lambda p: p.domain_id == m.domain.id)
     return Response(status_code=204)
 
 
 # ---- self service --------------------------------------------------------------------------------------
-@me.get("", response_model=MeOut, summary="Who am I: user, this PAT and domain memberships")
+@me.get("/users/me", response_model=MeOut, summary="Who am I: user, this PAT and domain memberships")
 async def whoami(request: Request, principal: Principal = Depends(authenticated)) -> MeOut:
+    check(may_view_self(principal))
     return MeOut(user=user_out(principal.user), pat=pat_out(principal.pat, _ctx(request).clock()),
-                 memberships=dict(principal.roles))
+                 memberships=visible_roles(principal))
 
 
-@me.get("/pats", response_model=list[PatOut])
+@me.get("/users/me/pats", response_model=list[PatOut],
+        summary="Your keys (a domain-bound key sees only your keys bound to its domain)")
 async def list_my_pats(request: Request, principal: Principal = Depends(_self_manager)) -> list[PatOut]:
     now = _ctx(request).clock()
-    return [pat_out(p, now) for p in await _ctx(request).store.list_pats(user_id=principal.user.id)]
+    return [pat_out(p, now) for p in await _ctx(request).store.list_pats(user_id=principal.user.id)
+            if is_own_key_in_binding(principal, p)]
 
 
-@me.post("/pats", response_model=PatCreated, status_code=201, summary="Create a PAT for yourself; shown once")
+@me.post("/users/me/pats", response_model=PatCreated, status_code=201,
+         summary="Create a PAT for yourself, within this key's bounds; shown once")
 async def create_my_pat(body: PatCreate, request: Request, principal: Principal = Depends(_self_manager)) -> PatCreated:
-    return await _issue_pat(_ctx(request), principal, principal.user.id, body, None)
+    return await _issue_pat(_ctx(request), principal, principal.user, body, None)
 
 
-@me.delete("/pats/{pat_id}", status_code=204)
-async def revoke_my_pat(pat_id: str, request: Request, principal: Principal = Depends(_self_manager)) -> Response:
-    await _revoke(request, pat_id, lambda p: p.user_id == principal.user.id)
+@me.delete("/users/me/pats/{pat_id}", status_code=204)
+async def revoke_my_pat(pat_id: PatId, request: Request, principal: Principal = Depends(_self_manager)) -> Response:
+    await _revoke(request, principal, pat_id, lambda p: is_own_key_in_binding(principal, p))
+    return Response(status_code=204)
+
+
+# ---- keys by id, wherever the caller may manage them ---------------------------------------------------
+@me.get("/pats/{pat_id}", response_model=PatOut, tags=["keys"],
+        summary="One key: the owner's (within this key's binding), a domain admin's for keys bound to the "
+                "domain, or any for a superadmin; 404 otherwise")
+async def get_pat(pat_id: PatId, request: Request, principal: Principal = Depends(authenticated)) -> PatOut:
+    return pat_out(await _pat_for(request, principal, pat_id, may_view_pat), _ctx(request).clock())
+
+
+@me.delete("/pats/{pat_id}", status_code=204, tags=["keys"], summary="Revoke a key wherever the caller may manage it")
+async def revoke_pat(pat_id: PatId, request: Request, principal: Principal = Depends(authenticated)) -> Response:
+    await _revoke(request, principal, pat_id)
     return Response(status_code=204)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +11,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from enclave.access import Decision, Principal
 from enclave.auth import Authenticator, Clock, LastUsedTracker
 from enclave.config import Settings
-from enclave.errors import ApiError, bad_request
+from enclave.errors import ApiError
 from enclave.metrics import Metrics
-from enclave.store import Store
-
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+from enclave.store import Domain, Store, User, canonical_uuid
 
 
 @dataclass
@@ -46,13 +43,23 @@ async def authenticated(request: Request,
 
 def check(decision: Decision) -> None:
     if not decision.allowed:
-        raise ApiError(decision.status, decision.message, code=decision.code,
-                       param="model" if decision.code == "model_not_found" else None,
+        raise ApiError(decision.status, decision.message, code=decision.code, param=decision.param,
                        headers={"x-should-retry": "false"} if decision.status in (401, 403) else None)
 
 
-def uuid_param(value: str, name: str) -> str:
-    """Ids are canonical lowercase UUIDs; anything else is a 400 naming the parameter."""
-    if not _UUID.fullmatch(value):
-        raise bad_request(f"`{name}` must be a UUID.", code="invalid_id", param=name)
-    return value
+async def find_user(store: Store, ref: str) -> User | None:
+    """A user by id (any case) or by its unique name."""
+    uid = canonical_uuid(ref)
+    return await (store.get_user(uid) if uid else store.get_user_by_name(ref))
+
+
+async def find_domain(store: Store, ref: str) -> Domain | None:
+    """A domain by id (any case) or by its unique name."""
+    did = canonical_uuid(ref)
+    return await (store.get_domain(did) if did else store.get_domain_by_name(ref))
+
+
+def decided_domain_id(ref: str, domain: Domain | None) -> str:
+    """The domain id an access decision is about: the found domain's, else the path's reference as given
+    (canonical when it is a UUID), so an unknown domain is judged like a foreign one."""
+    return domain.id if domain is not None else canonical_uuid(ref) or ref

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from enclave.access import Principal, Scope, domain_access, may_use_model, model_rule
-from enclave.api.context import AppContext, check, uuid_param
-from enclave.api.schemas import ERROR_RESPONSES, ErrorEnvelope, ModelList, ModelObject
+from enclave.access import Principal, Scope, may_list_models, may_use_model, model_rule
+from enclave.api.context import AppContext, check, decided_domain_id
+from enclave.api.schemas import ERROR_RESPONSES, DomainRef, ErrorEnvelope, ModelList, ModelObject
 from enclave.errors import ApiError, model_not_found
 from enclave.registry import openai_model_list
 from enclave.store import Domain
@@ -27,10 +27,11 @@ def _all_backends_down(registry) -> bool:
     return not registry.any_up() and bool(registry.status())
 
 
-async def _domain_for(ctx: AppContext, principal: Principal, domain_id: str) -> Domain:
-    uuid_param(domain_id, "domain_id")
-    domain = await ctx.auth.domain(domain_id)
-    check(domain_access(principal, domain_id, domain, Scope.MODELS_READ))
+async def _domain_for(ctx: AppContext, principal: Principal, ref: str) -> Domain:
+    """The domain named by id (any case) or name in the path, once the principal may list models there; an
+    unknown domain looks like a foreign one."""
+    domain = await ctx.auth.domain(ref)
+    check(may_list_models(principal, decided_domain_id(ref, domain), domain))
     assert domain is not None
     return domain
 
@@ -42,7 +43,7 @@ _SECURED = {"security": [{"PAT": []}]}
 
 @router.get("/proxy/{domain_id}/v1/models", response_model=ModelList, responses=_RESPONSES,
             summary="List the models this API key may use in the domain", openapi_extra=_SECURED)
-async def list_models(domain_id: str, request: Request) -> Response:
+async def list_models(domain_id: DomainRef, request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     principal = await ctx.auth.authenticate(request.headers.get("authorization"))
     domain = await _domain_for(ctx, principal, domain_id)
@@ -57,7 +58,7 @@ async def list_models(domain_id: str, request: Request) -> Response:
 
 @router.get("/proxy/{domain_id}/v1/models/{model:path}", response_model=ModelObject, responses=_RESPONSES,
             summary="Retrieve one model (404 when unknown or not permitted alike)", openapi_extra=_SECURED)
-async def retrieve_model(domain_id: str, model: str, request: Request) -> Response:
+async def retrieve_model(domain_id: DomainRef, model: str, request: Request) -> Response:
     ctx: AppContext = request.app.state.ctx
     principal = await ctx.auth.authenticate(request.headers.get("authorization"))
     domain = await _domain_for(ctx, principal, domain_id)
@@ -65,6 +66,6 @@ async def retrieve_model(domain_id: str, model: str, request: Request) -> Respon
     card = registry.get(model)
     if card is None and _all_backends_down(registry):
         raise _no_backend()
-    if card is None or not may_use_model(principal, domain_id, domain, card.id, scope=Scope.MODELS_READ):
+    if card is None or not may_use_model(principal, domain.id, domain, card.id, scope=Scope.MODELS_READ):
         raise model_not_found(model)
     return Response(card.openai_json(), media_type="application/json")

@@ -5,11 +5,26 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from fastapi import Path
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from enclave.access import Scope
+from enclave.store import canonical_uuid
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")]
+#: Path parameters that name a user or a domain take either its id (UUID, any case) or its unique name.
+DomainRef = Annotated[str, Path(description="domain id (UUID, any case) or unique name", max_length=100)]
+UserRef = Annotated[str, Path(description="user id (UUID, any case) or unique name", max_length=100)]
+PatId = Annotated[str, Path(description="API key id (UUID, any case)", max_length=100)]
+
+
+def _not_an_id(name: str) -> str:
+    if canonical_uuid(name):
+        raise ValueError("a name cannot look like an id (UUID): names and ids are both accepted in paths")
+    return name
+
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$"),
+                 AfterValidator(_not_an_id)]
 PatName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@ -]*$")]
 Pattern = Annotated[str, StringConstraints(min_length=1, max_length=300)]
 Patterns = Annotated[list[Pattern], Field(max_length=200, description="exact model ids or shell patterns (e.g. llama3*)")]
@@ -95,8 +110,10 @@ class MemberOut(BaseModel):
 class PatCreate(_Request):
     name: PatName
     scopes: list[Scope] = Field(default_factory=lambda: [Scope.MODELS_READ, Scope.MODELS_INFER], min_length=1)
-    expires_in_days: int | None = Field(None, ge=1, description="default: the server's pat_default_ttl_days")
-    model_allowlist: Patterns | None = None
+    expires_in_days: int | None = Field(None, ge=1, description="default: the server's pat_default_ttl_days, "
+                                        "capped at the creating key's expiry; never beyond it")
+    model_allowlist: Patterns | None = Field(None, description="within the creating key's allowlist when it has "
+                                             "one (omitted: inherited)")
 
 
 class PatOut(BaseModel):
@@ -112,6 +129,8 @@ class PatOut(BaseModel):
     revoked_at: datetime | None
     last_used_at: datetime | None
     state: Literal["active", "expired", "revoked"]
+    issued_by: str | None = Field(description="the user who minted the key: its owner, or the admin who issued "
+                                              "it (null once that user is deleted)")
 
 
 class PatCreated(PatOut):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from enclave.access import Principal, Scope, domain_access, may_manage_domain, may_manage_platform, may_use_model
+from enclave.access import (Principal, Scope, bound_new_pat, domain_access, may_issue_pat, may_manage_domain,
+                            may_manage_platform, may_revoke_pat, may_use_model)
 from enclave.store import Domain, Pat, User
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -12,9 +13,9 @@ D1, D2 = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222
 
 
 def principal(*, superadmin: bool = False, roles: dict[str, str] | None = None, scopes=("models:read",),
-              bound: str | None = None, allow: tuple[str, ...] | None = None) -> Principal:
-    user = User(id="u", name="u", is_superadmin=superadmin, created_at=NOW)
-    pat = Pat(id="p", user_id="u", domain_id=bound, name="p", token_hash="h", last4="abcd", scopes=tuple(scopes),
+              bound: str | None = None, allow: tuple[str, ...] | None = None, uid: str = "u") -> Principal:
+    user = User(id=uid, name=uid, is_superadmin=superadmin, created_at=NOW)
+    pat = Pat(id="p" + uid, user_id=uid, domain_id=bound, name="p", token_hash="h", last4="abcd", scopes=tuple(scopes),
               model_allowlist=allow, created_at=NOW, expires_at=NOW + timedelta(days=1), revoked_at=None,
               last_used_at=None)
     return Principal(user=user, pat=pat, roles=roles or {})
@@ -68,3 +69,69 @@ def test_domain_admin_rules() -> None:
     assert may_manage_domain(principal(roles={D1: "member"}, scopes=("manage",)), D1,
                              domain(D1)).code == "not_domain_admin"
     assert may_manage_domain(principal(roles={D1: "admin"}), D1, domain(D1)).code == "insufficient_scope"
+
+
+def test_platform_powers_need_an_unbound_key() -> None:
+    bound_root = principal(superadmin=True, scopes=("manage",), bound=D1)
+    assert may_manage_platform(bound_root).code == "domain_bound_key"
+    assert may_manage_domain(bound_root, D1, domain(D1))          # its own domain it still administers
+
+
+def test_who_may_mint_for_whom() -> None:
+    admin = principal(roles={D1: "admin"}, scopes=("manage",), uid="admin")
+    root_user = principal(superadmin=True, uid="root").user
+    member = principal(uid="member").user
+    other_admin = principal(uid="other").user
+    assert may_issue_pat(admin, admin.user, None, None, None)                       # (a) for themself
+    assert may_issue_pat(admin, member, D1, domain(D1), "member")                   # (c) bound, a member
+    assert may_issue_pat(admin, other_admin, D1, domain(D1), "admin")               # (c) an equal
+    assert may_issue_pat(admin, root_user, D1, domain(D1), "member").code == "owner_outranks_issuer"
+    assert may_issue_pat(admin, member, None, None, None).code == "not_superadmin"  # unbound: platform only
+    assert may_issue_pat(admin, member, D2, domain(D2), "member").code == "not_a_member"
+    assert may_issue_pat(admin, member, D1, domain(D1), None).code == "member_not_found"
+    member_admin_of_d2 = principal(roles={D1: "member", D2: "admin"}, scopes=("manage",), uid="m2")
+    assert may_issue_pat(member_admin_of_d2, member, D1, domain(D1), "member").code == "not_domain_admin"
+    root = principal(superadmin=True, scopes=("manage",), uid="root")
+    assert may_issue_pat(root, member, None, None, None)                            # (b) anyone
+    assert may_issue_pat(principal(superadmin=True, scopes=("manage",), uid="r2", bound=D1), root_user, D1,
+                         domain(D1), "admin").code == "owner_outranks_issuer"       # a bound key is no superadmin's
+
+
+def _bounds(creator: Principal, **kw):
+    args = {"scopes": ["models:read"], "domain_id": None, "expires_in_days": None, "model_allowlist": None,
+            "now": NOW, "default_days": 30, "max_days": 365}
+    return bound_new_pat(creator, **{**args, **kw})
+
+
+def test_a_new_key_is_bounded_by_its_creator() -> None:
+    creator = principal(scopes=("models:read", "manage"), allow=("llama3*", "qwen2:0.5b"), bound=D1)
+    ok = _bounds(creator)
+    assert ok and ok.terms.expires_at == creator.pat.expires_at                    # default capped at 1 day
+    assert ok.terms.model_allowlist == ("llama3*", "qwen2:0.5b") and ok.terms.domain_id == D1
+    assert _bounds(creator, expires_in_days=1).terms.expires_at == creator.pat.expires_at
+    assert _bounds(creator, expires_in_days=2).code == "expiry_too_long"
+    assert _bounds(creator, expires_in_days=400).code == "expiry_too_long"
+    assert _bounds(creator, scopes=["models:infer"]).code == "insufficient_scope"
+    assert _bounds(creator, domain_id=D2).code == "not_a_member"
+    assert _bounds(creator, model_allowlist=["llama3.2:3b", "llama3*"]).terms.model_allowlist == \
+        ("llama3.2:3b", "llama3*")
+    for wider in (["*"], ["llama*"], ["qwen2*"], ["mistral"], ["llama3?"]):
+        assert _bounds(creator, model_allowlist=wider).code == "model_allowlist_too_wide", wider
+    free = principal(scopes=("models:read", "manage"))
+    assert _bounds(free, model_allowlist=["*"]).terms.model_allowlist == ("*",)
+    assert _bounds(free).terms.model_allowlist is None
+
+
+def test_keys_by_id() -> None:
+    owner = principal(roles={D1: "member"}, scopes=("manage",), uid="owner")
+    key_in_d1 = principal(uid="owner", bound=D1).pat
+    assert may_revoke_pat(owner, key_in_d1, domain(D1))
+    assert may_revoke_pat(principal(roles={D1: "member"}, scopes=("manage",), uid="owner", bound=D2),
+                          key_in_d1, domain(D1)).code == "pat_not_found"             # other binding
+    assert may_revoke_pat(principal(roles={D1: "admin"}, scopes=("manage",), uid="adm"), key_in_d1, domain(D1))
+    assert not may_revoke_pat(principal(roles={D2: "admin"}, scopes=("manage",), uid="adm"), key_in_d1, domain(D1))
+    assert may_revoke_pat(principal(superadmin=True, scopes=("manage",), uid="r"), key_in_d1, domain(D1))
+    unbound_key = principal(uid="owner").pat
+    assert may_revoke_pat(principal(roles={D1: "admin"}, scopes=("manage",), uid="adm"), unbound_key,
+                          None).code == "pat_not_found"
+    assert may_revoke_pat(owner, None, None).status == 404

@@ -35,7 +35,7 @@ async def test_migrations_are_idempotent_and_versioned(store: Store) -> None:
     async with store.engine.connect() as conn:
         version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar_one()
         tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
-    assert version == "0001_identity"
+    assert version == "0002_pat_issued_by"
     assert {"users", "domains", "memberships", "pats"} <= tables
 
 
@@ -120,3 +120,16 @@ async def test_reopen_keeps_data_and_sqlite_file_is_private(tmp_path: Path) -> N
     finally:
         await s.close()
     assert stat.S_IMODE(os.stat(tmp_path / "sub" / "e.db").st_mode) == 0o600
+
+
+async def test_issued_by_is_recorded_and_survives_the_issuer(store: Store) -> None:
+    admin = await store.create_user("issuer")
+    owner = await store.create_user("owner")
+    own = await store.create_pat(user_id=owner.id, name="own", token_hash="1" * 64, last4="aaaa",
+                                 scopes=["models:read"], expires_at=later(days=1))
+    issued = await store.create_pat(user_id=owner.id, name="issued", token_hash="2" * 64, last4="bbbb",
+                                    scopes=["models:read"], expires_at=later(days=1), issued_by=admin.id)
+    assert own.issued_by == owner.id and (await store.get_pat(issued.id)).issued_by == admin.id
+    await store.delete_user(admin.id)
+    assert (await store.get_pat(issued.id)).issued_by is None      # the key stays, its issuer is gone
+    assert (await store.get_user_by_name("owner")).id == owner.id and await store.get_user_by_name("x") is None

@@ -1,0 +1,174 @@
+"""Attacks on key minting and key management over HTTPS (issue 8 items 1-3, 20, 21): each was possible before."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+
+from tests.enclave.conftest import EnclaveServer, FakeClock, World, make_settings
+from tests.enclave.test_service import backends, start_service
+from tests.fakes.ollama import FakeOllama
+from tests.fakes.vllm import FakeVllm
+
+
+@pytest.fixture
+def svc(tmp_path, clock: FakeClock) -> Iterator[tuple[EnclaveServer, World]]:
+    with FakeOllama() as ollama, FakeVllm() as vllm:
+        server, world = start_service(make_settings(tmp_path, backends=backends(ollama, vllm)), clock)
+        try:
+            yield server, world
+        finally:
+            server.stop()
+
+
+def _code(r) -> str:
+    return r.json()["error"]["code"]
+
+
+def test_domain_admin_cannot_mint_a_key_for_a_superadmin(svc) -> None:
+    """Item 1: add the superadmin to your domain, mint a key 'as' it, use it for platform powers."""
+    server, world = svc
+    a, sa = world.domains["A"], world.users["superadmin"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        assert admin.put(f"/domains/{a}/members/{sa}", json={"role": "member"}).status_code == 200
+        r = admin.post(f"/domains/{a}/members/{sa}/pats", json={"name": "stolen", "scopes": ["manage"]})
+        assert r.status_code == 403 and _code(r) == "owner_outranks_issuer"
+        assert admin.get(f"/domains/{a}/pats").json() == []            # nothing was minted
+
+
+def test_a_domain_bound_key_never_has_platform_powers(svc) -> None:
+    """Item 1, second half: even a superadmin's own key loses platform powers once bound to a domain."""
+    server, world = svc
+    a, sa = world.domains["A"], world.users["superadmin"]
+    with server.client(world.tokens["superadmin"]) as root:
+        root.put(f"/domains/{a}/members/{sa}", json={"role": "admin"})
+        bound = root.post(f"/domains/{a}/members/{sa}/pats", json={"name": "bound", "scopes": ["manage"]}).json()
+        assert bound["domain_id"] == a
+    with server.client(bound["token"]) as c:
+        for method, path, body in (("GET", "/admin/users", None), ("POST", "/admin/users", {"name": "evil"}),
+                                   ("PATCH", f"/admin/users/{world.users['admin_a']}", {"superadmin": True}),
+                                   ("POST", f"/admin/users/{world.users['admin_a']}/pats", {"name": "k"})):
+            r = c.request(method, path, json=body)
+            assert r.status_code == 403 and _code(r) == "domain_bound_key", (method, path, r.text)
+        assert c.get(f"/domains/{a}/members").status_code == 200       # still administers its own domain
+
+
+def test_domain_admin_mints_only_for_members_it_outranks_and_the_key_is_visibly_its(svc) -> None:
+    server, world = svc
+    a = world.domains["A"]
+    with server.client(world.tokens["member_a"]) as member:              # a member is no minter for others
+        r = member.post(f"/domains/{a}/members/{world.users['noscope_a']}/pats", json={"name": "x"})
+        assert r.status_code == 403
+    with server.client(world.tokens["admin_a"]) as admin:
+        made = admin.post(f"/domains/{a}/members/{world.users['member_a']}/pats",
+                          json={"name": "issued", "scopes": ["models:read"]})
+        assert made.status_code == 201
+        made = made.json()
+        assert made["issued_by"] == world.users["admin_a"] and made["user_id"] == world.users["member_a"]
+        assert made["domain_id"] == a
+        assert admin.post(f"/domains/{a}/members/{world.users['member_b']}/pats",
+                          json={"name": "x"}).json()["error"]["code"] == "member_not_found"
+    with server.client(world.tokens["superadmin"]) as root:
+        listed = {p["id"]: p for p in root.get(f"/admin/users/{world.users['member_a']}/pats").json()}
+        assert listed[made["id"]]["issued_by"] == world.users["admin_a"]
+        assert listed[world.pat_ids["member_a"]]["issued_by"] == world.users["member_a"]
+
+
+def test_a_domain_bound_key_manages_only_keys_bound_to_its_domain(svc) -> None:
+    """Item 2: a key bound to B must not list or revoke the same user's keys for A or unbound ones."""
+    server, world = svc
+    a, b, user = world.domains["A"], world.domains["B"], world.users["bound_b"]
+    with server.client(world.tokens["superadmin"]) as root:
+        in_a = root.post(f"/domains/{a}/members/{user}/pats", json={"name": "in-a"}).json()
+        unbound = root.post(f"/admin/users/{user}/pats", json={"name": "anywhere"}).json()
+    with server.client(world.tokens["bound_b"]) as c:
+        assert c.get("/users/me").json()["memberships"] == {b: "member"}    # not its role in A
+        listed = c.get("/users/me/pats").json()
+        assert [p["id"] for p in listed] == [world.pat_ids["bound_b"]]
+        assert {p["domain_id"] for p in listed} == {b}
+        for foreign in (in_a["id"], unbound["id"]):
+            for method, path in (("DELETE", f"/users/me/pats/{foreign}"), ("DELETE", f"/pats/{foreign}"),
+                                 ("GET", f"/pats/{foreign}")):
+                r = c.request(method, path)
+                assert r.status_code == 404 and _code(r) == "pat_not_found", (method, path)
+    with server.client(in_a["token"]) as still:
+        assert still.get(f"/proxy/{a}/v1/models").status_code == 200      # nothing was revoked
+
+
+def test_a_new_key_never_exceeds_its_creator(svc, clock: FakeClock) -> None:
+    """Item 3: a 1-day single-model key with `manage` used to mint a 365-day unrestricted one."""
+    server, world = svc
+    with server.client(world.tokens["superadmin"]) as root:
+        narrow = root.post(f"/admin/users/{world.users['admin_a']}/pats",
+                           json={"name": "narrow", "scopes": ["manage", "models:read"], "expires_in_days": 1,
+                                 "model_allowlist": ["llama3.2:3b", "meta-llama/*"]}).json()
+    cap = datetime.fromisoformat(narrow["expires_at"])
+    with server.client(narrow["token"]) as c:
+        r = c.post("/users/me/pats", json={"name": "wide", "scopes": ["models:read"], "expires_in_days": 365})
+        assert r.status_code == 400 and _code(r) == "expiry_too_long" and "outlive" in r.json()["error"]["message"]
+        r = c.post("/users/me/pats", json={"name": "wide", "scopes": ["models:read"], "model_allowlist": ["*"]})
+        assert r.status_code == 403 and _code(r) == "model_allowlist_too_wide" and "*" in r.json()["error"]["message"]
+        r = c.post("/users/me/pats", json={"name": "wide", "scopes": ["models:read"],
+                                           "model_allowlist": ["meta-llama/Llama-3.1-8B-Instruct", "qwen2"]})
+        assert r.status_code == 403 and "qwen2" in r.json()["error"]["message"]
+        inherited = c.post("/users/me/pats", json={"name": "inherits", "scopes": ["models:read"]}).json()
+        assert inherited["model_allowlist"] == ["llama3.2:3b", "meta-llama/*"]
+        assert datetime.fromisoformat(inherited["expires_at"]) <= cap   # default TTL capped at the creator's
+        within = c.post("/users/me/pats", json={"name": "within", "scopes": ["models:read"],
+                                                "model_allowlist": ["meta-llama/*", "meta-llama/Llama-3.1-8B"]})
+        assert within.status_code == 201, within.text
+        a = world.domains["A"]
+        r = c.post(f"/domains/{a}/members/{world.users['member_a']}/pats",
+                   json={"name": "for-member", "scopes": ["models:read"], "model_allowlist": ["qwen*"]})
+        assert r.status_code == 403 and _code(r) == "model_allowlist_too_wide"   # also when minting for others
+    with server.client(inherited["token"]) as child:
+        ids = [m["id"] for m in child.get(f"/proxy/{world.domains['A']}/v1/models").json()["data"]]
+        assert ids == ["llama3.2:3b", "meta-llama/Llama-3.1-8B-Instruct"]
+
+
+def test_keys_by_id_wherever_the_caller_may_manage_them(svc) -> None:
+    """Item 20: a superadmin revokes another user's key by id alone; others cannot probe ids."""
+    server, world = svc
+    a = world.domains["A"]
+    victim = world.pat_ids["member_a"]
+    for label in ("member_b", "nonmember", "bound_b", "admin_a"):          # admin_a: member_a's key is unbound
+        with server.client(world.tokens[label]) as c:
+            assert c.get(f"/pats/{victim}").status_code == 404, label
+            assert c.delete(f"/pats/{victim}").status_code == 404, label
+    with server.client(world.tokens["admin_a"]) as admin:
+        issued = admin.post(f"/domains/{a}/members/{world.users['member_a']}/pats", json={"name": "i"}).json()
+        assert admin.get(f"/pats/{issued['id']}").json()["issued_by"] == world.users["admin_a"]
+        assert admin.delete(f"/pats/{issued['id'].upper()}").status_code == 204    # any case
+        assert admin.get(f"/pats/{issued['id']}").json()["state"] == "revoked"
+        assert admin.get("/pats/not-an-id").status_code == 404
+    with server.client(world.tokens["superadmin"]) as root:
+        assert root.get(f"/pats/{victim}").json()["user_id"] == world.users["member_a"]
+        assert root.delete(f"/pats/{victim}").status_code == 204
+    with server.client(world.tokens["member_a"]) as gone:
+        assert gone.get("/users/me").status_code == 401
+
+
+def test_names_and_any_case_ids_in_paths(svc) -> None:
+    """Item 21: names resolve server side; an upper-case UUID is the same id; unknown and foreign look alike."""
+    server, world = svc
+    a = world.domains["A"]
+    with server.client(world.tokens["superadmin"]) as root:
+        assert root.get("/admin/domains/domain-a").json()["id"] == a
+        assert root.get(f"/admin/users/{world.users['member_a'].upper()}").json()["name"] == "user-member_a"
+        assert root.put("/domains/domain-a/members/user-nonmember", json={"role": "member"}).status_code == 200
+        assert root.get("/admin/domains/no-such-domain").status_code == 404
+        r = root.post("/admin/users", json={"name": world.users["admin_a"].upper()})
+        assert r.status_code == 400                                      # a name may not look like an id
+    with server.client(world.tokens["member_a"]) as c:
+        by_name = c.get("/proxy/domain-a/v1/models").json()["data"]
+        assert by_name == c.get(f"/proxy/{a.upper()}/v1/models").json()["data"] and by_name
+        assert c.get("/proxy/domain-a/v1/models/llama3.2:3b").status_code == 200
+        unknown, foreign = c.get("/proxy/no-such-domain/v1/models"), c.get("/proxy/domain-b/v1/models")
+        assert unknown.status_code == foreign.status_code == 403
+        assert unknown.json() == foreign.json()
+    with server.client(world.tokens["admin_a"]) as admin:
+        unknown, foreign = admin.get("/domains/no-such/members"), admin.get("/domains/domain-b/members")
+        assert unknown.status_code == foreign.status_code == 403 and unknown.json() == foreign.json()
+        assert [m["user"]["name"] for m in admin.get("/domains/domain-a/members").json()][0] == "user-admin_a"
