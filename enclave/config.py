@@ -45,7 +45,7 @@ class LimitSettings(_Strict):
 class AttestationSettings(_Strict):
     rotate_every_seconds: float | None = Field(3600.0, gt=0)
     sim_dir: Path | None = None
-    rate_limit: float = Field(5.0, gt=0, description="attestation requests per second per client")
+    rate_limit: float = Field(5.0, gt=0, description="attestation requests per second per TLS connection")
     # AMD KDS or a mirror of its paths (e.g. the host agent's collateral cache, http://<host>:7080/kds):
     # SEV-SNP evidence then carries the product's CRL, so verifiers with snp.require_crl accept it. The
     # CRL is ARK-signed: an untrusted mirror can only make verifiers refuse, never accept. Unused by the sim.

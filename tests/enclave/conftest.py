@@ -74,7 +74,7 @@ class EnclaveServer:
         self.settings = settings
         self.tls = TlsManager(sim_provider(), hostnames=settings.tls.hostnames, rotate_every=None)
         self.tls.start()
-        extra = [attestation_router(self.tls, per_client_rate=settings.attestation.rate_limit),
+        extra = [attestation_router(self.tls, per_connection_rate=settings.attestation.rate_limit),
                  *app_kwargs.pop("extra_routers", ())]
         self.app = create_app(settings, extra_routers=extra, **app_kwargs)
         self.ssl_context = self.tls.server_context()

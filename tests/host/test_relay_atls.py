@@ -34,7 +34,7 @@ class Enclave:
         self.tls = TlsManager(provider, hostnames=["localhost", "127.0.0.1"], rotate_every=None)
         self.tls.start()
         app = FastAPI()
-        app.include_router(attestation_router(self.tls, per_client_rate=1000.0, burst=1000))
+        app.include_router(attestation_router(self.tls, per_connection_rate=1000.0, burst=1000))
         self.seen_authorization: list[str] = []
 
         @app.get("/v1/secret")
