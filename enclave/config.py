@@ -40,6 +40,11 @@ class ListenSettings(_Strict):
 class LimitSettings(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_header_bytes: int = Field(16_384, ge=1024, description="total size of all request headers")
+    # Slow clients (slowloris): a connection's request headers must arrive within header_timeout_seconds of
+    # its TLS handshake or of the request's first byte, and the body within body_timeout_seconds after them.
+    header_timeout_seconds: float = Field(10.0, gt=0, le=300, description="deadline for a request's headers")
+    body_timeout_seconds: float = Field(30.0, gt=0, le=3600, description="deadline for a request's body")
+    max_connections: int = Field(1000, ge=1, description="open connections served at once; more get 503")
 
 
 class AttestationSettings(_Strict):

@@ -164,7 +164,11 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit)])
     config = uvicorn_config(tls, app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
-                            http=limited_httptools_protocol(4 * settings.limits.max_header_bytes))
+                            http=limited_httptools_protocol(
+                                4 * settings.limits.max_header_bytes,
+                                header_timeout=settings.limits.header_timeout_seconds,
+                                body_timeout=settings.limits.body_timeout_seconds,
+                                max_connections=settings.limits.max_connections))
     try:
         uvicorn.Server(config).run()
     finally:
