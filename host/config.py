@@ -49,6 +49,12 @@ class CollateralSettings(_Strict):
     fetch_timeout: float = Field(15.0, gt=0, le=300)
     kds_chain_ttl: float = Field(86400.0, gt=0)
     vcek_ttl: float = Field(30 * 86400.0, gt=0)
+    # Anyone reaching the agent can make it fetch: failures are remembered, upstream fetches are budgeted.
+    negative_ttl: float = Field(30.0, ge=0, le=3600)
+    upstream_per_client_per_minute: float = Field(6.0, gt=0)
+    upstream_per_client_burst: int = Field(10, ge=1)
+    upstream_per_minute: float = Field(60.0, gt=0)
+    upstream_burst: int = Field(60, ge=1)
 
 
 class VerifySettings(_Strict):
