@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from enclave.config import LimitSettings
 from enclave.errors import envelope
 
 
@@ -151,6 +152,7 @@ def limited_httptools_protocol(max_header_bytes: int, *, header_timeout: float |
         _header_bytes = 0
         _in_headers = True
         _deadline: asyncio.TimerHandle | None = None
+        _closing = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -216,9 +218,19 @@ def limited_httptools_protocol(max_header_bytes: int, *, header_timeout: float |
             self._close()
 
         def _close(self) -> None:
-            """Close now, and abort after a short linger: asyncio's TLS shutdown otherwise keeps buffering
-            whatever the peer still sends (up to 30 s), which is how a refused body would still be held."""
+            """Close now, and abort after a short linger: asyncio's TLS shutdown otherwise waits up to 30 s for
+            the peer's close_notify, taking in whatever the peer still sends meanwhile."""
+            if self._closing:
+                return
+            self._closing = True
             self.transport.close()
             self.loop.call_later(CLOSE_LINGER_SECONDS, self.transport.abort)
 
     return LimitedHttpToolsProtocol
+
+
+def http_protocol_for(limits: LimitSettings) -> type:
+    """The limited protocol as configured (``limits:`` in enclave.yaml). The raw header cap is 4x the
+    configured total: it bounds what llhttp buffers, the exact check is SizeLimitMiddleware's."""
+    return limited_httptools_protocol(4 * limits.max_header_bytes, header_timeout=limits.header_timeout_seconds,
+                                      body_timeout=limits.body_timeout_seconds, max_connections=limits.max_connections)
