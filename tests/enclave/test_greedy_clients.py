@@ -1,6 +1,7 @@
-"""`cube-enclave serve` as a real process against unauthenticated clients with large bodies: a request with
-a body and no valid PAT is refused on its headers alone, so its body is never buffered (150 connections holding
-~1 MB partial bodies used to grow the server from 115 to 344 MiB RSS)."""
+"""`cube-enclave serve` as a real process against greedy and slow clients: a request with a body and no valid
+PAT is refused on its headers alone, so its body is never buffered (150 connections holding ~1 MB partial bodies
+used to grow the server from 115 to 344 MiB RSS); silent and stalled connections are closed at the configured
+deadlines (they used to stay open past 90 s)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.enclave.test_main import free_port
 
@@ -31,9 +33,14 @@ def _rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS in /proc/<pid>/status")
 
 
+HEADER_TIMEOUT = 2
+BODY_TIMEOUT = 3
+
+
 def _start(tmp_path: Path, port: int) -> tuple[subprocess.Popen, ssl.SSLContext]:
     config = tmp_path / "enclave.yaml"
-    config.write_text("log_json: true\nlog_level: WARNING\n")
+    config.write_text(f"log_json: true\nlog_level: WARNING\nlimits:\n  header_timeout_seconds: {HEADER_TIMEOUT}\n"
+                      f"  body_timeout_seconds: {BODY_TIMEOUT}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_ENCLAVE__")}
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "enclave.main", "serve", "--simulate", "--config", str(config),
@@ -76,19 +83,37 @@ def _partial_body(ctx: ssl.SSLContext, port: int) -> ssl.SSLSocket:
     return sock
 
 
-def test_unauthenticated_bodies_are_refused_before_buffering(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
-    proc, ctx = _start(tmp_path, port)
+    proc, ctx = _start(tmp_path_factory.mktemp("service"), port)
+    yield proc, ctx, port
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+
+
+def _tls(ctx: ssl.SSLContext, port: int) -> ssl.SSLSocket:
+    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+
+
+def _until_closed(sock: ssl.SSLSocket) -> bytes:
+    reply = b""
+    try:
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return reply
+
+
+def test_unauthenticated_bodies_are_refused_before_buffering(service) -> None:
+    proc, ctx, port = service
     held: list[ssl.SSLSocket] = []
     try:
         # the refusal comes on the headers alone: 401 in the envelope, connection closed, body never awaited
-        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
-                             server_hostname="localhost") as probe:
+        with _tls(ctx, port) as probe:
             probe.sendall(_headers(port))
-            reply = b""
-            while chunk := probe.recv(65536):
-                reply += chunk
-        head, _, body = reply.partition(b"\r\n\r\n")
+            head, _, body = _until_closed(probe).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 401"), head
         assert json.loads(body)["error"]["code"] == "invalid_api_key"
 
@@ -103,5 +128,16 @@ def test_unauthenticated_bodies_are_refused_before_buffering(tmp_path: Path) -> 
     finally:
         for sock in held:
             sock.close()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+
+
+def test_silent_and_stalled_connections_are_closed_at_the_configured_deadlines(service) -> None:
+    _proc, ctx, port = service
+    with _tls(ctx, port) as silent:  # handshaken, then nothing
+        start = time.monotonic()
+        assert _until_closed(silent).startswith(b"HTTP/1.1 408")
+        assert HEADER_TIMEOUT * 0.8 < time.monotonic() - start < HEADER_TIMEOUT + 3
+    with _tls(ctx, port) as stalled:  # headers of an authenticated-looking request, then a body that stalls
+        stalled.sendall(f"GET /health HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Length: 100\r\n\r\nab".encode())
+        start = time.monotonic()
+        assert _until_closed(stalled) == b""  # the public route is never reached without its whole body
+        assert BODY_TIMEOUT * 0.8 < time.monotonic() - start < BODY_TIMEOUT + 3
