@@ -360,7 +360,8 @@ class CollateralCache:
         until, error = failure
         if now < until:
             COLLATERAL_UPSTREAM_FETCHES.labels(key[0], "negative_cached").inc()
-            raise error
+            # a new exception each time: re-raising one instance would grow its traceback without end
+            raise CollateralRequestError(error.status, str(error), error.code)
         del self._failures[key]
 
     def _remember_failure(self, key: tuple[str, str], error: CollateralRequestError) -> None:
