@@ -38,7 +38,7 @@ AUTH = {"Authorization": "Bearer cube_pat_bench"}
 
 def make_app(tls: TlsManager) -> FastAPI:
     app = FastAPI()
-    app.include_router(attestation_router(tls, per_client_rate=1e6, burst=1_000_000))
+    app.include_router(attestation_router(tls, per_connection_rate=1e6, burst=1_000_000))
 
     @app.get("/v1/ping")
     async def ping(request: Request) -> JSONResponse:

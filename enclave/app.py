@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.types import Scope
 
 from enclave.api import admin, models, ops
 from enclave.api.context import AppContext
@@ -49,6 +50,11 @@ async def _authenticate_first(request: Request) -> JSONResponse | None:
     except ApiError as e:
         return e.response()
     return None
+
+
+async def _authenticate_before_body(scope: Scope) -> JSONResponse | None:
+    """The 401 for a request whose body must not even be read (see SizeLimitMiddleware)."""
+    return await _authenticate_first(Request(scope))
 
 
 def create_app(settings: Settings, *, registry: Any | None = None, extra_routers: Sequence[APIRouter] = (),
@@ -98,6 +104,6 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     for router in extra_routers:
         app.include_router(router)
     app.add_middleware(SizeLimitMiddleware, max_header_bytes=settings.limits.max_header_bytes,
-                       max_body_bytes=settings.limits.max_body_bytes)
+                       max_body_bytes=settings.limits.max_body_bytes, before_body=_authenticate_before_body)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

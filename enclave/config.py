@@ -45,12 +45,17 @@ class ListenSettings(_Strict):
 class LimitSettings(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_header_bytes: int = Field(16_384, ge=1024, description="total size of all request headers")
+    # Slow clients (slowloris): a connection's request headers must arrive within header_timeout_seconds of
+    # its TLS handshake or of the request's first byte, and the body within body_timeout_seconds after them.
+    header_timeout_seconds: float = Field(10.0, gt=0, le=300, description="deadline for a request's headers")
+    body_timeout_seconds: float = Field(30.0, gt=0, le=3600, description="deadline for a request's body")
+    max_connections: int = Field(1000, ge=1, description="open connections served at once; more get 503")
 
 
 class AttestationSettings(_Strict):
     rotate_every_seconds: float | None = Field(3600.0, gt=0)
     sim_dir: Path | None = None
-    rate_limit: float = Field(5.0, gt=0, description="attestation requests per second per client")
+    rate_limit: float = Field(5.0, gt=0, description="attestation requests per second per TLS connection")
     # Revocation data carried in the evidence, fetched through the host agent's collateral mirror
     # (`cube-host serve`, 127.0.0.1:7080 on the host = 10.0.2.2:7080 from a guest on QEMU user networking,
     # as `cube-host launch` starts it). The host is untrusted, but the AMD CRL is ARK-signed and Intel's

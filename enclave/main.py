@@ -139,7 +139,7 @@ def serve(args: argparse.Namespace) -> int:
     from attestation.providers import detect_provider
     from enclave.app import create_app
     from enclave.attestation_api import attestation_router
-    from enclave.limits import limited_httptools_protocol
+    from enclave.limits import http_protocol_for
     from enclave.logs import configure_logging, uvicorn_log_config
     from enclave.tls import TlsManager, uvicorn_config
 
@@ -180,10 +180,10 @@ def serve(args: argparse.Namespace) -> int:
     print(banner(settings, base=base, cert_path=cert_path, policy_path=policy_path,
                  domain_id=default_domain.id if default_domain else None,
                  token=token, pat_file=args.pat_file, first_start=boot is not None), flush=True)
-    app = create_app(settings, extra_routers=[attestation_router(tls, per_client_rate=settings.attestation.rate_limit)])
+    app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit)])
     config = uvicorn_config(tls, app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
-                            http=limited_httptools_protocol(4 * settings.limits.max_header_bytes))
+                            http=http_protocol_for(settings.limits))
     try:
         uvicorn.Server(config).run()
     finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import secrets
@@ -52,6 +53,7 @@ from attestation.providers import EvidenceProvider
 log = logging.getLogger("enclave.tls")
 
 STATE_KEY = "cube_ai_tls_key"  # name in the ASGI scope "state" of the KeyMaterial serving the connection
+CONNECTION_KEY = "cube_ai_connection"  # name in the ASGI scope "state" of the connection's unique number
 DEFAULT_CERT_LIFETIME = timedelta(days=7)
 
 
@@ -239,6 +241,9 @@ def key_for_ssl_object(ssl_object: Any) -> KeyMaterial | None:
     return getattr(ssl_object.context, "cube_key", None)
 
 
+_connection_numbers = itertools.count(1)
+
+
 def attested_protocol_class(base: type[asyncio.Protocol] | str = "auto") -> type[asyncio.Protocol]:
     """A uvicorn HTTP protocol class that exposes the connection's KeyMaterial to requests."""
     if isinstance(base, str):
@@ -254,7 +259,7 @@ def attested_protocol_class(base: type[asyncio.Protocol] | str = "auto") -> type
             material = key_for_ssl_object(transport.get_extra_info("ssl_object"))
             if material is not None:
                 # per-connection copy; uvicorn copies app_state into each request's scope["state"]
-                self.app_state = {**self.app_state, STATE_KEY: material}
+                self.app_state = {**self.app_state, STATE_KEY: material, CONNECTION_KEY: next(_connection_numbers)}
 
     AttestedConnectionProtocol.__name__ = f"Attested{base_cls.__name__}"
     return AttestedConnectionProtocol

@@ -28,6 +28,13 @@ certificate chains and VCEKs for a configured TTL. A stale entry is refreshed fr
 upstream fails, the stale copy is served (header ``Cube-Cache: stale``): the verifier, not the cache,
 decides whether collateral is too old for its verification time.
 
+Upstream protection (anyone who reaches the agent can make it fetch, e.g. ``POST /v1/verify`` with
+SNP evidence naming a made-up chip): a failed fetch is remembered for ``negative_ttl`` seconds (the
+same miss is answered from that memory, not upstream), and fetches that do go upstream are bounded
+by a token bucket per client address (an IPv6 /64 counts as one) and one overall; over budget, a miss
+is answered 429 ``upstream_budget_exhausted`` (a stale copy, when there is one, is served instead).
+The verification service attributes the fetches its verifier makes to the caller of ``/v1/verify``.
+
 Offline seed directories: the PCS seed holds the file names of an Intel collateral set
 (``tcb_info_<fmspc>.json``, ``tcb_info_<fmspc>_chain.txt``, ``qe_identity.json``,
 ``qe_identity_chain.txt``, ``pck_crl_{platform,processor}.crl`` (+ ``_chain.txt``), ``root_ca.crl``);
@@ -39,6 +46,7 @@ the KDS seed mirrors the URL paths (``vcek/v1/Milan/cert_chain``, ``vcek/v1/Mila
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import re
@@ -53,11 +61,12 @@ from urllib.parse import urlencode
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from attestation.errors import FetchError
 from attestation.fetch import afetch_with_backoff, atomic_write
+from attestation.ratelimit import TokenBucket, client_key
 from attestation.snp.kds import DEFAULT_KDS_URL
 from attestation.tdx.pcs import (INTEL_CERTS_URL, INTEL_PCS_URL, PCK_CRL_CHAIN_HEADER, PCK_CRL_PATH, QE_CHAIN_HEADER,
                                  QE_IDENTITY_PATH, TCB_CHAIN_HEADER, TCB_PATH)
@@ -73,6 +82,12 @@ _PRODUCT = re.compile(r"[A-Za-z]{1,16}")
 _HWID = re.compile(r"[0-9a-fA-F]{16,128}")
 _FMSPC = re.compile(r"[0-9a-fA-F]{12}")
 _SPL_NAMES = ("blSPL", "teeSPL", "snpSPL", "ucodeSPL", "fmcSPL")
+_MAX_REMEMBERED_FAILURES = 4096
+
+# Whose request an upstream fetch is made for (a client key, see attestation.ratelimit.client_key). Set per
+# request from the peer address, or by the verification service for the fetches of its verifier; never from
+# anything a client sends.
+FETCH_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("cube_host_fetch_client", default=None)
 
 
 class CollateralRequestError(Exception):
@@ -97,6 +112,11 @@ class CollateralCacheConfig:
     kds_chain_ttl: float = 24 * 3600.0
     vcek_ttl: float = 30 * 24 * 3600.0
     default_ttl: float = 24 * 3600.0   # for PCS objects whose nextUpdate cannot be read
+    negative_ttl: float = 30.0         # a failed upstream fetch is not retried for this long
+    upstream_per_client_per_minute: float = 6.0
+    upstream_per_client_burst: int = 10
+    upstream_per_minute: float = 60.0
+    upstream_burst: int = 60
 
 
 @dataclass(frozen=True)
@@ -170,6 +190,9 @@ class CollateralCache:
         self._client: httpx.AsyncClient | None = None
         self._memory: dict[tuple[str, str], Entry] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[Entry]] = {}
+        self._failures: dict[tuple[str, str], tuple[float, CollateralRequestError]] = {}
+        self._per_client = TokenBucket(config.upstream_per_client_per_minute / 60, config.upstream_per_client_burst)
+        self._overall = TokenBucket(config.upstream_per_minute / 60, config.upstream_burst)
         self.upstream_fetches = 0
 
     async def aclose(self) -> None:
@@ -307,6 +330,9 @@ class CollateralCache:
             raise CollateralRequestError(404, f"{r.service} {r.name}: not cached and the agent is offline",
                                          "not_cached")
         try:
+            self._recent_failure(key, now)
+            if key not in self._inflight:  # joining a fetch under way costs nothing
+                self._spend_budget(r)
             fetched = await self._single_flight(key, lambda: self._fetch(r))
         except CollateralRequestError:
             if entry is not None:
@@ -326,7 +352,43 @@ class CollateralCache:
             future.add_done_callback(lambda _f: self._inflight.pop(key, None))
         return await asyncio.shield(future)
 
+    def _recent_failure(self, key: tuple[str, str], now: float) -> None:
+        """Raise the error of a fetch of ``key`` that failed less than negative_ttl ago."""
+        failure = self._failures.get(key)
+        if failure is None:
+            return
+        until, error = failure
+        if now < until:
+            COLLATERAL_UPSTREAM_FETCHES.labels(key[0], "negative_cached").inc()
+            # a new exception each time: re-raising one instance would grow its traceback without end
+            raise CollateralRequestError(error.status, str(error), error.code)
+        del self._failures[key]
+
+    def _remember_failure(self, key: tuple[str, str], error: CollateralRequestError) -> None:
+        now = time.time()
+        if len(self._failures) >= _MAX_REMEMBERED_FAILURES:
+            self._failures = {k: v for k, v in self._failures.items() if v[0] > now}
+            if len(self._failures) >= _MAX_REMEMBERED_FAILURES:
+                self._failures.clear()
+        self._failures[key] = (now + self.config.negative_ttl, error)
+
+    def _spend_budget(self, r: Resource) -> None:
+        """Take one upstream fetch from the requesting client's budget and the overall one."""
+        client = FETCH_CLIENT.get() or "unattributed"
+        if self._per_client.take(client) > 0 or self._overall.take(None) > 0:
+            COLLATERAL_UPSTREAM_FETCHES.labels(r.service, "over_budget").inc()
+            raise CollateralRequestError(429, f"{r.service} {r.name}: upstream fetch budget exhausted; retry later",
+                                         "upstream_budget_exhausted")
+
     async def _fetch(self, r: Resource) -> Entry:
+        """One upstream attempt, its failure remembered for negative_ttl."""
+        try:
+            return await self._fetch_once(r)
+        except CollateralRequestError as exc:
+            self._remember_failure((r.service, r.name), exc)
+            raise
+
+    async def _fetch_once(self, r: Resource) -> Entry:
         """One upstream attempt: the verifiers behind this cache retry with backoff themselves, and a
         retry here as well would multiply the requests an upstream outage or rate limit sees."""
         self.upstream_fetches += 1
@@ -388,9 +450,15 @@ class CollateralCache:
         return Served(body, media_type, headers)
 
 
+async def attribute_fetches_to_peer(request: Request) -> None:
+    """Charge the upstream fetches this request causes to its peer address (unless already attributed)."""
+    if FETCH_CLIENT.get() is None:
+        FETCH_CLIENT.set(client_key(request.client.host) if request.client else "unknown")
+
+
 def collateral_router(cache: CollateralCache) -> APIRouter:
     """FastAPI router with the KDS and PCS paths at the root and under /kds and /pcs."""
-    router = APIRouter()
+    router = APIRouter(dependencies=[Depends(attribute_fetches_to_peer)])
 
     def error(exc: CollateralRequestError) -> JSONResponse:
         return JSONResponse({"error": {"message": str(exc), "type": "collateral_error", "param": None,

@@ -28,8 +28,11 @@ class RelaySettings(_Strict):
     listen: str = "0.0.0.0:8443"
     target: str                                  # tcp:HOST:PORT | vsock:CID:PORT
     max_connections: int = Field(1024, ge=1, le=1_000_000)
+    max_per_source: int = Field(64, ge=1, le=1_000_000)          # open connections per client address (/64)
     connect_timeout: float = Field(5.0, gt=0, le=300)
+    first_byte_timeout: float = Field(10.0, gt=0, le=300)        # a client that sends nothing is closed
     idle_timeout: float = Field(300.0, gt=0, le=86400)
+    half_close_timeout: float = Field(30.0, gt=0, le=86400)      # after one direction ends, for the other
     buffer_bytes: int = Field(1 << 20, ge=4096, le=64 << 20)
     pump: Literal["splice", "copy", "streams"] | None = None
     shutdown_grace: float = Field(10.0, ge=0, le=3600)
@@ -46,6 +49,12 @@ class CollateralSettings(_Strict):
     fetch_timeout: float = Field(15.0, gt=0, le=300)
     kds_chain_ttl: float = Field(86400.0, gt=0)
     vcek_ttl: float = Field(30 * 86400.0, gt=0)
+    # Anyone reaching the agent can make it fetch: failures are remembered, upstream fetches are budgeted.
+    negative_ttl: float = Field(30.0, ge=0, le=3600)
+    upstream_per_client_per_minute: float = Field(6.0, gt=0)
+    upstream_per_client_burst: int = Field(10, ge=1)
+    upstream_per_minute: float = Field(60.0, gt=0)
+    upstream_burst: int = Field(60, ge=1)
 
 
 class VerifySettings(_Strict):

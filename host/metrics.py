@@ -32,19 +32,20 @@ class RelayCollector:
 
     def collect(self) -> Iterator[Metric]:
         events = CounterMetricFamily("cube_host_relay_connections", "Relay connection events: accepted, "
-                                     "rejected (over the limit), connect_failed (enclave refused, unreachable or "
-                                     "timed out), idle_closed", labels=["event"])
+                                     "rejected (over the limit), source_rejected (over the per-source limit), "
+                                     "first_byte_timeouts (sent nothing), connect_failed (enclave refused, "
+                                     "unreachable or timed out), idle_closed, half_close_closed", labels=["event"])
         data = CounterMetricFamily("cube_host_relay_bytes", "Bytes relayed (up = client to enclave)",
                                    labels=["direction"])
         active = GaugeMetricFamily("cube_host_relay_active_connections", "Relay connections open now")
-        totals = {"accepted": 0, "rejected": 0, "connect_failed": 0, "idle_closed": 0}
+        names = ("accepted", "rejected", "source_rejected", "first_byte_timeouts", "connect_failed", "idle_closed",
+                 "half_close_closed")
+        totals = dict.fromkeys(names, 0)
         up = down = live = 0
         for relay in self.relays:
             st = relay.stats
-            totals["accepted"] += st.accepted
-            totals["rejected"] += st.rejected
-            totals["connect_failed"] += st.connect_failed
-            totals["idle_closed"] += st.idle_closed
+            for name in names:
+                totals[name] += getattr(st, name)
             up += st.bytes_up
             down += st.bytes_down
             live += st.active

@@ -26,8 +26,12 @@ Design (chosen by measurement, see bench/bench_relay.py):
 * Half-close: EOF from one side becomes ``shutdown(SHUT_WR)`` on the other once the bytes already
   read are delivered; the connection ends when both directions have ended.
 * A refused, unreachable or slow (connect timeout) enclave closes the client connection at once.
-* Over the connection limit, a new client is accepted and closed immediately (never left hanging in
-  the backlog).
+* Over the connection limit, or over the per-source limit (connections from one address, an IPv6 /64
+  counting as one), a new client is accepted and closed immediately (never left hanging in the backlog).
+* A client must send its first byte (a TLS ClientHello) within ``first_byte_timeout``; until then
+  nothing is connected to the enclave, and a client that sends nothing is closed.
+* Once one direction has ended (half-close), the other must end within ``half_close_timeout``, so a
+  half-closed connection cannot keep its slot for the whole idle timeout.
 * ``stop(grace)`` closes the listener, lets open connections finish for up to ``grace`` seconds and then
   aborts the rest.
 
@@ -47,6 +51,8 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Callable, Literal
+
+from attestation.ratelimit import client_key
 
 log = logging.getLogger("cube.host.relay")
 
@@ -107,8 +113,11 @@ def target_socket(target: Target) -> tuple[socket.socket, tuple]:
 @dataclass
 class RelayLimits:
     max_connections: int = 1024
+    max_per_source: int = 64     # open connections from one client address (IPv6: one /64)
     connect_timeout: float = 5.0
+    first_byte_timeout: float = 10.0
     idle_timeout: float = 300.0
+    half_close_timeout: float = 30.0
     buffer_bytes: int = 1 << 20  # per direction: pipe size (splice) or buffer size (copy/streams)
 
 
@@ -116,6 +125,9 @@ class RelayLimits:
 class RelayStats:
     accepted: int = 0
     rejected: int = 0          # over the connection limit
+    source_rejected: int = 0   # over the per-source limit
+    first_byte_timeouts: int = 0
+    half_close_closed: int = 0
     connect_failed: int = 0    # enclave refused / unreachable / timed out
     idle_closed: int = 0
     active: int = 0
@@ -131,8 +143,13 @@ class _Connection:
         self.client = client
         self.upstream = upstream
         self.last_activity = time.monotonic()
+        self.half_closed_at: float | None = None  # when the first direction ended
         self.done = asyncio.get_running_loop().create_future()
         self.closed = False
+
+    def half_closed(self) -> None:
+        if self.half_closed_at is None:
+            self.half_closed_at = time.monotonic()
 
     def touch(self, n: int, up: bool) -> None:
         self.last_activity = time.monotonic()
@@ -334,6 +351,8 @@ class _EventConnection(_Connection):
     def direction_finished(self) -> None:
         if all(d.finished for d in self.directions):
             self.abort()
+        else:
+            self.half_closed()
 
     def fail(self, exc: OSError) -> None:
         if exc.errno not in _CLOSE_ERRNOS:
@@ -378,6 +397,7 @@ class _StreamsConnection(_Connection):
         while True:
             data = await reader.read(size)
             if not data:
+                self.half_closed()
                 if writer.can_write_eof():
                     writer.write_eof()
                 return
@@ -413,6 +433,7 @@ class Relay:
         self._sweeper: asyncio.Task | None = None
         self._connections: set[_Connection] = set()
         self._handlers: set[asyncio.Task] = set()
+        self._per_source: dict[str, int] = {}
         self.address: tuple[str, int] | None = None
 
     # lifecycle ------------------------------------------------------------
@@ -471,7 +492,7 @@ class Relay:
         assert self._server is not None
         while True:
             try:
-                client, _ = await loop.sock_accept(self._server)
+                client, peer = await loop.sock_accept(self._server)
             except (ConnectionAbortedError, InterruptedError):
                 continue
             except OSError as exc:
@@ -486,19 +507,49 @@ class Relay:
                 self._event("rejected")
                 client.close()
                 continue
+            source = client_key(peer[0]) if isinstance(peer, tuple) and peer else "local"
+            if self._per_source.get(source, 0) >= self.limits.max_per_source:
+                self.stats.source_rejected += 1
+                self._event("source_rejected")
+                client.close()
+                continue
+            self._per_source[source] = self._per_source.get(source, 0) + 1
             self.stats.active += 1
             self._event("accepted")
-            task = asyncio.ensure_future(self._handle(client))
+            task = asyncio.ensure_future(self._handle(client, source))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
 
-    async def _handle(self, client: socket.socket) -> None:
+    async def _first_byte(self, client: socket.socket) -> bool:
+        """Whether the client sends something (not EOF) within first_byte_timeout."""
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        loop.add_reader(client.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            await asyncio.wait_for(readable, self.limits.first_byte_timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(client.fileno())
+        try:
+            return client.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    async def _handle(self, client: socket.socket, source: str) -> None:
         loop = asyncio.get_running_loop()
         upstream: socket.socket | None = None
         try:
             client.setblocking(False)
             if client.family in (socket.AF_INET, socket.AF_INET6):
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not await self._first_byte(client):
+                self.stats.first_byte_timeouts += 1
+                self._event("first_byte_timeout")
+                client.close()
+                return
             try:
                 upstream, address = target_socket(self.target)
                 await asyncio.wait_for(loop.sock_connect(upstream, address), self.limits.connect_timeout)
@@ -534,11 +585,14 @@ class Relay:
             raise
         finally:
             self.stats.active -= 1
+            left = self._per_source.pop(source, 1) - 1
+            if left > 0:
+                self._per_source[source] = left
             self._event("closed")
 
     async def _sweep_idle(self) -> None:
-        idle = self.limits.idle_timeout
-        interval = max(0.05, min(1.0, idle / 4))
+        idle, half = self.limits.idle_timeout, self.limits.half_close_timeout
+        interval = max(0.05, min(1.0, idle / 4, half / 4))
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -546,6 +600,10 @@ class Relay:
                 if now - conn.last_activity > idle:
                     self.stats.idle_closed += 1
                     self._event("idle_closed")
+                    conn.abort()
+                elif conn.half_closed_at is not None and now - conn.half_closed_at > half:
+                    self.stats.half_close_closed += 1
+                    self._event("half_close_closed")
                     conn.abort()
 
 

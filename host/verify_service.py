@@ -42,10 +42,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from attestation.errors import EvidenceError
 from attestation.evidence import Evidence, decode_cmw, evidence_from_json
 from attestation.policy import Policy
+from attestation.ratelimit import client_key
 from attestation.verdict import Check, Verdict
 from attestation.verifier import verify_evidence
 
-from .collateral_cache import CollateralCache, CollateralCacheConfig, collateral_router
+from .collateral_cache import FETCH_CLIENT, CollateralCache, CollateralCacheConfig, collateral_router
 from .config import HostConfig
 from .ear import EAR_MEDIA_TYPE, EarSigner, build_ear, ear_status
 from .metrics import REGISTRY, VERIFY_REJECTED, VERIFY_RESULTS
@@ -82,7 +83,10 @@ class _InProcessTransport(httpx.BaseTransport):
         self._timeout = timeout
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        client = FETCH_CLIENT.get()  # the /v1/verify caller (the worker thread runs in a copy of its context)
+
         async def call() -> httpx.Response:
+            FETCH_CLIENT.set(client)  # upstream fetches are charged to that caller, not to this agent
             inner = httpx.Request(request.method, request.url, headers=request.headers, content=request.read())
             response = await self._asgi.handle_async_request(inner)
             body = await response.aread()
@@ -176,6 +180,9 @@ def create_app(config: HostConfig, *, collateral_transport: httpx.AsyncBaseTrans
             cache_dir=data_dir / "collateral", kds_upstream=c.kds_upstream, pcs_upstream=c.pcs_upstream,
             intel_certs_upstream=c.intel_certs_upstream, kds_seed_dir=c.kds_seed_dir, pcs_seed_dir=c.pcs_seed_dir,
             offline=c.offline, fetch_timeout=c.fetch_timeout, kds_chain_ttl=c.kds_chain_ttl, vcek_ttl=c.vcek_ttl,
+            negative_ttl=c.negative_ttl, upstream_per_client_per_minute=c.upstream_per_client_per_minute,
+            upstream_per_client_burst=c.upstream_per_client_burst, upstream_per_minute=c.upstream_per_minute,
+            upstream_burst=c.upstream_burst,
         ), transport=collateral_transport)
 
     @asynccontextmanager
@@ -276,6 +283,7 @@ def create_app(config: HostConfig, *, collateral_transport: httpx.AsyncBaseTrans
         report_data = _parse_report_data(fields.get("report_data"))
 
         kds, pcs = verifier_clients()
+        FETCH_CLIENT.set(client_key(request.client.host) if request.client else "unknown")
         try:
             if _self_contained(evidence) or (kds is None and pcs is None):
                 # Pure CPU work well under a millisecond (chain results are cached by the verifier):

@@ -80,7 +80,7 @@ def enclave_like_app(tls: TlsManager, *, rate: float = 1000.0, burst: int = 1000
     """An enclave-like app: the attestation router and a PAT-protected endpoint that records what it saw."""
     app = FastAPI()
     app.state.seen_authorization = []
-    app.include_router(attestation if attestation is not None else attestation_router(tls, per_client_rate=rate,
+    app.include_router(attestation if attestation is not None else attestation_router(tls, per_connection_rate=rate,
                                                                                         burst=burst))
 
     @app.get("/v1/secret")

@@ -23,7 +23,7 @@ from enclave.app import create_app
 from enclave.config import Settings, load_settings
 from attestation.providers import SimProvider
 from enclave.attestation_api import attestation_router
-from enclave.limits import limited_httptools_protocol
+from enclave.limits import http_protocol_for
 from enclave.tls import TlsManager, attested_protocol_class
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
@@ -74,7 +74,7 @@ class EnclaveServer:
         self.settings = settings
         self.tls = TlsManager(sim_provider(), hostnames=settings.tls.hostnames, rotate_every=None)
         self.tls.start()
-        extra = [attestation_router(self.tls, per_client_rate=settings.attestation.rate_limit),
+        extra = [attestation_router(self.tls, per_connection_rate=settings.attestation.rate_limit),
                  *app_kwargs.pop("extra_routers", ())]
         self.app = create_app(settings, extra_routers=extra, **app_kwargs)
         self.ssl_context = self.tls.server_context()
@@ -85,8 +85,7 @@ class EnclaveServer:
         self._sock.listen(128)
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=True, loop="asyncio",
-                                http=attested_protocol_class(
-                                    limited_httptools_protocol(4 * settings.limits.max_header_bytes)),
+                                http=attested_protocol_class(http_protocol_for(settings.limits)),
                                 ssl_context_factory=lambda _c, _d: self.ssl_context,
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)

@@ -333,3 +333,64 @@ async def test_upstream_fetch_is_one_capped_attempt(tmp_path: Path) -> None:
         assert not any(tmp_path.rglob("*"))  # nothing cached
     finally:
         await cache.aclose()
+
+
+def _verify_snp_with_chip(c: TestClient, report: bytes, chip: bytes, at: str) -> httpx.Response:
+    """POST /v1/verify for SNP evidence without certificates whose report names ``chip`` (0x1A0..0x1E0):
+    the verifier must fetch that chip's VCEK before it can even check the signature."""
+    forged = report[:0x1A0] + chip + report[0x1E0:]
+    return c.post("/v1/verify", params={"at": at}, headers=CBOR,
+                  content=encode_cmw(Evidence(platform="snp", report=forged, product="Milan")))
+
+
+def _vcek_fetches(fake: FakeUpstream) -> int:
+    return sum(n for path, n in fake.hits.items() if path.startswith("/vcek/v1/Milan/") and "cert_chain" not in path)
+
+
+def test_unauthenticated_verify_requests_cannot_multiply_upstream_fetches(tmp_config, vectors_dir, expected) -> None:
+    """20 requests used to make 20 AMD KDS fetches: a failure is now remembered, and the fetches one client
+    (and all clients together) can cause are budgeted."""
+    entry = _snp_entry(expected, "snp/trustee--test-report.bin")
+    report = snp_report_bytes(vectors_dir, entry)
+    at = inside_validity(entry["vek_not_before"]).isoformat()
+    fake = FakeUpstream()  # knows no VCEK: every chip is unknown (404)
+    fake.add("/vcek/v1/Milan/cert_chain", (vectors_dir / "roots/milan_ask_ark.pem").read_bytes(), "application/x-pem-file")
+    config = tmp_config(verify={"fetch_collateral": True}, collateral={
+        "enabled": True, "kds_upstream": fake.start(), "upstream_per_client_burst": 3,
+        "upstream_per_client_per_minute": 0.001, "upstream_burst": 5, "upstream_per_minute": 0.001})
+    try:
+        app = create_app(config)
+        with TestClient(app, client=("192.0.2.1", 40000), raise_server_exceptions=False) as c:
+            for _ in range(20):  # the same unknown chip: one fetch, then the remembered 404
+                r = _verify_snp_with_chip(c, report, b"\x11" * 64, at)
+                assert r.status_code == 200 and r.json()["status"] == "contraindicated", r.text
+            assert _vcek_fetches(fake) == 1
+            for i in range(20):  # a new made-up chip each time: bounded by the client's budget
+                r = _verify_snp_with_chip(c, report, bytes([i + 1]) + b"\x22" * 63, at)
+                assert r.status_code == 200 and r.json()["status"] == "contraindicated", r.text
+            assert _vcek_fetches(fake) == 3
+        for n in range(3):  # other clients have their own budgets, and all of them share the overall one
+            with TestClient(app, client=(f"198.51.100.{n + 1}", 40000), raise_server_exceptions=False) as c:
+                for i in range(5):
+                    assert _verify_snp_with_chip(c, report, bytes([n + 100, i]) + b"\x33" * 62, at).status_code == 200
+        assert _vcek_fetches(fake) == 5
+    finally:
+        fake.stop()
+
+
+def test_collateral_routes_answer_429_over_budget_and_remember_failures(tmp_config) -> None:
+    fake = FakeUpstream()
+    agent = _agent(tmp_config, kds_upstream=fake.start(), upstream_per_client_burst=2,
+                   upstream_per_client_per_minute=0.001)
+    try:
+        with httpx.Client(base_url=agent.base_url) as c:
+            for _ in range(3):  # one upstream 404, then remembered
+                assert c.get("/kds/vcek/v1/Milan/crl").status_code == 404
+            assert fake.hits["/vcek/v1/Milan/crl"] == 1
+            assert c.get("/kds/vlek/v1/Milan/crl").status_code == 404  # the second (last) fetch of the budget
+            over = c.get("/kds/vcek/v1/Genoa/crl")
+            assert over.status_code == 429 and over.json()["error"]["code"] == "upstream_budget_exhausted"
+            assert fake.total == 2
+    finally:
+        agent.stop()
+        fake.stop()

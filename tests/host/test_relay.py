@@ -25,6 +25,14 @@ async def start_relay(target_port: int, pump: str | None = None, **limits) -> Re
     return relay
 
 
+def closed_by_peer(s: socket.socket) -> bytes:
+    """b"" once the relay has closed the connection (a reset, when it closed with our bytes unread, counts)."""
+    try:
+        return s.recv(1)
+    except ConnectionResetError:
+        return b""
+
+
 def connect(relay: Relay, timeout: float = 10.0) -> socket.socket:
     assert relay.address is not None
     return socket.create_connection(relay.address, timeout=timeout)
@@ -79,13 +87,14 @@ async def test_half_close_client_first(pump: str) -> None:
 
 @pytest.mark.parametrize("pump", PUMPS)
 async def test_half_close_enclave_first(pump: str) -> None:
-    """The enclave says its piece and SHUT_WRs; the client sees EOF yet can still send and be heard."""
+    """The enclave says its piece and SHUT_WRs; the client sees EOF yet can still send and be heard.
+    (The client speaks first, as a TLS client does: the relay connects no enclave before that.)"""
     heard = threading.Event()
 
     def handler(conn: socket.socket) -> None:
         conn.sendall(b"hello")
         conn.shutdown(socket.SHUT_WR)
-        if recv_all(conn) == b"still here":
+        if recv_all(conn) == b"> still here":
             heard.set()
 
     server = ThreadedServer(handler)
@@ -93,6 +102,7 @@ async def test_half_close_enclave_first(pump: str) -> None:
 
     def client() -> bytes:
         with connect(relay) as s:
+            s.sendall(b"> ")
             first = recv_all(s)
             s.sendall(b"still here")
             s.shutdown(socket.SHUT_WR)
@@ -154,7 +164,8 @@ async def test_refused_enclave_closes_client_promptly() -> None:
 
     def client() -> bytes:
         with connect(relay, timeout=5) as s:
-            return s.recv(1)
+            s.sendall(b"x")  # a ClientHello's first byte: only now does the relay connect the enclave
+            return closed_by_peer(s)
 
     try:
         assert await asyncio.to_thread(client) == b""
@@ -183,7 +194,8 @@ async def test_unresponsive_enclave_hits_connect_timeout() -> None:
 
     def client() -> bytes:
         with connect(relay, timeout=10) as s:
-            return s.recv(1)
+            s.sendall(b"x")
+            return closed_by_peer(s)
 
     try:
         assert await asyncio.to_thread(client) == b""
@@ -360,3 +372,83 @@ def test_vsock_target_socket_is_constructed() -> None:
         assert sock.getblocking() is False
     finally:
         sock.close()
+
+
+def _connect_from(relay: Relay, source: str, timeout: float = 5.0) -> socket.socket:
+    assert relay.address is not None
+    return socket.create_connection(relay.address, timeout=timeout, source_address=(source, 0))
+
+
+async def test_one_source_cannot_take_every_slot() -> None:
+    """Connections from one address beyond max_per_source are closed at once; other addresses still get in."""
+    server = ThreadedServer(echo)
+    relay = await start_relay(server.port, max_connections=100, max_per_source=2)
+
+    def client() -> tuple[bytes, bytes]:
+        held = [_connect_from(relay, "127.0.0.1") for _ in range(2)]
+        for s in held:
+            s.sendall(b"a")
+            assert s.recv(1) == b"a"
+        with _connect_from(relay, "127.0.0.1") as extra:
+            refused = closed_by_peer(extra)
+        with _connect_from(relay, "127.0.0.2") as other:
+            other.sendall(b"b")
+            served = other.recv(1)
+        for s in held:
+            s.close()
+        return refused, served
+
+    try:
+        assert await asyncio.to_thread(client) == (b"", b"b")
+        assert relay.stats.source_rejected == 1
+    finally:
+        await relay.stop(1)
+        server.close()
+
+
+async def test_a_client_that_sends_nothing_is_closed_at_the_first_byte_deadline() -> None:
+    server = ThreadedServer(echo)
+    relay = await start_relay(server.port, first_byte_timeout=0.3)
+
+    def client() -> tuple[bytes, float]:
+        start = time.monotonic()
+        with connect(relay, timeout=5) as s:
+            return closed_by_peer(s), time.monotonic() - start
+
+    try:
+        closed, elapsed = await asyncio.to_thread(client)
+        assert closed == b"" and elapsed < 3
+        assert relay.stats.first_byte_timeouts == 1 and relay.stats.active == 0
+        assert server.connections == []  # no enclave connection was spent on it
+    finally:
+        await relay.stop(1)
+        server.close()
+
+
+@pytest.mark.parametrize("pump", PUMPS)
+async def test_a_half_closed_connection_does_not_keep_its_slot(pump: str) -> None:
+    """The client half-closes, the enclave side never ends: closed after half_close_timeout, not idle_timeout."""
+    release = threading.Event()
+
+    def holder(conn: socket.socket) -> None:
+        recv_all(conn)        # until the client's EOF
+        release.wait(10)      # then never answer nor close (bounded: the test releases it)
+
+    server = ThreadedServer(holder)
+    relay = await start_relay(server.port, pump, idle_timeout=300, half_close_timeout=0.3)
+
+    def client() -> tuple[bytes, float]:
+        with connect(relay, timeout=5) as s:
+            s.sendall(b"request")
+            s.shutdown(socket.SHUT_WR)
+            start = time.monotonic()
+            return closed_by_peer(s), time.monotonic() - start
+
+    try:
+        closed, elapsed = await asyncio.to_thread(client)
+        assert closed == b"" and elapsed < 3
+        assert relay.stats.half_close_closed == 1 and relay.stats.active == 0
+    finally:
+        release.set()
+        await relay.stop(1)
+        server.close()

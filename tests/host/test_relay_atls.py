@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import threading
 import time
 
@@ -18,7 +19,7 @@ from attestation.atls.client import AttestedClient
 from attestation.errors import AttestationError
 from attestation.policy import policy_from_yaml, sim_policy_yaml
 from attestation.providers import SimProvider
-from enclave.attestation_api import attestation_router
+from enclave.attestation_api import ATTESTATION_PATH, attestation_router
 from enclave.tls import TlsManager, uvicorn_config
 from host.relay import Relay, RelayLimits
 from tests.host.servers import LOOPBACK, TamperingProxy
@@ -30,11 +31,11 @@ BIG = os.urandom(300_000)
 class Enclave:
     """A stand-in enclave: uvicorn with the TlsManager's attested TLS, on 127.0.0.1 in a thread."""
 
-    def __init__(self, provider: SimProvider) -> None:
+    def __init__(self, provider: SimProvider, *, rate: float = 1000.0, burst: int = 1000) -> None:
         self.tls = TlsManager(provider, hostnames=["localhost", "127.0.0.1"], rotate_every=None)
         self.tls.start()
         app = FastAPI()
-        app.include_router(attestation_router(self.tls, per_client_rate=1000.0, burst=1000))
+        app.include_router(attestation_router(self.tls, per_connection_rate=rate, burst=burst))
         self.seen_authorization: list[str] = []
 
         @app.get("/v1/secret")
@@ -120,3 +121,43 @@ async def test_one_flipped_byte_in_transit_fails_the_client(enclave, provider, o
     finally:
         await relay.stop(1)
         liar.close()
+
+
+async def test_attackers_behind_the_relay_cannot_fail_a_victims_attestation(provider) -> None:
+    """Behind the relay the enclave sees one peer address for everyone: two attackers hammering the attestation
+    endpoint on their own connections get 429 there, and every victim's attestation still succeeds."""
+    enclave = Enclave(provider, rate=0.01, burst=3)
+    policy = policy_from_yaml(sim_policy_yaml(provider.fingerprint))
+    relay = Relay((LOOPBACK, 0), ("tcp", LOOPBACK, enclave.port), RelayLimits())
+    host, port = await relay.start()
+    url = f"https://{host}:{port}"
+    stop = threading.Event()
+    attacker_codes: list[int] = []
+
+    def attack() -> None:
+        with AttestedClient(url, policy=policy) as c:
+            deadline = time.monotonic() + 20
+            while not stop.is_set() and time.monotonic() < deadline:
+                attacker_codes.append(c.get(ATTESTATION_PATH, params={"nonce": secrets.token_hex(32)}).status_code)
+
+    def victims() -> list[int]:
+        while len(attacker_codes) < 10:
+            time.sleep(0.01)
+        codes = []
+        for _ in range(6):
+            with AttestedClient(url, policy=policy) as c:
+                codes.append(c.get("/v1/secret", headers={"authorization": f"Bearer {PAT}"}).status_code)
+        return codes
+
+    attackers = [threading.Thread(target=attack, daemon=True) for _ in range(2)]
+    for thread in attackers:
+        thread.start()
+    try:
+        assert await asyncio.to_thread(victims) == [200] * 6
+        assert 429 in attacker_codes
+    finally:
+        stop.set()
+        for thread in attackers:
+            await asyncio.to_thread(thread.join, 10)
+        await relay.stop(1)
+        enclave.stop()
