@@ -133,3 +133,11 @@ def may_manage_platform(principal: Principal) -> Decision:
     if not principal.has_scope(Scope.MANAGE):
         return Decision(False, 403, "insufficient_scope", "This API key lacks the `manage` scope.")
     return ALLOW
+
+
+def may_read_operations(principal: Principal) -> Decision:
+    """Operational detail (readiness reasons with backend error text, Prometheus metrics): the platform
+    operators only, i.e. a superadmin's `manage` key that is bound to no domain."""
+    if principal.pat.domain_id is not None:
+        return Decision(False, 403, "domain_bound_key", "A key bound to a domain cannot read operational details.")
+    return may_manage_platform(principal)
