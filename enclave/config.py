@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from attestation.keyfile import KeyFileError, check_private_file, read_private_file
 from enclave.backends.base import BackendConfig, plain_http_base_url
 
 ENV_PREFIX = "CUBE_ENCLAVE__"
@@ -189,6 +190,11 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"configuration file {file}: top level must be a mapping of keys")
+        if loaded.get("server_secret") is not None:
+            try:   # the file holds the PAT HMAC key itself: it is a key file
+                check_private_file(Path(file), "configuration file holding server_secret")
+            except KeyFileError as e:
+                raise ConfigError(str(e)) from None
         data = loaded
     env = _env_overrides(environ)
     if env:
@@ -222,9 +228,13 @@ def load_server_secret(settings: Settings) -> bytes:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32) + "\n")
     try:
-        value = file.read_text(encoding="utf-8").strip().encode()
+        value = read_private_file(file, "server_secret_file").decode("utf-8").strip().encode()
+    except KeyFileError as e:
+        raise ConfigError(str(e)) from None
     except OSError as e:
         raise ConfigError(f"server_secret_file: cannot read {file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"server_secret_file: {file} is not UTF-8 text") from None
     if len(value) < MIN_SECRET_BYTES:
         raise ConfigError(f"server_secret_file: {file} holds fewer than {MIN_SECRET_BYTES} bytes")
     return value
