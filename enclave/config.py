@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from attestation.keyfile import KeyFileError, check_private_file, read_private_file
 from enclave.backends.base import BackendConfig, plain_http_base_url
+from enclave.sealing import SealError, load_public_key
 
 ENV_PREFIX = "CUBE_ENCLAVE__"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "enclave.yaml"
@@ -65,6 +66,19 @@ class TlsSettings(_Strict):
 class BootstrapSettings(_Strict):
     admin_name: str = Field("admin", min_length=1, max_length=100)
     domain_name: str = Field("default", min_length=1, max_length=100)
+    # Outside simulation the bootstrap PAT is never printed: it is sealed to this key (enclave/sealing.py).
+    operator_public_key: str | None = Field(None, description="operator's X25519 public key (base64 or PEM) "
+                                                              "the bootstrap PAT is sealed to")
+
+    @field_validator("operator_public_key")
+    @classmethod
+    def _check_operator_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                load_public_key(value)
+            except SealError as e:
+                raise ValueError(f"not an X25519 public key ({e})") from None
+        return value
 
 
 class Settings(_Strict):
@@ -141,6 +155,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if not all(parts):
             raise ConfigError(f"environment variable {name}: empty key segment")
+        if parts == ["bootstrap", "operator_public_key"]:
+            raise ConfigError(f"environment variable {name}: the operator key must come from the configuration "
+                              "file (part of the measured image): whoever sets the environment would otherwise "
+                              "receive the superadmin key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:

@@ -74,7 +74,8 @@ def test_kds_url_for_the_snp_crl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(attestation.providers, "detect_provider", fake_detect)
     monkeypatch.setattr("enclave.logs.configure_logging", lambda *a, **k: None)  # leave the root logger alone
-    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data"), "--port", "0",
+                 "--pat-file", str(tmp_path / "pat")]) == 2
     assert seen["kds"].base_url == "http://127.0.0.1:7080/kds"
     assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data"), "--simulate"]) == 2
     assert seen["kds"] is None and seen["simulate"] is True

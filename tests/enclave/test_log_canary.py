@@ -10,7 +10,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -19,7 +18,7 @@ import httpx
 
 from enclave.tokens import generate_token
 
-from tests.enclave.test_main import free_port
+from tests.enclave.test_main import free_port, wait_until_serving
 
 
 def _percent_encoded(text: str) -> str:
@@ -37,21 +36,6 @@ def _fill(template: str, ids: str, model: str) -> str:
     return re.sub(r"\{(\w+)(?::path)?\}", lambda m: model if m.group(1) == "model" else ids, template)
 
 
-def _wait_up(proc: subprocess.Popen, cert: Path, port: int, log: Path) -> ssl.SSLContext:
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if cert.exists():
-                ctx = ssl.create_default_context(cafile=str(cert))
-                if httpx.get(f"https://localhost:{port}/health", verify=ctx).status_code == 200:
-                    return ctx
-        except (httpx.HTTPError, ssl.SSLError, OSError):
-            pass
-        assert time.monotonic() < deadline, "service did not come up"
-        time.sleep(0.2)
-
-
 def test_no_log_line_ever_holds_a_pat(tmp_path: Path) -> None:
     port = free_port()
     pat_file = tmp_path / "admin.pat"
@@ -64,7 +48,7 @@ def test_no_log_line_ever_holds_a_pat(tmp_path: Path) -> None:
                                  "--data-dir", str(tmp_path / "data"), "--port", str(port),
                                  "--pat-file", str(pat_file)], stdout=out, stderr=err, env=env)
     try:
-        ctx = _wait_up(proc, tmp_path / "data" / "server-cert.pem", port, err_log)
+        ctx = wait_until_serving(proc, tmp_path / "data" / "server-cert.pem", port, err_log)
         valid = pat_file.read_text().strip()          # the bootstrap superadmin's: requests get all the way in
         unknown = generate_token()
         canaries = (valid, unknown)
