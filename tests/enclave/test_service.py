@@ -403,3 +403,24 @@ def test_endless_header_section_is_cut_off(service) -> None:
         tls.close()
     assert received.startswith(b"HTTP/1.1 431"), received[:80]
     assert b'"code": "headers_too_large"' in received
+
+
+def test_docs_load_from_the_service_only(service) -> None:
+    """/docs and /redoc reference no external host (no CDN, no fonts, no online validator); every asset they
+    name is served by the enclave itself."""
+    import re
+
+    server, _, _, _ = service
+    with server.client() as c:
+        for page, kinds in (("/docs", {"css", "js", "png"}), ("/redoc", {"js", "png"})):
+            html = c.get(page)
+            assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+            assert not re.search(r"https?:|//[a-z0-9]", html.text.replace("window.location.origin", "")), page
+            assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+            assert {a.rsplit(".", 1)[-1] for a in assets} == kinds, assets
+            for asset in assets:
+                assert asset.startswith("/docs/static/"), asset
+                r = c.get(asset)
+                assert r.status_code == 200 and len(r.content) > 1000, asset
+        assert '"validatorUrl": null' in c.get("/docs").text
+        assert "fonts.googleapis" not in c.get("/redoc").text
