@@ -19,9 +19,23 @@ def test_example_policies_load():
     names = sorted(p.name for p in POLICIES.glob("*.yaml"))
     assert {"evidence-only.yaml", "snp-production.yaml", "tdx-production.yaml", "sim-development.yaml"} <= set(names)
     for path in POLICIES.glob("*.yaml"):
-        assert isinstance(load_policy(path), Policy)
+        if path.name != "sim-development.yaml":
+            assert isinstance(load_policy(path), Policy)
     assert load_policy(POLICIES / "tdx-production.yaml").tdx.require_collateral is True
-    assert "sim" in load_policy(POLICIES / "sim-development.yaml").platforms
+
+
+def test_sim_example_holds_no_placeholder_and_names_the_command_for_its_directory(tmp_path):
+    """The shipped sim policy has no fingerprint a user could take for a value: loading it says what to run,
+    for the directory `cube-enclave serve --simulate` really uses (<data_dir>/sim)."""
+    text = (POLICIES / "sim-development.yaml").read_text()
+    assert "sim_root_fingerprint:" not in text.split("name:", 1)[1] and "0" * 64 not in text
+    assert "cube-attest sim-fingerprint --dir ~/.local/share/cube-ai/enclave/sim" in text
+    with pytest.raises(PolicyError, match=r"sim-policy\.yaml.*sim-fingerprint --dir <data_dir>/sim"):
+        load_policy(POLICIES / "sim-development.yaml")
+    filled = tmp_path / "p.yaml"
+    filled.write_text(text + f'sim_root_fingerprint: "{FP}"\n')
+    policy = load_policy(filled)
+    assert policy.platforms == ["sim"] and policy.snp.require_crl and policy.snp.vmpl == 0
 
 
 def test_evidence_only_example_matches_default():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -91,6 +92,11 @@ def test_serve_bootstraps_and_prints_working_examples(tmp_path: Path) -> None:
     assert f"--cacert {cert}" in curl and f"/proxy/{domain}/v1/models" in curl
     policy_file = tmp_path / "data" / "sim-policy.yaml"
     assert load_policy(policy_file).snp.require_crl  # the sim evidence carried its CRL, or the client had refused
+    # the command config/policies/sim-development.yaml names finds the root this serve used (<data_dir>/sim)
+    shown = subprocess.run([sys.executable, "-m", "attestation.cli", "sim-fingerprint", "--json", "--dir",
+                            str(tmp_path / "data" / "sim")], capture_output=True, text=True, timeout=60, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["fingerprint"] == load_policy(policy_file).sim_root_fingerprint
     assert f"cube-attest verify-url https://localhost:{port} --policy {policy_file}" in out
     assert "openai_client(" in out and str(policy_file) in out
     # second start: no new bootstrap, no token
