@@ -39,7 +39,7 @@ def _freeze_startup_objects() -> None:
 
 
 DOCS_STATIC_URL = "/docs/static"
-_PUBLIC_PREFIXES = ("/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json")
+_PUBLIC_PREFIXES = ("/health", "/ready", "/docs", "/redoc", "/openapi.json")
 
 
 async def _authenticate_first(request: Request) -> JSONResponse | None:

@@ -88,8 +88,11 @@ def test_serve_bootstraps_and_prints_working_examples(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=60)
     assert token not in out and token not in err                 # --pat-file: never printed, never logged
     assert f"written to {pat_file}" in out and "No backends configured" in out
-    curl = next(line for line in out.splitlines() if line.strip().startswith("curl "))
-    assert f"--cacert {cert}" in curl and f"/proxy/{domain}/v1/models" in curl
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("curl "))
+    assert f"--cacert {cert}" in lines[at] and f"/proxy/{domain}/v1/models" in lines[at]
+    assert "simulation only" in lines[at - 1] and "NO attestation check" in lines[at - 1]   # marked for what it is
+    assert f"Domain 'default' (the bootstrap superadmin administers it): id {domain}" in out
     policy_file = tmp_path / "data" / "sim-policy.yaml"
     assert load_policy(policy_file).snp.require_crl  # the sim evidence carried its CRL, or the client had refused
     # the command config/policies/sim-development.yaml names finds the root this serve used (<data_dir>/sim)
