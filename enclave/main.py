@@ -6,9 +6,13 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enclave.config import ConfigError, Settings, load_server_secret, load_settings
+
+if TYPE_CHECKING:   # imported where used: they pull in the store and the web stack
+    from enclave.bootstrap import Delivered, PatDelivery
+    from enclave.instance import Instance
 
 CERT_FILE_NAME = "server-cert.pem"
 
@@ -45,7 +49,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return load_settings(args.config, environ=environ, overrides=overrides)
 
 
-async def _prepare(settings: Settings, delivery):
+async def _prepare(settings: Settings, delivery: PatDelivery | None) -> tuple[Delivered | None, Any]:
     """Open the store, bootstrap it when empty and hand the PAT over as ``delivery`` says.
 
     Returns (what the banner says about the PAT or None when the store was initialised already, default domain).
@@ -71,7 +75,7 @@ SIM_POLICY_FILE_NAME = "sim-policy.yaml"
 
 
 def banner(settings: Settings, *, base: str, cert_path: Path, policy_path: Path | None, domain_id: str | None,
-           delivered: Any | None) -> str:
+           delivered: Delivered | None) -> str:
     """What to do next. Only attested paths are suggested (cube-attest, cube-admin and the python client, all
     with a policy); curl is shown in simulation mode only, marked as checking no attestation, since its
     --cacert file lies on a disk the host can write."""
@@ -132,7 +136,7 @@ def serve(args: argparse.Namespace) -> int:
         instance.release()
 
 
-def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Any) -> int:
+def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Instance) -> int:
     import uvicorn
 
     from attestation.errors import AttestationError

@@ -105,3 +105,15 @@ def test_access_log_drops_query_values() -> None:
         logging.getLogger().removeHandler(handler)
     assert f'"GET /v1/models?key={REDACTED}&flag HTTP/1.1" 200' in stream.getvalue()
     assert "opaque-value" not in stream.getvalue()
+
+
+def test_redaction_takes_linear_time_on_hostile_lines() -> None:
+    """Log lines carry attacker-chosen paths: no input may make the redactor backtrack (quadratic time)."""
+    import time
+
+    hostile = ["a" * 200_000 + " %41", "%4" * 100_000, "cube_pat_" * 20_000, "authorization=" * 15_000,
+               "bearer " * 30_000, "x%" * 100_000]
+    start = time.perf_counter()
+    for text in hostile:
+        redact(text)
+    assert time.perf_counter() - start < 2.0
