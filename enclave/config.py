@@ -185,6 +185,15 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _secrets_held(data: Mapping[str, Any]) -> list[str]:
+    """Which secrets a configuration file holds inline (the PAT HMAC key, backend API keys)."""
+    held = ["server_secret"] if data.get("server_secret") is not None else []
+    backends = data.get("backends")
+    if isinstance(backends, list) and any(isinstance(b, dict) and b.get("api_key") for b in backends):
+        held.append("a backend api_key")
+    return held
+
+
 def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None = None,
                   overrides: Mapping[str, Any] | None = None) -> Settings:
     """Read YAML (``path`` or config/enclave.yaml when present), apply env then explicit overrides, validate."""
@@ -208,9 +217,10 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"configuration file {file}: top level must be a mapping of keys")
-        if loaded.get("server_secret") is not None:
-            try:   # the file holds the PAT HMAC key itself: it is a key file
-                check_private_file(Path(file), "configuration file holding server_secret")
+        held = _secrets_held(loaded)
+        if held:
+            try:   # the file holds secrets itself: it is a key file
+                check_private_file(Path(file), f"configuration file holding {' and '.join(held)}")
             except KeyFileError as e:
                 raise ConfigError(str(e)) from None
         data = loaded

@@ -130,6 +130,10 @@ def test_config_file_holding_the_server_secret_must_be_private(tmp_path: Path) -
         load_settings(path, environ={})
     os.chmod(path, 0o600)
     assert load_settings(path, environ={}).server_secret.get_secret_value() == "z" * 40
+    with_key = write(tmp_path, "backends: [{name: v, kind: vllm, base_url: 'http://127.0.0.1:8000', api_key: k}]\n")
+    os.chmod(with_key, 0o640)
+    with pytest.raises(ConfigError, match="holding a backend api_key .*enclave.yaml: its mode 640"):
+        load_settings(with_key, environ={})
 
 
 def test_cube_enclave_refuses_to_start_with_a_loose_secret(tmp_path: Path) -> None:
