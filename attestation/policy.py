@@ -287,8 +287,9 @@ class Policy(_Strict):
     def _sim_needs_root(self) -> "Policy":
         if "sim" in self.platforms and not self.sim_root_fingerprint:
             raise ValueError(
-                "sim_root_fingerprint: required when platforms lists sim "
-                "(print it with `cube-attest sim-fingerprint`)"
+                "sim_root_fingerprint: required when platforms lists sim (`./dev serve` writes a ready policy "
+                "to <data_dir>/sim-policy.yaml; or print the fingerprint with "
+                "`cube-attest sim-fingerprint --dir <data_dir>/sim`, data_dir default ~/.local/share/cube-ai/enclave)"
             )
         if len(set(self.platforms)) != len(self.platforms):
             raise ValueError("platforms: listed twice")

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from .errors import ProviderError
+from .keyfile import KeyFileError, check_private_file
 from .snp.trust import RootTrust
 
 SIM_ORGANIZATION = "Cube AI Simulated Platform (NOT AMD)"
@@ -181,9 +182,10 @@ def _vcek_cert(pub, ask_key, now: datetime, chip_id: bytes, tcb: dict[str, int])
 
 
 def _check_key_mode(path: Path) -> None:
-    mode = os.stat(path).st_mode & 0o777
-    if mode & 0o077:
-        raise ProviderError(f"sim key {path} is readable by others (mode {mode:o}); expected 600")
+    try:
+        check_private_file(path, "sim key")
+    except KeyFileError as e:
+        raise ProviderError(str(e)) from None
 
 
 def _write_private(path: Path, key) -> None:

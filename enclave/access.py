@@ -299,3 +299,11 @@ def bound_new_pat(creator: Principal, *, scopes: Sequence[str], domain_id: str |
                              f"{', '.join(wider)}.", "model_allowlist")
     return PatBounds(True, terms=PatTerms(scopes=wanted, domain_id=domain_id, expires_at=expires_at,
                                           model_allowlist=allow))
+
+
+def may_read_operations(principal: Principal) -> Decision:
+    """Operational detail (readiness reasons with backend error text, Prometheus metrics): the platform
+    operators only, i.e. a superadmin's `manage` key that is bound to no domain."""
+    if principal.pat.domain_id is not None:
+        return Decision(False, 403, "domain_bound_key", "A key bound to a domain cannot read operational details.")
+    return may_manage_platform(principal)

@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
 from enclave.api import admin, models, ops
@@ -38,7 +39,8 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-_PUBLIC_PREFIXES = ("/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json")
+DOCS_STATIC_URL = "/docs/static"
+_PUBLIC_PREFIXES = ("/health", "/ready", "/docs", "/redoc", "/openapi.json")
 
 
 async def _authenticate_first(request: Request) -> JSONResponse | None:
@@ -91,9 +93,12 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
                 await reg.stop()
             await store.close()
 
-    app = FastAPI(title="Cube AI enclave", version="0.1.0", lifespan=lifespan,
-                  description="Models registry served OpenAI-style per domain, with personal access tokens "
-                              "and an admin API. Errors use the OpenAI envelope.")
+    # /docs and /redoc from assets shipped in the package (fastapi-offline), not a CDN: a confidential service
+    # makes no third-party requests, and the docs work offline. Swagger UI's online validator is off too.
+    app = FastAPIOffline(title="Cube AI enclave", version="0.1.0", lifespan=lifespan, static_url=DOCS_STATIC_URL,
+                         swagger_ui_parameters={"validatorUrl": None},
+                         description="Models registry served OpenAI-style per domain, with personal access tokens "
+                                     "and an admin API. Errors use the OpenAI envelope.")
     app.state.metrics = metrics
     install_error_handlers(app, before_validation_error=_authenticate_first)
     app.include_router(ops.router)

@@ -1,18 +1,34 @@
-"""First-start bootstrap: the first superadmin, a default domain and a superadmin PAT (shown once)."""
+"""First-start bootstrap: the first superadmin, a default domain and a superadmin PAT, and how that PAT reaches
+the operator.
+
+Outside simulation the console, container logs and (possibly) the data disk are the host's, so the PAT is
+never printed there: it is sealed to the operator's X25519 key (``bootstrap.operator_public_key``) or written
+to ``--pat-file`` (0600, for a file system only the VM reads); with neither the enclave refuses to bootstrap.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from enclave.access import ALL_SCOPES
 from enclave.auth import Clock
 from enclave.config import Settings
+from enclave.sealing import load_public_key, public_key_text, seal
 from enclave.store import Conflict, Domain, Store, User, utcnow
 from enclave.tokens import generate_token, token_hash
 
 log = logging.getLogger("enclave.bootstrap")
+
+SEALED_PAT_FILE_NAME = "bootstrap-pat.sealed"
+OPEN_COMMAND = "python -m enclave.bootstrap_cli open --key <operator private key file>"
+
+
+class BootstrapRefused(Exception):
+    """The store is empty and no safe way to hand over the bootstrap PAT is configured."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +37,68 @@ class Bootstrap:
     domain: Domain
     token: str
     expires_days: int
+
+
+@dataclass(frozen=True)
+class PatDelivery:
+    """Where the bootstrap PAT goes: ``sealed`` (to the operator key, into ``path``), ``file`` (``path``, 0600)
+    or ``print`` (simulation only)."""
+    kind: str
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What the banner says about the delivered PAT, and how its examples refer to it (never the PAT itself
+    unless the delivery was ``print``)."""
+    lines: list[str]
+    shell_key: str
+    python_key: str
+
+
+def choose_delivery(settings: Settings, pat_file: Path | None) -> PatDelivery | None:
+    if pat_file is not None:
+        return PatDelivery("file", pat_file)
+    if settings.bootstrap.operator_public_key:
+        return PatDelivery("sealed", settings.data_dir / SEALED_PAT_FILE_NAME)
+    if settings.simulate:
+        return PatDelivery("print")
+    return None
+
+
+REFUSAL = ("refusing to bootstrap the first superadmin: outside --simulate its API key is never printed (the "
+           "console and logs belong to the host). Set bootstrap.operator_public_key in the configuration file "
+           "(make a key pair with `python -m enclave.bootstrap_cli keygen --out operator.key`) to get the key "
+           "sealed to you, or pass --pat-file FILE on a file system only the VM can read.")
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
+def deliver(delivery: PatDelivery, settings: Settings, token: str) -> Delivered:
+    """Hand the PAT over as ``delivery`` says; the returned lines hold it only for ``print``."""
+    if delivery.kind == "print":
+        if not settings.simulate:
+            raise BootstrapRefused(REFUSAL)
+        return Delivered(["Bootstrap superadmin API key (simulation only; shown once, store it now):",
+                          f"  {token}"], shell_key=token, python_key=repr(token))
+    assert delivery.path is not None
+    if delivery.kind == "file":
+        _write_private(delivery.path, token + "\n")
+        return Delivered([f"Bootstrap superadmin API key written to {delivery.path} (mode 0600)."],
+                         shell_key=f"$(cat {delivery.path})", python_key=f"open({str(delivery.path)!r}).read().strip()")
+    key = load_public_key(settings.bootstrap.operator_public_key or "")
+    blob = seal(token.encode(), key)
+    _write_private(delivery.path, blob + "\n")
+    return Delivered([f"Bootstrap superadmin API key, sealed to the operator key {public_key_text(key)}",
+                      f"(also in {delivery.path}); only that key's holder can open it:", f"  {blob}",
+                      f"Open it on the operator's machine:  {OPEN_COMMAND} < sealed-file"],
+                     shell_key="$CUBE_TOKEN", python_key="os.environ['CUBE_TOKEN']")
 
 
 async def bootstrap_if_empty(store: Store, settings: Settings, server_secret: bytes,

@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from attestation.keyfile import KeyFileError, check_private_file, read_private_file
 from enclave.backends.base import BackendConfig, plain_http_base_url
+from enclave.sealing import SealError, load_public_key
 
 ENV_PREFIX = "CUBE_ENCLAVE__"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "enclave.yaml"
@@ -77,6 +79,19 @@ class TlsSettings(_Strict):
 class BootstrapSettings(_Strict):
     admin_name: str = Field("admin", min_length=1, max_length=100)
     domain_name: str = Field("default", min_length=1, max_length=100)
+    # Outside simulation the bootstrap PAT is never printed: it is sealed to this key (enclave/sealing.py).
+    operator_public_key: str | None = Field(None, description="operator's X25519 public key (base64 or PEM) "
+                                                              "the bootstrap PAT is sealed to")
+
+    @field_validator("operator_public_key")
+    @classmethod
+    def _check_operator_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                load_public_key(value)
+            except SealError as e:
+                raise ValueError(f"not an X25519 public key ({e})") from None
+        return value
 
 
 class Settings(_Strict):
@@ -153,6 +168,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if not all(parts):
             raise ConfigError(f"environment variable {name}: empty key segment")
+        if parts == ["bootstrap", "operator_public_key"]:
+            raise ConfigError(f"environment variable {name}: the operator key must come from the configuration "
+                              "file (part of the measured image): whoever sets the environment would otherwise "
+                              "receive the superadmin key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
@@ -179,6 +198,15 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _secrets_held(data: Mapping[str, Any]) -> list[str]:
+    """Which secrets a configuration file holds inline (the PAT HMAC key, backend API keys)."""
+    held = ["server_secret"] if data.get("server_secret") is not None else []
+    backends = data.get("backends")
+    if isinstance(backends, list) and any(isinstance(b, dict) and b.get("api_key") for b in backends):
+        held.append("a backend api_key")
+    return held
+
+
 def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None = None,
                   overrides: Mapping[str, Any] | None = None) -> Settings:
     """Read YAML (``path`` or config/enclave.yaml when present), apply env then explicit overrides, validate."""
@@ -202,6 +230,12 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"configuration file {file}: top level must be a mapping of keys")
+        held = _secrets_held(loaded)
+        if held:
+            try:   # the file holds secrets itself: it is a key file
+                check_private_file(Path(file), f"configuration file holding {' and '.join(held)}")
+            except KeyFileError as e:
+                raise ConfigError(str(e)) from None
         data = loaded
     env = _env_overrides(environ)
     if env:
@@ -235,9 +269,13 @@ def load_server_secret(settings: Settings) -> bytes:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32) + "\n")
     try:
-        value = file.read_text(encoding="utf-8").strip().encode()
+        value = read_private_file(file, "server_secret_file").decode("utf-8").strip().encode()
+    except KeyFileError as e:
+        raise ConfigError(str(e)) from None
     except OSError as e:
         raise ConfigError(f"server_secret_file: cannot read {file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"server_secret_file: {file} is not UTF-8 text") from None
     if len(value) < MIN_SECRET_BYTES:
         raise ConfigError(f"server_secret_file: {file} holds fewer than {MIN_SECRET_BYTES} bytes")
     return value

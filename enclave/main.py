@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enclave.config import ConfigError, Settings, load_server_secret, load_settings
+
+if TYPE_CHECKING:   # imported where used: they pull in the store and the web stack
+    from enclave.bootstrap import Delivered, PatDelivery
+    from enclave.instance import Instance
 
 CERT_FILE_NAME = "server-cert.pem"
 
@@ -24,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default from config: 8443)")
     serve.add_argument("--data-dir", type=Path, help="where the SQLite store, server secret and cert PEM live")
     serve.add_argument("--pat-file", type=Path,
-                       help="write the bootstrap PAT to this file (0600) instead of printing it")
+                       help="write the bootstrap PAT to this file (0600) instead of printing it (outside "
+                            "--simulate: on a file system only the VM can read; else seal it to "
+                            "bootstrap.operator_public_key)")
     return parser
 
 
@@ -44,50 +49,48 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return load_settings(args.config, environ=environ, overrides=overrides)
 
 
-async def _prepare(settings: Settings):
-    from enclave.bootstrap import bootstrap_if_empty
+async def _prepare(settings: Settings, delivery: PatDelivery | None) -> tuple[Delivered | None, Any]:
+    """Open the store, bootstrap it when empty and hand the PAT over as ``delivery`` says.
+
+    Returns (what the banner says about the PAT or None when the store was initialised already, default domain).
+    """
+    from enclave.bootstrap import REFUSAL, BootstrapRefused, bootstrap_if_empty, deliver
     from enclave.store import open_store
 
     secret = load_server_secret(settings)
     store = await open_store(settings)
     try:
+        if delivery is None and await store.count_users() == 0:
+            raise BootstrapRefused(REFUSAL)
         boot = await bootstrap_if_empty(store, settings, secret)
+        delivered = deliver(delivery, settings, boot.token) if boot else None
         domains = await store.list_domains()
         default = next((d for d in domains if d.name == settings.bootstrap.domain_name), None)
-        return boot, default
+        return delivered, default
     finally:
         await store.close()
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o600)
 
 
 SIM_POLICY_FILE_NAME = "sim-policy.yaml"
 
 
 def banner(settings: Settings, *, base: str, cert_path: Path, policy_path: Path | None, domain_id: str | None,
-           token: str | None, pat_file: Path | None, first_start: bool) -> str:
+           delivered: Delivered | None) -> str:
+    """What to do next. Only attested paths are suggested (cube-attest, cube-admin and the python client, all
+    with a policy); curl is shown in simulation mode only, marked as checking no attestation, since its
+    --cacert file lies on a disk the host can write."""
     did = domain_id or "<domain-id>"
     mode = "simulation mode: the evidence proves nothing about hardware" if settings.simulate else "confidential mode"
     lines = [f"Cube AI enclave on {base} ({mode})",
              "TLS key generated in memory; its certificate carries evidence bound to it (id-pe-cmw)."]
-    if first_start and token and pat_file is None:
-        lines += ["", "Bootstrap superadmin API key (shown once; store it now):", f"  {token}"]
-        auth = f"Authorization: Bearer {token}"
-        key_expr = repr(token)
-    elif first_start and pat_file is not None:
-        lines += ["", f"Bootstrap superadmin API key written to {pat_file} (mode 0600)."]
-        auth = f"Authorization: Bearer $(cat {pat_file})"
-        key_expr = f"open({str(pat_file)!r}).read().strip()"
+    if delivered is not None:
+        lines += ["", *delivered.lines]
+        shell_key, python_key = delivered.shell_key, delivered.python_key
     else:
         lines += ["", "Store already initialised; use an existing API key (export CUBE_TOKEN=...)."]
-        auth = "Authorization: Bearer $CUBE_TOKEN"
-        key_expr = "os.environ['CUBE_TOKEN']"
+        shell_key, python_key = "$CUBE_TOKEN", "os.environ['CUBE_TOKEN']"
+    lines += ["", f"Domain {settings.bootstrap.domain_name!r} (the bootstrap superadmin administers it): "
+                  f"id {did}; `cube-admin ... domains list` lists every domain with its id."]
     if not settings.backends:
         lines += ["", "No backends configured: the models list is empty until you add some to the config "
                       "(backends: [{name, kind: ollama|vllm, base_url}])."]
@@ -101,12 +104,14 @@ def banner(settings: Settings, *, base: str, cert_path: Path, policy_path: Path 
               "  import os",
               "  from attestation.atls.client import openai_client",
               "  from attestation.policy import load_policy",
-              f"  client = openai_client('{base}/proxy/{did}/v1', api_key={key_expr},",
+              f"  client = openai_client('{base}/proxy/{did}/v1', api_key={python_key},",
               f"                         policy=load_policy({policy_expr}))",
               "  print([m.id for m in client.models.list()])",
-              "", "  # curl, trusting the current certificate as is (no attestation; re-read it after a key rotation)",
-              f'  curl --cacert {cert_path} -H "{auth}" {base}/proxy/{did}/v1/models',
-              "", f"Admin CLI (attested): cube-admin --url {base}{policy_arg} --token ... users list"]
+              "", f"Admin CLI (attested): cube-admin --url {base}{policy_arg} --token {shell_key} users list"]
+    if settings.simulate:
+        lines += ["", "  # curl (simulation only): NO attestation check, it trusts the certificate file as is "
+                      "(re-read it after a key rotation)",
+                  f'  curl --cacert {cert_path} -H "Authorization: Bearer {shell_key}" {base}/proxy/{did}/v1/models']
     return "\n".join(lines)
 
 
@@ -132,6 +137,27 @@ def _collateral_clients(settings: Settings) -> tuple[Any, Any]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from enclave.bootstrap import BootstrapRefused
+    from enclave.instance import InstanceError, claim
+    from enclave.logs import configure_logging
+
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, json_format=settings.log_json)
+    try:   # before anything is written: a second instance must leave the running one's files alone
+        instance = claim(settings.data_dir, settings.listen.host, settings.listen.port)
+    except InstanceError as e:
+        print(f"cube-enclave: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _serve_claimed(args, settings, instance)
+    except BootstrapRefused as e:
+        print(f"cube-enclave: {e}", file=sys.stderr)
+        return 2
+    finally:
+        instance.release()
+
+
+def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Instance) -> int:
     import uvicorn
 
     from attestation.errors import AttestationError
@@ -139,13 +165,12 @@ def serve(args: argparse.Namespace) -> int:
     from attestation.providers import detect_provider
     from enclave.app import create_app
     from enclave.attestation_api import attestation_router
+    from enclave.bootstrap import choose_delivery
     from enclave.limits import http_protocol_for
-    from enclave.logs import configure_logging, uvicorn_log_config
+    from enclave.logs import uvicorn_log_config
     from enclave.tls import TlsManager, uvicorn_config
 
-    settings = settings_from_args(args)
-    configure_logging(settings.log_level, json_format=settings.log_json)
-    boot, default_domain = asyncio.run(_prepare(settings))
+    delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
     sim_dir = settings.attestation.sim_dir or settings.data_dir / "sim"
     kds, pcs = _collateral_clients(settings)
     try:
@@ -171,21 +196,17 @@ def serve(args: argparse.Namespace) -> int:
     if settings.simulate and fingerprint:
         policy_path = settings.data_dir / SIM_POLICY_FILE_NAME
         policy_path.write_text(sim_policy_yaml(fingerprint))
-    token = boot.token if boot else None
-    if boot and args.pat_file is not None:
-        _write_private(args.pat_file, boot.token + "\n")
     host = settings.listen.host
     shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
-    base = f"https://{shown}:{settings.listen.port}"
+    base = f"https://{shown}:{instance.port}"
     print(banner(settings, base=base, cert_path=cert_path, policy_path=policy_path,
-                 domain_id=default_domain.id if default_domain else None,
-                 token=token, pat_file=args.pat_file, first_start=boot is not None), flush=True)
+                 domain_id=default_domain.id if default_domain else None, delivered=delivered), flush=True)
     app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit)])
     config = uvicorn_config(tls, app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
                             http=http_protocol_for(settings.limits))
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[instance.socket])
     finally:
         tls.stop()
     return 0

@@ -63,6 +63,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from attestation.keyfile import read_private_file
 from attestation.policy import Policy
 from attestation.verdict import Verdict
 
@@ -210,10 +211,8 @@ class EarSigner:
             else:
                 with os.fdopen(fd, "wb") as f:
                     f.write(pem)
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            os.chmod(path, 0o600)
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        # refused, not tightened, when loose: a key others could read may already have leaked
+        key = serialization.load_pem_private_key(read_private_file(path, "EAR signing key"), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
             raise ValueError(f"{path}: not a P-256 EC private key")
         return cls(key)

@@ -163,9 +163,10 @@ class AdminModelOut(ModelObject):
 
 
 class ReadyOut(BaseModel):
-    ready: bool
-    store: dict
-    backends: list[dict]
+    """Public: only ``status``. With an operator's key (``access.may_read_operations``): the reasons too."""
+    status: Literal["ready", "not_ready"]
+    store: dict | None = Field(None, description="operators only: whether the store answers, and why not")
+    backends: list[dict] | None = Field(None, description="operators only: each backend, up or down and why")
 
 
 ERROR_RESPONSES = {

@@ -63,7 +63,9 @@ class PullError(RegistryError):
     """A pull failed; ``message`` is the backend's own error text (e.g. Ollama's ``{"error": ...}`` line)."""
 
     def __init__(self, backend: str, model: str, message: str) -> None:
-        super().__init__(f"pulling {model!r} on backend {backend!r} failed: {message}")
+        # RegistryError by name, not super(): in PullModelNotFound's MRO super() here is ModelNotFound, whose
+        # __init__ would take this sentence for the model name and wrap it a second time.
+        RegistryError.__init__(self, f"pulling {model!r} on backend {backend!r} failed: {message}")
         self.backend = backend
         self.model = model
         self.message = message
@@ -73,5 +75,8 @@ class PullModelNotFound(PullError, ModelNotFound):
     """The backend's upstream registry has no such model (Ollama: ``pull model manifest: file does not exist``)."""
 
     def __init__(self, backend: str, model: str, message: str) -> None:
-        PullError.__init__(self, backend, model, message)
+        RegistryError.__init__(self, f"model {model!r} not found on backend {backend!r}: {message}")
+        self.backend = backend
+        self.model = model
+        self.message = message
         self.detail = message

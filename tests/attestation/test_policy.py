@@ -23,9 +23,22 @@ def test_example_policies_load():
         if "production" in path.name:  # placeholders: test_measured_policy fills them in
             with pytest.raises(PolicyError, match="placeholder"):
                 load_policy(path)
-        else:
+        elif path.name != "sim-development.yaml":   # no fingerprint: see test_sim_example_holds_no_placeholder...
             assert isinstance(load_policy(path), Policy)
-    assert "sim" in load_policy(POLICIES / "sim-development.yaml").platforms
+
+
+def test_sim_example_holds_no_placeholder_and_names_the_command_for_its_directory(tmp_path):
+    """The shipped sim policy has no fingerprint a user could take for a value: loading it says what to run,
+    for the directory `cube-enclave serve --simulate` really uses (<data_dir>/sim)."""
+    text = (POLICIES / "sim-development.yaml").read_text()
+    assert "sim_root_fingerprint:" not in text.split("name:", 1)[1] and "0" * 64 not in text
+    assert "cube-attest sim-fingerprint --dir ~/.local/share/cube-ai/enclave/sim" in text
+    with pytest.raises(PolicyError, match=r"sim-policy\.yaml.*sim-fingerprint --dir <data_dir>/sim"):
+        load_policy(POLICIES / "sim-development.yaml")
+    filled = tmp_path / "p.yaml"
+    filled.write_text(text + f'sim_root_fingerprint: "{FP}"\n')
+    policy = load_policy(filled)
+    assert policy.platforms == ["sim"] and policy.snp.require_crl and policy.snp.vmpl == 0
 
 
 def test_evidence_only_example_matches_default():
@@ -132,7 +145,7 @@ def test_revocation_is_required_by_the_examples_and_tdx_collateral_by_default() 
         return yaml.safe_load((POLICIES / name).read_text())
 
     assert raw("snp-production.yaml")["snp"]["require_crl"] is True
-    assert load_policy(POLICIES / "sim-development.yaml").snp.require_crl is True
+    assert raw("sim-development.yaml")["snp"]["require_crl"] is True
     assert raw("tdx-production.yaml")["tdx"].get("require_collateral", True) is True
     assert load_policy(POLICIES / "evidence-only.yaml").tdx.require_collateral is True
     assert Policy().tdx.require_collateral is True and DEFAULT_POLICY.tdx.require_collateral is True

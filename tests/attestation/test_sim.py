@@ -89,7 +89,23 @@ def test_world_readable_key_refused(tmp_path, sim_dir):
     copy = tmp_path / "sim"
     shutil.copytree(sim_dir, copy)
     os.chmod(copy / "vcek_key.pem", 0o644)
-    with pytest.raises(ProviderError, match="readable by others"):
+    with pytest.raises(ProviderError, match="lets group or others read or write it.*chmod 600"):
+        SimPlatform.load_or_create(copy)
+
+
+def test_group_writable_or_foreign_owned_key_refused(tmp_path, sim_dir, monkeypatch):
+    """Writable by the group (the key could be swapped) or owned by another user: refused, naming the fix."""
+    import shutil
+
+    copy = tmp_path / "sim"
+    shutil.copytree(sim_dir, copy)
+    os.chmod(copy / "ask_key.pem", 0o620)
+    with pytest.raises(ProviderError, match=r"ask_key\.pem: its mode 620"):
+        SimPlatform.load_or_create(copy)
+    os.chmod(copy / "ask_key.pem", 0o600)
+    SimPlatform.load_or_create(copy)
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1)
+    with pytest.raises(ProviderError, match="not by this process's user"):
         SimPlatform.load_or_create(copy)
 
 
@@ -174,7 +190,7 @@ def test_crl_refused_when_ark_key_became_world_readable(tmp_path, sim_dir):
     shutil.copytree(sim_dir, copy)
     platform = SimPlatform.load_or_create(copy)
     os.chmod(copy / "ark_key.pem", 0o644)
-    with pytest.raises(ProviderError, match="readable by others"):
+    with pytest.raises(ProviderError, match="lets group or others read or write it"):
         platform.crl()
     os.chmod(copy / "ark_key.pem", 0o600)
     (copy / "ark_key.pem").unlink()

@@ -80,6 +80,9 @@ def test_cli_pull_progress_and_remove(svc, capsys) -> None:
     assert code == 0 and lines[-1] == {"status": "success"}
     code, out, _ = cli(server, root, "--json", "models", "pull", "ollama", "ghost:1b", capsys=capsys)
     assert code == 1 and "error" in json.loads(out.splitlines()[-1])
+    code, out, _ = cli(server, root, "models", "pull", "ollama", "doesnotexist:1b", capsys=capsys)
+    assert code == 1 and " ".join(out.split()).endswith(
+        "pull failed: model 'doesnotexist:1b' not found on backend 'ollama': pull model manifest: file does not exist")
     assert cli(server, root, "models", "remove", "qwen2.5:0.5b", "--backend", "ollama", capsys=capsys)[0] == 0
     code, _, err = cli(server, root, "models", "remove", "qwen2.5:0.5b", capsys=capsys)
     assert code == 1 and "model_not_found" in err

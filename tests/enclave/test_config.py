@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def test_kds_url_for_the_snp_crl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(attestation.providers, "detect_provider", fake_detect)
     monkeypatch.setattr("enclave.logs.configure_logging", lambda *a, **k: None)  # leave the root logger alone
-    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data"), "--port", "0",
+                 "--pat-file", str(tmp_path / "pat")]) == 2
     assert seen["kds"].base_url == "http://127.0.0.1:7080/kds"
     assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data"), "--simulate"]) == 2
     assert seen["kds"] is None and seen["simulate"] is True
@@ -150,3 +152,53 @@ def test_server_secret_generated_once_with_0600(tmp_path: Path) -> None:
         load_server_secret(short)
     assert load_server_secret(load_settings(write(tmp_path, "{}\n"),
                                             environ={"CUBE_ENCLAVE__SERVER_SECRET": "x" * 40})) == b"x" * 40
+
+
+def test_loose_server_secret_file_refused_naming_the_fix(tmp_path: Path, monkeypatch) -> None:
+    """A server_secret others can read (or write, or that another user owns) may have leaked: refuse to start."""
+    data = tmp_path / "data"
+    s = load_settings(write(tmp_path, f"data_dir: {data}\n"), environ={})
+    load_server_secret(s)
+    secret = data / "server_secret"
+    for mode in (0o640, 0o604, 0o620):
+        os.chmod(secret, mode)
+        with pytest.raises(ConfigError, match=rf"server_secret_file {secret}: its mode {mode:03o} .*chmod 600 {secret}"):
+            load_server_secret(s)
+    os.chmod(secret, 0o600)
+    named = tmp_path / "named-secret"
+    named.write_text("n" * 40 + "\n")
+    os.chmod(named, 0o644)
+    with pytest.raises(ConfigError, match="named-secret: its mode 644"):
+        load_server_secret(load_settings(write(tmp_path, f"server_secret_file: {named}\n"), environ={}))
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1)
+    with pytest.raises(ConfigError, match="not by this process's user"):
+        load_server_secret(s)
+
+
+def test_config_file_holding_the_server_secret_must_be_private(tmp_path: Path) -> None:
+    path = write(tmp_path, "server_secret: " + "z" * 40 + "\n")
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="configuration file holding server_secret .*chmod 600"):
+        load_settings(path, environ={})
+    os.chmod(path, 0o600)
+    assert load_settings(path, environ={}).server_secret.get_secret_value() == "z" * 40
+    with_key = write(tmp_path, "backends: [{name: v, kind: vllm, base_url: 'http://127.0.0.1:8000', api_key: k}]\n")
+    os.chmod(with_key, 0o640)
+    with pytest.raises(ConfigError, match="holding a backend api_key .*enclave.yaml: its mode 640"):
+        load_settings(with_key, environ={})
+
+
+def test_cube_enclave_refuses_to_start_with_a_loose_secret(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "server_secret").write_text("q" * 64 + "\n")
+    os.chmod(data / "server_secret", 0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_ENCLAVE__")}
+    proc = subprocess.run([sys.executable, "-m", "enclave.main", "serve", "--simulate", "--config",
+                           str(write(tmp_path, "{}\n")), "--data-dir", str(data), "--port", "0"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error" in proc.stderr and f"chmod 600 {data / 'server_secret'}" in proc.stderr

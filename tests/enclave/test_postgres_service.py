@@ -36,9 +36,9 @@ def test_revocation_visible_across_replicas(tmp_path: Path, pg_schema_url: tuple
                 pat_id = next(p["id"] for p in pats if p["name"] == "x")
                 assert root.delete(f"/admin/users/{world.users['member_a']}/pats/{pat_id}").status_code == 204
             assert other.get(f"/proxy/{a}/v1/models").status_code == 401
-        with replicas[1].client() as c:
+        with replicas[1].client(world.tokens["superadmin"]) as c:
             ready = c.get("/ready").json()
-            assert ready["ready"] is True and ready["store"]["ok"] is True and ready["backends"] == []
+            assert ready["status"] == "ready" and ready["store"]["ok"] is True and ready["backends"] == []
     finally:
         for r in replicas:
             r.stop()

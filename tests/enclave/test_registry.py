@@ -229,6 +229,9 @@ async def test_pull_errors_are_typed_and_the_registry_still_refreshes(fake_ollam
             async for _ in registry.pull("local", "does-not-exist:1b"):
                 pass
         assert info.value.message == "pull model manifest: file does not exist"
+        assert str(info.value) == ("model 'does-not-exist:1b' not found on backend 'local': "
+                                   "pull model manifest: file does not exist")   # wrapped once, not twice
+        assert (info.value.model, info.value.backend) == ("does-not-exist:1b", "local")
         fake_ollama.pull_error = "max retries exceeded"
         fake_ollama.add_model("arrived-meanwhile:1")
         with pytest.raises(PullError, match="max retries exceeded"):

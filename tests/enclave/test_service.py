@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 import socket
 import ssl
 import uuid
@@ -241,7 +242,7 @@ def test_bad_input_never_reaches_the_catch_all(service) -> None:
     with server.client() as c:
         c.get(f"/proxy/{world.domains['A']}/v1/models", headers=_headers(world, "checksum"))
         c.get(f"/proxy/{world.domains['A']}/v1/models", headers=_headers(world, "member_a"))
-        text = c.get("/metrics").text
+        text = c.get("/metrics", headers=_headers(world, "superadmin")).text
     assert 'status="500"' not in text
     assert 'cube_http_requests_total{method="GET",route="/proxy/{domain_id}/v1/models",status="200"}' in text
     assert 'cube_http_requests_total{method="POST",route="/admin/domains",status="400"}' in text
@@ -250,18 +251,61 @@ def test_bad_input_never_reaches_the_catch_all(service) -> None:
 
 # ---- operations ---------------------------------------------------------------------------------------
 def test_health_ready_metrics(service) -> None:
-    server, _, ollama, _ = service
+    server, world, ollama, _ = service
     with server.client() as c:
         assert c.get("/health").json() == {"status": "ok"}
         ready = c.get("/ready")
-        assert ready.status_code == 200 and ready.json()["ready"] is True
+        assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    with server.client(world.tokens["superadmin"]) as c:
+        ready = c.get("/ready")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
         assert {b["name"] for b in ready.json()["backends"]} == {"ollama", "vllm"}
         metrics = c.get("/metrics").text
         assert 'cube_backend_up{backend="ollama",kind="ollama"} 1.0' in metrics
         assert "cube_registry_models 5.0" in metrics
 
 
-def test_backend_down_drops_models_and_readiness_says_why(service) -> None:
+def test_readiness_reasons_and_metrics_need_an_operator_key(service) -> None:
+    """Backend error text (internal URLs, upstream excerpts) and metrics are for operators only: anyone else
+    gets the status word from /ready and a refusal from /metrics."""
+    server, world, ollama, _ = service
+    bound = generate_token()
+
+    async def bound_superadmin_key() -> None:
+        from enclave.access import ALL_SCOPES
+        from enclave.tokens import token_hash
+
+        await server.ctx.store.create_pat(user_id=world.users["superadmin"], name="bound", scopes=ALL_SCOPES,
+                                          token_hash=token_hash(SERVER_SECRET.encode(), bound), last4=bound[-4:],
+                                          expires_at=server.ctx.clock() + timedelta(days=1),
+                                          domain_id=world.domains["A"])
+
+    server.run_async(bound_superadmin_key())
+    try:
+        ollama.answering = False
+        server.run_async(server.ctx.registry.refresh())
+        with server.client() as c:
+            public = c.get("/ready")
+            assert public.status_code == 200 and public.json() == {"status": "ready"}
+            assert ollama.base_url not in public.text
+            assert c.get("/metrics").status_code == 401
+        for label, status in (("member_a", 403), ("admin_a", 403), ("bound_b", 403), ("revoked_a", 401)):
+            with server.client(world.tokens[label]) as c:
+                assert c.get("/ready").status_code == status, label
+                assert c.get("/metrics").status_code == status, label
+        with server.client(bound) as c:   # a superadmin's key bound to a domain is not an operator's
+            assert c.get("/ready").json()["error"]["code"] == "domain_bound_key"
+            assert c.get("/metrics").status_code == 403
+        with server.client(world.tokens["superadmin"]) as c:
+            down = {b["name"]: b for b in c.get("/ready").json()["backends"]}["ollama"]
+            assert down["up"] is False and down["error"]
+    finally:
+        ollama.answering = True
+        server.run_async(server.ctx.registry.refresh())
+
+
+def test_ready_while_any_backend_serves(service) -> None:
+    """One backend down while another serves: still ready (the down one reported to operators); all down: 503."""
     server, world, ollama, vllm = service
     token = world.tokens["member_a"]
     path = f"/proxy/{world.domains['A']}/v1/models"
@@ -271,21 +315,37 @@ def test_backend_down_drops_models_and_readiness_says_why(service) -> None:
         with server.client(token) as c:
             ids = [m["id"] for m in c.get(path).json()["data"]]
             assert ids == ["meta-llama/Llama-3.1-8B-Instruct", "sql-lora"]
+        with server.client() as c:
+            assert c.get("/ready").status_code == 200
+        with server.client(world.tokens["superadmin"]) as c:
             ready = c.get("/ready")
-            assert ready.status_code == 503
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
             down = {b["name"]: b for b in ready.json()["backends"]}["ollama"]
             assert down["up"] is False and down["error"]
-            vllm.answering = False
-            server.run_async(server.ctx.registry.refresh())
+        vllm.answering = False
+        server.run_async(server.ctx.registry.refresh())
+        with server.client(token) as c:
             r = c.get(path)
             assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
             assert c.get(f"{path}/llama3.2:3b").status_code == 503
+        with server.client() as c:
+            ready = c.get("/ready")
+            assert ready.status_code == 503 and ready.json() == {"status": "not_ready"}
     finally:
         ollama.answering = True
         vllm.answering = True
         server.run_async(server.ctx.registry.refresh())
     with server.client(token) as c:
         assert len(c.get(path).json()["data"]) == 5
+
+
+def test_ready_without_backends(tmp_path) -> None:
+    server = EnclaveServer(make_settings(tmp_path)).start()
+    try:
+        with server.client() as c:
+            assert c.get("/ready").json() == {"status": "ready"}
+    finally:
+        server.stop()
 
 
 def test_catch_all_hides_internals(tmp_path) -> None:
@@ -343,3 +403,24 @@ def test_endless_header_section_is_cut_off(service) -> None:
         tls.close()
     assert received.startswith(b"HTTP/1.1 431"), received[:80]
     assert b'"code": "headers_too_large"' in received
+
+
+def test_docs_load_from_the_service_only(service) -> None:
+    """/docs and /redoc reference no external host (no CDN, no fonts, no online validator); every asset they
+    name is served by the enclave itself."""
+    import re
+
+    server, _, _, _ = service
+    with server.client() as c:
+        for page, kinds in (("/docs", {"css", "js", "png"}), ("/redoc", {"js", "png"})):
+            html = c.get(page)
+            assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+            assert not re.search(r"https?:|//[a-z0-9]", html.text.replace("window.location.origin", "")), page
+            assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+            assert {a.rsplit(".", 1)[-1] for a in assets} == kinds, assets
+            for asset in assets:
+                assert asset.startswith("/docs/static/"), asset
+                r = c.get(asset)
+                assert r.status_code == 200 and len(r.content) > 1000, asset
+        assert '"validatorUrl": null' in c.get("/docs").text
+        assert "fonts.googleapis" not in c.get("/redoc").text

@@ -1,0 +1,170 @@
+"""The bootstrap PAT outside simulation: never printed or logged, sealed to the operator's X25519 key (or a
+0600 --pat-file); with neither, no bootstrap at all. The sealed blob opens with the operator's key only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from enclave.bootstrap import SEALED_PAT_FILE_NAME, BootstrapRefused, PatDelivery, deliver
+from enclave.bootstrap_cli import main as bootstrap_cli
+from enclave.config import ConfigError, load_settings
+from enclave.main import banner
+from enclave.sealing import SealError, load_public_key, open_sealed, public_key_text, seal
+from enclave.store import Store
+from enclave.tokens import PAT_PREFIX, generate_token, parse_token, token_hash
+
+from tests.enclave.test_main import free_port
+
+
+def _percent_encoded(text: str) -> str:
+    return "".join(f"%{b:02X}" for b in text.encode())
+
+
+def _assert_absent(token: str, text: str) -> None:
+    secret = token[len(PAT_PREFIX):].lower()
+    low = text.lower()
+    assert secret not in low and _percent_encoded(secret[:12]).lower() not in low, "the bootstrap PAT leaked"
+
+
+def test_sealed_blob_opens_with_the_right_key_only() -> None:
+    operator, stranger = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    token = generate_token()
+    blob = seal(token.encode(), load_public_key(public_key_text(operator.public_key())))
+    assert blob.startswith("cube-sealed-v1.") and token not in blob
+    assert open_sealed(blob, operator) == token.encode()
+    assert seal(token.encode(), operator.public_key()) != blob                 # a fresh ephemeral key each time
+    with pytest.raises(SealError, match="not sealed to this key"):
+        open_sealed(blob, stranger)
+    tampered = blob[:-3] + ("A" if blob[-3] != "A" else "B") + blob[-2:]
+    with pytest.raises(SealError):
+        open_sealed(tampered, operator)
+    with pytest.raises(SealError, match="invalid ephemeral key"):             # a low-order point: no secret
+        open_sealed("cube-sealed-v1." + "A" * 70, operator)
+    with pytest.raises(SealError, match="not a sealed blob"):
+        open_sealed(token, operator)
+
+
+def test_operator_key_comes_from_the_config_file_only(tmp_path: Path) -> None:
+    key = public_key_text(X25519PrivateKey.generate().public_key())
+    config = tmp_path / "enclave.yaml"
+    config.write_text(f"bootstrap: {{operator_public_key: '{key}'}}\n")
+    assert load_settings(config, environ={}).bootstrap.operator_public_key == key
+    with pytest.raises(ConfigError, match="must come from the configuration file"):   # the host sets the env
+        load_settings(config, environ={"CUBE_ENCLAVE__BOOTSTRAP__OPERATOR_PUBLIC_KEY": key})
+    config.write_text("bootstrap: {operator_public_key: 'c2hvcnQ='}\n")
+    with pytest.raises(ConfigError, match="bootstrap.operator_public_key: .*X25519"):
+        load_settings(config, environ={})
+
+
+def test_printing_is_for_simulation_only(tmp_path: Path) -> None:
+    token = generate_token()
+    sim = load_settings(None, environ={}, overrides={"simulate": True, "data_dir": str(tmp_path)})
+    assert token in "\n".join(deliver(PatDelivery("print"), sim, token).lines)
+    real = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path)})
+    with pytest.raises(BootstrapRefused):
+        deliver(PatDelivery("print"), real, token)
+
+
+def test_confidential_banner_holds_no_pat_and_suggests_only_attested_paths(tmp_path: Path) -> None:
+    operator = X25519PrivateKey.generate()
+    settings = load_settings(None, environ={}, overrides={
+        "data_dir": str(tmp_path), "bootstrap": {"operator_public_key": public_key_text(operator.public_key())}})
+    token = generate_token()
+    delivered = deliver(PatDelivery("sealed", tmp_path / SEALED_PAT_FILE_NAME), settings, token)
+    text = banner(settings, base="https://enclave:8443", cert_path=tmp_path / "server-cert.pem", policy_path=None,
+                  domain_id="d1", delivered=delivered)
+    _assert_absent(token, text)
+    assert "curl" not in text and "--cacert" not in text and "server-cert.pem" not in text
+    assert "cube-attest verify-url https://enclave:8443 --policy" in text and "openai_client(" in text
+    blob = next(line.strip() for line in text.splitlines() if line.strip().startswith("cube-sealed-v1."))
+    assert open_sealed(blob, operator).decode() == token
+    assert (tmp_path / SEALED_PAT_FILE_NAME).read_text().strip() == blob
+
+
+def _serve(tmp_path: Path, config_text: str, *extra: str) -> subprocess.CompletedProcess:
+    config = tmp_path / "enclave.yaml"
+    config.write_text(config_text + "log_level: DEBUG\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_ENCLAVE__")}
+    return subprocess.run([sys.executable, "-m", "enclave.main", "serve", "--config", str(config), "--data-dir",
+                           str(tmp_path / "data"), "--port", str(free_port()), *extra],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def _bootstrap_pat_is_valid(data: Path, token: str) -> bool:
+    async def check() -> bool:
+        store = await Store.open(f"sqlite+aiosqlite:///{data / 'enclave.db'}")
+        try:
+            secret = (data / "server_secret").read_text().strip().encode()
+            record = await store.find_auth(token_hash(secret, token))
+            return record is not None and record.user.is_superadmin
+        finally:
+            await store.close()
+
+    return asyncio.run(check())
+
+
+def test_outside_simulation_the_pat_is_sealed_and_never_printed_or_logged(tmp_path: Path, capsys) -> None:
+    """The real process, not simulated: it bootstraps (then stops: this machine has no confidential platform),
+    and the PAT is nowhere in its stdout, stderr or logs, only in the sealed file the operator opens."""
+    key_file = tmp_path / "operator.key"
+    assert bootstrap_cli(["keygen", "--out", str(key_file)]) == 0
+    printed = capsys.readouterr().out
+    public = next(line.split(":", 1)[1].strip() for line in printed.splitlines() if "operator_public_key" in line)
+    proc = _serve(tmp_path, f"bootstrap: {{operator_public_key: '{public}'}}\n")
+    assert proc.returncode == 2 and "no attestation interface" in proc.stderr        # bootstrapped, then stopped
+    sealed = tmp_path / "data" / SEALED_PAT_FILE_NAME
+    assert bootstrap_cli(["open", "--key", str(key_file), str(sealed)]) == 0
+    token = capsys.readouterr().out.strip()
+    parse_token(token)
+    assert _bootstrap_pat_is_valid(tmp_path / "data", token)
+    _assert_absent(token, proc.stdout + proc.stderr)
+    assert '"logger": "enclave.bootstrap"' in proc.stderr                             # the logs were captured
+    stranger = tmp_path / "stranger.key"
+    assert bootstrap_cli(["keygen", "--out", str(stranger)]) == 0
+    capsys.readouterr()
+    assert bootstrap_cli(["open", "--key", str(stranger), str(sealed)]) == 1
+    assert "not sealed to this key" in capsys.readouterr().err
+    os.chmod(key_file, 0o644)
+    assert bootstrap_cli(["open", "--key", str(key_file), str(sealed)]) == 1          # a loose private key
+    assert "chmod 600" in capsys.readouterr().err
+
+
+def test_outside_simulation_without_a_safe_delivery_nothing_is_bootstrapped(tmp_path: Path) -> None:
+    proc = _serve(tmp_path, "log_json: true\n")
+    assert proc.returncode == 2 and "refusing to bootstrap" in proc.stderr
+    assert "bootstrap.operator_public_key" in proc.stderr and "--pat-file" in proc.stderr
+    assert not re.search(r"cube_pat_[0-9A-Za-z]{20,}", proc.stdout + proc.stderr)
+
+    async def users() -> int:
+        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'enclave.db'}")
+        try:
+            return await store.count_users()
+        finally:
+            await store.close()
+
+    assert asyncio.run(users()) == 0
+
+
+def test_confidential_image_seals_the_bootstrap_pat(tmp_path: Path) -> None:
+    """Dockerfile.confidential bakes the operator key into its config (its own sed, run here on a copy) and
+    passes no --pat-file: the image's first start seals the PAT."""
+    root = Path(__file__).resolve().parents[2]
+    dockerfile = (root / "Dockerfile.confidential").read_text()
+    assert "--pat-file" not in dockerfile.split("ENTRYPOINT", 1)[1]
+    sed = next(line for line in dockerfile.splitlines() if line.lstrip(" &").startswith("sed -i"))
+    copy = tmp_path / "enclave.yaml"
+    copy.write_text((root / "config" / "enclave.yaml").read_text())
+    key = public_key_text(X25519PrivateKey.generate().public_key())
+    command = sed.lstrip(" &").rstrip(" \\").replace("/etc/cube/enclave.yaml", str(copy))
+    subprocess.run(["sh", "-c", command], check=True, env={**os.environ, "CUBE_OPERATOR_PUBLIC_KEY": key})
+    settings = load_settings(copy, environ={})
+    assert settings.bootstrap.operator_public_key == key
+    assert settings.simulate is False
