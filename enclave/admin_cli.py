@@ -22,6 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Column, Table
 
 from attestation.errors import AttestationError
+from enclave import bootstrap_cli
 
 DEFAULT_URL = "https://localhost:8443"
 
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="group", required=True)
 
     sub.add_parser("whoami", help="the user behind the token, its memberships and this PAT")
+    bootstrap_cli.register(sub)   # offline: the operator key pair and the sealed bootstrap key
 
     g = sub.add_parser("backends", help="backends and health").add_subparsers(dest="action", required=True)
     g.add_parser("list")
@@ -366,6 +368,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.group == "bootstrap":   # works on local files only: no URL, token or attestation involved
+        return bootstrap_cli.run(args)
     console = Console(stderr=False)
     try:
         return run(args, console)

@@ -24,7 +24,7 @@ from enclave.tokens import generate_token, token_hash
 log = logging.getLogger("enclave.bootstrap")
 
 SEALED_PAT_FILE_NAME = "bootstrap-pat.sealed"
-OPEN_COMMAND = "python -m enclave.bootstrap_cli open --key <operator private key file>"
+OPEN_COMMAND = "cube-admin bootstrap open --key <operator private key file>"
 
 
 class BootstrapRefused(Exception):
@@ -68,7 +68,7 @@ def choose_delivery(settings: Settings, pat_file: Path | None) -> PatDelivery | 
 
 REFUSAL = ("refusing to bootstrap the first superadmin: outside --simulate its API key is never printed (the "
            "console and logs belong to the host). Set bootstrap.operator_public_key in the configuration file "
-           "(make a key pair with `python -m enclave.bootstrap_cli keygen --out operator.key`) to get the key "
+           "(make a key pair with `cube-admin bootstrap keygen --out operator.key`) to get the key "
            "sealed to you, or pass --pat-file FILE on a file system only the VM can read.")
 
 

@@ -1,7 +1,7 @@
 """The operator's side of the sealed bootstrap PAT: make the X25519 key pair, open the sealed PAT.
 
-    python -m enclave.bootstrap_cli keygen --out operator.key      # private key (0600); prints the public key
-    python -m enclave.bootstrap_cli open --key operator.key [FILE]  # the PAT, from FILE or standard input
+    cube-admin bootstrap keygen --out operator.key      # private key (0600); prints the public key
+    cube-admin bootstrap open --key operator.key [FILE]  # the PAT, from FILE or standard input
 
 ``register`` adds the same two commands under another CLI's sub-parsers (e.g. ``cube-admin bootstrap``).
 """
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m enclave.bootstrap_cli",
+    parser = argparse.ArgumentParser(prog="cube-admin bootstrap",
                                      description="operator key pair and the sealed bootstrap API key")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)

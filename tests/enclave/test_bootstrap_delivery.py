@@ -168,3 +168,20 @@ def test_confidential_image_seals_the_bootstrap_pat(tmp_path: Path) -> None:
     settings = load_settings(copy, environ={})
     assert settings.bootstrap.operator_public_key == key
     assert settings.simulate is False
+
+
+def test_cube_admin_bootstrap_makes_and_opens_without_contacting_anyone(tmp_path: Path, capsys,
+                                                                        monkeypatch) -> None:
+    """`cube-admin bootstrap keygen|open` is the operator's side; it works on local files (no URL, no token)."""
+    from enclave import admin_cli
+
+    monkeypatch.setattr(admin_cli.httpx, "Client", None)            # any network client use would crash
+    key_file = tmp_path / "operator.key"
+    assert admin_cli.main(["bootstrap", "keygen", "--out", str(key_file)]) == 0
+    public_line = next(line for line in capsys.readouterr().out.splitlines() if "operator_public_key" in line)
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    public = public_line.split(":", 1)[1].strip()
+    sealed = tmp_path / "sealed"
+    sealed.write_text(seal(b"cube_pat_canary", load_public_key(public)))
+    assert admin_cli.main(["bootstrap", "open", "--key", str(key_file), str(sealed)]) == 0
+    assert capsys.readouterr().out.strip() == "cube_pat_canary"

@@ -84,26 +84,22 @@ def key_bound_to_a(w: Who) -> bool:
     return platform(w) or admin_of_a(w)
 
 
-def manage_scope(w: Who) -> bool:
-    return w.manage
-
-
-# ---- the one place to flip at merge -------------------------------------------------------------------
-# The ops change (another branch) makes /metrics need `manage` ("public: /health, /ready summary; /metrics
-# needs manage"). Until it is merged here /metrics is open; at merge set this to False.
-METRICS_STILL_PUBLIC_UNTIL_OPS_MERGE = True
-METRICS_RULE: Rule = public if METRICS_STILL_PUBLIC_UNTIL_OPS_MERGE else manage_scope
+def ready_summary_or_operator(w: Who) -> bool:
+    """/ready: anyone without a key gets the status word; a key asks for the reasons, which only an operator
+    (``platform``) may read — any other key is refused rather than silently given less."""
+    return w.role is None or platform(w)
 
 # (method, route path) -> (rule, concrete path, JSON body). Targets: domain A, user "target" (a member of A),
 # the key "target" owns bound to A, the caller's own spare key; throwaways where a route deletes.
 ROUTES: dict[tuple[str, str], tuple[Rule, str, object]] = {
     ("GET", "/openapi.json"): (public, "/openapi.json", None),
     ("GET", "/docs"): (public, "/docs", None),
+    ("GET", "/docs/static"): (public, "/docs/static/swagger-ui.css", None),
     ("GET", "/docs/oauth2-redirect"): (public, "/docs/oauth2-redirect", None),
     ("GET", "/redoc"): (public, "/redoc", None),
     ("GET", "/health"): (public, "/health", None),
-    ("GET", "/ready"): (public, "/ready", None),
-    ("GET", "/metrics"): (METRICS_RULE, "/metrics", None),
+    ("GET", "/ready"): (ready_summary_or_operator, "/ready", None),
+    ("GET", "/metrics"): (platform, "/metrics", None),
     ("GET", "/.well-known/cube-ai/attestation"): (public, "/.well-known/cube-ai/attestation", None),
     ("GET", "/proxy/{domain_id}/v1/models"): (models_of_a, "/proxy/{A}/v1/models", None),
     ("GET", "/proxy/{domain_id}/v1/models/{model:path}"): (models_of_a, "/proxy/{A}/v1/models/no-such:1b", None),
