@@ -1,5 +1,10 @@
 """First-start bootstrap: the first superadmin, a default domain and a superadmin PAT, and how that PAT reaches
-the operator.
+the operator; and the recovery key issued the same way when no superadmin holds a usable platform key.
+
+A new key never outlives the key that mints it (``access.bound_new_pat``), so every key descends from, and
+ends no later than, a key issued here. When the last usable one has expired or been revoked, the next start
+issues a fresh superadmin key to the operator by the same safe delivery: the chain is renewed from outside
+itself, by whoever can open what the enclave seals (never by whoever can read its console).
 
 Outside simulation the console, container logs and (possibly) the data disk are the host's, so the PAT is
 never printed there: it is sealed to the operator's X25519 key (``bootstrap.operator_public_key``) or written
@@ -11,14 +16,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from enclave.access import ALL_SCOPES
+from enclave.access import ALL_SCOPES, Scope
 from enclave.auth import Clock
 from enclave.config import Settings
 from enclave.sealing import load_public_key, public_key_text, seal
-from enclave.store import Conflict, Domain, Store, User, utcnow
+from enclave.store import Conflict, Domain, Pat, Store, User, utcnow
 from enclave.tokens import generate_token, token_hash
 
 log = logging.getLogger("enclave.bootstrap")
@@ -80,22 +85,23 @@ def _write_private(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
-def deliver(delivery: PatDelivery, settings: Settings, token: str) -> Delivered:
-    """Hand the PAT over as ``delivery`` says; the returned lines hold it only for ``print``."""
+def deliver(delivery: PatDelivery, settings: Settings, token: str, *, what: str = "Bootstrap") -> Delivered:
+    """Hand the PAT over as ``delivery`` says; the returned lines hold it only for ``print``. ``what`` names
+    the key in them (``Bootstrap`` or ``Recovery``)."""
     if delivery.kind == "print":
         if not settings.simulate:
             raise BootstrapRefused(REFUSAL)
-        return Delivered(["Bootstrap superadmin API key (simulation only; shown once, store it now):",
+        return Delivered([f"{what} superadmin API key (simulation only; shown once, store it now):",
                           f"  {token}"], shell_key=token, python_key=repr(token))
     assert delivery.path is not None
     if delivery.kind == "file":
         _write_private(delivery.path, token + "\n")
-        return Delivered([f"Bootstrap superadmin API key written to {delivery.path} (mode 0600)."],
+        return Delivered([f"{what} superadmin API key written to {delivery.path} (mode 0600)."],
                          shell_key=f"$(cat {delivery.path})", python_key=f"open({str(delivery.path)!r}).read().strip()")
     key = load_public_key(settings.bootstrap.operator_public_key or "")
     blob = seal(token.encode(), key)
     _write_private(delivery.path, blob + "\n")
-    return Delivered([f"Bootstrap superadmin API key, sealed to the operator key {public_key_text(key)}",
+    return Delivered([f"{what} superadmin API key, sealed to the operator key {public_key_text(key)}",
                       f"(also in {delivery.path}); only that key's holder can open it:", f"  {blob}",
                       f"Open it on the operator's machine:  {OPEN_COMMAND} < sealed-file"],
                      shell_key="$CUBE_TOKEN", python_key="os.environ['CUBE_TOKEN']")
@@ -123,3 +129,28 @@ async def bootstrap_if_empty(store: Store, settings: Settings, server_secret: by
                            last4=token[-4:], scopes=ALL_SCOPES, expires_at=clock() + timedelta(days=days))
     log.info("bootstrapped superadmin %s and domain %s", user.id, domain.id)
     return Bootstrap(user=user, domain=domain, token=token, expires_days=days)
+
+
+def _is_platform_key(pat: Pat, now: datetime) -> bool:
+    return (pat.domain_id is None and pat.revoked_at is None and now < pat.expires_at
+            and Scope.MANAGE.value in pat.scopes)
+
+
+async def recover_if_locked_out(store: Store, settings: Settings, server_secret: bytes,
+                                clock: Clock = utcnow) -> str | None:
+    """A fresh platform key (the token) for the first superadmin when no superadmin holds a usable one
+    (unbound, with ``manage``, neither expired nor revoked); else None. Call it only with a safe delivery."""
+    superadmins = [u for u in await store.list_users() if u.is_superadmin]
+    if not superadmins:
+        return None
+    now = clock()
+    for user in superadmins:
+        if any(_is_platform_key(p, now) for p in await store.list_pats(user_id=user.id)):
+            return None
+    user = min(superadmins, key=lambda u: u.created_at)
+    token = generate_token()
+    days = settings.pat_default_ttl_days
+    await store.create_pat(user_id=user.id, name="recovery", token_hash=token_hash(server_secret, token),
+                           last4=token[-4:], scopes=ALL_SCOPES, expires_at=now + timedelta(days=days))
+    log.warning("no superadmin held a usable platform key: issued a recovery key for superadmin %s", user.id)
+    return token

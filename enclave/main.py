@@ -54,7 +54,7 @@ async def _prepare(settings: Settings, delivery: PatDelivery | None) -> tuple[De
 
     Returns (what the banner says about the PAT or None when the store was initialised already, default domain).
     """
-    from enclave.bootstrap import REFUSAL, BootstrapRefused, bootstrap_if_empty, deliver
+    from enclave.bootstrap import REFUSAL, BootstrapRefused, bootstrap_if_empty, deliver, recover_if_locked_out
     from enclave.store import open_store
 
     secret = load_server_secret(settings)
@@ -62,8 +62,12 @@ async def _prepare(settings: Settings, delivery: PatDelivery | None) -> tuple[De
     try:
         if delivery is None and await store.count_users() == 0:
             raise BootstrapRefused(REFUSAL)
+        delivered = None
         boot = await bootstrap_if_empty(store, settings, secret)
-        delivered = deliver(delivery, settings, boot.token) if boot else None
+        if boot is not None:
+            delivered = deliver(delivery, settings, boot.token)
+        elif delivery is not None and (recovery := await recover_if_locked_out(store, settings, secret)):
+            delivered = deliver(delivery, settings, recovery, what="Recovery")
         domains = await store.list_domains()
         default = next((d for d in domains if d.name == settings.bootstrap.domain_name), None)
         return delivered, default

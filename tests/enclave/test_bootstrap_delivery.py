@@ -104,7 +104,7 @@ def _bootstrap_pat_is_valid(data: Path, token: str) -> bool:
         try:
             secret = (data / "server_secret").read_text().strip().encode()
             record = await store.find_auth(token_hash(secret, token))
-            return record is not None and record.user.is_superadmin
+            return record is not None and record.user.is_superadmin and record.pat.revoked_at is None
         finally:
             await store.close()
 
@@ -185,3 +185,77 @@ def test_cube_admin_bootstrap_makes_and_opens_without_contacting_anyone(tmp_path
     sealed.write_text(seal(b"cube_pat_canary", load_public_key(public)))
     assert admin_cli.main(["bootstrap", "open", "--key", str(key_file), str(sealed)]) == 0
     assert capsys.readouterr().out.strip() == "cube_pat_canary"
+
+
+def test_a_locked_out_platform_gets_a_recovery_key_sealed_to_the_operator(tmp_path: Path, capsys) -> None:
+    """New keys never outlive their creator, so once every superadmin platform key has expired or been revoked
+    nobody could administer the platform: the next start seals a fresh one to the operator (never printed),
+    and only then."""
+    key_file = tmp_path / "operator.key"
+    assert bootstrap_cli(["keygen", "--out", str(key_file)]) == 0
+    public = next(line.split(":", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
+                  if "operator_public_key" in line)
+    config = f"bootstrap: {{operator_public_key: '{public}'}}\n"
+    data = tmp_path / "data"
+    sealed = data / SEALED_PAT_FILE_NAME
+    _serve(tmp_path, config)
+    assert bootstrap_cli(["open", "--key", str(key_file), str(sealed)]) == 0
+    first = capsys.readouterr().out.strip()
+
+    async def revoke_all() -> None:
+        store = await Store.open(f"sqlite+aiosqlite:///{data / 'enclave.db'}")
+        try:
+            for pat in await store.list_pats():
+                await store.revoke_pat(pat.id)
+        finally:
+            await store.close()
+
+    again = _serve(tmp_path, config)                       # a usable key exists: nothing new is issued
+    assert bootstrap_cli(["open", "--key", str(key_file), str(sealed)]) == 0
+    assert capsys.readouterr().out.strip() == first and "recovery key" not in again.stderr
+    asyncio.run(revoke_all())
+    assert not _bootstrap_pat_is_valid(data, first)
+    proc = _serve(tmp_path, config)
+    assert "issued a recovery key" in proc.stderr     # (the banner is not reached: no confidential platform here)
+    assert bootstrap_cli(["open", "--key", str(key_file), str(sealed)]) == 0
+    recovery = capsys.readouterr().out.strip()
+    assert recovery != first and _bootstrap_pat_is_valid(data, recovery)
+    _assert_absent(recovery, proc.stdout + proc.stderr)
+
+
+def test_only_an_unbound_unexpired_manage_key_of_a_superadmin_counts_as_usable(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from enclave.bootstrap import recover_if_locked_out
+
+    settings = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path), "server_secret": "s" * 48,
+                                                          "simulate": True})
+    secret = b"s" * 48
+    now = datetime.now(UTC)
+
+    async def scenario() -> list[bool]:
+        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+        try:
+            admin = await store.create_user("root", is_superadmin=True)
+            domain = await store.create_domain("default")
+            member = await store.create_user("member")
+            outcomes = []
+
+            async def key(user, **kw) -> None:
+                tok = generate_token()
+                base = {"scopes": ("models:read", "models:infer", "manage"), "expires_at": now + timedelta(days=1)}
+                base.update(kw)
+                await store.create_pat(user_id=user.id, name="k", token_hash=token_hash(secret, tok),
+                                       last4=tok[-4:], **base)
+
+            await key(admin, expires_at=now - timedelta(seconds=1))                  # expired
+            await key(admin, domain_id=domain.id)                                    # bound to a domain
+            await key(admin, scopes=("models:read", "models:infer"))                 # no manage
+            await key(member)                                                        # not a superadmin
+            outcomes.append(await recover_if_locked_out(store, settings, secret) is not None)
+            outcomes.append(await recover_if_locked_out(store, settings, secret) is not None)  # now usable
+            return outcomes
+        finally:
+            await store.close()
+
+    assert asyncio.run(scenario()) == [True, False]
