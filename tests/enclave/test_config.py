@@ -99,11 +99,12 @@ def test_pcs_url_for_the_tdx_collateral(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(attestation.providers, "detect_provider", fake_detect)
     monkeypatch.setattr("enclave.logs.configure_logging", lambda *a, **k: None)
     data = str(tmp_path / "data")
-    assert main(["serve", "--config", str(write(tmp_path, "attestation: {}\n")), "--data-dir", data]) == 2
+    pat = ["--pat-file", str(tmp_path / "pat")]   # outside simulation the bootstrap key needs a safe delivery
+    assert main(["serve", "--config", str(write(tmp_path, "attestation: {}\n")), "--data-dir", data, *pat]) == 2
     assert seen["pcs"].base_url == "http://10.0.2.2:7080/pcs"
     assert seen["pcs"].root_ca_crl_url == "http://10.0.2.2:7080/pcs/sgx/certification/v4/rootcacrl"
     off = write(tmp_path, "attestation: {pcs_url: null, kds_url: null}\n")
-    assert main(["serve", "--config", str(off), "--data-dir", data]) == 2
+    assert main(["serve", "--config", str(off), "--data-dir", data, *pat]) == 2
     assert seen["pcs"] is None and seen["kds"] is None
     assert main(["serve", "--config", str(write(tmp_path, "attestation: {}\n")), "--data-dir", data, "--simulate"]) == 2
     assert seen["pcs"] is None
@@ -126,7 +127,8 @@ def test_missing_collateral_mirror_is_explained(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(attestation.providers, "detect_provider", lambda **kwargs: NoCollateral())
     monkeypatch.setattr("enclave.logs.configure_logging", lambda *a, **k: None)
     path = write(tmp_path, "attestation: {}\n")
-    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data")]) == 2
+    assert main(["serve", "--config", str(path), "--data-dir", str(tmp_path / "data"),
+                 "--pat-file", str(tmp_path / "pat")]) == 2
     err = capsys.readouterr().err
     assert "cannot obtain attestation evidence: cannot fetch the Intel collateral" in err
     assert "attestation.kds_url / pcs_url" in err and "cube-host serve" in err
