@@ -111,4 +111,22 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     app.add_middleware(SizeLimitMiddleware, max_header_bytes=settings.limits.max_header_bytes,
                        max_body_bytes=settings.limits.max_body_bytes, before_body=_authenticate_before_body)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _document_configured_limits(app, settings)
     return app
+
+
+def _document_configured_limits(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI document states this deployment's limits, not the code's ceilings: ``expires_in_days`` is
+    at most the configured ``pat_max_ttl_days`` (a larger value is refused with 400)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = generate()
+            days = doc["components"]["schemas"]["PatCreate"]["properties"]["expires_in_days"]
+            for variant in days.get("anyOf", [days]):
+                if variant.get("type") == "integer":
+                    variant["maximum"] = settings.pat_max_ttl_days
+        return app.openapi_schema or doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -54,6 +54,27 @@ def _wants_json(request: Request) -> bool:
     return "application/json" in accept and CMW_CBOR_MEDIA_TYPE not in accept
 
 
+def _error(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}}}
+
+
+#: What the handler accepts and answers, for the OpenAPI document (it parses ``nonce`` itself, so that every
+#: refusal is the OpenAI error envelope with a precise code).
+OPENAPI = {
+    "parameters": [{"name": "nonce", "in": "query", "required": True,
+                    "description": "the client's fresh 32-byte nonce, 64 hexadecimal characters",
+                    "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$", "minLength": 64, "maxLength": 64}}],
+    "responses": {
+        "200": {"description": "evidence bound to this connection's TLS key and the nonce",
+                "content": {CMW_CBOR_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+                            "application/json": {"schema": {"type": "object"}}}},
+        "400": _error("missing, repeated or malformed nonce"),
+        "429": _error("too many attestation requests on this connection (Retry-After says when to retry)"),
+        "503": _error("no evidence now: the connection is not on the attested key, or the platform failed"),
+    },
+}
+
+
 def attestation_router(tls: TlsManager, *, per_connection_rate: float = 2.0, burst: int = 10) -> APIRouter:
     """The router serving the attestation endpoint; ``per_connection_rate`` is requests/second per TLS
     connection (after a burst of ``burst``)."""
@@ -61,7 +82,8 @@ def attestation_router(tls: TlsManager, *, per_connection_rate: float = 2.0, bur
     device = asyncio.Semaphore(1)  # FIFO: waiters are served in arrival order
     router = APIRouter()
 
-    @router.get(ATTESTATION_PATH, include_in_schema=True, tags=["attestation"])
+    @router.get(ATTESTATION_PATH, include_in_schema=True, tags=["attestation"], openapi_extra=OPENAPI,
+                summary="Fresh evidence for this connection's TLS key and the client's nonce")
     async def attestation(request: Request) -> Response:
         try:
             nonce = _parse_nonce(request)

@@ -24,6 +24,7 @@ ENV_PREFIX = "CUBE_ENCLAVE__"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "enclave.yaml"
 SECRET_FILE_NAME = "server_secret"
 MIN_SECRET_BYTES = 32
+PAT_TTL_CEILING_DAYS = 3650   # no key, however configured, lives longer than ten years
 
 
 class ConfigError(Exception):
@@ -106,7 +107,7 @@ class Settings(_Strict):
     backends: list[BackendConfig] = Field(default_factory=list)
     registry_refresh_seconds: float = Field(30.0, gt=0)
     pat_default_ttl_days: int = Field(30, ge=1)
-    pat_max_ttl_days: int = Field(365, ge=1)
+    pat_max_ttl_days: int = Field(365, ge=1, le=PAT_TTL_CEILING_DAYS)
     last_used_flush_seconds: float = Field(60.0, gt=0)
     auth_cache: bool | None = Field(None, description="cache PAT lookups in-process; default: on for SQLite only")
     limits: LimitSettings = Field(default_factory=LimitSettings)

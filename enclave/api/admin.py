@@ -20,7 +20,7 @@ from enclave.access import (Principal, bound_new_pat, is_own_key_in_binding, may
                             may_manage_own_keys, may_manage_platform, may_revoke_pat, may_view_pat, may_view_self,
                             visible_roles)
 from enclave.api.context import AppContext, authenticated, check, decided_domain_id, find_domain, find_user
-from enclave.api.schemas import (ERROR_RESPONSES, AdminModelOut, BackendStatusOut, DomainCreate, DomainOut,
+from enclave.api.schemas import (CONFLICT_RESPONSE, ERROR_RESPONSES, AdminModelOut, BackendStatusOut, DomainCreate, DomainOut,
                                  DomainRef, DomainUpdate, MemberOut, MembershipSet, MeOut, ModelPull, PatCreate,
                                  PatCreated, PatId, PatOut, UserCreate, UserOut, UserRef, UserUpdate)
 from enclave import registry as reg
@@ -186,7 +186,7 @@ async def remove_model(model: str, request: Request, backend: str | None = Query
 
 
 # ---- platform: domains ---------------------------------------------------------------------------------
-@platform.post("/domains", response_model=DomainOut, status_code=201)
+@platform.post("/domains", response_model=DomainOut, status_code=201, responses=CONFLICT_RESPONSE)
 async def create_domain(body: DomainCreate, request: Request, _: Principal = Depends(_platform_admin)) -> DomainOut:
     try:
         return domain_out(await _ctx(request).store.create_domain(body.name, model_allowlist=body.model_allowlist))
@@ -211,7 +211,7 @@ async def get_domain(domain_id: DomainRef, request: Request, _: Principal = Depe
     return domain_out(await _domain_or_404(request, domain_id))
 
 
-@platform.patch("/domains/{domain_id}", response_model=DomainOut)
+@platform.patch("/domains/{domain_id}", response_model=DomainOut, responses=CONFLICT_RESPONSE)
 async def update_domain(domain_id: DomainRef, body: DomainUpdate, request: Request,
                         _: Principal = Depends(_platform_admin)) -> DomainOut:
     domain = await _domain_or_404(request, domain_id)
@@ -232,7 +232,7 @@ async def delete_domain(domain_id: DomainRef, request: Request, _: Principal = D
 
 
 # ---- platform: users -----------------------------------------------------------------------------------
-@platform.post("/users", response_model=UserOut, status_code=201)
+@platform.post("/users", response_model=UserOut, status_code=201, responses=CONFLICT_RESPONSE)
 async def create_user(body: UserCreate, request: Request, _: Principal = Depends(_platform_admin)) -> UserOut:
     try:
         return user_out(await _ctx(request).store.create_user(body.name, is_superadmin=body.superadmin))
@@ -262,7 +262,7 @@ async def _keep_a_superadmin(request: Request, user: User) -> None:
         raise ApiError(409, "This is the last superadmin; promote another user first.", code="last_superadmin")
 
 
-@platform.patch("/users/{user_id}", response_model=UserOut)
+@platform.patch("/users/{user_id}", response_model=UserOut, responses=CONFLICT_RESPONSE)
 async def update_user(user_id: UserRef, body: UserUpdate, request: Request,
                       _: Principal = Depends(_platform_admin)) -> UserOut:
     user = await _user_or_404(request, user_id)
@@ -276,7 +276,7 @@ async def update_user(user_id: UserRef, body: UserUpdate, request: Request,
     return user_out(updated)
 
 
-@platform.delete("/users/{user_id}", status_code=204, summary="Delete a user, their memberships and PATs")
+@platform.delete("/users/{user_id}", status_code=204, responses=CONFLICT_RESPONSE, summary="Delete a user, their memberships and PATs")
 async def delete_user(user_id: UserRef, request: Request, _: Principal = Depends(_platform_admin)) -> Response:
     user = await _user_or_404(request, user_id)
     await _keep_a_superadmin(request, user)

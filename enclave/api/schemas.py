@@ -6,9 +6,10 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import Path
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints
 
 from enclave.access import Scope
+from enclave.config import PAT_TTL_CEILING_DAYS
 from enclave.store import canonical_uuid
 
 #: Path parameters that name a user or a domain take either its id (UUID, any case) or its unique name.
@@ -28,6 +29,13 @@ Name = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"
 PatName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@ -]*$")]
 Pattern = Annotated[str, StringConstraints(min_length=1, max_length=300)]
 Patterns = Annotated[list[Pattern], Field(max_length=200, description="exact model ids or shell patterns (e.g. llama3*)")]
+
+
+def _json_number(value: object) -> object:
+    """JSON Schema's integer: 30 or 30.0, never ``true`` or ``"30"`` (pydantic's lax mode takes both)."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError("must be a JSON integer")
+    return value
 
 
 class _Request(BaseModel):
@@ -63,12 +71,12 @@ class ErrorEnvelope(BaseModel):
 
 class UserCreate(_Request):
     name: Name
-    superadmin: bool = False
+    superadmin: StrictBool = False
 
 
 class UserUpdate(_Request):
     name: Name | None = None
-    superadmin: bool | None = None
+    superadmin: StrictBool | None = None
 
 
 class UserOut(BaseModel):
@@ -86,7 +94,7 @@ class DomainCreate(_Request):
 class DomainUpdate(_Request):
     name: Name | None = None
     model_allowlist: Patterns | None = None
-    clear_model_allowlist: bool = False
+    clear_model_allowlist: StrictBool = False
 
 
 class DomainOut(BaseModel):
@@ -110,8 +118,9 @@ class MemberOut(BaseModel):
 class PatCreate(_Request):
     name: PatName
     scopes: list[Scope] = Field(default_factory=lambda: [Scope.MODELS_READ, Scope.MODELS_INFER], min_length=1)
-    expires_in_days: int | None = Field(None, ge=1, description="default: the server's pat_default_ttl_days, "
-                                        "capped at the creating key's expiry; never beyond it")
+    expires_in_days: Annotated[int, Field(ge=1, le=PAT_TTL_CEILING_DAYS), BeforeValidator(_json_number)] | None = Field(
+        None, description="at most the server's pat_max_ttl_days; default: its pat_default_ttl_days, capped at the "
+                          "creating key's expiry; never beyond it")
     model_allowlist: Patterns | None = Field(None, description="within the creating key's allowlist when it has "
                                              "one (omitted: inherited)")
 
@@ -168,6 +177,10 @@ class ReadyOut(BaseModel):
     store: dict | None = Field(None, description="operators only: whether the store answers, and why not")
     backends: list[dict] | None = Field(None, description="operators only: each backend, up or down and why")
 
+
+#: ``409`` on the routes that can answer it (a name taken, the last superadmin).
+CONFLICT_RESPONSE = {409: {"model": ErrorEnvelope, "description": "Conflict: the name is taken, or the change "
+                                                                  "would leave no superadmin"}}
 
 ERROR_RESPONSES = {
     400: {"model": ErrorEnvelope, "description": "Invalid request"},
