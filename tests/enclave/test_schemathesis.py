@@ -8,7 +8,6 @@ calling user) cannot starve the cases after them.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -22,7 +21,8 @@ from enclave.access import ALL_SCOPES
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 
-from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, World, make_settings, seed_world
+from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, World, make_settings
+from tests.enclave.test_service import backends, start_service
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.vllm import FakeVllm
 
@@ -60,19 +60,8 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     clock = FakeClock()
     with FakeOllama() as ollama, FakeVllm() as vllm:
-        settings_ = make_settings(tmp_path_factory.mktemp("schemathesis"),
-                                  backends=[{"name": "ollama", "kind": "ollama", "base_url": ollama.base_url},
-                                            {"name": "vllm", "kind": "vllm", "base_url": vllm.base_url}])
-
-        async def seed() -> World:
-            store = await Store.open(settings_.effective_database_url())
-            try:
-                return await seed_world(store, SERVER_SECRET.encode(), clock())
-            finally:
-                await store.close()
-
-        world = asyncio.run(seed())
-        server = EnclaveServer(settings_, clock=clock).start()
+        settings_ = make_settings(tmp_path_factory.mktemp("schemathesis"), backends=backends(ollama, vllm))
+        server, world = start_service(settings_, clock)
         try:
             yield Service(server, world, clock)
         finally:
