@@ -236,6 +236,10 @@ class TdxPolicy(_Strict):
     allow_service_td: bool = False
     td_attributes: TdAttributesRule | None = None
     xfam: XfamRule | None = None
+    # Intel's TCB recovery counter: TCB info and QE identity both carry it. An older document stays signed and
+    # current until its nextUpdate (30 days), so a host can keep serving the one issued before a TCB recovery,
+    # under which an out-of-date platform still reads UpToDate; a minimum here refuses collateral that old.
+    min_tcb_evaluation_data_number: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     # Without Intel collateral (TCB info, QE identity, PCK and root CA CRLs) a quote proves nothing about
     # revocation or TCB currency: a revoked or OutOfDate platform would pass. The enclave attaches it to its
     # evidence (from the host's PCS mirror; Intel-signed, so the mirror cannot forge it) and a verifier

@@ -88,7 +88,7 @@ _REVOCATION = {"crl", "pck_crl", "root_ca_crl"}
 _NOT_CRYPTO = {"product", "report_format", "parse", "evidence", "collateral", "verification", "platform"}
 _HARDWARE = {"tcb_level", "tcb_status", "tcb_matches_vek", "tcb_not_above_current", "min_tcb", "tdx_module",
              "min_tee_tcb_svn", "collateral_present", "collateral_age", "min_pcesvn", "min_qe_isvsvn",
-             "min_launch_tcb", "min_firmware", "platform_info"}
+             "min_launch_tcb", "min_firmware", "platform_info", "min_tcb_evaluation_data_number"}
 _EXECUTABLES = {"measurement", "min_guest_svn", "service_td", "id_key_digest", "author_key_digest", "family_id",
                 "image_id"}
 _CONFIGURATION = {"debug_disabled", "guest_policy", "migrate_ma", "smt", "vmpl", "host_data", "td_attributes",

@@ -296,6 +296,7 @@ def verify_quote(
         evidence.collateral_issued_at = collateral.issued_at
         claims["tcb_date"] = evaluation.tcb_date
         claims["tcb_evaluation_data_number"] = evaluation.tcb_evaluation_data_number
+        claims["qe_identity_tcb_evaluation_data_number"] = collateral.qe_identity.tcb_evaluation_data_number
         claims["tdx_module_id"] = evaluation.module_id
         claims["platform_tcb_status"] = evaluation.platform_status
         claims["tdx_module_tcb_status"] = evaluation.module_status
