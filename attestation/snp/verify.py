@@ -260,18 +260,19 @@ def _check_revocation(verified: VerifiedChain, crls: Sequence[bytes | x509.Certi
     A CRL from the evidence covers it only by what it says (its scope, see ``chain.crl_scope``): the
     host assembles evidence and could offer the VCEK CRL for a VLEK chain. One this verifier fetched
     itself from the kind's own KDS path is taken as that path's CRL: the caller chose that source.
+    Given a KDS client, a required check always consults it too: the host could also attach an older CRL
+    of the right scope (ARK-signed, before its nextUpdate) issued before the ASK/ASVK was revoked.
     """
     supplied = [inspect_crl(c) if isinstance(c, x509.CertificateRevocationList) else _load_crl(c) for c in crls]
     found = [_check_crl_against(crl, verified, at=at, log=log) for crl in supplied]
     covered = any(crl_covers(crl, verified) for crl in supplied)
     fetched = False
-    if required and not covered:
-        if kds is None and not supplied:
-            raise CollateralError("check_crl needs a CRL: pass crls= or a KDS client")
-        if kds is not None:
-            crl = inspect_crl(kds.crl(family, vlek=kind == "VLEK"))
-            found.insert(0, _check_crl_against(crl, verified, at=at, log=log))
-            covered = fetched = True
+    if required and kds is not None:
+        crl = inspect_crl(kds.crl(family, vlek=kind == "VLEK"))
+        found.insert(0, _check_crl_against(crl, verified, at=at, log=log))
+        covered = fetched = True
+    elif required and not covered and not supplied:
+        raise CollateralError("check_crl needs a CRL: pass crls= or a KDS client")
     inter_cn = _cn(verified.intermediate)
     where = ", ".join(sorted(crl_distribution_points(verified.intermediate))) or "no CRL distribution point"
     if covered:
