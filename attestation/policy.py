@@ -268,24 +268,18 @@ class Policy(_Strict):
         """Allowed hardware platform -> why this policy does not pin its whole boot chain (empty: measured).
 
         The one definition of "measured": SNP, every allowlisted launch digest has ``kernel_hashes: true``;
-        TDX, every entry pins MRTD and RTMR0, RTMR1 and RTMR2.  An empty allowlist is unmeasured.
+        TDX, every entry pins MRTD and RTMR0, RTMR1 and RTMR2.  An empty allowlist is unmeasured; simulated
+        evidence (sim) always is, whatever it lists.
         """
-        gaps = {}
-        for platform in self.platforms:
-            if platform in ("snp", "tdx"):
-                gap = _measurement_gap(self, platform)
-                if gap:
-                    gaps[platform] = gap
-        return gaps
+        return {platform: gap for platform in self.platforms if (gap := _measurement_gap(self, platform))}
 
     def unmeasured_platforms(self) -> list[str]:
-        """Allowed hardware platforms (snp, tdx) whose boot chain this policy does not pin."""
+        """Allowed platforms whose boot chain this policy does not pin (sim: always)."""
         return list(self.measurement_gaps())
 
     def is_measured(self, platform: str | None) -> bool:
-        """Whether evidence of this platform was compared with a whole measured boot chain (sim: as snp)."""
-        kind = "snp" if platform == "sim" else platform
-        return kind in ("snp", "tdx") and _measurement_gap(self, kind) is None
+        """Whether evidence of this platform was compared with a whole measured boot chain (never for sim)."""
+        return platform in ("snp", "tdx") and _measurement_gap(self, platform) is None
 
     @model_validator(mode="after")
     def _sim_needs_root(self) -> "Policy":
@@ -301,6 +295,10 @@ class Policy(_Strict):
 
 
 def _measurement_gap(policy: Policy, platform: str) -> str | None:
+    if platform == "sim":
+        # No hardware measured anything: the simulated root's key is a file, and whoever reads it (on the
+        # host's disk, outside a development machine) signs any report, with any measurement, for any key.
+        return "simulated evidence: no hardware measures the boot chain (the root's key is a file)"
     if platform == "snp":
         entries = policy.snp.measurements
         if not entries:
@@ -407,6 +405,7 @@ def sim_policy_yaml(fingerprint: str) -> str:
         "name: sim-development\n"
         "platforms: [sim]\n"
         f"sim_root_fingerprint: \"{fingerprint}\"\n"
+        "allow_unmeasured: true   # simulated evidence measures nothing: the attested client refuses it without this\n"
         "snp:\n"
         "  vmpl: 0\n"
         "  require_crl: true   # the sim issues its own ARK-signed CRL; evidence without it is refused\n"

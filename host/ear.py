@@ -27,7 +27,7 @@ Shape (JSON claims)::
     }
 
 Status mapping: refused -> contraindicated; affirming only when the policy is *measured* for the platform
-(``Policy.is_measured``: the whole boot chain pinned) and every check passed with the TCB UpToDate (or, on
+(``Policy.is_measured``: the whole boot chain pinned; never simulated evidence) and every check passed with the TCB UpToDate (or, on
 SNP, which has no TCB status, every check passed); accepted otherwise -> warning: the policy pins no (or only a
 firmware) measurement, the TCB status is one the policy tolerates other than UpToDate, or TDX was verified
 without TCB evaluation (no collateral).
@@ -138,8 +138,8 @@ def trustworthiness_vector(verdict: Verdict, policy: Policy | None = None) -> di
     hardware = band(_HARDWARE)
     if hardware == TV_AFFIRMING and verdict.ok and _tcb_short(verdict):
         hardware = TV_WARNING  # TCB accepted below UpToDate, or not evaluated at all (TDX without collateral)
-    if hardware == NO_CLAIM and verdict.ok and verdict.platform in ("snp", "sim"):
-        hardware = TV_AFFIRMING  # VEK chain to the pinned root: genuine part, TCB bound by the VEK
+    if hardware == NO_CLAIM and verdict.ok and verdict.platform == "snp":
+        hardware = TV_AFFIRMING  # VEK chain to AMD's root: genuine part, TCB bound by the VEK (sim: no hardware)
     vector["hardware"] = hardware
     vector["configuration"] = band(_CONFIGURATION)
     vector["executables"] = band(_EXECUTABLES)
