@@ -243,7 +243,7 @@ class TdxPolicy(_Strict):
     # Without Intel collateral (TCB info, QE identity, PCK and root CA CRLs) a quote proves nothing about
     # revocation or TCB currency: a revoked or OutOfDate platform would pass. The enclave attaches it to its
     # evidence (from the host's PCS mirror; Intel-signed, so the mirror cannot forge it) and a verifier
-    # given a PcsClient fetches its own and uses the more recent; false accepts signatures alone.
+    # given a PcsClient uses its own instead; false accepts signatures alone.
     require_collateral: bool = True
 
 

@@ -6,7 +6,7 @@ evidence under the ``collateral_to_files()`` names, so a verifier needs no PCS a
 fetches them from any mirror (such as the host agent's ``/pcs``): every object is Intel-signed, so an
 untrusted mirror cannot forge any; it can make verifiers refuse the evidence (expired or missing collateral),
 or keep serving a superseded set that is still before its nextUpdate: against that, policies set
-``tdx.min_tcb_evaluation_data_number`` and a verifier with its own PcsClient uses the more recent collateral.
+``tdx.min_tcb_evaluation_data_number`` and a verifier with its own PcsClient uses that instead.
 """
 
 from __future__ import annotations

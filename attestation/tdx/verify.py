@@ -251,21 +251,6 @@ def _check_quote_signature(log: CheckLog, q: Quote) -> None:
     )
 
 
-def _recency(c: Collateral) -> tuple[int, datetime, datetime]:
-    return (min(c.tcb_info.tcb_evaluation_data_number, c.qe_identity.tcb_evaluation_data_number),
-            c.tcb_info.issue_date, c.qe_identity.issue_date)
-
-
-def newest_collateral(own: Collateral, supplied: Collateral) -> Collateral:
-    """The verifier's own collateral, unless the supplied one (carried in evidence) is more recent.
-
-    Evidence is assembled by the untrusted host, which can attach superseded collateral: still Intel-signed and
-    before its nextUpdate, with a better TCB status. Recency is the TCB evaluation data number, then the issue
-    dates; whichever is chosen is then verified in full (a forged "newer" one fails its signature).
-    """
-    return supplied if _recency(supplied) > _recency(own) else own
-
-
 def verify_quote(
     quote: bytes | Quote,
     *,
@@ -285,8 +270,10 @@ def verify_quote(
         f"DCAP v{q.header.version} TDX quote, body type {q.body_type}, Intel QE, ECDSA P-256 attestation key",
     )
     if pcs is not None:
-        own = pcs.collateral(q.pck_extension.fmspc.hex(), ca=pck_mod.pck_ca_kind(q.sig_data.pck_chain))
-        collateral = own if collateral is None else newest_collateral(own, collateral)
+        # The verifier's own source replaces what the evidence carries: the host assembles evidence and could
+        # attach superseded documents (Intel-signed, before their nextUpdate), or a fresh TCB info beside a PCK
+        # CRL from before a revocation; every object is independently signed, so they mix.
+        collateral = pcs.collateral(q.pck_extension.fmspc.hex(), ca=pck_mod.pck_ca_kind(q.sig_data.pck_chain))
     vc = _check_collateral(log, collateral, at, check_crl) if collateral is not None else None
     chain = _check_pck_chain(log, q, at)
     if collateral is not None and check_crl:
