@@ -294,6 +294,11 @@ class Policy(_Strict):
         return self
 
 
+def _pins_a_measurement(rtmr: str | None) -> bool:
+    """An RTMR value that records something: all zeros is the reset value, so nothing was measured into it."""
+    return rtmr is not None and any(ch != "0" for ch in rtmr)
+
+
 def _measurement_gap(policy: Policy, platform: str) -> str | None:
     if platform == "sim":
         # No hardware measured anything: the simulated root's key is a file, and whoever reads it (on the
@@ -312,10 +317,11 @@ def _measurement_gap(policy: Policy, platform: str) -> str | None:
     entries_t = policy.tdx.measurements
     if not entries_t:
         return "no measurement allowlist"
-    partial = [f"{i} (no {', '.join(r.upper() for r in TDX_BOOT_RTMRS if getattr(m, r) is None)})"
-               for i, m in enumerate(entries_t) if any(getattr(m, r) is None for r in TDX_BOOT_RTMRS)]
+    partial = [f"{i} (no {', '.join(r.upper() for r in unpinned)})" for i, m in enumerate(entries_t)
+               if (unpinned := [r for r in TDX_BOOT_RTMRS if not _pins_a_measurement(getattr(m, r))])]
     if partial:
-        return ("tdx.measurements entries must pin MRTD and RTMR0-2 (MRTD covers only the firmware): "
+        return ("tdx.measurements entries must pin MRTD and RTMR0-2 (MRTD covers only the firmware; an all-zero "
+                "RTMR is the reset value, nothing measured): "
                 + ", ".join(partial))
     return None
 

@@ -147,3 +147,16 @@ def test_simulated_evidence_is_never_measured_whatever_the_policy_pins(sim_platf
     verdict = verify_evidence(evidence, policy=policy)
     assert verdict.ok, verdict.error
     assert ear_status(verdict, policy) == WARNING
+
+
+def test_an_all_zero_rtmr_pins_nothing(tdx_vector):
+    # All zeros is an RTMR's reset value: a TD whose firmware measured no kernel (or command line) shows it, so
+    # pinning it accepts any kernel booted that way; it must not make the policy measured.
+    _, entry, _ = tdx_vector(V5, "pcs-2026-02")
+    zero = "00" * 48
+    policy = policy_from_yaml(
+        f"platforms: [tdx]\ntdx:\n  measurements:\n    - {{mrtd: '{entry['mrtd']}', rtmr0: '{entry['rtmr0']}', "
+        f"rtmr1: '{zero}', rtmr2: '{zero}'}}\n")
+    assert not policy.is_measured("tdx")
+    with pytest.raises(PolicyError, match=r"all-zero .*: 0 \(no RTMR1, RTMR2\)"):
+        require_measured_policy(policy)
