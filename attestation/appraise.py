@@ -379,4 +379,5 @@ def appraise(verified: VerifiedEvidence, policy: Policy, *, expected_report_data
         claims=dict(verified.claims),
         checks=list(verified.checks) + a.checks,
         error=error,
+        revocation_checked=verified.revocation_checked,
     )

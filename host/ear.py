@@ -27,10 +27,11 @@ Shape (JSON claims)::
     }
 
 Status mapping: refused -> contraindicated; affirming only when the policy is *measured* for the platform
-(``Policy.is_measured``: the whole boot chain pinned; never simulated evidence) and every check passed with the TCB UpToDate (or, on
-SNP, which has no TCB status, every check passed); accepted otherwise -> warning: the policy pins no (or only a
-firmware) measurement, the TCB status is one the policy tolerates other than UpToDate, or TDX was verified
-without TCB evaluation (no collateral).
+(``Policy.is_measured``: the whole boot chain pinned; never simulated evidence), every check passed with the
+TCB UpToDate (SNP, which has no TCB status: every check passed) and revocation was checked (a current CRL
+covering the chain); accepted otherwise -> warning: the policy pins no (or only a firmware) measurement, the
+TCB status is one the policy tolerates other than UpToDate, TDX was verified without TCB evaluation (no
+collateral), or SNP without a CRL covering its ASK/ASVK.
 
 ``exp`` is ``iat`` plus a short lifetime (``verify.ear_lifetime_seconds``, default 300 s): a result is about
 evidence at one moment, not a standing credential; ``verify_ear`` requires and checks it.
@@ -97,7 +98,10 @@ _CONFIGURATION = {"debug_disabled", "guest_policy", "migrate_ma", "smt", "vmpl",
 
 
 def _tcb_short(verdict: Verdict) -> bool:
-    """Accepted with a TCB below UpToDate, or TDX with no TCB evaluation at all (no collateral)."""
+    """Accepted with a TCB below UpToDate, TDX with no TCB evaluation at all (no collateral), or revocation not
+    checked (SNP without a CRL covering its chain): nothing then says the platform's keys are not revoked."""
+    if not verdict.revocation_checked:
+        return True
     if verdict.status == "verified":
         return verdict.platform == "tdx"
     return verdict.status != "UpToDate"
@@ -136,10 +140,10 @@ def trustworthiness_vector(verdict: Verdict, policy: Policy | None = None) -> di
         vector["instance-identity"] = NO_CLAIM
 
     hardware = band(_HARDWARE)
-    if hardware == TV_AFFIRMING and verdict.ok and _tcb_short(verdict):
-        hardware = TV_WARNING  # TCB accepted below UpToDate, or not evaluated at all (TDX without collateral)
     if hardware == NO_CLAIM and verdict.ok and verdict.platform == "snp":
         hardware = TV_AFFIRMING  # VEK chain to AMD's root: genuine part, TCB bound by the VEK (sim: no hardware)
+    if hardware == TV_AFFIRMING and verdict.ok and _tcb_short(verdict):
+        hardware = TV_WARNING  # TCB below UpToDate, not evaluated (TDX without collateral), or revocation unknown
     vector["hardware"] = hardware
     vector["configuration"] = band(_CONFIGURATION)
     vector["executables"] = band(_EXECUTABLES)

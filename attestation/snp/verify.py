@@ -203,8 +203,10 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
     verified = verify_chain(ark, ark_der, inter, inter_der, vek_cert, vek_der, product=family, kind=kind,
                             trust=trust, at=when, log=log)
 
+    revocation_checked = False
     if check_crl or crls:
-        _check_revocation(verified, crls, family=family, kind=kind, kds=kds, required=check_crl, at=when, log=log)
+        revocation_checked = _check_revocation(verified, crls, family=family, kind=kind, kds=kds,
+                                               required=check_crl, at=when, log=log)
 
     # Binding of the VEK to this product, TCB and chip.
     vek_family = family_from_name(vek_ext.product_name)
@@ -248,14 +250,14 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
     if vek_ext.csp_id is not None:
         claims["csp_id"] = vek_ext.csp_id
     return VerifiedEvidence(platform="sim" if trust.name == "sim" else "snp", product=family,
-                            claims=claims, checks=log.checks)
+                            claims=claims, checks=log.checks, revocation_checked=revocation_checked)
 
 
 
 def _check_revocation(verified: VerifiedChain, crls: Sequence[bytes | x509.CertificateRevocationList], *,
                       family: str, kind: str, kds: KdsClient | None, required: bool, at: datetime,
-                      log: CheckLog) -> None:
-    """Check every CRL given; when ``required``, one must cover the chain's ASK/ASVK.
+                      log: CheckLog) -> bool:
+    """Check every CRL given; when ``required``, one must cover the chain's ASK/ASVK. True when one covered it.
 
     A CRL from the evidence covers it only by what it says (its scope, see ``chain.crl_scope``): the
     host assembles evidence and could offer the VCEK CRL for a VLEK chain. One this verifier fetched
@@ -283,6 +285,7 @@ def _check_revocation(verified: VerifiedChain, crls: Sequence[bytes | x509.Certi
                         "scope, such as the VCEK CRL for a VLEK chain, says nothing about it")
     elif supplied:
         log.ok("crl", f"no CRL covering {inter_cn} was given; revocation not checked (not required)")
+    return covered
 
 
 def _load_crl(data: bytes) -> x509.CertificateRevocationList:

@@ -297,6 +297,7 @@ def verify_quote(
         evidence.tcb_status = evaluation.status
         evidence.advisory_ids = list(evaluation.advisory_ids)
         evidence.collateral_issued_at = collateral.issued_at
+        evidence.revocation_checked = check_crl
         claims["tcb_date"] = evaluation.tcb_date
         claims["tcb_evaluation_data_number"] = evaluation.tcb_evaluation_data_number
         claims["qe_identity_tcb_evaluation_data_number"] = collateral.qe_identity.tcb_evaluation_data_number

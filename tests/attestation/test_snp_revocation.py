@@ -61,6 +61,8 @@ def test_crl_past_next_update_refused(vcek_platform: Platform) -> None:
 
 def test_current_vcek_crl_accepted_for_a_vcek_chain(vcek_platform: Platform) -> None:
     verified = _verify(vcek_platform, [vcek_platform.crl()])
+    assert verified.revocation_checked  # what lets the host agent's EAR affirm an SNP report
+    assert not _verify(vcek_platform, [], required=False).revocation_checked
     crl_checks = [c for c in verified.checks if c.name == "crl"]
     assert all(c.ok for c in crl_checks) and any("covering SEV-Milan" in c.detail for c in crl_checks)
 

@@ -58,6 +58,12 @@ def test_real_snp_report_is_affirmed_only_with_kernel_hashes(vectors_dir, expect
         policy = policy_from_yaml(_snp_policy(entry, kernel_hashes))
         verdict = verify_evidence(evidence, policy=policy, at=at)
         assert verdict.ok, verdict.error
+        # the vector carries no AMD CRL: revocation unknown, so at most warning (hardware warning too)
+        assert not verdict.revocation_checked and ear_status(verdict, policy) == WARNING
+        vector = build_ear(verdict, policy_name="p", nonce=None, developer="d", build="b",
+                           policy=policy)["submods"]["cpu0"]["ear.trustworthiness-vector"]
+        assert vector["hardware"] == 32
+        verdict.revocation_checked = True  # as verification sets it when a current CRL covered the ASK
         assert ear_status(verdict, policy) == want
         claims = build_ear(verdict, policy_name="p", nonce=None, developer="d", build="b", policy=policy)
         vector = claims["submods"]["cpu0"]["ear.trustworthiness-vector"]
@@ -69,6 +75,9 @@ def test_measured_but_not_up_to_date_or_refused():
                               f"tdx: {{measurements: [{{mrtd: '{'aa' * 48}', rtmr0: '{'bb' * 48}', "
                               f"rtmr1: '{'cc' * 48}', rtmr2: '{'dd' * 48}'}}]}}\n")
     checks = [Check("quote_signature", True), Check("measurement", True)]
+    up_to_date = Verdict(ok=True, platform="tdx", product=None, status="UpToDate", claims={}, checks=checks,
+                         revocation_checked=True)
+    assert ear_status(up_to_date, policy) == AFFIRMING
     hardening = Verdict(ok=True, platform="tdx", product=None, status="SWHardeningNeeded", claims={}, checks=checks)
     assert ear_status(hardening, policy) == WARNING
     no_collateral = Verdict(ok=True, platform="tdx", product=None, status="verified", claims={}, checks=checks)

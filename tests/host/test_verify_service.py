@@ -85,7 +85,8 @@ def test_every_vector_gives_the_expected_ear_status(client, vectors_dir, expecte
         assert submod["ear.cube-ai.claims"]["platform"] == evidence.platform
         vector = submod["ear.trustworthiness-vector"]
         if want == "warning" and name in ("snp/virtee-sev--report_milan.hex", "tdx/go-tdx-guest--quote_v5_sample.dat"):
-            assert vector["instance-identity"] == 2 and vector["hardware"] == 2
+            # the SNP vector carries no AMD CRL: revocation unknown, so hardware is a warning (32)
+            assert vector["instance-identity"] == 2 and vector["hardware"] == (32 if name.startswith("snp/") else 2)
             assert vector["executables"] == 0  # the default policy pins no measurement
         if want == "contraindicated":
             assert 96 in vector.values() or 99 in vector.values()
