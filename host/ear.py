@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 import time
@@ -245,10 +246,12 @@ def jwk_thumbprint(jwk: dict[str, str]) -> str:
     return _b64url(hashlib.sha256(canonical).digest())
 
 
-def verify_ear(token: str, jwks: dict[str, Any], *, leeway: float = 0.0) -> dict[str, Any]:
+def verify_ear(token: str, jwks: dict[str, Any], *, leeway: float = 0.0, nonce: str | None = None) -> dict[str, Any]:
     """Check an EAR JWT against a JWKS (by kid), its expiry and the EAR profile; returns the claims.
 
-    Raises jwt.InvalidTokenError on any failure (jwt.ExpiredSignatureError once ``exp`` has passed, a
+    ``nonce``: the nonce the caller sent with its request; the token's ``eat_nonce`` must be exactly it (else
+    a result issued for someone else's request, or replayed within its lifetime, would pass). Raises
+    jwt.InvalidTokenError on any failure (jwt.ExpiredSignatureError once ``exp`` has passed, a
     MissingRequiredClaimError without one). Useful for operators and tests; remember the result is only
     as trustworthy as the host that signed it.
     """
@@ -262,5 +265,9 @@ def verify_ear(token: str, jwks: dict[str, Any], *, leeway: float = 0.0) -> dict
                                 options={"require": ["iat", "exp"], "verify_exp": True, "verify_iat": True})
             if claims.get("eat_profile") != EAR_PROFILE:
                 raise jwt.InvalidTokenError("not an EAR (eat_profile)")
+            if nonce is not None:
+                echoed = claims.get("eat_nonce")
+                if not isinstance(echoed, str) or not hmac.compare_digest(echoed.encode(), nonce.encode()):
+                    raise jwt.InvalidTokenError("the EAR's eat_nonce is not the nonce of this request (replayed?)")
             return claims
     raise jwt.InvalidKeyError("no key in the JWKS matches the token's kid")

@@ -122,3 +122,17 @@ def test_service_uses_the_configured_lifetime_and_measured_policies(tmp_path, tm
             claims = verify_ear(r.json()["ear"], jwks)
             assert claims["submods"]["cpu0"]["ear.status"] == want
             assert claims["exp"] - claims["iat"] == 30
+
+
+def test_verify_ear_binds_the_callers_nonce(tmp_path):
+    # A token issued for another request (or replayed within its lifetime) carries another eat_nonce, or none.
+    signer = EarSigner.load_or_create(tmp_path)
+    jwks = signer.jwks()
+    verdict = Verdict(ok=True, platform="snp", product="Milan", status="verified", claims={}, checks=[])
+    mine = signer.sign(build_ear(verdict, policy_name="p", nonce="n-mine", developer="d", build="b"))
+    theirs = signer.sign(build_ear(verdict, policy_name="p", nonce="n-theirs", developer="d", build="b"))
+    bare = signer.sign(build_ear(verdict, policy_name="p", nonce=None, developer="d", build="b"))
+    assert verify_ear(mine, jwks, nonce="n-mine")["eat_nonce"] == "n-mine"
+    for token in (theirs, bare):
+        with pytest.raises(jwt.InvalidTokenError, match="eat_nonce"):
+            verify_ear(token, jwks, nonce="n-mine")
