@@ -229,6 +229,20 @@ def _td_attributes(claims: dict[str, Any]) -> int | None:
     return _le_hex(raw) if isinstance(raw, str) and len(raw) == 16 else None
 
 
+def _min_tcb_evaluation(claims: dict[str, Any], minimum: int | None, a: _Appraisal) -> None:
+    """Both collateral documents (TCB info, QE identity) are at least the policy's TCB evaluation data number."""
+    numbers = {"TCB info": _int(claims.get("tcb_evaluation_data_number")),
+               "QE identity": _int(claims.get("qe_identity_tcb_evaluation_data_number"))}
+    shown = ", ".join(f"{what} {n}" for what, n in numbers.items())
+    if minimum is None:
+        a.add("min_tcb_evaluation_data_number", True, f"tcbEvaluationDataNumber {shown} (no minimum in policy)")
+        return
+    low = [what for what, n in numbers.items() if n is None or n < minimum]
+    a.add("min_tcb_evaluation_data_number", not low, f"tcbEvaluationDataNumber {shown} " + (
+        f">= {minimum}" if not low else f"below the minimum {minimum} ({', '.join(low)}; no collateral evaluated "
+                                        "counts as below): collateral from before a TCB recovery"))
+
+
 def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
     c = v.claims
     p = policy.tdx
@@ -300,6 +314,7 @@ def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
         else:
             ok = have_n is not None and have_n >= minimum
             a.add(key, ok, f"{label} {have_n} " + (">=" if ok else "<") + f" {minimum}")
+    _min_tcb_evaluation(c, p.min_tcb_evaluation_data_number, a)
     a.exact_hex("mrconfigid", "MRCONFIGID", c.get("mrconfigid"), p.mrconfigid)
     a.exact_hex("mrowner", "MROWNER", c.get("mrowner"), p.mrowner)
 
@@ -364,4 +379,5 @@ def appraise(verified: VerifiedEvidence, policy: Policy, *, expected_report_data
         claims=dict(verified.claims),
         checks=list(verified.checks) + a.checks,
         error=error,
+        revocation_checked=verified.revocation_checked,
     )

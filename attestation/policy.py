@@ -236,10 +236,14 @@ class TdxPolicy(_Strict):
     allow_service_td: bool = False
     td_attributes: TdAttributesRule | None = None
     xfam: XfamRule | None = None
+    # Intel's TCB recovery counter: TCB info and QE identity both carry it. An older document stays signed and
+    # current until its nextUpdate (30 days), so a host can keep serving the one issued before a TCB recovery,
+    # under which an out-of-date platform still reads UpToDate; a minimum here refuses collateral that old.
+    min_tcb_evaluation_data_number: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     # Without Intel collateral (TCB info, QE identity, PCK and root CA CRLs) a quote proves nothing about
     # revocation or TCB currency: a revoked or OutOfDate platform would pass. The enclave attaches it to its
     # evidence (from the host's PCS mirror; Intel-signed, so the mirror cannot forge it) and a verifier
-    # given a PcsClient fetches what is missing; false accepts signatures alone.
+    # given a PcsClient uses its own instead; false accepts signatures alone.
     require_collateral: bool = True
 
 
@@ -264,24 +268,18 @@ class Policy(_Strict):
         """Allowed hardware platform -> why this policy does not pin its whole boot chain (empty: measured).
 
         The one definition of "measured": SNP, every allowlisted launch digest has ``kernel_hashes: true``;
-        TDX, every entry pins MRTD and RTMR0, RTMR1 and RTMR2.  An empty allowlist is unmeasured.
+        TDX, every entry pins MRTD and RTMR0, RTMR1 and RTMR2.  An empty allowlist is unmeasured; simulated
+        evidence (sim) always is, whatever it lists.
         """
-        gaps = {}
-        for platform in self.platforms:
-            if platform in ("snp", "tdx"):
-                gap = _measurement_gap(self, platform)
-                if gap:
-                    gaps[platform] = gap
-        return gaps
+        return {platform: gap for platform in self.platforms if (gap := _measurement_gap(self, platform))}
 
     def unmeasured_platforms(self) -> list[str]:
-        """Allowed hardware platforms (snp, tdx) whose boot chain this policy does not pin."""
+        """Allowed platforms whose boot chain this policy does not pin (sim: always)."""
         return list(self.measurement_gaps())
 
     def is_measured(self, platform: str | None) -> bool:
-        """Whether evidence of this platform was compared with a whole measured boot chain (sim: as snp)."""
-        kind = "snp" if platform == "sim" else platform
-        return kind in ("snp", "tdx") and _measurement_gap(self, kind) is None
+        """Whether evidence of this platform was compared with a whole measured boot chain (never for sim)."""
+        return platform in ("snp", "tdx") and _measurement_gap(self, platform) is None
 
     @model_validator(mode="after")
     def _sim_needs_root(self) -> "Policy":
@@ -296,7 +294,16 @@ class Policy(_Strict):
         return self
 
 
+def _pins_a_measurement(rtmr: str | None) -> bool:
+    """An RTMR value that records something: all zeros is the reset value, so nothing was measured into it."""
+    return rtmr is not None and any(ch != "0" for ch in rtmr)
+
+
 def _measurement_gap(policy: Policy, platform: str) -> str | None:
+    if platform == "sim":
+        # No hardware measured anything: the simulated root's key is a file, and whoever reads it (on the
+        # host's disk, outside a development machine) signs any report, with any measurement, for any key.
+        return "simulated evidence: no hardware measures the boot chain (the root's key is a file)"
     if platform == "snp":
         entries = policy.snp.measurements
         if not entries:
@@ -310,10 +317,11 @@ def _measurement_gap(policy: Policy, platform: str) -> str | None:
     entries_t = policy.tdx.measurements
     if not entries_t:
         return "no measurement allowlist"
-    partial = [f"{i} (no {', '.join(r.upper() for r in TDX_BOOT_RTMRS if getattr(m, r) is None)})"
-               for i, m in enumerate(entries_t) if any(getattr(m, r) is None for r in TDX_BOOT_RTMRS)]
+    partial = [f"{i} (no {', '.join(r.upper() for r in unpinned)})" for i, m in enumerate(entries_t)
+               if (unpinned := [r for r in TDX_BOOT_RTMRS if not _pins_a_measurement(getattr(m, r))])]
     if partial:
-        return ("tdx.measurements entries must pin MRTD and RTMR0-2 (MRTD covers only the firmware): "
+        return ("tdx.measurements entries must pin MRTD and RTMR0-2 (MRTD covers only the firmware; an all-zero "
+                "RTMR is the reset value, nothing measured): "
                 + ", ".join(partial))
     return None
 
@@ -403,6 +411,7 @@ def sim_policy_yaml(fingerprint: str) -> str:
         "name: sim-development\n"
         "platforms: [sim]\n"
         f"sim_root_fingerprint: \"{fingerprint}\"\n"
+        "allow_unmeasured: true   # simulated evidence measures nothing: the attested client refuses it without this\n"
         "snp:\n"
         "  vmpl: 0\n"
         "  require_crl: true   # the sim issues its own ARK-signed CRL; evidence without it is refused\n"

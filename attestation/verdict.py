@@ -56,6 +56,8 @@ class VerifiedEvidence:
     tcb_status: str | None = None
     advisory_ids: list[str] = field(default_factory=list)
     collateral_issued_at: Any = None  # datetime of the oldest collateral used, for max-age policies
+    # A current CRL covering the chain was checked (SNP: the ASK/ASVK's; TDX: the PCK and root CA CRLs).
+    revocation_checked: bool = False
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Verdict:
     claims: dict[str, Any]
     checks: list[Check]
     error: str | None = None
+    revocation_checked: bool = False  # from VerifiedEvidence: revocation is known, not assumed
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -27,10 +27,11 @@ Shape (JSON claims)::
     }
 
 Status mapping: refused -> contraindicated; affirming only when the policy is *measured* for the platform
-(``Policy.is_measured``: the whole boot chain pinned) and every check passed with the TCB UpToDate (or, on
-SNP, which has no TCB status, every check passed); accepted otherwise -> warning: the policy pins no (or only a
-firmware) measurement, the TCB status is one the policy tolerates other than UpToDate, or TDX was verified
-without TCB evaluation (no collateral).
+(``Policy.is_measured``: the whole boot chain pinned; never simulated evidence), every check passed with the
+TCB UpToDate (SNP, which has no TCB status: every check passed) and revocation was checked (a current CRL
+covering the chain); accepted otherwise -> warning: the policy pins no (or only a firmware) measurement, the
+TCB status is one the policy tolerates other than UpToDate, TDX was verified without TCB evaluation (no
+collateral), or SNP without a CRL covering its ASK/ASVK.
 
 ``exp`` is ``iat`` plus a short lifetime (``verify.ear_lifetime_seconds``, default 300 s): a result is about
 evidence at one moment, not a standing credential; ``verify_ear`` requires and checks it.
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 import time
@@ -88,7 +90,7 @@ _REVOCATION = {"crl", "pck_crl", "root_ca_crl"}
 _NOT_CRYPTO = {"product", "report_format", "parse", "evidence", "collateral", "verification", "platform"}
 _HARDWARE = {"tcb_level", "tcb_status", "tcb_matches_vek", "tcb_not_above_current", "min_tcb", "tdx_module",
              "min_tee_tcb_svn", "collateral_present", "collateral_age", "min_pcesvn", "min_qe_isvsvn",
-             "min_launch_tcb", "min_firmware", "platform_info"}
+             "min_launch_tcb", "min_firmware", "platform_info", "min_tcb_evaluation_data_number"}
 _EXECUTABLES = {"measurement", "min_guest_svn", "service_td", "id_key_digest", "author_key_digest", "family_id",
                 "image_id"}
 _CONFIGURATION = {"debug_disabled", "guest_policy", "migrate_ma", "smt", "vmpl", "host_data", "td_attributes",
@@ -97,7 +99,10 @@ _CONFIGURATION = {"debug_disabled", "guest_policy", "migrate_ma", "smt", "vmpl",
 
 
 def _tcb_short(verdict: Verdict) -> bool:
-    """Accepted with a TCB below UpToDate, or TDX with no TCB evaluation at all (no collateral)."""
+    """Accepted with a TCB below UpToDate, TDX with no TCB evaluation at all (no collateral), or revocation not
+    checked (SNP without a CRL covering its chain): nothing then says the platform's keys are not revoked."""
+    if not verdict.revocation_checked:
+        return True
     if verdict.status == "verified":
         return verdict.platform == "tdx"
     return verdict.status != "UpToDate"
@@ -136,10 +141,10 @@ def trustworthiness_vector(verdict: Verdict, policy: Policy | None = None) -> di
         vector["instance-identity"] = NO_CLAIM
 
     hardware = band(_HARDWARE)
+    if hardware == NO_CLAIM and verdict.ok and verdict.platform == "snp":
+        hardware = TV_AFFIRMING  # VEK chain to AMD's root: genuine part, TCB bound by the VEK (sim: no hardware)
     if hardware == TV_AFFIRMING and verdict.ok and _tcb_short(verdict):
-        hardware = TV_WARNING  # TCB accepted below UpToDate, or not evaluated at all (TDX without collateral)
-    if hardware == NO_CLAIM and verdict.ok and verdict.platform in ("snp", "sim"):
-        hardware = TV_AFFIRMING  # VEK chain to the pinned root: genuine part, TCB bound by the VEK
+        hardware = TV_WARNING  # TCB below UpToDate, not evaluated (TDX without collateral), or revocation unknown
     vector["hardware"] = hardware
     vector["configuration"] = band(_CONFIGURATION)
     vector["executables"] = band(_EXECUTABLES)
@@ -241,10 +246,12 @@ def jwk_thumbprint(jwk: dict[str, str]) -> str:
     return _b64url(hashlib.sha256(canonical).digest())
 
 
-def verify_ear(token: str, jwks: dict[str, Any], *, leeway: float = 0.0) -> dict[str, Any]:
+def verify_ear(token: str, jwks: dict[str, Any], *, leeway: float = 0.0, nonce: str | None = None) -> dict[str, Any]:
     """Check an EAR JWT against a JWKS (by kid), its expiry and the EAR profile; returns the claims.
 
-    Raises jwt.InvalidTokenError on any failure (jwt.ExpiredSignatureError once ``exp`` has passed, a
+    ``nonce``: the nonce the caller sent with its request; the token's ``eat_nonce`` must be exactly it (else
+    a result issued for someone else's request, or replayed within its lifetime, would pass). Raises
+    jwt.InvalidTokenError on any failure (jwt.ExpiredSignatureError once ``exp`` has passed, a
     MissingRequiredClaimError without one). Useful for operators and tests; remember the result is only
     as trustworthy as the host that signed it.
     """
@@ -258,5 +265,9 @@ def verify_ear(token: str, jwks: dict[str, Any], *, leeway: float = 0.0) -> dict
                                 options={"require": ["iat", "exp"], "verify_exp": True, "verify_iat": True})
             if claims.get("eat_profile") != EAR_PROFILE:
                 raise jwt.InvalidTokenError("not an EAR (eat_profile)")
+            if nonce is not None:
+                echoed = claims.get("eat_nonce")
+                if not isinstance(echoed, str) or not hmac.compare_digest(echoed.encode(), nonce.encode()):
+                    raise jwt.InvalidTokenError("the EAR's eat_nonce is not the nonce of this request (replayed?)")
             return claims
     raise jwt.InvalidKeyError("no key in the JWKS matches the token's kid")

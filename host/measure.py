@@ -231,6 +231,7 @@ def snp_policy_yaml(measurement: bytes, launch: SnpLaunch, *, name: str | None =
         "  allow_smt: true          # QEMU's default guest policy (0x30000) allows SMT",
         "  vmpl: 0",
         "  signing_keys: [VCEK, VLEK]",
+        "  require_crl: true        # the ASK/ASVK must be shown unrevoked by AMD's current CRL (the enclave attaches it)",
         "",
     ]
     text = "\n".join(lines)

@@ -206,8 +206,9 @@ class Attestor:
         pcs: Any = None,
     ) -> None:
         """``kds``/``pcs``: a KdsClient / PcsClient the verifier fetches missing AMD CRLs / Intel collateral
-        from (e.g. AMD KDS and Intel PCS, or a mirror: all of it is vendor-signed); default: only what the
-        evidence carries."""
+        from (e.g. AMD KDS and Intel PCS, or a mirror: all of it is vendor-signed); with ``pcs`` the verifier
+        always uses its own TDX collateral, never what the evidence carries (the host assembles evidence);
+        default: only what the evidence carries."""
         scheme, host, port = _origin_of(base_url)
         if scheme != "https" or not host:
             raise ValueError(f"attested TLS needs an https:// URL with a host, got {base_url!r}")

@@ -4,7 +4,9 @@ A quote says nothing about revocation or whether its TCB is current: that takes 
 identity of its FMSPC, the PCK CRL of its CA and the root CA CRL. The enclave attaches them to its
 evidence under the ``collateral_to_files()`` names, so a verifier needs no PCS access of its own. It
 fetches them from any mirror (such as the host agent's ``/pcs``): every object is Intel-signed, so an
-untrusted mirror can make verifiers refuse the evidence (stale or missing collateral), never accept it.
+untrusted mirror cannot forge any; it can make verifiers refuse the evidence (expired or missing collateral),
+or keep serving a superseded set that is still before its nextUpdate: against that, policies set
+``tdx.min_tcb_evaluation_data_number`` and a verifier with its own PcsClient uses that instead.
 """
 
 from __future__ import annotations

@@ -203,8 +203,10 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
     verified = verify_chain(ark, ark_der, inter, inter_der, vek_cert, vek_der, product=family, kind=kind,
                             trust=trust, at=when, log=log)
 
+    revocation_checked = False
     if check_crl or crls:
-        _check_revocation(verified, crls, family=family, kind=kind, kds=kds, required=check_crl, at=when, log=log)
+        revocation_checked = _check_revocation(verified, crls, family=family, kind=kind, kds=kds,
+                                               required=check_crl, at=when, log=log)
 
     # Binding of the VEK to this product, TCB and chip.
     vek_family = family_from_name(vek_ext.product_name)
@@ -248,30 +250,31 @@ def verify_report(report: bytes | Report, *, vek: CertLike | None = None,
     if vek_ext.csp_id is not None:
         claims["csp_id"] = vek_ext.csp_id
     return VerifiedEvidence(platform="sim" if trust.name == "sim" else "snp", product=family,
-                            claims=claims, checks=log.checks)
+                            claims=claims, checks=log.checks, revocation_checked=revocation_checked)
 
 
 
 def _check_revocation(verified: VerifiedChain, crls: Sequence[bytes | x509.CertificateRevocationList], *,
                       family: str, kind: str, kds: KdsClient | None, required: bool, at: datetime,
-                      log: CheckLog) -> None:
-    """Check every CRL given; when ``required``, one must cover the chain's ASK/ASVK.
+                      log: CheckLog) -> bool:
+    """Check every CRL given; when ``required``, one must cover the chain's ASK/ASVK. True when one covered it.
 
     A CRL from the evidence covers it only by what it says (its scope, see ``chain.crl_scope``): the
     host assembles evidence and could offer the VCEK CRL for a VLEK chain. One this verifier fetched
     itself from the kind's own KDS path is taken as that path's CRL: the caller chose that source.
+    Given a KDS client, a required check always consults it too: the host could also attach an older CRL
+    of the right scope (ARK-signed, before its nextUpdate) issued before the ASK/ASVK was revoked.
     """
     supplied = [inspect_crl(c) if isinstance(c, x509.CertificateRevocationList) else _load_crl(c) for c in crls]
     found = [_check_crl_against(crl, verified, at=at, log=log) for crl in supplied]
     covered = any(crl_covers(crl, verified) for crl in supplied)
     fetched = False
-    if required and not covered:
-        if kds is None and not supplied:
-            raise CollateralError("check_crl needs a CRL: pass crls= or a KDS client")
-        if kds is not None:
-            crl = inspect_crl(kds.crl(family, vlek=kind == "VLEK"))
-            found.insert(0, _check_crl_against(crl, verified, at=at, log=log))
-            covered = fetched = True
+    if required and kds is not None:
+        crl = inspect_crl(kds.crl(family, vlek=kind == "VLEK"))
+        found.insert(0, _check_crl_against(crl, verified, at=at, log=log))
+        covered = fetched = True
+    elif required and not covered and not supplied:
+        raise CollateralError("check_crl needs a CRL: pass crls= or a KDS client")
     inter_cn = _cn(verified.intermediate)
     where = ", ".join(sorted(crl_distribution_points(verified.intermediate))) or "no CRL distribution point"
     if covered:
@@ -282,6 +285,7 @@ def _check_revocation(verified: VerifiedChain, crls: Sequence[bytes | x509.Certi
                         "scope, such as the VCEK CRL for a VLEK chain, says nothing about it")
     elif supplied:
         log.ok("crl", f"no CRL covering {inter_cn} was given; revocation not checked (not required)")
+    return covered
 
 
 def _load_crl(data: bytes) -> x509.CertificateRevocationList:

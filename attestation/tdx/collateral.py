@@ -451,7 +451,11 @@ class Collateral:
 
     @property
     def issued_at(self) -> datetime:
-        return min(self.tcb_info.issue_date, self.qe_identity.issue_date)
+        """When the oldest of the documents Intel re-issues monthly was issued: TCB info, QE identity and the PCK
+        CRLs (what ``max_collateral_age_days`` bounds). Each is signed on its own, so a host can pair fresh TCB
+        info with a PCK CRL from before a revocation; the root CA CRL is re-issued yearly and not counted."""
+        crls = [found[0].last_update_utc for found in self._parsed.pck_crls.values()]
+        return min([self.tcb_info.issue_date, self.qe_identity.issue_date, *crls])
 
 
 def collateral_to_files(c: Collateral) -> dict[str, bytes]:

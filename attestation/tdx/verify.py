@@ -269,7 +269,10 @@ def verify_quote(
         "header",
         f"DCAP v{q.header.version} TDX quote, body type {q.body_type}, Intel QE, ECDSA P-256 attestation key",
     )
-    if collateral is None and pcs is not None:
+    if pcs is not None:
+        # The verifier's own source replaces what the evidence carries: the host assembles evidence and could
+        # attach superseded documents (Intel-signed, before their nextUpdate), or a fresh TCB info beside a PCK
+        # CRL from before a revocation; every object is independently signed, so they mix.
         collateral = pcs.collateral(q.pck_extension.fmspc.hex(), ca=pck_mod.pck_ca_kind(q.sig_data.pck_chain))
     vc = _check_collateral(log, collateral, at, check_crl) if collateral is not None else None
     chain = _check_pck_chain(log, q, at)
@@ -294,8 +297,10 @@ def verify_quote(
         evidence.tcb_status = evaluation.status
         evidence.advisory_ids = list(evaluation.advisory_ids)
         evidence.collateral_issued_at = collateral.issued_at
+        evidence.revocation_checked = check_crl
         claims["tcb_date"] = evaluation.tcb_date
         claims["tcb_evaluation_data_number"] = evaluation.tcb_evaluation_data_number
+        claims["qe_identity_tcb_evaluation_data_number"] = collateral.qe_identity.tcb_evaluation_data_number
         claims["tdx_module_id"] = evaluation.module_id
         claims["platform_tcb_status"] = evaluation.platform_status
         claims["tdx_module_tcb_status"] = evaluation.module_status

@@ -204,3 +204,20 @@ def test_bad_rules_name_the_key(text, key, why):
     with pytest.raises(PolicyError) as info:
         policy_from_yaml(text)
     assert key in str(info.value) and why in str(info.value)
+
+
+def test_min_tcb_evaluation_data_number_refuses_collateral_from_before_a_tcb_recovery(tdx_vector):
+    # Superseded TCB info stays signed and before its nextUpdate for 30 days: a host serving the one from before
+    # a TCB recovery (same signatures, a better status) passes every time check; only the counter tells.
+    evidence, _, at = tdx_vector(V5, collateral="pcs-2026-02")  # tcbEvaluationDataNumber 18 in both documents
+    base = "tdx:\n  require_sept_ve_disable: false\n"
+    verdict = verify_evidence(evidence, policy=policy_from_yaml(base + "  min_tcb_evaluation_data_number: 18\n"), at=at)
+    assert verdict.ok, verdict.error
+    assert "TCB info 18, QE identity 18 >= 18" in _check(verdict, "min_tcb_evaluation_data_number").detail
+    verdict = verify_evidence(evidence, policy=policy_from_yaml(base + "  min_tcb_evaluation_data_number: 19\n"), at=at)
+    assert _failed(verdict) == {"min_tcb_evaluation_data_number"}
+    assert "below the minimum 19 (TCB info, QE identity" in verdict.error
+    # no collateral evaluated: nothing shows the counter, so a minimum refuses
+    bare, _, at = tdx_vector(V5)
+    policy = policy_from_yaml(base + "  require_collateral: false\n  min_tcb_evaluation_data_number: 1\n")
+    assert "min_tcb_evaluation_data_number" in _failed(verify_evidence(bare, policy=policy, at=at))

@@ -120,3 +120,43 @@ def test_attested_clients_refuse_an_mrtd_only_policy_before_any_connection(tdx_v
     for client in (AttestedClient, AsyncAttestedClient):
         with pytest.raises(PolicyError, match="does not pin the whole boot chain"):
             client("https://127.0.0.1:9", policy=mrtd_only)  # port 9 (discard): nothing is ever dialled
+
+
+def test_simulated_evidence_is_never_measured_whatever_the_policy_pins(sim_platform):
+    # The sim root's key is a file: whoever reads it signs any report, with the pinned "launch digest", for any
+    # key. A policy allowing sim must say allow_unmeasured, and nothing (client, EAR) may count it as measured.
+    from attestation.atls.client import require_measured_policy
+    from attestation.errors import PolicyError
+    from attestation.policy import sim_policy_yaml
+    from attestation.sim import SIM_MEASUREMENT
+    from host.ear import WARNING, ear_status
+    from attestation.verifier import verify_evidence
+
+    pinned = f"snp:\n  measurements: [{{measurement: '{SIM_MEASUREMENT.hex()}', kernel_hashes: true}}]\n"
+    policy = policy_from_yaml(f"platforms: [sim]\nsim_root_fingerprint: '{sim_platform.fingerprint}'\n" + pinned)
+    assert "sim" in policy.measurement_gaps() and not policy.is_measured("sim")
+    with pytest.raises(PolicyError, match="simulated evidence"):
+        require_measured_policy(policy)
+    dev = policy_from_yaml(sim_policy_yaml(sim_platform.fingerprint))  # what `./dev serve` writes
+    assert dev.allow_unmeasured
+    require_measured_policy(dev)
+    from attestation.evidence import SNP_CRL_FILE, Evidence
+
+    report, certs = sim_platform.report(bytes(64))
+    evidence = Evidence("sim", report, tuple(certs), product="Sim", collateral={SNP_CRL_FILE: sim_platform.crl()})
+    verdict = verify_evidence(evidence, policy=policy)
+    assert verdict.ok, verdict.error
+    assert ear_status(verdict, policy) == WARNING
+
+
+def test_an_all_zero_rtmr_pins_nothing(tdx_vector):
+    # All zeros is an RTMR's reset value: a TD whose firmware measured no kernel (or command line) shows it, so
+    # pinning it accepts any kernel booted that way; it must not make the policy measured.
+    _, entry, _ = tdx_vector(V5, "pcs-2026-02")
+    zero = "00" * 48
+    policy = policy_from_yaml(
+        f"platforms: [tdx]\ntdx:\n  measurements:\n    - {{mrtd: '{entry['mrtd']}', rtmr0: '{entry['rtmr0']}', "
+        f"rtmr1: '{zero}', rtmr2: '{zero}'}}\n")
+    assert not policy.is_measured("tdx")
+    with pytest.raises(PolicyError, match=r"all-zero .*: 0 \(no RTMR1, RTMR2\)"):
+        require_measured_policy(policy)

@@ -61,6 +61,8 @@ def test_crl_past_next_update_refused(vcek_platform: Platform) -> None:
 
 def test_current_vcek_crl_accepted_for_a_vcek_chain(vcek_platform: Platform) -> None:
     verified = _verify(vcek_platform, [vcek_platform.crl()])
+    assert verified.revocation_checked  # what lets the host agent's EAR affirm an SNP report
+    assert not _verify(vcek_platform, [], required=False).revocation_checked
     crl_checks = [c for c in verified.checks if c.name == "crl"]
     assert all(c.ok for c in crl_checks) and any("covering SEV-Milan" in c.detail for c in crl_checks)
 
@@ -176,3 +178,15 @@ def test_sim_evidence_with_an_undated_or_future_crl_refused(sim_platform, sim_po
     assert not verdict.ok and verdict.checks[-1].name == "crl"
     assert "after the verification time" in verdict.checks[-1].detail
     assert verify_evidence(evidence, policy=sim_policy).ok  # the sim's own CRL is current and covers its ASK
+
+
+def test_an_older_crl_in_evidence_does_not_hide_a_revocation_from_the_verifiers_own_kds(
+        vcek_platform: Platform) -> None:
+    # The host keeps attaching the CRL issued before the ASK was revoked: right scope, ARK-signed, before its
+    # nextUpdate. A verifier that has its own KDS source must still see the current CRL, which lists the ASK.
+    older = vcek_platform.crl(this_update=NOW - timedelta(days=2), next_update=NOW + timedelta(days=5))
+    assert _verify(vcek_platform, [older])  # on its own, the older CRL is acceptable
+    kds = _Kds(vcek_platform.crl([vcek_platform.ask.serial_number]))
+    with pytest.raises(VerificationError) as e:
+        _verify(vcek_platform, [older], kds=kds)
+    assert kds.asked == [("Milan", False)] and "is revoked" in e.value.checks[-1].detail

@@ -116,7 +116,8 @@ def test_expected_tcb_evaluations(expected: dict) -> None:
             assert evidence.claims["qe_tcb_status"] == "UpToDate"
             assert evidence.advisory_ids == []
             assert evidence.collateral_issued_at == min(
-                collateral.tcb_info.issue_date, collateral.qe_identity.issue_date
+                collateral.tcb_info.issue_date, collateral.qe_identity.issue_date,
+                *(collateral.pck_crl(ca).last_update_utc for ca in ("platform", "processor") if collateral.pck_crl(ca))
             )
             names = [c.name for c in evidence.checks]
             for check in (
@@ -334,3 +335,25 @@ def test_collateral_files_give_a_result_or_a_typed_error(data: st.DataObject) ->
         verify_quote((COLLATERAL_DIR.parent / "go-tdx-guest--quote_v5_sample.dat").read_bytes(), collateral=c, at=when(AT_V5))
     except AttestationError:
         pass
+
+
+def test_collateral_age_counts_the_pck_crl(v5) -> None:
+    # Each Intel object is signed on its own: a host can pair the newest TCB info and QE identity with a PCK
+    # CRL from before a revocation. max_collateral_age_days must see the CRL's age too.
+    from datetime import datetime, timezone
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    files = _files("pcs-2026-02")
+    fresh = collateral_from_files(files, "90c06f000000")
+    assert fresh.issued_at == fresh.pck_crl("platform").last_update_utc  # 2026-01-12 15:52, the oldest here
+    key = ec.generate_private_key(ec.SECP256R1())
+    old = (x509.CertificateRevocationListBuilder().issuer_name(fresh.pck_crl("platform").issuer)
+           .last_update(datetime(2025, 12, 1, tzinfo=timezone.utc)).next_update(datetime(2026, 3, 1, tzinfo=timezone.utc))
+           .sign(key, hashes.SHA256()))
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    mixed = collateral_from_files({**files, "pck_crl_platform.crl": old.public_bytes(Encoding.DER)}, "90c06f000000")
+    assert mixed.issued_at == datetime(2025, 12, 1, tzinfo=timezone.utc)

@@ -312,3 +312,41 @@ def test_policy_can_require_the_snp_crl_so_a_host_cannot_skip_revocation(sim_dir
     clean = verdict_with(_sim_crl(sim_dir, sim_platform, revoke_ask=False))
     assert clean.ok and any(c.name == "crl" and c.ok for c in clean.checks)
     assert not Policy().snp.require_crl  # opt-in: evidence-only policies keep working without a CRL
+
+
+class _OwnPcs:
+    """A PcsClient stand-in: the verifier's own collateral source, serving one directory of real PCS files."""
+
+    def __init__(self, vectors_dir, name: str) -> None:
+        self.directory = vectors_dir / "tdx" / "collateral" / name
+        self.calls = 0
+
+    def collateral(self, fmspc: str, ca: str = "platform"):
+        from attestation.tdx.collateral import load_collateral_dir
+
+        self.calls += 1
+        return load_collateral_dir(self.directory, fmspc)
+
+
+def _tcb_info_detail(verdict) -> str:
+    return next(c.detail for c in verdict.checks if c.name == "tcb_info_validity")
+
+
+def test_own_pcs_collateral_is_not_downgraded_by_older_collateral_in_evidence(tdx_vector, vectors_dir):
+    # The host attaches superseded TCB info (Intel-signed, before its nextUpdate): a verifier given its own PCS
+    # source must not take the host's older copy over the newer one it fetches itself.
+    from datetime import datetime, timezone
+
+    policy = policy_from_yaml("tdx: {require_sept_ve_disable: false}")
+    at = datetime(2026, 2, 3, tzinfo=timezone.utc)  # both sets are before their nextUpdate
+    stale, _, _ = tdx_vector("go-tdx-guest--quote_v5_sample.dat", collateral="pcs-2026-01")  # TCB info of 2026-01-12
+    assert "2026-01-12" in _tcb_info_detail(verify_evidence(stale, policy=policy, at=at))
+    own = _OwnPcs(vectors_dir, "pcs-2026-02")  # TCB info of 2026-02-01
+    verdict = verify_evidence(stale, policy=policy, at=at, pcs=own)
+    assert verdict.ok, verdict.error
+    assert own.calls == 1 and "2026-02-01" in _tcb_info_detail(verdict)
+    # With its own source the verifier takes nothing from the evidence, even what looks newer: every object is
+    # signed on its own, so a host can mix a fresh TCB info with a PCK CRL from before a revocation.
+    fresh, _, _ = tdx_vector("go-tdx-guest--quote_v5_sample.dat", collateral="pcs-2026-02")
+    verdict = verify_evidence(fresh, policy=policy, at=at, pcs=_OwnPcs(vectors_dir, "pcs-2026-01"))
+    assert verdict.ok and "2026-01-12" in _tcb_info_detail(verdict)

@@ -58,6 +58,12 @@ def test_real_snp_report_is_affirmed_only_with_kernel_hashes(vectors_dir, expect
         policy = policy_from_yaml(_snp_policy(entry, kernel_hashes))
         verdict = verify_evidence(evidence, policy=policy, at=at)
         assert verdict.ok, verdict.error
+        # the vector carries no AMD CRL: revocation unknown, so at most warning (hardware warning too)
+        assert not verdict.revocation_checked and ear_status(verdict, policy) == WARNING
+        vector = build_ear(verdict, policy_name="p", nonce=None, developer="d", build="b",
+                           policy=policy)["submods"]["cpu0"]["ear.trustworthiness-vector"]
+        assert vector["hardware"] == 32
+        verdict.revocation_checked = True  # as verification sets it when a current CRL covered the ASK
         assert ear_status(verdict, policy) == want
         claims = build_ear(verdict, policy_name="p", nonce=None, developer="d", build="b", policy=policy)
         vector = claims["submods"]["cpu0"]["ear.trustworthiness-vector"]
@@ -69,6 +75,9 @@ def test_measured_but_not_up_to_date_or_refused():
                               f"tdx: {{measurements: [{{mrtd: '{'aa' * 48}', rtmr0: '{'bb' * 48}', "
                               f"rtmr1: '{'cc' * 48}', rtmr2: '{'dd' * 48}'}}]}}\n")
     checks = [Check("quote_signature", True), Check("measurement", True)]
+    up_to_date = Verdict(ok=True, platform="tdx", product=None, status="UpToDate", claims={}, checks=checks,
+                         revocation_checked=True)
+    assert ear_status(up_to_date, policy) == AFFIRMING
     hardening = Verdict(ok=True, platform="tdx", product=None, status="SWHardeningNeeded", claims={}, checks=checks)
     assert ear_status(hardening, policy) == WARNING
     no_collateral = Verdict(ok=True, platform="tdx", product=None, status="verified", claims={}, checks=checks)
@@ -113,3 +122,17 @@ def test_service_uses_the_configured_lifetime_and_measured_policies(tmp_path, tm
             claims = verify_ear(r.json()["ear"], jwks)
             assert claims["submods"]["cpu0"]["ear.status"] == want
             assert claims["exp"] - claims["iat"] == 30
+
+
+def test_verify_ear_binds_the_callers_nonce(tmp_path):
+    # A token issued for another request (or replayed within its lifetime) carries another eat_nonce, or none.
+    signer = EarSigner.load_or_create(tmp_path)
+    jwks = signer.jwks()
+    verdict = Verdict(ok=True, platform="snp", product="Milan", status="verified", claims={}, checks=[])
+    mine = signer.sign(build_ear(verdict, policy_name="p", nonce="n-mine", developer="d", build="b"))
+    theirs = signer.sign(build_ear(verdict, policy_name="p", nonce="n-theirs", developer="d", build="b"))
+    bare = signer.sign(build_ear(verdict, policy_name="p", nonce=None, developer="d", build="b"))
+    assert verify_ear(mine, jwks, nonce="n-mine")["eat_nonce"] == "n-mine"
+    for token in (theirs, bare):
+        with pytest.raises(jwt.InvalidTokenError, match="eat_nonce"):
+            verify_ear(token, jwks, nonce="n-mine")

@@ -170,6 +170,8 @@ def test_policy_out_loads_and_admits_only_the_measured_image(capsys, guest, tmp_
     assert [(m.measurement, m.kernel_hashes) for m in policy.snp.measurements] == [(measurement, True)]
     require_measured_policy(policy)  # kernel, initrd and command line are in the digest: a measured policy
     assert policy.snp.allow_debug is False and policy.snp.allow_migrate_ma is False and policy.snp.vmpl == 0
+    # the policy an operator deploys checks revocation, like config/policies/snp-production.yaml
+    assert policy.snp.require_crl is True
 
     sim = SimPlatform.load_or_create(tmp_path / "sim")
     good = appraise(_sim_evidence(sim, bytes.fromhex(measurement)), policy)

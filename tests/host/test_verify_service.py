@@ -85,7 +85,8 @@ def test_every_vector_gives_the_expected_ear_status(client, vectors_dir, expecte
         assert submod["ear.cube-ai.claims"]["platform"] == evidence.platform
         vector = submod["ear.trustworthiness-vector"]
         if want == "warning" and name in ("snp/virtee-sev--report_milan.hex", "tdx/go-tdx-guest--quote_v5_sample.dat"):
-            assert vector["instance-identity"] == 2 and vector["hardware"] == 2
+            # the SNP vector carries no AMD CRL: revocation unknown, so hardware is a warning (32)
+            assert vector["instance-identity"] == 2 and vector["hardware"] == (32 if name.startswith("snp/") else 2)
             assert vector["executables"] == 0  # the default policy pins no measurement
         if want == "contraindicated":
             assert 96 in vector.values() or 99 in vector.values()
@@ -280,7 +281,7 @@ def test_simulated_evidence_under_a_sim_policy(tmp_path, tmp_config) -> None:
 
     provider = SimProvider(tmp_path / "sim")
     policy_file = tmp_path / "sim.yaml"
-    # measured: the sim's launch digest pinned (as `cube-host measure --kernel` would write it)
+    # the sim's launch digest pinned as if measured with kernel hashes: still no hardware measured it
     policy_file.write_text(sim_policy_yaml(provider.fingerprint)
                            + f"  measurements: [{{measurement: '{SIM_MEASUREMENT.hex()}', kernel_hashes: true}}]\n")
     config = tmp_config(policies={"default": "builtin:default", "sim": str(policy_file)})
@@ -289,7 +290,7 @@ def test_simulated_evidence_under_a_sim_policy(tmp_path, tmp_config) -> None:
     with TestClient(create_app(config), raise_server_exceptions=False) as c:
         ok = c.post("/v1/verify", params={"policy": "sim", "report_data": report_data.hex()}, content=evidence,
                     headers=CBOR).json()
-        assert ok["status"] == "affirming", ok
+        assert ok["status"] == "warning", ok  # simulated evidence is never measured, whatever the policy pins
         wrong = c.post("/v1/verify", params={"policy": "sim", "report_data": "00" * 64}, content=evidence,
                        headers=CBOR).json()
         assert wrong["status"] == "contraindicated"  # REPORT_DATA not the one the caller expected
