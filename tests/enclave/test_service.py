@@ -424,3 +424,33 @@ def test_docs_load_from_the_service_only(service) -> None:
                 assert r.status_code == 200 and len(r.content) > 1000, asset
         assert '"validatorUrl": null' in c.get("/docs").text
         assert "fonts.googleapis" not in c.get("/redoc").text
+
+
+@pytest.mark.parametrize("path", ["/health/x", "/readyz", "/docsx", "/openapi.json/x", "/health"])
+def test_a_body_to_a_public_path_prefix_is_refused_before_it_is_read(service, path: str) -> None:
+    """The public routes take no body, so nothing public needs one: an unauthenticated body sent to any path
+    that merely starts like a public route (``/health/x``, ``/docsx``) is refused on its headers, not buffered
+    (the prefix exemption let 1 MB partial bodies be held by anyone, on any of those paths)."""
+    server, _, _, _ = service
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    tls = server.client_ssl().wrap_socket(raw, server_hostname="127.0.0.1")
+    try:
+        tls.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    "content-length: 1000000\r\n\r\n".encode() + b"x" * 1000)
+        tls.settimeout(3)
+        received = b""
+        try:
+            while b"\r\n\r\n" not in received and (chunk := tls.recv(65536)):
+                received += chunk
+        except TimeoutError:
+            pass
+    finally:
+        tls.close()
+    assert received.startswith(b"HTTP/1.1 401"), received[:80]
+
+
+def test_body_less_requests_to_public_paths_keep_their_answers(service) -> None:
+    server, _, _, _ = service
+    with server.client() as c:
+        assert c.post("/health").status_code == 405  # no body: routed as before
+        assert c.post("/nope").status_code == 404  # as GET /nope: no body held, nothing to authenticate first
