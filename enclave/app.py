@@ -43,9 +43,9 @@ DOCS_STATIC_URL = "/docs/static"
 _PUBLIC_PREFIXES = ("/health", "/ready", "/docs", "/redoc", "/openapi.json")
 
 
-async def _authenticate_first(request: Request) -> JSONResponse | None:
-    """For protected routes, a missing or bad PAT is reported (401) before a malformed body (400)."""
-    if request.url.path.startswith(_PUBLIC_PREFIXES) or "ctx" not in request.app.state._state:
+async def _authentication_refusal(request: Request) -> JSONResponse | None:
+    """The 401 for a request without a valid PAT (None when it has one, or before the service is up)."""
+    if "ctx" not in request.app.state._state:
         return None
     try:
         await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
@@ -54,9 +54,18 @@ async def _authenticate_first(request: Request) -> JSONResponse | None:
     return None
 
 
+async def _authenticate_first(request: Request) -> JSONResponse | None:
+    """For protected routes, a missing or bad PAT is reported (401) before a malformed body (400)."""
+    if request.url.path.startswith(_PUBLIC_PREFIXES):
+        return None
+    return await _authentication_refusal(request)
+
+
 async def _authenticate_before_body(scope: Scope) -> JSONResponse | None:
-    """The 401 for a request whose body must not even be read (see SizeLimitMiddleware)."""
-    return await _authenticate_first(Request(scope))
+    """The 401 for a request whose body must not even be read (see SizeLimitMiddleware). No public route takes
+    a body, so a body is never exempt: the public *prefixes* would also exempt ``/health/x`` or ``/docsx``, and
+    let anyone make the server buffer a body on them."""
+    return await _authentication_refusal(Request(scope))
 
 
 def create_app(settings: Settings, *, registry: Any | None = None, extra_routers: Sequence[APIRouter] = (),

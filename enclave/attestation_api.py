@@ -10,7 +10,9 @@ Fair sharing of the attestation device, whoever the peer is: the rate limit is a
 address, so a per-address bucket let two attackers exhaust every victim's first attestation).  A
 connection carries one request at a time, and requests reach the device through one FIFO queue, so
 a client hammering on its own connections is refused (429) on those connections, while another
-client's request waits at most one turn per open connection and is never refused for it.
+client's request waits at most one turn per open connection and is never refused for it. A request
+whose client hangs up while it waits leaves the queue (else connect, ask, hang up, repeat would grow
+the queue without holding any connection, each orphan costing a device call).
 """
 
 from __future__ import annotations
@@ -70,9 +72,33 @@ OPENAPI = {
                             "application/json": {"schema": {"type": "object"}}}},
         "400": _error("missing, repeated or malformed nonce"),
         "429": _error("too many attestation requests on this connection (Retry-After says when to retry)"),
-        "503": _error("no evidence now: the connection is not on the attested key, or the platform failed"),
+        "503": _error("no evidence now: the connection is not on the attested key, the platform failed, or the "
+                      "client hung up while waiting"),
     },
 }
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the request has no body: the message after its empty body
+    is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _take_unless_client_gone(device: asyncio.Semaphore, request: Request) -> bool:
+    """Wait for the device in FIFO order; False, not holding it, when the client hangs up first."""
+    acquire = asyncio.ensure_future(device.acquire())
+    gone = asyncio.ensure_future(_client_gone(request))
+    await asyncio.wait({acquire, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if acquire.done():
+        return True
+    acquire.cancel()
+    try:
+        await acquire  # it may have been granted meanwhile: then it is held, and used
+    except asyncio.CancelledError:
+        return False
+    return True
 
 
 def attestation_router(tls: TlsManager, *, per_connection_rate: float = 2.0, burst: int = 10) -> APIRouter:
@@ -97,12 +123,16 @@ def attestation_router(tls: TlsManager, *, per_connection_rate: float = 2.0, bur
                 raise ApiError(429, "Too many attestation requests on this connection; retry later.",
                                code="rate_limit_exceeded", type="rate_limit_error",
                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            if not await _take_unless_client_gone(device, request):
+                raise ApiError(503, "The client hung up while waiting for the platform.", code="client_gone",
+                               type="api_error")
             try:
-                async with device:
-                    evidence = await run_in_threadpool(tls.evidence_for_key, material, nonce)
+                evidence = await run_in_threadpool(tls.evidence_for_key, material, nonce)
             except AttestationError:
                 raise ApiError(503, "The platform could not produce evidence right now.",
                                code="attestation_unavailable", type="api_error") from None
+            finally:
+                device.release()
         except ApiError as err:
             return err.response()
         headers = {"Cache-Control": "no-store"}

@@ -31,9 +31,11 @@ class SizeLimitMiddleware:
     answered with 413 before the application sees any of it. The refused remainder is read and discarded up to
     a bound (8 MiB or 4x the limit), then the connection is closed.
 
-    ``before_body`` runs on the headers alone, before any body byte is read or buffered: a response it returns
+    ``before_body`` runs on the headers alone of every request that carries a body (Content-Length above 0 or
+    Transfer-Encoding, whatever the method), before any body byte is read or buffered: a response it returns
     (e.g. 401 for a missing or bad PAT) is sent at once and the connection closed, the body left unread, so
-    unauthenticated clients cannot make the server hold their bodies.
+    unauthenticated clients cannot make the server hold their bodies. A request without a body goes straight
+    to the application.
     """
 
     def __init__(self, app: ASGIApp, *, max_header_bytes: int, max_body_bytes: int,
@@ -63,8 +65,8 @@ class SizeLimitMiddleware:
             await self._drain(receive, 0)
             await _reply(send, 413, f"Request body is larger than {self.max_body} bytes.", "body_too_large")
             return
-        if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE") and not length:
-            await self.app(scope, receive, send)
+        if not length and not any(k == b"transfer-encoding" for k, _ in headers):
+            await self.app(scope, receive, send)  # no body is coming (HTTP/1.1): nothing to bound or buffer
             return
         if self.before_body is not None:
             refusal = await self.before_body(scope)

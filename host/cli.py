@@ -62,6 +62,7 @@ def _make_relay(settings: RelaySettings) -> Relay:
 
     relay = Relay(parse_listen(settings.listen), parse_target(settings.target),
                   RelayLimits(max_connections=settings.max_connections, max_per_source=settings.max_per_source,
+                              max_per_network=settings.max_per_network,
                               connect_timeout=settings.connect_timeout,
                               first_byte_timeout=settings.first_byte_timeout, idle_timeout=settings.idle_timeout,
                               half_close_timeout=settings.half_close_timeout, buffer_bytes=settings.buffer_bytes),
@@ -164,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_relay.add_argument("--target", required=True, help="tcp:HOST:PORT or vsock:CID:PORT")
     p_relay.add_argument("--max-connections", type=int, default=1024)
     p_relay.add_argument("--max-per-source", type=int, default=64, help="open connections per client address")
+    p_relay.add_argument("--max-per-network", type=int, default=256, help="open connections per IPv6 /48")
     p_relay.add_argument("--connect-timeout", type=float, default=5.0)
     p_relay.add_argument("--first-byte-timeout", type=float, default=10.0)
     p_relay.add_argument("--idle-timeout", type=float, default=300.0)
@@ -193,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "relay":
             settings = RelaySettings(listen=args.listen, target=args.target, max_connections=args.max_connections,
-                                     max_per_source=args.max_per_source, connect_timeout=args.connect_timeout,
+                                     max_per_source=args.max_per_source, max_per_network=args.max_per_network,
+                                     connect_timeout=args.connect_timeout,
                                      first_byte_timeout=args.first_byte_timeout, idle_timeout=args.idle_timeout,
                                      half_close_timeout=args.half_close_timeout, buffer_bytes=args.buffer_bytes,
                                      pump=args.pump, shutdown_grace=args.grace)

@@ -29,6 +29,7 @@ class RelaySettings(_Strict):
     target: str                                  # tcp:HOST:PORT | vsock:CID:PORT
     max_connections: int = Field(1024, ge=1, le=1_000_000)
     max_per_source: int = Field(64, ge=1, le=1_000_000)          # open connections per client address (/64)
+    max_per_network: int = Field(256, ge=1, le=1_000_000)        # open connections per IPv6 /48
     connect_timeout: float = Field(5.0, gt=0, le=300)
     first_byte_timeout: float = Field(10.0, gt=0, le=300)        # a client that sends nothing is closed
     idle_timeout: float = Field(300.0, gt=0, le=86400)

@@ -26,8 +26,10 @@ Design (chosen by measurement, see bench/bench_relay.py):
 * Half-close: EOF from one side becomes ``shutdown(SHUT_WR)`` on the other once the bytes already
   read are delivered; the connection ends when both directions have ended.
 * A refused, unreachable or slow (connect timeout) enclave closes the client connection at once.
-* Over the connection limit, or over the per-source limit (connections from one address, an IPv6 /64
-  counting as one), a new client is accepted and closed immediately (never left hanging in the backlog).
+* Over the connection limit, over the per-source limit (connections from one address, an IPv6 /64
+  counting as one) or over the per-network limit (connections from one IPv6 /48: one customer is routinely
+  given a /48 or a /56, that is thousands of /64s, enough to fill the whole relay one /64 at a time), a new
+  client is accepted and closed immediately (never left hanging in the backlog).
 * A client must send its first byte (a TLS ClientHello) within ``first_byte_timeout``; until then
   nothing is connected to the enclave, and a client that sends nothing is closed.
 * Once one direction has ended (half-close), the other must end within ``half_close_timeout``, so a
@@ -44,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import ipaddress
 import logging
 import mmap
 import os
@@ -114,6 +117,7 @@ def target_socket(target: Target) -> tuple[socket.socket, tuple]:
 class RelayLimits:
     max_connections: int = 1024
     max_per_source: int = 64     # open connections from one client address (IPv6: one /64)
+    max_per_network: int = 256   # open connections from one IPv6 /48 (however many /64s they come from)
     connect_timeout: float = 5.0
     first_byte_timeout: float = 10.0
     idle_timeout: float = 300.0
@@ -133,6 +137,19 @@ class RelayStats:
     active: int = 0
     bytes_up: int = 0          # client -> enclave
     bytes_down: int = 0        # enclave -> client
+
+
+def source_groups(host: str) -> tuple[str, ...]:
+    """The groups whose connection counts a client at ``host`` adds to: its address (an IPv6 /64, see
+    client_key) and, for native IPv6, its /48."""
+    source = client_key(host)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return (source,)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return (source, str(ipaddress.IPv6Network((address, 48), strict=False)))
+    return (source,)
 
 
 class _Connection:
@@ -507,18 +524,34 @@ class Relay:
                 self._event("rejected")
                 client.close()
                 continue
-            source = client_key(peer[0]) if isinstance(peer, tuple) and peer else "local"
-            if self._per_source.get(source, 0) >= self.limits.max_per_source:
+            groups = self._admit(peer[0] if isinstance(peer, tuple) and peer else "local")
+            if groups is None:
                 self.stats.source_rejected += 1
                 self._event("source_rejected")
                 client.close()
                 continue
-            self._per_source[source] = self._per_source.get(source, 0) + 1
             self.stats.active += 1
             self._event("accepted")
-            task = asyncio.ensure_future(self._handle(client, source))
+            task = asyncio.ensure_future(self._handle(client, groups))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+
+    def _admit(self, host: str) -> tuple[str, ...] | None:
+        """Count a new client from ``host`` against its groups (see source_groups); None, counting nothing,
+        when one of them is full."""
+        groups = source_groups(host)
+        caps = (self.limits.max_per_source, self.limits.max_per_network)
+        if any(self._per_source.get(group, 0) >= cap for group, cap in zip(groups, caps)):
+            return None
+        for group in groups:
+            self._per_source[group] = self._per_source.get(group, 0) + 1
+        return groups
+
+    def _release(self, groups: tuple[str, ...]) -> None:
+        for group in groups:
+            left = self._per_source.pop(group, 1) - 1
+            if left > 0:
+                self._per_source[group] = left
 
     async def _first_byte(self, client: socket.socket) -> bool:
         """Whether the client sends something (not EOF) within first_byte_timeout."""
@@ -538,7 +571,7 @@ class Relay:
         except OSError:
             return False
 
-    async def _handle(self, client: socket.socket, source: str) -> None:
+    async def _handle(self, client: socket.socket, groups: tuple[str, ...]) -> None:
         loop = asyncio.get_running_loop()
         upstream: socket.socket | None = None
         try:
@@ -585,9 +618,7 @@ class Relay:
             raise
         finally:
             self.stats.active -= 1
-            left = self._per_source.pop(source, 1) - 1
-            if left > 0:
-                self._per_source[source] = left
+            self._release(groups)
             self._event("closed")
 
     async def _sweep_idle(self) -> None:

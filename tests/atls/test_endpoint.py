@@ -139,3 +139,36 @@ def test_attackers_hammering_their_own_connections_cannot_fail_a_victims_first_a
         for thread in attackers:
             thread.join(timeout=10)
     assert 429 in attacker_codes and attacker_codes.count(200) <= 2 * 2  # burst 3, one spent on verification
+
+
+def test_requests_of_clients_that_hung_up_do_not_stay_in_the_device_queue(make_server, sim_provider):
+    """A request waiting for the attestation device used to wait on after its client had gone: connect, ask,
+    hang up, again, and the queue grew without bound (no connection held, so no connection cap applied), each
+    orphan costing a device call and delaying every victim behind it. A request whose client has gone leaves
+    the queue."""
+    import socket
+    import ssl
+
+    from enclave.tls import TlsManager
+
+    tls = TlsManager(sim_provider, hostnames=["localhost", "127.0.0.1"], rotate_every=None)
+    produce = tls.evidence_for_key
+    calls: list[float] = []
+
+    def slow_evidence(material, nonce):
+        calls.append(time.monotonic())
+        time.sleep(0.3)
+        return produce(material, nonce)
+
+    tls.evidence_for_key = slow_evidence  # type: ignore[method-assign]
+    server = make_server(tls=tls)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the attacker's own socket: it never looks at the evidence
+    request = (f"GET {ATTESTATION_PATH}?nonce={secrets.token_hex(32)} HTTP/1.1\r\nhost: x\r\n\r\n").encode()
+    for _ in range(8):
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=10)) as sock:
+            sock.sendall(request)
+            time.sleep(0.02)  # the request reaches the handler; then the client hangs up
+    time.sleep(3.0)  # eight orphans would take 2.4 s of device time
+    assert len(calls) <= 2, f"{len(calls)} device calls for clients that had hung up"

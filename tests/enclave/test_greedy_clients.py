@@ -86,8 +86,9 @@ def _partial_body(ctx: ssl.SSLContext, port: int) -> ssl.SSLSocket:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
-    proc, ctx = _start(tmp_path_factory.mktemp("service"), port)
-    yield proc, ctx, port
+    tmp = tmp_path_factory.mktemp("service")
+    proc, ctx = _start(tmp, port)
+    yield proc, ctx, port, (tmp / "admin.pat").read_text().strip()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
 
@@ -107,7 +108,7 @@ def _until_closed(sock: ssl.SSLSocket) -> bytes:
 
 
 def test_unauthenticated_bodies_are_refused_before_buffering(service) -> None:
-    proc, ctx, port = service
+    proc, ctx, port, _pat = service
     held: list[ssl.SSLSocket] = []
     try:
         # the refusal comes on the headers alone: 401 in the envelope, connection closed, body never awaited
@@ -131,13 +132,14 @@ def test_unauthenticated_bodies_are_refused_before_buffering(service) -> None:
 
 
 def test_silent_and_stalled_connections_are_closed_at_the_configured_deadlines(service) -> None:
-    _proc, ctx, port = service
+    _proc, ctx, port, pat = service
     with _tls(ctx, port) as silent:  # handshaken, then nothing
         start = time.monotonic()
         assert _until_closed(silent).startswith(b"HTTP/1.1 408")
         assert HEADER_TIMEOUT * 0.8 < time.monotonic() - start < HEADER_TIMEOUT + 3
-    with _tls(ctx, port) as stalled:  # headers of an authenticated-looking request, then a body that stalls
-        stalled.sendall(f"GET /health HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Length: 100\r\n\r\nab".encode())
+    with _tls(ctx, port) as stalled:  # headers of an authenticated request, then a body that stalls
+        stalled.sendall(f"POST /admin/users HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {pat}\r\n"
+                        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\nab".encode())
         start = time.monotonic()
-        assert _until_closed(stalled) == b""  # the public route is never reached without its whole body
+        assert _until_closed(stalled) == b""  # the route is never reached without its whole body
         assert BODY_TIMEOUT * 0.8 < time.monotonic() - start < BODY_TIMEOUT + 3

@@ -452,3 +452,20 @@ async def test_a_half_closed_connection_does_not_keep_its_slot(pump: str) -> Non
         release.set()
         await relay.stop(1)
         server.close()
+
+
+async def test_hopping_across_ipv6_64s_of_one_48_cannot_take_every_slot() -> None:
+    """One customer's /48 holds 65536 /64s: counted per /64 alone, it filled the whole relay 64 connections
+    per /64 (16 of them for the default 1024). Its /48 is capped too; another network still gets in, and
+    IPv4 (mapped or not) is counted per address as before."""
+    relay = Relay((LOOPBACK, 0), ("tcp", LOOPBACK, 1), RelayLimits(max_per_source=2, max_per_network=5))
+    admitted = [relay._admit(f"2001:db8:1:{n:x}::1") for n in range(10)]           # ten /64s of one /48
+    assert sum(groups is not None for groups in admitted) == 5
+    assert relay._admit("2001:db8:1:ff::2") is None
+    assert relay._admit("2001:db8:2::1") is not None                                 # another /48
+    assert relay._admit("192.0.2.1") is not None and relay._admit("::ffff:192.0.2.1") is not None
+    assert relay._admit("192.0.2.1") is None                                        # its per-address cap
+    for groups in admitted:
+        if groups is not None:
+            relay._release(groups)
+    assert relay._admit("2001:db8:1:ff::2") is not None                              # slots come back
