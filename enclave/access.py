@@ -169,6 +169,25 @@ def may_manage_domain(principal: Principal, domain_id: str, domain: Domain | Non
     return Decision(False, 403, "not_domain_admin", "Only domain admins may manage this domain.")
 
 
+_USER_NOT_FOUND = Decision(False, 404, "user_not_found", "User not found.", "user_id")
+
+
+def may_set_member(principal: Principal, domain_id: str, domain: Domain | None, user: User | None, *,
+                   named_by_id: bool, is_member: bool) -> Decision:
+    """Add a user to the domain or change a member's role: a domain's manager. Outside the platform nobody sees
+    the user directory, so a domain admin names a user who is not yet a member by id (an unguessable UUID its
+    holder shares, shown by ``GET /users/me``); a name resolves only among the domain's members, and any other
+    name looks unknown (404), so other tenants' user names cannot be probed."""
+    gate = may_manage_domain(principal, domain_id, domain)
+    if not gate:
+        return gate
+    if user is None:
+        return _USER_NOT_FOUND
+    if named_by_id or is_member or may_manage_platform(principal):
+        return ALLOW
+    return _USER_NOT_FOUND
+
+
 def may_manage_own_keys(principal: Principal) -> Decision:
     """``/users/me/pats``: the manage scope (what the key then sees is ``is_own_key_in_binding``)."""
     return ALLOW if principal.has_scope(Scope.MANAGE) else _lacks(Scope.MANAGE)

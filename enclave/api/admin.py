@@ -17,8 +17,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from enclave.access import (Principal, bound_new_pat, is_own_key_in_binding, may_issue_pat, may_manage_domain,
-                            may_manage_own_keys, may_manage_platform, may_revoke_pat, may_view_pat, may_view_self,
-                            visible_roles)
+                            may_manage_own_keys, may_manage_platform, may_revoke_pat, may_set_member, may_view_pat,
+                            may_view_self, visible_roles)
 from enclave.api.context import AppContext, authenticated, check, decided_domain_id, find_domain, find_user
 from enclave.api.schemas import (CONFLICT_RESPONSE, ERROR_RESPONSES, AdminModelOut, BackendStatusOut, DomainCreate, DomainOut,
                                  DomainRef, DomainUpdate, MemberOut, MembershipSet, MeOut, ModelPull, PatCreate,
@@ -336,8 +336,13 @@ async def list_members(request: Request, m: DomainManager = Depends(_domain_mana
 @domain_admin.put("/members/{user_id}", response_model=MemberOut, summary="Add a user to the domain or change the role")
 async def set_member(user_id: UserRef, body: MembershipSet, request: Request,
                      m: DomainManager = Depends(_domain_manager)) -> MemberOut:
-    user = await _user_or_404(request, user_id)
-    return member_out(await _ctx(request).store.set_membership(m.domain.id, user.id, body.role))
+    store = _ctx(request).store
+    user = await find_user(store, user_id)
+    is_member = user is not None and await store.get_member(m.domain.id, user.id) is not None
+    check(may_set_member(m.principal, m.domain.id, m.domain, user, named_by_id=canonical_uuid(user_id) is not None,
+                         is_member=is_member))
+    assert user is not None
+    return member_out(await store.set_membership(m.domain.id, user.id, body.role))
 
 
 @domain_admin.delete("/members/{user_id}", status_code=204, summary="Remove a member and revoke their keys bound here")

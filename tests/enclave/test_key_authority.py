@@ -172,3 +172,22 @@ def test_names_and_any_case_ids_in_paths(svc) -> None:
         unknown, foreign = admin.get("/domains/no-such/members"), admin.get("/domains/domain-b/members")
         assert unknown.status_code == foreign.status_code == 403 and unknown.json() == foreign.json()
         assert [m["user"]["name"] for m in admin.get("/domains/domain-a/members").json()][0] == "user-admin_a"
+
+
+def test_a_domain_admin_cannot_probe_other_tenants_user_names(svc) -> None:
+    """PUT /domains/{d}/members/{name} answered 200 with the user (id, superadmin flag) for any user of the
+    platform and 404 for unknown names: a domain admin enumerated every tenant's users by name."""
+    server, world = svc
+    a = world.domains["A"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        unknown = admin.put(f"/domains/{a}/members/no-such-user", json={"role": "member"})
+        for name in ("user-member_b", "user-superadmin", "user-nonmember"):
+            r = admin.put(f"/domains/{a}/members/{name}", json={"role": "member"})
+            assert (r.status_code, r.json()) == (unknown.status_code, unknown.json()) and r.status_code == 404, name
+        assert [m["user"]["name"] for m in admin.get(f"/domains/{a}/members").json()].count("user-member_b") == 0
+        # a member's name still resolves, and a user who shares its id can be added
+        assert admin.put(f"/domains/{a}/members/user-member_a", json={"role": "admin"}).json()["role"] == "admin"
+        assert admin.put(f"/domains/{a}/members/{world.users['member_b'].upper()}",
+                         json={"role": "member"}).status_code == 200
+    with server.client(world.tokens["superadmin"]) as root:   # the platform sees the directory
+        assert root.put(f"/domains/{a}/members/user-nonmember", json={"role": "member"}).status_code == 200
