@@ -62,10 +62,13 @@ class Delivered:
 
 
 def choose_delivery(settings: Settings, pat_file: Path | None) -> PatDelivery | None:
+    """The operator key of the configuration file (the measured image) wins: ``--pat-file`` is a launch
+    argument, set by whoever starts the process, so with an operator key it only says where the *sealed* PAT
+    goes; a plain PAT file is for deployments without one."""
+    if settings.bootstrap.operator_public_key:
+        return PatDelivery("sealed", pat_file or settings.data_dir / SEALED_PAT_FILE_NAME)
     if pat_file is not None:
         return PatDelivery("file", pat_file)
-    if settings.bootstrap.operator_public_key:
-        return PatDelivery("sealed", settings.data_dir / SEALED_PAT_FILE_NAME)
     if settings.simulate:
         return PatDelivery("print")
     return None

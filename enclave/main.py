@@ -27,9 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default from config: 8443)")
     serve.add_argument("--data-dir", type=Path, help="where the SQLite store, server secret and cert PEM live")
     serve.add_argument("--pat-file", type=Path,
-                       help="write the bootstrap PAT to this file (0600) instead of printing it (outside "
-                            "--simulate: on a file system only the VM can read; else seal it to "
-                            "bootstrap.operator_public_key)")
+                       help="write the bootstrap PAT to this file (0600) instead of printing it; with "
+                            "bootstrap.operator_public_key configured, the sealed PAT goes there instead (a launch "
+                            "argument never gets the plain key away from the configured operator)")
     return parser
 
 

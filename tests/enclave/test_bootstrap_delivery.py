@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from enclave.bootstrap import SEALED_PAT_FILE_NAME, BootstrapRefused, PatDelivery, deliver
+from enclave.bootstrap import SEALED_PAT_FILE_NAME, BootstrapRefused, PatDelivery, choose_delivery, deliver
 from enclave.bootstrap_cli import main as bootstrap_cli
 from enclave.config import ConfigError, load_settings
 from enclave.main import banner
@@ -62,6 +62,38 @@ def test_operator_key_comes_from_the_config_file_only(tmp_path: Path) -> None:
     config.write_text("bootstrap: {operator_public_key: 'c2hvcnQ='}\n")
     with pytest.raises(ConfigError, match="bootstrap.operator_public_key: .*X25519"):
         load_settings(config, environ={})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("CUBE_ENCLAVE__BOOTSTRAP", "{operator_public_key: KEY}"),
+    ("CUBE_ENCLAVE__bootstrap", "{admin_name: root, operator_public_key: KEY}"),
+    ("CUBE_ENCLAVE__BOOTSTRAP", "{Operator_Public_Key: KEY}"),
+])
+def test_the_operator_key_cannot_come_from_the_environment_inside_a_yaml_mapping(tmp_path: Path, name: str,
+                                                                                  value: str) -> None:
+    """``CUBE_ENCLAVE__BOOTSTRAP='{operator_public_key: <host key>}'`` set the operator key from the environment:
+    the launcher got the bootstrap and recovery keys sealed to itself."""
+    host_key = public_key_text(X25519PrivateKey.generate().public_key())
+    with pytest.raises(ConfigError, match="must come from the configuration file"):
+        load_settings(None, environ={name: value.replace("KEY", host_key)})
+    assert load_settings(None, environ={"CUBE_ENCLAVE__BOOTSTRAP": "{admin_name: root}"}).bootstrap.admin_name == "root"
+
+
+def test_with_an_operator_key_a_pat_file_launch_argument_gets_only_the_sealed_pat(tmp_path: Path) -> None:
+    """``--pat-file`` (a launch argument) took precedence over the operator key of the measured configuration:
+    whoever starts the process received the plain bootstrap / recovery PAT in a file of its choosing."""
+    operator = X25519PrivateKey.generate()
+    settings = load_settings(None, environ={}, overrides={
+        "data_dir": str(tmp_path), "bootstrap": {"operator_public_key": public_key_text(operator.public_key())}})
+    chosen = tmp_path / "launcher-chose-this"
+    delivery = choose_delivery(settings, chosen)
+    assert delivery == PatDelivery("sealed", chosen)
+    token = generate_token()
+    deliver(delivery, settings, token)
+    written = chosen.read_text()
+    assert token not in written and open_sealed(written, operator).decode() == token
+    plain = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path)})
+    assert choose_delivery(plain, chosen) == PatDelivery("file", chosen)
 
 
 def test_printing_is_for_simulation_only(tmp_path: Path) -> None:
