@@ -262,6 +262,7 @@ class PatTerms:
     domain_id: str | None
     expires_at: datetime
     model_allowlist: tuple[str, ...] | None
+    issued_by: str | None   # who holds the token: see ``issuer_of_new_pat``
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,13 @@ def _allowlist_within(requested: Sequence[str], creator: Sequence[str]) -> list[
     pattern must appear in it verbatim (pattern containment is not decided)."""
     return [r for r in requested
             if (r not in creator if _WILDCARD & set(r) else not _matches(r, creator))]
+
+
+def issuer_of_new_pat(creator: Principal) -> str | None:
+    """Whom a new key is recorded as issued by: whoever holds the creating key, i.e. its own issuer (its owner
+    for a self-made key, the admin who minted it otherwise; None once that issuer is deleted). So a key an admin
+    minted for a member never launders the admin's further keys into ones that look self-made by the member."""
+    return creator.pat.issued_by
 
 
 def bound_new_pat(creator: Principal, *, scopes: Sequence[str], domain_id: str | None,
@@ -317,7 +325,7 @@ def bound_new_pat(creator: Principal, *, scopes: Sequence[str], domain_id: str |
                              "A new API key may only use models the current key may use; not covered: "
                              f"{', '.join(wider)}.", "model_allowlist")
     return PatBounds(True, terms=PatTerms(scopes=wanted, domain_id=domain_id, expires_at=expires_at,
-                                          model_allowlist=allow))
+                                          model_allowlist=allow, issued_by=issuer_of_new_pat(creator)))
 
 
 def may_read_operations(principal: Principal) -> Decision:

@@ -96,6 +96,13 @@ class Pat:
     issued_by: str | None = None   # the user who minted it (the owner for self-made keys; None: deleted issuer)
 
 
+class Owner:
+    """The type of ``OWNER``: ``create_pat``'s default issuer, the key's owner (None means a deleted issuer)."""
+
+
+OWNER = Owner()
+
+
 @dataclass(frozen=True)
 class AuthRecord:
     """Everything an access decision needs about a PAT, loaded in one go."""
@@ -314,13 +321,14 @@ class Store:
     # personal access tokens
     async def create_pat(self, *, user_id: str, name: str, token_hash: str, last4: str, scopes: Iterable[str],
                          expires_at: datetime, domain_id: str | None = None,
-                         model_allowlist: Iterable[str] | None = None, issued_by: str | None = None) -> Pat:
-        """``issued_by``: who minted the key (default: its owner)."""
+                         model_allowlist: Iterable[str] | None = None, issued_by: str | None | Owner = OWNER
+                         ) -> Pat:
+        """``issued_by``: who minted the key (default: its owner; None: an issuer since deleted)."""
         allow = list(model_allowlist) if model_allowlist is not None else None
         pat = Pat(id=str(uuid.uuid4()), user_id=user_id, domain_id=domain_id, name=name, token_hash=token_hash,
                   last4=last4, scopes=tuple(scopes), model_allowlist=tuple(allow) if allow is not None else None,
                   created_at=utcnow(), expires_at=_aware(expires_at), revoked_at=None, last_used_at=None,
-                  issued_by=issued_by or user_id)
+                  issued_by=user_id if isinstance(issued_by, Owner) else issued_by)
         await self._write(pats.insert().values(
             id=pat.id, user_id=user_id, domain_id=domain_id, name=name, token_hash=token_hash, last4=last4,
             scopes=list(pat.scopes), model_allowlist=allow, created_at=pat.created_at, expires_at=pat.expires_at,
@@ -379,5 +387,5 @@ async def open_store(settings: Any) -> Store:
     return await Store.open(settings.effective_database_url(), schema=settings.database_schema)
 
 
-__all__ = ["AuthRecord", "Conflict", "Domain", "Member", "Pat", "ROLES", "Store", "StoreError", "User",
-           "canonical_uuid", "open_store", "utcnow"]
+__all__ = ["AuthRecord", "Conflict", "Domain", "Member", "OWNER", "Owner", "Pat", "ROLES", "Store", "StoreError",
+           "User", "canonical_uuid", "open_store", "utcnow"]

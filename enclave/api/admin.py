@@ -109,9 +109,9 @@ async def _issue_pat(ctx: AppContext, creator: Principal, owner: User, body: Pat
     pat = await ctx.store.create_pat(user_id=owner.id, name=body.name, token_hash=ctx.auth.hash(token),
                                      last4=token[-4:], scopes=terms.scopes, expires_at=terms.expires_at,
                                      domain_id=terms.domain_id, model_allowlist=terms.model_allowlist,
-                                     issued_by=creator.user.id)
-    log.info("issued PAT %s for user %s (domain %s) by %s", pat.id, owner.id, terms.domain_id or "any",
-             creator.user.id)
+                                     issued_by=terms.issued_by)
+    log.info("issued PAT %s for user %s (domain %s) with a key of %s issued by %s", pat.id, owner.id,
+             terms.domain_id or "any", creator.user.id, terms.issued_by or "a deleted user")
     return PatCreated(**pat_out(pat, now).model_dump(), token=token)
 
 

@@ -191,3 +191,24 @@ def test_a_domain_admin_cannot_probe_other_tenants_user_names(svc) -> None:
                          json={"role": "member"}).status_code == 200
     with server.client(world.tokens["superadmin"]) as root:   # the platform sees the directory
         assert root.put(f"/domains/{a}/members/user-nonmember", json={"role": "member"}).status_code == 200
+
+
+def test_a_key_minted_with_an_admin_issued_key_stays_visibly_the_admins(svc) -> None:
+    """An admin minted a `manage` key for a member, then used it on /users/me/pats: the new key read as self-made
+    by the member (issued_by = member), so the admin kept a key that no listing attributed to it."""
+    server, world = svc
+    a, admin_id, member_id = world.domains["A"], world.users["admin_a"], world.users["member_a"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        as_member = admin.post(f"/domains/{a}/members/{member_id}/pats",
+                               json={"name": "as-member", "scopes": ["manage", "models:read"]}).json()
+    with server.client(as_member["token"]) as c:
+        laundered = c.post("/users/me/pats", json={"name": "looks-self-made", "scopes": ["models:read"]}).json()
+        assert laundered["user_id"] == member_id and laundered["issued_by"] == admin_id
+        again = c.post(f"/domains/{a}/members/{member_id}/pats", json={"name": "x", "scopes": ["models:read"]})
+        assert again.status_code == 403                                # a member administers nothing
+    with server.client(world.tokens["superadmin"]) as root:
+        listed = {p["id"]: p["issued_by"] for p in root.get(f"/admin/users/{member_id}/pats").json()}
+        assert listed[laundered["id"]] == admin_id
+        assert listed[world.pat_ids["member_a"]] == member_id          # the member's own key stays its own
+        own = root.post("/users/me/pats", json={"name": "mine", "scopes": ["models:read"]}).json()
+        assert own["issued_by"] == world.users["superadmin"]
