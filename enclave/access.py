@@ -225,14 +225,20 @@ def may_revoke_pat(principal: Principal, pat: Pat | None, pat_domain: Domain | N
     return may_manage_pat(principal, pat, pat_domain)
 
 
-def may_issue_pat(minter: Principal, owner: User, domain_id: str | None, domain: Domain | None,
+_MEMBER_NOT_FOUND = Decision(False, 404, "member_not_found", "Member not found.", "user_id")
+
+
+def may_issue_pat(minter: Principal, owner: User | None, domain_id: str | None, domain: Domain | None,
                   owner_role: str | None) -> Decision:
     """Who may mint a key for whom (the key's own bounds are ``bound_new_pat``).
 
     ``domain_id`` is the domain the new key is bound to (None: unbound); ``owner_role`` the owner's role there.
     (a) anyone for themself; (b) an unbound superadmin key for anyone; (c) a domain admin, domain-bound keys
     only, for a member of that domain who is not a superadmin and holds no more there than the minter.
+    An unknown owner (None) and a user who is no member of the domain get the same 404, so names cannot be probed.
     """
+    if owner is None:
+        return _MEMBER_NOT_FOUND if domain_id is not None else _USER_NOT_FOUND
     if owner.id == minter.user.id:
         return may_manage_own_keys(minter)
     if domain_id is None:
@@ -241,7 +247,7 @@ def may_issue_pat(minter: Principal, owner: User, domain_id: str | None, domain:
     if not gate:
         return gate
     if owner_role is None:
-        return Decision(False, 404, "member_not_found", "Member not found.", "user_id")
+        return _MEMBER_NOT_FOUND
     if may_manage_platform(minter):
         return ALLOW
     if owner.is_superadmin:

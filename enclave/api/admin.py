@@ -92,12 +92,13 @@ async def _self_manager(principal: Principal = Depends(authenticated)) -> Princi
     return principal
 
 
-async def _issue_pat(ctx: AppContext, creator: Principal, owner: User, body: PatCreate,
+async def _issue_pat(ctx: AppContext, creator: Principal, owner: User | None, body: PatCreate,
                      domain: Domain | None) -> PatCreated:
     """Mint a key for ``owner`` (bound to ``domain`` when given), once ``enclave.access`` has admitted the
     minter and bounded the key by the creating one."""
-    role = (await ctx.store.roles_of(owner.id)).get(domain.id) if domain else None
+    role = (await ctx.store.roles_of(owner.id)).get(domain.id) if domain and owner else None
     check(may_issue_pat(creator, owner, domain.id if domain else None, domain, role))
+    assert owner is not None
     now = ctx.clock()
     bounds = bound_new_pat(creator, scopes=[str(s) for s in body.scopes], domain_id=domain.id if domain else None,
                            expires_in_days=body.expires_in_days, model_allowlist=body.model_allowlist, now=now,
@@ -367,10 +368,8 @@ async def list_domain_pats(request: Request, m: DomainManager = Depends(_domain_
                    summary="Issue a PAT bound to this domain for a member who is not a superadmin; shown once")
 async def create_member_pat(user_id: UserRef, body: PatCreate, request: Request,
                             m: DomainManager = Depends(_domain_manager)) -> PatCreated:
-    user = await find_user(_ctx(request).store, user_id)
-    if user is None:
-        raise not_found("Member", "member_not_found")
-    return await _issue_pat(_ctx(request), m.principal, user, body, m.domain)
+    return await _issue_pat(_ctx(request), m.principal, await find_user(_ctx(request).store, user_id), body,
+                            m.domain)
 
 
 @domain_admin.delete("/pats/{pat_id}", status_code=204)

@@ -212,3 +212,17 @@ def test_a_key_minted_with_an_admin_issued_key_stays_visibly_the_admins(svc) -> 
         assert listed[world.pat_ids["member_a"]] == member_id          # the member's own key stays its own
         own = root.post("/users/me/pats", json={"name": "mine", "scopes": ["models:read"]}).json()
         assert own["issued_by"] == world.users["superadmin"]
+
+
+def test_minting_for_a_non_member_looks_like_minting_for_an_unknown_user(svc) -> None:
+    """POST /domains/{d}/members/{name}/pats answered 404 with `param: null` for an unknown name and with
+    `param: "user_id"` for any existing user who is no member: another probe of other tenants' user names."""
+    server, world = svc
+    a = world.domains["A"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        unknown = admin.post(f"/domains/{a}/members/no-such-user/pats", json={"name": "k"})
+        for ref in ("user-member_b", "user-superadmin", world.users["nonmember"]):
+            r = admin.post(f"/domains/{a}/members/{ref}/pats", json={"name": "k"})
+            assert (r.status_code, r.json(), r.headers.get("x-should-retry")) == (
+                unknown.status_code, unknown.json(), unknown.headers.get("x-should-retry")) == (
+                404, unknown.json(), None), ref
