@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -81,11 +82,21 @@ REFUSAL = ("refusing to bootstrap the first superadmin: outside --simulate its A
 
 
 def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` where only this user reads it: never through a symbolic link, never into a file that is
+    not a regular one owned by this user, and 0600 before the first byte lands (a looser file left there
+    would otherwise have held the PAT, readable, until a chmod after the write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise BootstrapRefused(f"refusing to write the PAT to {path}: {e.strerror} (a symbolic link?)") from None
     with os.fdopen(fd, "w") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise BootstrapRefused(f"refusing to write the PAT to {path}: not a regular file owned by this user")
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
         fh.write(text)
-    os.chmod(path, 0o600)
 
 
 def deliver(delivery: PatDelivery, settings: Settings, token: str, *, what: str = "Bootstrap") -> Delivered:

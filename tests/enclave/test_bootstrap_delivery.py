@@ -291,3 +291,23 @@ def test_only_an_unbound_unexpired_manage_key_of_a_superadmin_counts_as_usable(t
             await store.close()
 
     assert asyncio.run(scenario()) == [True, False]
+
+
+def test_the_pat_file_is_never_written_through_a_symbolic_link(tmp_path: Path) -> None:
+    """A symbolic link planted at the PAT file's path sent the plain PAT wherever it pointed (O_CREAT followed
+    it); a looser file left there held the PAT readable until the chmod after the write."""
+    settings = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path)})
+    elsewhere = tmp_path / "readable-by-others"
+    elsewhere.write_text("")
+    elsewhere.chmod(0o644)
+    link = tmp_path / "pat"
+    link.symlink_to(elsewhere)
+    token = generate_token()
+    with pytest.raises(BootstrapRefused, match="symbolic link"):
+        deliver(PatDelivery("file", link), settings, token)
+    assert elsewhere.read_text() == ""
+    loose = tmp_path / "loose"
+    loose.write_text("old contents, longer than a token " * 4)
+    loose.chmod(0o644)
+    deliver(PatDelivery("file", loose), settings, token)
+    assert loose.read_text() == token + "\n" and loose.stat().st_mode & 0o777 == 0o600
