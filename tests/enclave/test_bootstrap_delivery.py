@@ -311,3 +311,19 @@ def test_the_pat_file_is_never_written_through_a_symbolic_link(tmp_path: Path) -
     loose.chmod(0o644)
     deliver(PatDelivery("file", loose), settings, token)
     assert loose.read_text() == token + "\n" and loose.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_pat_that_could_not_be_handed_over_does_not_hold_off_the_recovery_key(tmp_path: Path) -> None:
+    """The bootstrap PAT was stored before its hand-over; when the hand-over failed, nobody had the key yet it
+    counted as usable, so no recovery key came until it expired: the operator was locked out for weeks."""
+    from enclave.main import _prepare
+
+    settings = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path)})
+    planted = tmp_path / "pat"
+    planted.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BootstrapRefused):
+        asyncio.run(_prepare(settings, PatDelivery("file", planted)))
+    good = tmp_path / "pat-2"
+    delivered, _ = asyncio.run(_prepare(settings, PatDelivery("file", good)))
+    assert delivered is not None and "Recovery" in delivered.lines[0]
+    assert _bootstrap_pat_is_valid(tmp_path, good.read_text().strip())
