@@ -228,6 +228,19 @@ def may_revoke_pat(principal: Principal, pat: Pat | None, pat_domain: Domain | N
 _MEMBER_NOT_FOUND = Decision(False, 404, "member_not_found", "Member not found.", "user_id")
 
 
+def issuer_still_holds(pat: Pat, issuer: User | None, issuer_roles: Mapping[str, str]) -> bool:
+    """Whether a key minted for someone else may outlive a change to its issuer (a role lost, a membership
+    removed, superadmin revoked, the issuer deleted: ``issuer`` None): only while the issuer could still mint
+    it. The issuer holds the token, so otherwise a removed admin would go on acting in the domain as the member."""
+    if pat.issued_by is None or pat.issued_by == pat.user_id:
+        return True                         # self-made: the owner's own standing decides
+    if issuer is None:
+        return False
+    if issuer.is_superadmin:
+        return True
+    return pat.domain_id is not None and issuer_roles.get(pat.domain_id) == "admin"
+
+
 def may_issue_pat(minter: Principal, owner: User | None, domain_id: str | None, domain: Domain | None,
                   owner_role: str | None) -> Decision:
     """Who may mint a key for whom (the key's own bounds are ``bound_new_pat``).

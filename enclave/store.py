@@ -347,6 +347,12 @@ class Store:
             stmt = stmt.where(pats.c.domain_id == domain_id)
         return [_pat(r) for r in await self._rows(stmt)]
 
+    async def list_issued_for_others(self, issuer_id: str) -> list[Pat]:
+        """The keys ``issuer_id`` minted for other users (revoked ones included)."""
+        stmt = (pats.select().where((pats.c.issued_by == issuer_id) & (pats.c.user_id != issuer_id))
+                .order_by(pats.c.created_at, pats.c.id))
+        return [_pat(r) for r in await self._rows(stmt)]
+
     async def revoke_pat(self, pat_id: str, *, at: datetime | None = None) -> Pat | None:
         when = _aware(at) or utcnow()
         await self._write(pats.update().where((pats.c.id == pat_id) & pats.c.revoked_at.is_(None))

@@ -16,9 +16,9 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from enclave.access import (Principal, bound_new_pat, is_own_key_in_binding, may_issue_pat, may_manage_domain,
-                            may_manage_own_keys, may_manage_platform, may_revoke_pat, may_set_member, may_view_pat,
-                            may_view_self, visible_roles)
+from enclave.access import (Principal, bound_new_pat, is_own_key_in_binding, issuer_still_holds, may_issue_pat,
+                            may_manage_domain, may_manage_own_keys, may_manage_platform, may_revoke_pat,
+                            may_set_member, may_view_pat, may_view_self, visible_roles)
 from enclave.api.context import AppContext, authenticated, check, decided_domain_id, find_domain, find_user
 from enclave.api.schemas import (CONFLICT_RESPONSE, ERROR_RESPONSES, AdminModelOut, BackendStatusOut, DomainCreate, DomainOut,
                                  DomainRef, DomainUpdate, MemberOut, MembershipSet, MeOut, ModelPull, PatCreate,
@@ -114,6 +114,19 @@ async def _issue_pat(ctx: AppContext, creator: Principal, owner: User | None, bo
     log.info("issued PAT %s for user %s (domain %s) with a key of %s issued by %s", pat.id, owner.id,
              terms.domain_id or "any", creator.user.id, terms.issued_by or "a deleted user")
     return PatCreated(**pat_out(pat, now).model_dump(), token=token)
+
+
+async def _revoke_what_the_issuer_lost(request: Request, issuer_id: str, *, deleting: bool = False) -> None:
+    """After a change to ``issuer_id`` (role, membership, superadmin flag; ``deleting``: it is about to go),
+    revoke the keys it minted for others that it could no longer mint (``access.issuer_still_holds``)."""
+    store = _ctx(request).store
+    issuer = None if deleting else await store.get_user(issuer_id)
+    roles = await store.roles_of(issuer_id) if issuer is not None else {}
+    now = _ctx(request).clock()
+    for pat in await store.list_issued_for_others(issuer_id):
+        if pat.revoked_at is None and not issuer_still_holds(pat, issuer, roles):
+            await store.revoke_pat(pat.id, at=now)
+            log.info("revoked PAT %s: its issuer %s can no longer mint it", pat.id, issuer_id)
 
 
 # ---- platform: backends and models ---------------------------------------------------------------------
@@ -274,6 +287,7 @@ async def update_user(user_id: UserRef, body: UserUpdate, request: Request,
     except Conflict as e:
         raise _conflict(e, f"A user named `{body.name}`") from None
     assert updated is not None
+    await _revoke_what_the_issuer_lost(request, user.id)
     return user_out(updated)
 
 
@@ -281,6 +295,7 @@ async def update_user(user_id: UserRef, body: UserUpdate, request: Request,
 async def delete_user(user_id: UserRef, request: Request, _: Principal = Depends(_platform_admin)) -> Response:
     user = await _user_or_404(request, user_id)
     await _keep_a_superadmin(request, user)
+    await _revoke_what_the_issuer_lost(request, user.id, deleting=True)
     await _ctx(request).store.delete_user(user.id)
     return Response(status_code=204)
 
@@ -343,7 +358,9 @@ async def set_member(user_id: UserRef, body: MembershipSet, request: Request,
     check(may_set_member(m.principal, m.domain.id, m.domain, user, named_by_id=canonical_uuid(user_id) is not None,
                          is_member=is_member))
     assert user is not None
-    return member_out(await store.set_membership(m.domain.id, user.id, body.role))
+    member = await store.set_membership(m.domain.id, user.id, body.role)
+    await _revoke_what_the_issuer_lost(request, user.id)
+    return member_out(member)
 
 
 @domain_admin.delete("/members/{user_id}", status_code=204, summary="Remove a member and revoke their keys bound here")
@@ -355,6 +372,7 @@ async def remove_member(user_id: UserRef, request: Request, m: DomainManager = D
     for pat in await store.list_pats(user_id=user.id, domain_id=m.domain.id):
         if pat.revoked_at is None:
             await store.revoke_pat(pat.id, at=_ctx(request).clock())
+    await _revoke_what_the_issuer_lost(request, user.id)
     return Response(status_code=204)
 
 

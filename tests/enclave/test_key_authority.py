@@ -226,3 +226,43 @@ def test_minting_for_a_non_member_looks_like_minting_for_an_unknown_user(svc) ->
             assert (r.status_code, r.json(), r.headers.get("x-should-retry")) == (
                 unknown.status_code, unknown.json(), unknown.headers.get("x-should-retry")) == (
                 404, unknown.json(), None), ref
+
+
+@pytest.mark.parametrize("loss", ["removed", "demoted", "deleted"])
+def test_an_admin_who_loses_the_domain_loses_the_keys_it_minted_there(svc, loss: str) -> None:
+    """An admin minted a key for a member (it holds the token), then was removed from the domain, demoted or
+    deleted: the key stayed valid, so the former admin went on acting in the domain as the member."""
+    server, world = svc
+    a, admin_id, member_id = world.domains["A"], world.users["admin_a"], world.users["member_a"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        kept = admin.post(f"/domains/{a}/members/{member_id}/pats",
+                          json={"name": "kept", "scopes": ["manage", "models:read"]}).json()
+    with server.client(kept["token"]) as c:                  # and one minted with it (issued by the admin too)
+        child = c.post("/users/me/pats", json={"name": "child", "scopes": ["models:read"]}).json()
+        assert c.get(f"/proxy/{a}/v1/models").status_code == 200
+    with server.client(world.tokens["superadmin"]) as root:
+        r = {"removed": lambda: root.delete(f"/domains/{a}/members/{admin_id}"),
+             "demoted": lambda: root.put(f"/domains/{a}/members/{admin_id}", json={"role": "member"}),
+             "deleted": lambda: root.delete(f"/admin/users/{admin_id}")}[loss]()
+        assert r.status_code in (200, 204)
+        states = {p["id"]: p["state"] for p in root.get(f"/admin/users/{member_id}/pats").json()}
+    assert states[kept["id"]] == states[child["id"]] == "revoked"
+    assert states[world.pat_ids["member_a"]] == "active"     # the member's own key is untouched
+    for token in (kept["token"], child["token"]):
+        with server.client(token) as c:
+            assert c.get(f"/proxy/{a}/v1/models").status_code == 401
+
+
+def test_keys_an_admin_minted_survive_changes_that_keep_its_power(svc) -> None:
+    server, world = svc
+    a, admin_id, member_id = world.domains["A"], world.users["admin_a"], world.users["member_a"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        kept = admin.post(f"/domains/{a}/members/{member_id}/pats", json={"name": "kept"}).json()
+    with server.client(world.tokens["superadmin"]) as root:
+        root.put(f"/domains/{a}/members/{admin_id}", json={"role": "admin"})
+        root.put(f"/domains/{world.domains['B']}/members/{admin_id}", json={"role": "member"})
+        root.patch(f"/admin/users/{admin_id}", json={"name": "renamed"})
+        root.patch(f"/admin/users/{admin_id}", json={"superadmin": True})
+        root.patch(f"/admin/users/{admin_id}", json={"superadmin": False})   # still admin of A
+    with server.client(kept["token"]) as c:
+        assert c.get(f"/proxy/{a}/v1/models").status_code == 200
