@@ -376,6 +376,12 @@ class Store:
         roles = {r.m_domain: r.m_role for r in rows if r.m_domain is not None}
         return AuthRecord(pat=_pat(first), user=user, roles=roles)
 
+    async def latest_recorded_time(self) -> datetime | None:
+        """The latest time the service's clock put in the store (keys' last use and revocation), if any."""
+        rows = await self._rows(sa.select(sa.func.max(pats.c.last_used_at), sa.func.max(pats.c.revoked_at)))
+        times = [_aware(t) for t in rows[0] if t is not None]
+        return max(times) if times else None
+
     async def record_last_used(self, seen: Mapping[str, datetime]) -> None:
         """Batch update of last_used_at (never moves it backwards); not a generation change."""
         if not seen:

@@ -266,3 +266,41 @@ def test_keys_an_admin_minted_survive_changes_that_keep_its_power(svc) -> None:
         root.patch(f"/admin/users/{admin_id}", json={"superadmin": False})   # still admin of A
     with server.client(kept["token"]) as c:
         assert c.get(f"/proxy/{a}/v1/models").status_code == 200
+
+
+def test_winding_the_clock_back_does_not_revive_an_expired_key(svc, clock: FakeClock) -> None:
+    """The guest's wall clock is the host's to set: winding it back made an expired key valid again."""
+    server, world = svc
+    with server.client(world.tokens["superadmin"]) as root:
+        short = root.post("/users/me/pats", json={"name": "one-day", "expires_in_days": 1}).json()
+    clock.advance(days=2)
+    with server.client(short["token"]) as c:
+        assert c.get("/users/me").status_code == 401
+        clock.advance(days=-2)                                          # the host winds the clock back
+        r = c.get("/users/me")
+        assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+
+
+def test_the_clock_floor_survives_a_restart(tmp_path) -> None:
+    """After a restart the floor is the latest time the store recorded (a key's last use or revocation)."""
+    import asyncio
+    from datetime import UTC, timedelta
+
+    from enclave.auth import MonotonicClock
+    from enclave.store import Store
+
+    async def scenario() -> tuple[datetime | None, datetime]:
+        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'floor.db'}")
+        try:
+            user = await store.create_user("u")
+            later = datetime.now(UTC) + timedelta(days=3)
+            pat = await store.create_pat(user_id=user.id, name="k", token_hash="h" * 64, last4="abcd",
+                                         scopes=["models:read"], expires_at=later + timedelta(days=1))
+            await store.record_last_used({pat.id: later})
+            floor = await store.latest_recorded_time()
+            return floor, MonotonicClock(lambda: datetime.now(UTC), floor=floor)()
+        finally:
+            await store.close()
+
+    floor, now = asyncio.run(scenario())
+    assert floor is not None and now == floor
