@@ -169,6 +169,25 @@ def may_manage_domain(principal: Principal, domain_id: str, domain: Domain | Non
     return Decision(False, 403, "not_domain_admin", "Only domain admins may manage this domain.")
 
 
+_USER_NOT_FOUND = Decision(False, 404, "user_not_found", "User not found.", "user_id")
+
+
+def may_set_member(principal: Principal, domain_id: str, domain: Domain | None, user: User | None, *,
+                   named_by_id: bool, is_member: bool) -> Decision:
+    """Add a user to the domain or change a member's role: a domain's manager. Outside the platform nobody sees
+    the user directory, so a domain admin names a user who is not yet a member by id (an unguessable UUID its
+    holder shares, shown by ``GET /users/me``); a name resolves only among the domain's members, and any other
+    name looks unknown (404), so other tenants' user names cannot be probed."""
+    gate = may_manage_domain(principal, domain_id, domain)
+    if not gate:
+        return gate
+    if user is None:
+        return _USER_NOT_FOUND
+    if named_by_id or is_member or may_manage_platform(principal):
+        return ALLOW
+    return _USER_NOT_FOUND
+
+
 def may_manage_own_keys(principal: Principal) -> Decision:
     """``/users/me/pats``: the manage scope (what the key then sees is ``is_own_key_in_binding``)."""
     return ALLOW if principal.has_scope(Scope.MANAGE) else _lacks(Scope.MANAGE)
@@ -206,14 +225,33 @@ def may_revoke_pat(principal: Principal, pat: Pat | None, pat_domain: Domain | N
     return may_manage_pat(principal, pat, pat_domain)
 
 
-def may_issue_pat(minter: Principal, owner: User, domain_id: str | None, domain: Domain | None,
+_MEMBER_NOT_FOUND = Decision(False, 404, "member_not_found", "Member not found.", "user_id")
+
+
+def issuer_still_holds(pat: Pat, issuer: User | None, issuer_roles: Mapping[str, str]) -> bool:
+    """Whether a key minted for someone else may outlive a change to its issuer (a role lost, a membership
+    removed, superadmin revoked, the issuer deleted: ``issuer`` None): only while the issuer could still mint
+    it. The issuer holds the token, so otherwise a removed admin would go on acting in the domain as the member."""
+    if pat.issued_by is None or pat.issued_by == pat.user_id:
+        return True                         # self-made: the owner's own standing decides
+    if issuer is None:
+        return False
+    if issuer.is_superadmin:
+        return True
+    return pat.domain_id is not None and issuer_roles.get(pat.domain_id) == "admin"
+
+
+def may_issue_pat(minter: Principal, owner: User | None, domain_id: str | None, domain: Domain | None,
                   owner_role: str | None) -> Decision:
     """Who may mint a key for whom (the key's own bounds are ``bound_new_pat``).
 
     ``domain_id`` is the domain the new key is bound to (None: unbound); ``owner_role`` the owner's role there.
     (a) anyone for themself; (b) an unbound superadmin key for anyone; (c) a domain admin, domain-bound keys
     only, for a member of that domain who is not a superadmin and holds no more there than the minter.
+    An unknown owner (None) and a user who is no member of the domain get the same 404, so names cannot be probed.
     """
+    if owner is None:
+        return _MEMBER_NOT_FOUND if domain_id is not None else _USER_NOT_FOUND
     if owner.id == minter.user.id:
         return may_manage_own_keys(minter)
     if domain_id is None:
@@ -222,7 +260,7 @@ def may_issue_pat(minter: Principal, owner: User, domain_id: str | None, domain:
     if not gate:
         return gate
     if owner_role is None:
-        return Decision(False, 404, "member_not_found", "Member not found.", "user_id")
+        return _MEMBER_NOT_FOUND
     if may_manage_platform(minter):
         return ALLOW
     if owner.is_superadmin:
@@ -243,6 +281,7 @@ class PatTerms:
     domain_id: str | None
     expires_at: datetime
     model_allowlist: tuple[str, ...] | None
+    issued_by: str | None   # who holds the token: see ``issuer_of_new_pat``
 
 
 @dataclass(frozen=True)
@@ -258,6 +297,13 @@ def _allowlist_within(requested: Sequence[str], creator: Sequence[str]) -> list[
     pattern must appear in it verbatim (pattern containment is not decided)."""
     return [r for r in requested
             if (r not in creator if _WILDCARD & set(r) else not _matches(r, creator))]
+
+
+def issuer_of_new_pat(creator: Principal) -> str | None:
+    """Whom a new key is recorded as issued by: whoever holds the creating key, i.e. its own issuer (its owner
+    for a self-made key, the admin who minted it otherwise; None once that issuer is deleted). So a key an admin
+    minted for a member never launders the admin's further keys into ones that look self-made by the member."""
+    return creator.pat.issued_by
 
 
 def bound_new_pat(creator: Principal, *, scopes: Sequence[str], domain_id: str | None,
@@ -298,7 +344,7 @@ def bound_new_pat(creator: Principal, *, scopes: Sequence[str], domain_id: str |
                              "A new API key may only use models the current key may use; not covered: "
                              f"{', '.join(wider)}.", "model_allowlist")
     return PatBounds(True, terms=PatTerms(scopes=wanted, domain_id=domain_id, expires_at=expires_at,
-                                          model_allowlist=allow))
+                                          model_allowlist=allow, issued_by=issuer_of_new_pat(creator)))
 
 
 def may_read_operations(principal: Principal) -> Decision:

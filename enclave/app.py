@@ -15,7 +15,7 @@ from starlette.types import Scope
 
 from enclave.api import admin, models, ops
 from enclave.api.context import AppContext
-from enclave.auth import Authenticator, Clock, LastUsedTracker
+from enclave.auth import Authenticator, Clock, LastUsedTracker, MonotonicClock
 from enclave.config import Settings, load_server_secret
 from enclave.errors import ApiError, install_error_handlers
 from enclave.limits import SizeLimitMiddleware
@@ -76,12 +76,12 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     unless ``manage_registry`` is False. ``clock`` (UTC-aware datetimes) exists for expiry tests.
     """
     metrics = Metrics()
-    now = clock or utcnow
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         secret = load_server_secret(settings)
         store = await open_store(settings)
+        now = MonotonicClock(clock or utcnow, floor=await store.latest_recorded_time())
         reg = registry if registry is not None else _default_registry(settings)
         tracker = LastUsedTracker(store, interval=settings.last_used_flush_seconds)
         auth = Authenticator(store, secret, tracker=tracker, cache=settings.auth_cache_enabled(), clock=now,

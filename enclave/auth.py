@@ -17,6 +17,23 @@ log = logging.getLogger("enclave.auth")
 Clock = Callable[[], datetime]
 
 
+class MonotonicClock:
+    """UTC wall time that never goes backwards: a reading earlier than one already given (or than ``floor``, the
+    latest time the store recorded) returns that instead. The guest's clock is the host's to set (kvmclock, NTP
+    over the host's network); without this, winding it back made expired keys valid again."""
+
+    def __init__(self, clock: Clock, floor: datetime | None = None) -> None:
+        self._clock = clock
+        self._high = floor
+
+    def __call__(self) -> datetime:
+        now = self._clock()
+        if self._high is not None and now < self._high:
+            return self._high
+        self._high = now
+        return now
+
+
 class GenerationCache:
     """A bounded dict whose entries die whenever the store's write generation moves on.
 

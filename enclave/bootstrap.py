@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,10 +38,16 @@ class BootstrapRefused(Exception):
 
 
 @dataclass(frozen=True)
-class Bootstrap:
+class IssuedKey:
+    """A superadmin key issued here (bootstrap or recovery), still to be handed over (``deliver_or_revoke``)."""
+    token: str
+    pat_id: str
+
+
+@dataclass(frozen=True)
+class Bootstrap(IssuedKey):
     user: User
     domain: Domain
-    token: str
     expires_days: int
 
 
@@ -62,10 +69,13 @@ class Delivered:
 
 
 def choose_delivery(settings: Settings, pat_file: Path | None) -> PatDelivery | None:
+    """The operator key of the configuration file (the measured image) wins: ``--pat-file`` is a launch
+    argument, set by whoever starts the process, so with an operator key it only says where the *sealed* PAT
+    goes; a plain PAT file is for deployments without one."""
+    if settings.bootstrap.operator_public_key:
+        return PatDelivery("sealed", pat_file or settings.data_dir / SEALED_PAT_FILE_NAME)
     if pat_file is not None:
         return PatDelivery("file", pat_file)
-    if settings.bootstrap.operator_public_key:
-        return PatDelivery("sealed", settings.data_dir / SEALED_PAT_FILE_NAME)
     if settings.simulate:
         return PatDelivery("print")
     return None
@@ -78,11 +88,21 @@ REFUSAL = ("refusing to bootstrap the first superadmin: outside --simulate its A
 
 
 def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` where only this user reads it: never through a symbolic link, never into a file that is
+    not a regular one owned by this user, and 0600 before the first byte lands (a looser file left there
+    would otherwise have held the PAT, readable, until a chmod after the write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise BootstrapRefused(f"refusing to write the PAT to {path}: {e.strerror} (a symbolic link?)") from None
     with os.fdopen(fd, "w") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise BootstrapRefused(f"refusing to write the PAT to {path}: not a regular file owned by this user")
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
         fh.write(text)
-    os.chmod(path, 0o600)
 
 
 def deliver(delivery: PatDelivery, settings: Settings, token: str, *, what: str = "Bootstrap") -> Delivered:
@@ -107,6 +127,17 @@ def deliver(delivery: PatDelivery, settings: Settings, token: str, *, what: str 
                      shell_key="$CUBE_TOKEN", python_key="os.environ['CUBE_TOKEN']")
 
 
+async def deliver_or_revoke(store: Store, key: IssuedKey, delivery: PatDelivery, settings: Settings, *,
+                            what: str = "Bootstrap") -> Delivered:
+    """``deliver`` the key; if the hand-over fails, revoke it: a key nobody received would otherwise count as
+    usable and hold off the recovery key until it expired, locking the operator out."""
+    try:
+        return deliver(delivery, settings, key.token, what=what)
+    except BaseException:
+        await store.revoke_pat(key.pat_id)
+        raise
+
+
 async def bootstrap_if_empty(store: Store, settings: Settings, server_secret: bytes,
                              clock: Clock = utcnow) -> Bootstrap | None:
     """Create the first superadmin (+ default domain, + PAT) when the store has no users; else None.
@@ -125,10 +156,10 @@ async def bootstrap_if_empty(store: Store, settings: Settings, server_secret: by
     await store.set_membership(domain.id, user.id, "admin")
     token = generate_token()
     days = settings.pat_default_ttl_days
-    await store.create_pat(user_id=user.id, name="bootstrap", token_hash=token_hash(server_secret, token),
-                           last4=token[-4:], scopes=ALL_SCOPES, expires_at=clock() + timedelta(days=days))
+    pat = await store.create_pat(user_id=user.id, name="bootstrap", token_hash=token_hash(server_secret, token),
+                                 last4=token[-4:], scopes=ALL_SCOPES, expires_at=clock() + timedelta(days=days))
     log.info("bootstrapped superadmin %s and domain %s", user.id, domain.id)
-    return Bootstrap(user=user, domain=domain, token=token, expires_days=days)
+    return Bootstrap(token=token, pat_id=pat.id, user=user, domain=domain, expires_days=days)
 
 
 def _is_platform_key(pat: Pat, now: datetime) -> bool:
@@ -137,8 +168,8 @@ def _is_platform_key(pat: Pat, now: datetime) -> bool:
 
 
 async def recover_if_locked_out(store: Store, settings: Settings, server_secret: bytes,
-                                clock: Clock = utcnow) -> str | None:
-    """A fresh platform key (the token) for the first superadmin when no superadmin holds a usable one
+                                clock: Clock = utcnow) -> IssuedKey | None:
+    """A fresh platform key for the first superadmin when no superadmin holds a usable one
     (unbound, with ``manage``, neither expired nor revoked); else None. Call it only with a safe delivery."""
     superadmins = [u for u in await store.list_users() if u.is_superadmin]
     if not superadmins:
@@ -150,7 +181,7 @@ async def recover_if_locked_out(store: Store, settings: Settings, server_secret:
     user = min(superadmins, key=lambda u: u.created_at)
     token = generate_token()
     days = settings.pat_default_ttl_days
-    await store.create_pat(user_id=user.id, name="recovery", token_hash=token_hash(server_secret, token),
-                           last4=token[-4:], scopes=ALL_SCOPES, expires_at=now + timedelta(days=days))
+    pat = await store.create_pat(user_id=user.id, name="recovery", token_hash=token_hash(server_secret, token),
+                                 last4=token[-4:], scopes=ALL_SCOPES, expires_at=now + timedelta(days=days))
     log.warning("no superadmin held a usable platform key: issued a recovery key for superadmin %s", user.id)
-    return token
+    return IssuedKey(token=token, pat_id=pat.id)

@@ -161,6 +161,22 @@ def _format_validation(exc: ValidationError, source: str) -> str:
     return f"invalid configuration in {source}: " + "; ".join(lines)
 
 
+def _sets_operator_key(parts: list[str], value: object) -> bool:
+    """Whether an environment override reaches ``bootstrap.operator_public_key``: named in full, or inside the
+    YAML mapping given for a prefix of it (``CUBE_ENCLAVE__BOOTSTRAP='{operator_public_key: ...}'``)."""
+    path = ["bootstrap", "operator_public_key"]
+    if parts == path:
+        return True
+    if parts != path[:len(parts)]:
+        return False
+    node: object = value
+    for key in path[len(parts):]:
+        if not isinstance(node, Mapping):
+            return False
+        node = next((v for k, v in node.items() if str(k).lower() == key), None)
+    return node is not None
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
@@ -169,14 +185,14 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if not all(parts):
             raise ConfigError(f"environment variable {name}: empty key segment")
-        if parts == ["bootstrap", "operator_public_key"]:
-            raise ConfigError(f"environment variable {name}: the operator key must come from the configuration "
-                              "file (part of the measured image): whoever sets the environment would otherwise "
-                              "receive the superadmin key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"environment variable {name}: not a valid YAML value ({e.__class__.__name__})") from None
+        if _sets_operator_key(parts, value):
+            raise ConfigError(f"environment variable {name}: the operator key must come from the configuration "
+                              "file (part of the measured image): whoever sets the environment would otherwise "
+                              "receive the superadmin key")
         if parts[-1] in {"server_secret", "database_url", "api_key"}:
             value = raw  # secrets and URLs stay verbatim strings
         node = tree

@@ -27,9 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default from config: 8443)")
     serve.add_argument("--data-dir", type=Path, help="where the SQLite store, server secret and cert PEM live")
     serve.add_argument("--pat-file", type=Path,
-                       help="write the bootstrap PAT to this file (0600) instead of printing it (outside "
-                            "--simulate: on a file system only the VM can read; else seal it to "
-                            "bootstrap.operator_public_key)")
+                       help="write the bootstrap PAT to this file (0600) instead of printing it; with "
+                            "bootstrap.operator_public_key configured, the sealed PAT goes there instead (a launch "
+                            "argument never gets the plain key away from the configured operator)")
     return parser
 
 
@@ -54,7 +54,8 @@ async def _prepare(settings: Settings, delivery: PatDelivery | None) -> tuple[De
 
     Returns (what the banner says about the PAT or None when the store was initialised already, default domain).
     """
-    from enclave.bootstrap import REFUSAL, BootstrapRefused, bootstrap_if_empty, deliver, recover_if_locked_out
+    from enclave.bootstrap import (REFUSAL, BootstrapRefused, bootstrap_if_empty, deliver_or_revoke,
+                                   recover_if_locked_out)
     from enclave.store import open_store
 
     secret = load_server_secret(settings)
@@ -65,9 +66,9 @@ async def _prepare(settings: Settings, delivery: PatDelivery | None) -> tuple[De
         delivered = None
         boot = await bootstrap_if_empty(store, settings, secret)
         if boot is not None:
-            delivered = deliver(delivery, settings, boot.token)
+            delivered = await deliver_or_revoke(store, boot, delivery, settings)
         elif delivery is not None and (recovery := await recover_if_locked_out(store, settings, secret)):
-            delivered = deliver(delivery, settings, recovery, what="Recovery")
+            delivered = await deliver_or_revoke(store, recovery, delivery, settings, what="Recovery")
         domains = await store.list_domains()
         default = next((d for d in domains if d.name == settings.bootstrap.domain_name), None)
         return delivered, default

@@ -96,6 +96,13 @@ class Pat:
     issued_by: str | None = None   # the user who minted it (the owner for self-made keys; None: deleted issuer)
 
 
+class Owner:
+    """The type of ``OWNER``: ``create_pat``'s default issuer, the key's owner (None means a deleted issuer)."""
+
+
+OWNER = Owner()
+
+
 @dataclass(frozen=True)
 class AuthRecord:
     """Everything an access decision needs about a PAT, loaded in one go."""
@@ -314,13 +321,14 @@ class Store:
     # personal access tokens
     async def create_pat(self, *, user_id: str, name: str, token_hash: str, last4: str, scopes: Iterable[str],
                          expires_at: datetime, domain_id: str | None = None,
-                         model_allowlist: Iterable[str] | None = None, issued_by: str | None = None) -> Pat:
-        """``issued_by``: who minted the key (default: its owner)."""
+                         model_allowlist: Iterable[str] | None = None, issued_by: str | None | Owner = OWNER
+                         ) -> Pat:
+        """``issued_by``: who minted the key (default: its owner; None: an issuer since deleted)."""
         allow = list(model_allowlist) if model_allowlist is not None else None
         pat = Pat(id=str(uuid.uuid4()), user_id=user_id, domain_id=domain_id, name=name, token_hash=token_hash,
                   last4=last4, scopes=tuple(scopes), model_allowlist=tuple(allow) if allow is not None else None,
                   created_at=utcnow(), expires_at=_aware(expires_at), revoked_at=None, last_used_at=None,
-                  issued_by=issued_by or user_id)
+                  issued_by=user_id if isinstance(issued_by, Owner) else issued_by)
         await self._write(pats.insert().values(
             id=pat.id, user_id=user_id, domain_id=domain_id, name=name, token_hash=token_hash, last4=last4,
             scopes=list(pat.scopes), model_allowlist=allow, created_at=pat.created_at, expires_at=pat.expires_at,
@@ -337,6 +345,12 @@ class Store:
             stmt = stmt.where(pats.c.user_id == user_id)
         if domain_id is not None:
             stmt = stmt.where(pats.c.domain_id == domain_id)
+        return [_pat(r) for r in await self._rows(stmt)]
+
+    async def list_issued_for_others(self, issuer_id: str) -> list[Pat]:
+        """The keys ``issuer_id`` minted for other users (revoked ones included)."""
+        stmt = (pats.select().where((pats.c.issued_by == issuer_id) & (pats.c.user_id != issuer_id))
+                .order_by(pats.c.created_at, pats.c.id))
         return [_pat(r) for r in await self._rows(stmt)]
 
     async def revoke_pat(self, pat_id: str, *, at: datetime | None = None) -> Pat | None:
@@ -362,6 +376,12 @@ class Store:
         roles = {r.m_domain: r.m_role for r in rows if r.m_domain is not None}
         return AuthRecord(pat=_pat(first), user=user, roles=roles)
 
+    async def latest_recorded_time(self) -> datetime | None:
+        """The latest time the service's clock put in the store (keys' last use and revocation), if any."""
+        rows = await self._rows(sa.select(sa.func.max(pats.c.last_used_at), sa.func.max(pats.c.revoked_at)))
+        times = [_aware(t) for t in rows[0] if t is not None]
+        return max(times) if times else None
+
     async def record_last_used(self, seen: Mapping[str, datetime]) -> None:
         """Batch update of last_used_at (never moves it backwards); not a generation change."""
         if not seen:
@@ -379,5 +399,5 @@ async def open_store(settings: Any) -> Store:
     return await Store.open(settings.effective_database_url(), schema=settings.database_schema)
 
 
-__all__ = ["AuthRecord", "Conflict", "Domain", "Member", "Pat", "ROLES", "Store", "StoreError", "User",
-           "canonical_uuid", "open_store", "utcnow"]
+__all__ = ["AuthRecord", "Conflict", "Domain", "Member", "OWNER", "Owner", "Pat", "ROLES", "Store", "StoreError",
+           "User", "canonical_uuid", "open_store", "utcnow"]

@@ -16,9 +16,9 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from enclave.access import (Principal, bound_new_pat, is_own_key_in_binding, may_issue_pat, may_manage_domain,
-                            may_manage_own_keys, may_manage_platform, may_revoke_pat, may_view_pat, may_view_self,
-                            visible_roles)
+from enclave.access import (Principal, bound_new_pat, is_own_key_in_binding, issuer_still_holds, may_issue_pat,
+                            may_manage_domain, may_manage_own_keys, may_manage_platform, may_revoke_pat,
+                            may_set_member, may_view_pat, may_view_self, visible_roles)
 from enclave.api.context import AppContext, authenticated, check, decided_domain_id, find_domain, find_user
 from enclave.api.schemas import (CONFLICT_RESPONSE, ERROR_RESPONSES, AdminModelOut, BackendStatusOut, DomainCreate, DomainOut,
                                  DomainRef, DomainUpdate, MemberOut, MembershipSet, MeOut, ModelPull, PatCreate,
@@ -92,12 +92,13 @@ async def _self_manager(principal: Principal = Depends(authenticated)) -> Princi
     return principal
 
 
-async def _issue_pat(ctx: AppContext, creator: Principal, owner: User, body: PatCreate,
+async def _issue_pat(ctx: AppContext, creator: Principal, owner: User | None, body: PatCreate,
                      domain: Domain | None) -> PatCreated:
     """Mint a key for ``owner`` (bound to ``domain`` when given), once ``enclave.access`` has admitted the
     minter and bounded the key by the creating one."""
-    role = (await ctx.store.roles_of(owner.id)).get(domain.id) if domain else None
+    role = (await ctx.store.roles_of(owner.id)).get(domain.id) if domain and owner else None
     check(may_issue_pat(creator, owner, domain.id if domain else None, domain, role))
+    assert owner is not None
     now = ctx.clock()
     bounds = bound_new_pat(creator, scopes=[str(s) for s in body.scopes], domain_id=domain.id if domain else None,
                            expires_in_days=body.expires_in_days, model_allowlist=body.model_allowlist, now=now,
@@ -109,10 +110,23 @@ async def _issue_pat(ctx: AppContext, creator: Principal, owner: User, body: Pat
     pat = await ctx.store.create_pat(user_id=owner.id, name=body.name, token_hash=ctx.auth.hash(token),
                                      last4=token[-4:], scopes=terms.scopes, expires_at=terms.expires_at,
                                      domain_id=terms.domain_id, model_allowlist=terms.model_allowlist,
-                                     issued_by=creator.user.id)
-    log.info("issued PAT %s for user %s (domain %s) by %s", pat.id, owner.id, terms.domain_id or "any",
-             creator.user.id)
+                                     issued_by=terms.issued_by)
+    log.info("issued PAT %s for user %s (domain %s) with a key of %s issued by %s", pat.id, owner.id,
+             terms.domain_id or "any", creator.user.id, terms.issued_by or "a deleted user")
     return PatCreated(**pat_out(pat, now).model_dump(), token=token)
+
+
+async def _revoke_what_the_issuer_lost(request: Request, issuer_id: str, *, deleting: bool = False) -> None:
+    """After a change to ``issuer_id`` (role, membership, superadmin flag; ``deleting``: it is about to go),
+    revoke the keys it minted for others that it could no longer mint (``access.issuer_still_holds``)."""
+    store = _ctx(request).store
+    issuer = None if deleting else await store.get_user(issuer_id)
+    roles = await store.roles_of(issuer_id) if issuer is not None else {}
+    now = _ctx(request).clock()
+    for pat in await store.list_issued_for_others(issuer_id):
+        if pat.revoked_at is None and not issuer_still_holds(pat, issuer, roles):
+            await store.revoke_pat(pat.id, at=now)
+            log.info("revoked PAT %s: its issuer %s can no longer mint it", pat.id, issuer_id)
 
 
 # ---- platform: backends and models ---------------------------------------------------------------------
@@ -273,6 +287,7 @@ async def update_user(user_id: UserRef, body: UserUpdate, request: Request,
     except Conflict as e:
         raise _conflict(e, f"A user named `{body.name}`") from None
     assert updated is not None
+    await _revoke_what_the_issuer_lost(request, user.id)
     return user_out(updated)
 
 
@@ -280,6 +295,7 @@ async def update_user(user_id: UserRef, body: UserUpdate, request: Request,
 async def delete_user(user_id: UserRef, request: Request, _: Principal = Depends(_platform_admin)) -> Response:
     user = await _user_or_404(request, user_id)
     await _keep_a_superadmin(request, user)
+    await _revoke_what_the_issuer_lost(request, user.id, deleting=True)
     await _ctx(request).store.delete_user(user.id)
     return Response(status_code=204)
 
@@ -336,8 +352,15 @@ async def list_members(request: Request, m: DomainManager = Depends(_domain_mana
 @domain_admin.put("/members/{user_id}", response_model=MemberOut, summary="Add a user to the domain or change the role")
 async def set_member(user_id: UserRef, body: MembershipSet, request: Request,
                      m: DomainManager = Depends(_domain_manager)) -> MemberOut:
-    user = await _user_or_404(request, user_id)
-    return member_out(await _ctx(request).store.set_membership(m.domain.id, user.id, body.role))
+    store = _ctx(request).store
+    user = await find_user(store, user_id)
+    is_member = user is not None and await store.get_member(m.domain.id, user.id) is not None
+    check(may_set_member(m.principal, m.domain.id, m.domain, user, named_by_id=canonical_uuid(user_id) is not None,
+                         is_member=is_member))
+    assert user is not None
+    member = await store.set_membership(m.domain.id, user.id, body.role)
+    await _revoke_what_the_issuer_lost(request, user.id)
+    return member_out(member)
 
 
 @domain_admin.delete("/members/{user_id}", status_code=204, summary="Remove a member and revoke their keys bound here")
@@ -349,6 +372,7 @@ async def remove_member(user_id: UserRef, request: Request, m: DomainManager = D
     for pat in await store.list_pats(user_id=user.id, domain_id=m.domain.id):
         if pat.revoked_at is None:
             await store.revoke_pat(pat.id, at=_ctx(request).clock())
+    await _revoke_what_the_issuer_lost(request, user.id)
     return Response(status_code=204)
 
 
@@ -362,10 +386,8 @@ async def list_domain_pats(request: Request, m: DomainManager = Depends(_domain_
                    summary="Issue a PAT bound to this domain for a member who is not a superadmin; shown once")
 async def create_member_pat(user_id: UserRef, body: PatCreate, request: Request,
                             m: DomainManager = Depends(_domain_manager)) -> PatCreated:
-    user = await find_user(_ctx(request).store, user_id)
-    if user is None:
-        raise not_found("Member", "member_not_found")
-    return await _issue_pat(_ctx(request), m.principal, user, body, m.domain)
+    return await _issue_pat(_ctx(request), m.principal, await find_user(_ctx(request).store, user_id), body,
+                            m.domain)
 
 
 @domain_admin.delete("/pats/{pat_id}", status_code=204)

@@ -138,8 +138,9 @@ class PatOut(BaseModel):
     revoked_at: datetime | None
     last_used_at: datetime | None
     state: Literal["active", "expired", "revoked"]
-    issued_by: str | None = Field(description="the user who minted the key: its owner, or the admin who issued "
-                                              "it (null once that user is deleted)")
+    issued_by: str | None = Field(description="who holds the key that minted it: its owner, or the admin who "
+                                              "issued it (directly or with a key it had issued); null once that "
+                                              "user is deleted")
 
 
 class PatCreated(PatOut):

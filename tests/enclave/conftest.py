@@ -161,7 +161,7 @@ async def seed_world(store: Store, secret: bytes, now: datetime) -> World:
                                      domain_id=w.domains[domain_bound] if domain_bound else None,
                                      model_allowlist=allow)
         if revoked:
-            await store.revoke_pat(pat.id)
+            await store.revoke_pat(pat.id, at=now)   # the service's (fake) clock, as a revocation through the API
         w.tokens[label] = tok
         w.pat_ids[label] = pat.id
 

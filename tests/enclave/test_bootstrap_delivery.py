@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from enclave.bootstrap import SEALED_PAT_FILE_NAME, BootstrapRefused, PatDelivery, deliver
+from enclave.bootstrap import SEALED_PAT_FILE_NAME, BootstrapRefused, PatDelivery, choose_delivery, deliver
 from enclave.bootstrap_cli import main as bootstrap_cli
 from enclave.config import ConfigError, load_settings
 from enclave.main import banner
@@ -62,6 +62,38 @@ def test_operator_key_comes_from_the_config_file_only(tmp_path: Path) -> None:
     config.write_text("bootstrap: {operator_public_key: 'c2hvcnQ='}\n")
     with pytest.raises(ConfigError, match="bootstrap.operator_public_key: .*X25519"):
         load_settings(config, environ={})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("CUBE_ENCLAVE__BOOTSTRAP", "{operator_public_key: KEY}"),
+    ("CUBE_ENCLAVE__bootstrap", "{admin_name: root, operator_public_key: KEY}"),
+    ("CUBE_ENCLAVE__BOOTSTRAP", "{Operator_Public_Key: KEY}"),
+])
+def test_the_operator_key_cannot_come_from_the_environment_inside_a_yaml_mapping(tmp_path: Path, name: str,
+                                                                                  value: str) -> None:
+    """``CUBE_ENCLAVE__BOOTSTRAP='{operator_public_key: <host key>}'`` set the operator key from the environment:
+    the launcher got the bootstrap and recovery keys sealed to itself."""
+    host_key = public_key_text(X25519PrivateKey.generate().public_key())
+    with pytest.raises(ConfigError, match="must come from the configuration file"):
+        load_settings(None, environ={name: value.replace("KEY", host_key)})
+    assert load_settings(None, environ={"CUBE_ENCLAVE__BOOTSTRAP": "{admin_name: root}"}).bootstrap.admin_name == "root"
+
+
+def test_with_an_operator_key_a_pat_file_launch_argument_gets_only_the_sealed_pat(tmp_path: Path) -> None:
+    """``--pat-file`` (a launch argument) took precedence over the operator key of the measured configuration:
+    whoever starts the process received the plain bootstrap / recovery PAT in a file of its choosing."""
+    operator = X25519PrivateKey.generate()
+    settings = load_settings(None, environ={}, overrides={
+        "data_dir": str(tmp_path), "bootstrap": {"operator_public_key": public_key_text(operator.public_key())}})
+    chosen = tmp_path / "launcher-chose-this"
+    delivery = choose_delivery(settings, chosen)
+    assert delivery == PatDelivery("sealed", chosen)
+    token = generate_token()
+    deliver(delivery, settings, token)
+    written = chosen.read_text()
+    assert token not in written and open_sealed(written, operator).decode() == token
+    plain = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path)})
+    assert choose_delivery(plain, chosen) == PatDelivery("file", chosen)
 
 
 def test_printing_is_for_simulation_only(tmp_path: Path) -> None:
@@ -259,3 +291,39 @@ def test_only_an_unbound_unexpired_manage_key_of_a_superadmin_counts_as_usable(t
             await store.close()
 
     assert asyncio.run(scenario()) == [True, False]
+
+
+def test_the_pat_file_is_never_written_through_a_symbolic_link(tmp_path: Path) -> None:
+    """A symbolic link planted at the PAT file's path sent the plain PAT wherever it pointed (O_CREAT followed
+    it); a looser file left there held the PAT readable until the chmod after the write."""
+    settings = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path)})
+    elsewhere = tmp_path / "readable-by-others"
+    elsewhere.write_text("")
+    elsewhere.chmod(0o644)
+    link = tmp_path / "pat"
+    link.symlink_to(elsewhere)
+    token = generate_token()
+    with pytest.raises(BootstrapRefused, match="symbolic link"):
+        deliver(PatDelivery("file", link), settings, token)
+    assert elsewhere.read_text() == ""
+    loose = tmp_path / "loose"
+    loose.write_text("old contents, longer than a token " * 4)
+    loose.chmod(0o644)
+    deliver(PatDelivery("file", loose), settings, token)
+    assert loose.read_text() == token + "\n" and loose.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_pat_that_could_not_be_handed_over_does_not_hold_off_the_recovery_key(tmp_path: Path) -> None:
+    """The bootstrap PAT was stored before its hand-over; when the hand-over failed, nobody had the key yet it
+    counted as usable, so no recovery key came until it expired: the operator was locked out for weeks."""
+    from enclave.main import _prepare
+
+    settings = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path)})
+    planted = tmp_path / "pat"
+    planted.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BootstrapRefused):
+        asyncio.run(_prepare(settings, PatDelivery("file", planted)))
+    good = tmp_path / "pat-2"
+    delivered, _ = asyncio.run(_prepare(settings, PatDelivery("file", good)))
+    assert delivered is not None and "Recovery" in delivered.lines[0]
+    assert _bootstrap_pat_is_valid(tmp_path, good.read_text().strip())

@@ -172,3 +172,135 @@ def test_names_and_any_case_ids_in_paths(svc) -> None:
         unknown, foreign = admin.get("/domains/no-such/members"), admin.get("/domains/domain-b/members")
         assert unknown.status_code == foreign.status_code == 403 and unknown.json() == foreign.json()
         assert [m["user"]["name"] for m in admin.get("/domains/domain-a/members").json()][0] == "user-admin_a"
+
+
+def test_a_domain_admin_cannot_probe_other_tenants_user_names(svc) -> None:
+    """PUT /domains/{d}/members/{name} answered 200 with the user (id, superadmin flag) for any user of the
+    platform and 404 for unknown names: a domain admin enumerated every tenant's users by name."""
+    server, world = svc
+    a = world.domains["A"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        unknown = admin.put(f"/domains/{a}/members/no-such-user", json={"role": "member"})
+        for name in ("user-member_b", "user-superadmin", "user-nonmember"):
+            r = admin.put(f"/domains/{a}/members/{name}", json={"role": "member"})
+            assert (r.status_code, r.json()) == (unknown.status_code, unknown.json()) and r.status_code == 404, name
+        assert [m["user"]["name"] for m in admin.get(f"/domains/{a}/members").json()].count("user-member_b") == 0
+        # a member's name still resolves, and a user who shares its id can be added
+        assert admin.put(f"/domains/{a}/members/user-member_a", json={"role": "admin"}).json()["role"] == "admin"
+        assert admin.put(f"/domains/{a}/members/{world.users['member_b'].upper()}",
+                         json={"role": "member"}).status_code == 200
+    with server.client(world.tokens["superadmin"]) as root:   # the platform sees the directory
+        assert root.put(f"/domains/{a}/members/user-nonmember", json={"role": "member"}).status_code == 200
+
+
+def test_a_key_minted_with_an_admin_issued_key_stays_visibly_the_admins(svc) -> None:
+    """An admin minted a `manage` key for a member, then used it on /users/me/pats: the new key read as self-made
+    by the member (issued_by = member), so the admin kept a key that no listing attributed to it."""
+    server, world = svc
+    a, admin_id, member_id = world.domains["A"], world.users["admin_a"], world.users["member_a"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        as_member = admin.post(f"/domains/{a}/members/{member_id}/pats",
+                               json={"name": "as-member", "scopes": ["manage", "models:read"]}).json()
+    with server.client(as_member["token"]) as c:
+        laundered = c.post("/users/me/pats", json={"name": "looks-self-made", "scopes": ["models:read"]}).json()
+        assert laundered["user_id"] == member_id and laundered["issued_by"] == admin_id
+        again = c.post(f"/domains/{a}/members/{member_id}/pats", json={"name": "x", "scopes": ["models:read"]})
+        assert again.status_code == 403                                # a member administers nothing
+    with server.client(world.tokens["superadmin"]) as root:
+        listed = {p["id"]: p["issued_by"] for p in root.get(f"/admin/users/{member_id}/pats").json()}
+        assert listed[laundered["id"]] == admin_id
+        assert listed[world.pat_ids["member_a"]] == member_id          # the member's own key stays its own
+        own = root.post("/users/me/pats", json={"name": "mine", "scopes": ["models:read"]}).json()
+        assert own["issued_by"] == world.users["superadmin"]
+
+
+def test_minting_for_a_non_member_looks_like_minting_for_an_unknown_user(svc) -> None:
+    """POST /domains/{d}/members/{name}/pats answered 404 with `param: null` for an unknown name and with
+    `param: "user_id"` for any existing user who is no member: another probe of other tenants' user names."""
+    server, world = svc
+    a = world.domains["A"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        unknown = admin.post(f"/domains/{a}/members/no-such-user/pats", json={"name": "k"})
+        for ref in ("user-member_b", "user-superadmin", world.users["nonmember"]):
+            r = admin.post(f"/domains/{a}/members/{ref}/pats", json={"name": "k"})
+            assert (r.status_code, r.json(), r.headers.get("x-should-retry")) == (
+                unknown.status_code, unknown.json(), unknown.headers.get("x-should-retry")) == (
+                404, unknown.json(), None), ref
+
+
+@pytest.mark.parametrize("loss", ["removed", "demoted", "deleted"])
+def test_an_admin_who_loses_the_domain_loses_the_keys_it_minted_there(svc, loss: str) -> None:
+    """An admin minted a key for a member (it holds the token), then was removed from the domain, demoted or
+    deleted: the key stayed valid, so the former admin went on acting in the domain as the member."""
+    server, world = svc
+    a, admin_id, member_id = world.domains["A"], world.users["admin_a"], world.users["member_a"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        kept = admin.post(f"/domains/{a}/members/{member_id}/pats",
+                          json={"name": "kept", "scopes": ["manage", "models:read"]}).json()
+    with server.client(kept["token"]) as c:                  # and one minted with it (issued by the admin too)
+        child = c.post("/users/me/pats", json={"name": "child", "scopes": ["models:read"]}).json()
+        assert c.get(f"/proxy/{a}/v1/models").status_code == 200
+    with server.client(world.tokens["superadmin"]) as root:
+        r = {"removed": lambda: root.delete(f"/domains/{a}/members/{admin_id}"),
+             "demoted": lambda: root.put(f"/domains/{a}/members/{admin_id}", json={"role": "member"}),
+             "deleted": lambda: root.delete(f"/admin/users/{admin_id}")}[loss]()
+        assert r.status_code in (200, 204)
+        states = {p["id"]: p["state"] for p in root.get(f"/admin/users/{member_id}/pats").json()}
+    assert states[kept["id"]] == states[child["id"]] == "revoked"
+    assert states[world.pat_ids["member_a"]] == "active"     # the member's own key is untouched
+    for token in (kept["token"], child["token"]):
+        with server.client(token) as c:
+            assert c.get(f"/proxy/{a}/v1/models").status_code == 401
+
+
+def test_keys_an_admin_minted_survive_changes_that_keep_its_power(svc) -> None:
+    server, world = svc
+    a, admin_id, member_id = world.domains["A"], world.users["admin_a"], world.users["member_a"]
+    with server.client(world.tokens["admin_a"]) as admin:
+        kept = admin.post(f"/domains/{a}/members/{member_id}/pats", json={"name": "kept"}).json()
+    with server.client(world.tokens["superadmin"]) as root:
+        root.put(f"/domains/{a}/members/{admin_id}", json={"role": "admin"})
+        root.put(f"/domains/{world.domains['B']}/members/{admin_id}", json={"role": "member"})
+        root.patch(f"/admin/users/{admin_id}", json={"name": "renamed"})
+        root.patch(f"/admin/users/{admin_id}", json={"superadmin": True})
+        root.patch(f"/admin/users/{admin_id}", json={"superadmin": False})   # still admin of A
+    with server.client(kept["token"]) as c:
+        assert c.get(f"/proxy/{a}/v1/models").status_code == 200
+
+
+def test_winding_the_clock_back_does_not_revive_an_expired_key(svc, clock: FakeClock) -> None:
+    """The guest's wall clock is the host's to set: winding it back made an expired key valid again."""
+    server, world = svc
+    with server.client(world.tokens["superadmin"]) as root:
+        short = root.post("/users/me/pats", json={"name": "one-day", "expires_in_days": 1}).json()
+    clock.advance(days=2)
+    with server.client(short["token"]) as c:
+        assert c.get("/users/me").status_code == 401
+        clock.advance(days=-2)                                          # the host winds the clock back
+        r = c.get("/users/me")
+        assert r.status_code == 401 and "expired" in r.json()["error"]["message"]
+
+
+def test_the_clock_floor_survives_a_restart(tmp_path) -> None:
+    """After a restart the floor is the latest time the store recorded (a key's last use or revocation)."""
+    import asyncio
+    from datetime import UTC, timedelta
+
+    from enclave.auth import MonotonicClock
+    from enclave.store import Store
+
+    async def scenario() -> tuple[datetime | None, datetime]:
+        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'floor.db'}")
+        try:
+            user = await store.create_user("u")
+            later = datetime.now(UTC) + timedelta(days=3)
+            pat = await store.create_pat(user_id=user.id, name="k", token_hash="h" * 64, last4="abcd",
+                                         scopes=["models:read"], expires_at=later + timedelta(days=1))
+            await store.record_last_used({pat.id: later})
+            floor = await store.latest_recorded_time()
+            return floor, MonotonicClock(lambda: datetime.now(UTC), floor=floor)()
+        finally:
+            await store.close()
+
+    floor, now = asyncio.run(scenario())
+    assert floor is not None and now == floor
