@@ -8,13 +8,13 @@ signed by the ARK, so an untrusted mirror can make verifiers refuse the evidence
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import AttestationError, ProviderError
 from ..evidence import SNP_CRL_FILE, Evidence
+from .collateral import fetch_for_evidence, with_collateral
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..snp.kds import KdsClient
@@ -44,13 +44,6 @@ def with_snp_crl(evidence: Evidence, kds: "KdsClient") -> Evidence:
     include revocation data must not silently hand out evidence that strict verifiers will refuse.
     """
     family, vlek = snp_product_of(evidence)
-    where = getattr(kds, "base_url", "KDS")
-    try:
-        crl = kds.crl(family, vlek=vlek)
-    except (AttestationError, ValueError, OSError) as exc:
-        raise ProviderError(
-            f"cannot fetch the AMD CRL of {family} ({'VLEK' if vlek else 'VCEK'}) from {where}: {exc}; "
-            "the evidence is not published without the revocation data it is configured to carry"
-        ) from None
-    der = crl.public_bytes(serialization.Encoding.DER)
-    return dataclasses.replace(evidence, collateral={**evidence.collateral, SNP_CRL_FILE: der})
+    crl = fetch_for_evidence(f"the AMD CRL of {family} ({'VLEK' if vlek else 'VCEK'})", kds, "KDS",
+                             lambda: kds.crl(family, vlek=vlek))
+    return with_collateral(evidence, {SNP_CRL_FILE: crl.public_bytes(serialization.Encoding.DER)})

@@ -11,11 +11,11 @@ or keep serving a superseded set that is still before its nextUpdate: against th
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from ..errors import AttestationError, ProviderError
 from ..evidence import Evidence
+from .collateral import fetch_for_evidence, with_collateral
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..tdx.pcs import PcsClient
@@ -35,12 +35,6 @@ def with_tdx_collateral(evidence: Evidence, pcs: "PcsClient") -> Evidence:
         fmspc, ca = quote.pck_extension.fmspc.hex(), pck_ca_kind(quote.sig_data.pck_chain)
     except AttestationError as exc:
         raise ProviderError(f"cannot tell which Intel collateral the TDX quote needs: {exc}") from None
-    where = getattr(pcs, "base_url", "PCS")
-    try:
-        collateral = pcs.collateral(fmspc, ca=ca)
-    except (AttestationError, ValueError, OSError) as exc:
-        raise ProviderError(
-            f"cannot fetch the Intel collateral of FMSPC {fmspc} (PCK {ca} CA) from {where}: {exc}; "
-            "the evidence is not published without the collateral verifiers require"
-        ) from None
-    return dataclasses.replace(evidence, collateral={**evidence.collateral, **collateral_to_files(collateral)})
+    collateral = fetch_for_evidence(f"the Intel collateral of FMSPC {fmspc} (PCK {ca} CA)", pcs, "PCS",
+                                    lambda: pcs.collateral(fmspc, ca=ca))
+    return with_collateral(evidence, collateral_to_files(collateral))
