@@ -12,6 +12,7 @@ from enclave.access import Decision, Principal
 from enclave.auth import Authenticator, Clock, LastUsedTracker
 from enclave.config import Settings
 from enclave.errors import ApiError
+from enclave.inference.gateway import Gateway
 from enclave.metrics import Metrics
 from enclave.store import Domain, Store, User, canonical_uuid
 
@@ -25,6 +26,7 @@ class AppContext:
     registry: Any
     metrics: Metrics
     clock: Clock
+    gateway: Gateway
 
 
 def ctx(request: Request) -> AppContext:
