@@ -49,9 +49,10 @@ async def _authentication_refusal(request: Request) -> JSONResponse | None:
     if "ctx" not in request.app.state._state:
         return None
     try:
-        await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+        principal = await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
     except ApiError as e:
         return e.response()
+    request.state.principal = principal   # this request's handler reuses it (see context.request_principal)
     return None
 
 

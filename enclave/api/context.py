@@ -43,6 +43,15 @@ async def authenticated(request: Request,
     return await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
 
 
+async def request_principal(request: Request) -> Principal:
+    """The request's Principal: the one SizeLimitMiddleware's pre-body check authenticated for this very request
+    (bodies are authenticated before they are read), else authenticated now."""
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):
+        return principal
+    return await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+
+
 def check(decision: Decision) -> None:
     if not decision.allowed:
         raise ApiError(decision.status, decision.message, code=decision.code, param=decision.param,

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from enclave.access import may_infer_in_domain, may_use_model
-from enclave.api.context import AppContext, check, decided_domain_id
+from enclave.api.context import AppContext, check, decided_domain_id, request_principal
 from enclave.api.schemas import ERROR_RESPONSES, DomainRef, ErrorEnvelope
 from enclave.errors import ApiError, model_not_found
 from enclave.inference.body import BodyError, ClientBody, parse_body
@@ -52,7 +52,7 @@ def failure_error(failure: UpstreamFailure) -> ApiError:
 
 async def _infer(request: Request, domain_ref: str, route: str) -> Response:
     ctx: AppContext = request.app.state.ctx
-    principal = await ctx.auth.authenticate(request.headers.get("authorization"))
+    principal = await request_principal(request)
     domain = await ctx.auth.domain(domain_ref)
     check(may_infer_in_domain(principal, decided_domain_id(domain_ref, domain), domain))
     assert domain is not None
