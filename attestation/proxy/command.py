@@ -143,7 +143,7 @@ async def serve(args: argparse.Namespace, err: TextIO) -> int:
     pat = read_pat(args.pat_file) if args.pat_file else None
     if args.max_body_bytes < 1 or args.read_timeout <= 0:
         raise UsageError("--max-body-bytes and --read-timeout must be positive")
-    timeout = httpx.Timeout(DEFAULT_TIMEOUT, read=args.read_timeout)
+    timeout = httpx.Timeout(**{**DEFAULT_TIMEOUT.as_dict(), "read": args.read_timeout})
     try:
         upstream = Upstream(origin, policy, pat=pat, timeout=timeout)
     except PolicyError as exc:
