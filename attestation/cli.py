@@ -6,6 +6,8 @@ Subcommands (a stable contract, relied on by scripts and other components):
   verify-quote QUOTE [--collateral DIR | --pcs URL] [--at ISO8601] [--policy FILE] [--json]
   verify-evidence FILE [--pcs URL] [--at ISO8601] [--policy FILE] [--json]
   verify-url URL [--policy FILE] [--json]                (attested TLS; attestation.atls.cli)
+  proxy --listen 127.0.0.1:PORT --upstream URL --policy FILE [--pat-file F] [--domain D] [--allow-non-loopback]
+                                                         (local verifying proxy; attestation.proxy.command)
   sim-init [--dir DIR] / sim-fingerprint [--dir DIR]     (simulated platform root + ready policy)
 
 With --json exactly one JSON object is printed:
@@ -325,6 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL")
     common(p, at=False)
 
+    p = sub.add_parser("proxy", help="serve a loopback HTTP proxy that relays every request over attested TLS")
+    p.add_argument("--listen", metavar="HOST:PORT", required=True,
+                   help="where local clients connect, plain HTTP (loopback only, e.g. 127.0.0.1:11435; port 0: any)")
+    p.add_argument("--upstream", metavar="URL", required=True, help="the enclave's origin, https://HOST[:PORT]")
+    p.add_argument("--policy", metavar="FILE", required=True, help="appraisal policy YAML for the enclave")
+    p.add_argument("--pat-file", metavar="FILE", help="a 0600 file holding the PAT: the proxy sets Authorization "
+                   "itself, replacing the client's (client configs then hold no key)")
+    p.add_argument("--domain", metavar="D", help="domain id for the printed snippets (default: the PAT's)")
+    p.add_argument("--allow-non-loopback", action="store_true", help="allow a --listen address other than "
+                   "loopback (plain HTTP: whoever reaches it uses the enclave with the proxy's PAT)")
+    p.add_argument("--max-body-bytes", metavar="N", type=int, default=32 * 1024 * 1024,
+                   help="largest request body accepted (default 32 MiB; beyond: 413)")
+    p.add_argument("--read-timeout", metavar="SECONDS", type=float, default=600.0,
+                   help="longest silence from the enclave within a response (default 600)")
+
     for name, help_text in (("sim-init", "create (once) the simulated platform and print its policy"),
                             ("sim-fingerprint", "print the simulated platform's root fingerprint and policy")):
         p = sub.add_parser(name, help=help_text)
@@ -347,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_sim(args, create=False)
         if args.command == "verify-url":
             return _cmd_verify_url(args)
+        if args.command == "proxy":
+            from .proxy.command import proxy_command
+
+            return proxy_command(args)
         handler = {"verify-report": _cmd_verify_report, "verify-quote": _cmd_verify_quote,
                    "verify-evidence": _cmd_verify_evidence}[args.command]
         verdict = handler(args)
