@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -41,3 +42,12 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def rfc3339_nano(moment: datetime) -> str:
+    """Go's time.RFC3339Nano rendering (nanosecond fraction, trailing zeros trimmed, ``Z`` for UTC)."""
+    base = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{moment.microsecond:06d}000".rstrip("0")
+    offset = moment.strftime("%z")
+    zone = "Z" if offset in ("+0000", "") else f"{offset[:3]}:{offset[3:]}"
+    return f"{base}{'.' + fraction if fraction else ''}{zone}"
