@@ -106,6 +106,10 @@ class _Exchange:
                 return
             streamed = True
             await self._stream()
+        except asyncio.CancelledError:
+            if not self.fake.stopping:
+                raise
+            # The fake is stopping and dropped every connection; nothing to report (uvicorn would log a traceback).
         finally:
             self.fake._flight(-1)
             if self.gone_at is not None and not self.dropped_by_us:
