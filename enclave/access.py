@@ -141,6 +141,25 @@ def may_infer_in_domain(principal: Principal, domain_id: str, domain: Domain | N
     return domain_access(principal, domain_id, domain, Scope.MODELS_INFER)
 
 
+def may_read_backend_version(principal: Principal, domain_id: str, domain: Domain | None) -> Decision:
+    """Ollama's ``GET /api/version`` under a domain: what discovery needs (``models:read`` there), since clients
+    ask it before listing."""
+    return domain_access(principal, domain_id, domain, Scope.MODELS_READ)
+
+
+#: Ollama's model management routes; the gateway never proxies them.
+OLLAMA_MANAGEMENT_ROUTES = ("pull", "push", "create", "copy", "delete")
+
+
+def may_manage_models_through_proxy(principal: Principal, action: str) -> Decision:
+    """Ollama's ``/api/pull``, ``push``, ``create``, ``copy``, ``delete`` under a domain: refused to every key,
+    a superadmin's too. Models are the platform's, changed only through the admin API (whose own checks apply),
+    so no domain key can add, overwrite or remove a model other tenants use."""
+    return Decision(False, 403, "use_admin_api",
+                    f"`{action}` is not available through the gateway; a superadmin manages models with the admin "
+                    "API (POST /admin/models, DELETE /admin/models/{model}).")
+
+
 # ---- administration --------------------------------------------------------------------------------------
 def may_view_self(principal: Principal) -> Decision:
     """``GET /users/me``: any valid key may see who it belongs to."""

@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from enclave.api import admin, inference, models, ops
+from enclave.api import admin, inference, models, ollama, ops
 from enclave.api.context import AppContext
+from enclave.api.ollama_errors import OllamaErrorShape
 from enclave.auth import Authenticator, Clock, LastUsedTracker, MonotonicClock
 from enclave.config import Settings, load_server_secret
 from enclave.errors import ApiError, install_error_handlers
@@ -117,6 +118,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     app.include_router(ops.router)
     app.include_router(models.router)
     app.include_router(inference.router)
+    app.include_router(ollama.router)
     app.include_router(admin.platform)
     app.include_router(admin.domain_admin)
     app.include_router(admin.me)
@@ -124,6 +126,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
         app.include_router(router)
     app.add_middleware(SizeLimitMiddleware, max_header_bytes=settings.limits.max_header_bytes,
                        max_body_bytes=settings.limits.max_body_bytes, before_body=_authenticate_before_body)
+    app.add_middleware(OllamaErrorShape)   # outside the size limits, so their refusals get Ollama's shape too
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _document_configured_limits(app, settings)
     return app
