@@ -80,7 +80,9 @@ class EnclaveServer:
         self.ssl_context = self.tls.server_context()
         self.cert_path = settings.data_dir / "server-cert.pem"
         self.cert_path.write_bytes(self.tls.current_certificate_pem())
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it
+        # Nagle and delayed ACKs add ~40 ms to every keep-alive answer (uvicorn's own sockets get it).
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(128)
         self.port = self._sock.getsockname()[1]

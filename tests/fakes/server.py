@@ -59,7 +59,9 @@ class LoopbackServer:
         return self._server is not None
 
     def _bind(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it
+        # Nagle and delayed ACKs add ~40 ms to every keep-alive answer (uvicorn's own sockets get it).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         # SO_REUSEADDR lets a restart take the same port while old connections sit in TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
