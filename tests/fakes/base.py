@@ -14,7 +14,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from tests.fakes.generation import DEFAULT_EMBEDDING_DIM, DEFAULT_TOKEN_COUNT, default_tokens
 from tests.fakes.server import LoopbackServer
+from tests.fakes.streaming import Reply, ReplyResponse
 
 #: ``"not_json"``: a truncated JSON document; ``"bad_shape"``: valid JSON of the wrong shape;
 #: ``"html"``: a 200 HTML page (what a misconfigured reverse proxy in front of a backend returns).
@@ -40,6 +42,25 @@ class FakeBackend:
     * ``malformed`` — the model-listing endpoint answers 200 with a broken body (see ``Malformation``).
     * ``trickle`` — seconds between the bytes of the model listing (a backend that answers, but crawls).
     * ``requests`` — every request seen, oldest first (method, path, lower-cased headers, body).
+
+    Inference controls (the ``/v1/chat/completions``-style routes; see ``tests.fakes.streaming``):
+
+    * ``delay`` also holds back an inference answer's headers (``delay = 3600``: a backend that never answers);
+      a client that leaves meanwhile is noticed and counted.
+    * ``event_interval`` — seconds between stream events (a slow CPU backend).
+    * ``fail_after`` — after N events, half of the next one is written and the connection closed (no final
+      chunk, no ``[DONE]``, no terminating HTTP chunk): a backend killed mid-stream.
+    * ``stall_after`` — after N events, silence with the connection open (idle-timeout tests).
+    * ``upstream_status`` — ``(status, message)``: inference answers that status with the backend's own error body.
+    * ``tokens`` — the completion's tokens (default: a varied sequence derived from the request);
+      ``token_count`` — the default sequence's length; ``embedding_dim`` — the vectors' length.
+    * ``tool_call`` — ``(name, arguments JSON)``: a request carrying ``tools`` is answered with this tool call.
+
+    Observation (read from the test thread): ``in_flight``, ``max_in_flight_seen``, ``streams_started``,
+    ``streams_finished`` (ended normally), ``streams_errored`` (ended by an error line), ``streams_failed``
+    (cut by ``fail_after``), ``streams_cancelled`` (the client went away mid-stream), ``requests_cancelled`` (the
+    client went away before any inference answer was complete, streamed or not) and ``cancelled_at``: for each of
+    those, the ``time.monotonic()`` at which the fake noticed the closed connection.
     """
 
     name = "fake"
@@ -49,6 +70,23 @@ class FakeBackend:
         self.malformed: Malformation | None = None
         self.trickle: float = 0.0
         self.requests: list[SeenRequest] = []
+        self.event_interval: float = 0.0
+        self.fail_after: int | None = None
+        self.stall_after: int | None = None
+        self.upstream_status: tuple[int, str] | None = None
+        self.tokens: list[str] | None = None
+        self.token_count: int = DEFAULT_TOKEN_COUNT
+        self.embedding_dim: int = DEFAULT_EMBEDDING_DIM
+        self.tool_call: tuple[str, str] | None = None
+        self.in_flight = 0
+        self.max_in_flight_seen = 0
+        self.streams_started = 0
+        self.streams_finished = 0
+        self.streams_errored = 0
+        self.streams_failed = 0
+        self.streams_cancelled = 0
+        self.requests_cancelled = 0
+        self.cancelled_at: list[float] = []
         self._state_lock = threading.RLock()
         self._stopping = threading.Event()
         self._server = LoopbackServer(self._build_app(), name=self.name)
@@ -88,14 +126,61 @@ class FakeBackend:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     # helpers for handlers ------------------------------------------------------------------
-    async def _seen(self, request: Request) -> bytes:
+    async def _record(self, request: Request) -> bytes:
         body = await request.body()
         self.requests.append(
             SeenRequest(request.method, request.url.path, {k.lower(): v for k, v in request.headers.items()}, body)
         )
+        return body
+
+    async def _seen(self, request: Request) -> bytes:
+        body = await self._record(request)
         await self._wait_delay()
         return body
+
+    def json_bodies(self, path: str) -> list[Any]:
+        """The parsed bodies of the requests seen on ``path`` (what the gateway forwarded), oldest first."""
+        return [json.loads(r.body) for r in self.requests if r.path == path and r.body]
+
+    def generated_tokens(self, seed: Any) -> list[str]:
+        """The completion for a request: the ``tokens`` control, else a sequence derived from ``seed``."""
+        if self.tokens is not None:
+            return list(self.tokens)
+        return default_tokens(seed, self.token_count)
+
+    # inference bookkeeping (called on the server's loop by tests.fakes.streaming) ---------------
+    def _flight(self, step: int) -> None:
+        with self._state_lock:
+            self.in_flight += step
+            self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
+
+    def _stream_started(self) -> None:
+        with self._state_lock:
+            self.streams_started += 1
+
+    def _stream_ended(self, how: str) -> None:
+        with self._state_lock:
+            name = f"streams_{how}"
+            setattr(self, name, getattr(self, name) + 1)
+
+    def _client_left(self, noticed_at: float, streamed: bool) -> None:
+        with self._state_lock:
+            self.cancelled_at.append(noticed_at)
+            self.requests_cancelled += 1
+            if streamed:
+                self.streams_cancelled += 1
+
+    def _drop_connection(self, client: tuple[str, int]) -> bool:
+        return self._server.close_connection(client)
+
+    def reply(self, reply: Reply) -> Response:
+        """An inference answer played under the inference controls."""
+        return ReplyResponse(self, reply)
 
     async def _wait_delay(self) -> None:
         """Sleep ``delay`` seconds in small steps, so a stopping server is not held up by it."""

@@ -133,6 +133,21 @@ class LoopbackServer:
         finally:
             sock.close()
 
+    def close_connection(self, client: tuple[str, int]) -> bool:
+        """Close (FIN after what is already written) the connection from ``client``; call on the server's loop.
+
+        What a killed backend process leaves on the wire: the kernel flushes and closes its sockets, so the peer
+        reads the bytes written so far and then EOF — in the middle of a chunked body, without its last chunk.
+        """
+        server = self._server
+        if server is None:
+            return False
+        for connection in list(server.server_state.connections):
+            if tuple(getattr(connection, "client", None) or ()) == tuple(client):
+                connection.transport.close()
+                return True
+        return False
+
     def stop(self) -> None:
         """Close the listening socket and every open connection; later connects are refused."""
         with self._lock:
