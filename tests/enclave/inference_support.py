@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from attestation.policy import Policy, policy_from_yaml, sim_policy_yaml
@@ -38,6 +40,10 @@ def reset(fake: FakeBackend) -> None:
     """Back to a well-behaved backend (module-scoped fakes are shared by the tests of a module)."""
     for name, value in CALM_CONTROLS.items():
         setattr(fake, name, value)
+    for counter in ("max_in_flight_seen", "streams_started", "streams_finished", "streams_errored", "streams_failed",
+                    "streams_cancelled", "requests_cancelled"):
+        setattr(fake, counter, 0)
+    fake.cancelled_at.clear()
     fake.requests.clear()
 
 
@@ -80,9 +86,28 @@ class Service:
     def url(self, domain: str, route: str) -> str:
         return f"{self.server.url}/proxy/{self.world.domains[domain]}/v1/{route}"
 
-    def last_record(self) -> InferenceRecord:
+    def record(self, response: httpx.Response, within: float = 5.0) -> InferenceRecord:
+        """The inference record of an answered request (by its x-request-id); it is made as the answer ends, so
+        it may land a moment after the client has read the last byte."""
+        request_id = response.headers["x-request-id"]
+        deadline = time.monotonic() + within
+        while True:
+            with self._lock:
+                found = [r for r in self.records if r.request_id == request_id]
+            if found:
+                return found[0]
+            assert time.monotonic() < deadline, f"no inference record for request {request_id}"
+            time.sleep(0.01)
+
+    def http(self, token: str = "member_a", timeout: float | httpx.Timeout = 30) -> httpx.Client:
+        """An HTTPS client of the service holding one of the world's keys (by label)."""
+        return httpx.Client(base_url=self.server.url, verify=self.server.client_ssl(), timeout=timeout,
+                            headers={"Authorization": f"Bearer {self.world.tokens[token]}"})
+
+    def latest(self, model: str) -> InferenceRecord:
+        """The newest record for ``model`` (for refusals, which carry no x-request-id)."""
         with self._lock:
-            return self.records[-1]
+            return [r for r in self.records if r.model == model][-1]
 
     def metrics_text(self) -> str:
         with self.server.client(self.world.tokens["superadmin"]) as c:

@@ -250,7 +250,7 @@ def test_reported_usage_is_recorded_exactly(svc: Service, route: str, stream: bo
     r = raw(svc, route, {**body, "stream_options": {"include_usage": True}} if stream else body)
     assert r.status_code == 200
     reported = sse_json(r.text)[0][-1]["usage"] if stream else r.json()["usage"]
-    record = svc.last_record()
+    record = svc.record(r)
     assert (record.model, record.route, record.stream, record.outcome) == (VLLM, route, stream, "completed")
     assert record.usage == Usage(reported["prompt_tokens"], reported["completion_tokens"], reported["total_tokens"])
     assert record.usage.completion_tokens == 8 and record.usage.prompt_tokens > 0
@@ -265,7 +265,7 @@ def test_reported_usage_is_recorded_exactly(svc: Service, route: str, stream: bo
 def test_embeddings_usage_is_recorded(svc: Service) -> None:
     r = raw(svc, "embeddings", {"model": VLLM, "input": ["three words here", "two words"]})
     assert r.status_code == 200
-    assert svc.last_record().usage == Usage(r.json()["usage"]["prompt_tokens"], 0, r.json()["usage"]["prompt_tokens"])
+    assert svc.record(r).usage == Usage(r.json()["usage"]["prompt_tokens"], 0, r.json()["usage"]["prompt_tokens"])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -282,7 +282,7 @@ def test_missing_usage_is_estimated_and_flagged(svc: Service, route: str, stream
         assert done and all("usage" not in e for e in events)   # the backend really sent none
     else:
         assert "usage" not in r.json()
-    usage = svc.last_record().usage
+    usage = svc.record(r).usage
     assert usage is not None and usage.estimated
     assert usage.prompt_tokens == 3 and usage.completion_tokens > 0          # 12 bytes / 4; never a silent 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
