@@ -83,6 +83,17 @@ class Service:
     records: list[InferenceRecord] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def __enter__(self) -> "Service":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+    def reset_fakes(self) -> None:
+        for fake in self.fakes.values():
+            if fake.answering:
+                reset(fake)
+
     def url(self, domain: str, route: str) -> str:
         return f"{self.server.url}/proxy/{self.world.domains[domain]}/v1/{route}"
 

@@ -16,7 +16,7 @@ import pytest
 
 from attestation.atls.client import openai_client
 
-from tests.enclave.inference_support import Service, enclave_policy, reset, sse_json, start_service
+from tests.enclave.inference_support import Service, enclave_policy, sse_json, start_service
 from tests.fakes.vllm import FakeVllm, vllm_model
 
 FAULT, TIGHT, QUEUE, GONE = "fault-model", "tight-model", "queue-model", "gone-model"
@@ -29,23 +29,18 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     timeouts = {"kind": "vllm", "first_byte_timeout": FIRST_BYTE, "idle_timeout": IDLE}
     with FakeVllm(served=[vllm_model(FAULT)]) as fault, FakeVllm(served=[vllm_model(TIGHT)]) as tight, \
             FakeVllm(served=[vllm_model(QUEUE)]) as queue, FakeVllm(served=[vllm_model(GONE)]) as gone:
-        service = start_service(tmp_path_factory.mktemp("inference-faults"), [
+        with start_service(tmp_path_factory.mktemp("inference-faults"), [
             ({"name": "fault", **timeouts}, fault),
             ({"name": "tight", **timeouts, "max_in_flight": 1, "max_queued": 0}, tight),
             ({"name": "queue", **timeouts, "max_in_flight": 1, "max_queued": 4, "queue_timeout": 20}, queue),
             ({"name": "gone", **timeouts}, gone),
-        ])
-        try:
+        ]) as service:
             yield service
-        finally:
-            service.server.stop()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_fakes(svc: Service) -> None:
-    for fake in svc.fakes.values():
-        if fake.answering:
-            reset(fake)
+    svc.reset_fakes()
 
 
 def chat(model: str, text: str = "hello", **extra: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from attestation.atls.client import async_openai_client, openai_client
 from enclave.inference.body import domain_cache_salt
 from enclave.inference.usage import Usage
 
-from tests.enclave.inference_support import QuirkyVllm, Service, enclave_policy, reset, sample, sse_json, start_service
+from tests.enclave.inference_support import QuirkyVllm, Service, enclave_policy, sample, sse_json, start_service
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.vllm import BASE_MODEL, vllm_model
 
@@ -33,22 +33,18 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         vllm.accept_suffix = True
         quiet.report_usage = False
         quirky.empty_tool_calls_in_deltas = True
-        service = start_service(tmp_path_factory.mktemp("inference-openai"), [
+        with start_service(tmp_path_factory.mktemp("inference-openai"), [
             ({"name": "vllm", "kind": "vllm", "cache_salt": True}, vllm),
             ({"name": "quiet", "kind": "vllm"}, quiet),
             ({"name": "quirky", "kind": "vllm"}, quirky),
             ({"name": "ollama", "kind": "ollama"}, ollama),
-        ], limits={"max_body_bytes": MAX_BODY})
-        try:
+        ], limits={"max_body_bytes": MAX_BODY}) as service:
             yield service
-        finally:
-            service.server.stop()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_fakes(svc: Service) -> None:
-    for fake in svc.fakes.values():
-        reset(fake)
+    svc.reset_fakes()
 
 
 def client(svc: Service, domain: str = "A", token: str = "member_a") -> Any:
