@@ -22,6 +22,7 @@ from attestation.proxy.server import Limits
 from .conftest import PAT, enclave_like_app
 from .proxyrun import make_proxy  # noqa: F401 - fixture
 from .test_openai import enclave  # noqa: F401 - fixture: the real enclave app over a fake Ollama
+from .test_proxy import raw_exchange as exchange
 from .test_proxy_cli import Running, private_file, sim_policy_file  # noqa: F401 - sim_policy_file is a fixture
 
 DOMAIN = "d1"
@@ -46,16 +47,6 @@ def recording_app(tls: Any) -> Any:
 @pytest.fixture
 def upstream(make_server):
     return make_server(recording_app)
-
-
-def exchange(port: int, data: bytes) -> bytes:
-    """Send raw bytes, read until the proxy closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-        conn.sendall(data)
-        received = b""
-        while chunk := conn.recv(65536):
-            received += chunk
-    return received
 
 
 def responses(raw: bytes) -> list[tuple[int, bytes]]:

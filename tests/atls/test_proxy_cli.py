@@ -48,7 +48,8 @@ def test_help_names_every_option():
     assert CUBE_ATTEST.is_file(), f"{CUBE_ATTEST} missing: the package is not installed in this environment"
     result = subprocess.run([str(CUBE_ATTEST), "proxy", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for option in ("--listen", "--upstream", "--policy", "--pat-file", "--domain", "--allow-non-loopback"):
+    for option in ("--listen", "--upstream", "--policy", "--pat-file", "--domain", "--allow-non-loopback",
+                   "--allow-origin", "--allow-host", "--allow-all-paths"):
         assert option in result.stdout
 
 
