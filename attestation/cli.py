@@ -7,6 +7,7 @@ Subcommands (a stable contract, relied on by scripts and other components):
   verify-evidence FILE [--pcs URL] [--at ISO8601] [--policy FILE] [--json]
   verify-url URL [--policy FILE] [--json]                (attested TLS; attestation.atls.cli)
   proxy --listen 127.0.0.1:PORT --upstream URL --policy FILE [--pat-file F] [--domain D] [--allow-non-loopback]
+        [--allow-origin O] [--allow-host H] [--allow-all-paths]
                                                          (local verifying proxy; attestation.proxy.command)
   sim-init [--dir DIR] / sim-fingerprint [--dir DIR]     (simulated platform root + ready policy)
 
@@ -334,9 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", metavar="FILE", required=True, help="appraisal policy YAML for the enclave")
     p.add_argument("--pat-file", metavar="FILE", help="a 0600 file holding the PAT: the proxy sets Authorization "
                    "itself, replacing the client's (client configs then hold no key)")
-    p.add_argument("--domain", metavar="D", help="domain id for the printed snippets (default: the PAT's)")
+    p.add_argument("--domain", metavar="D", help="relay this domain's routes only, and use it in the printed snippets "
+                   "(default: any domain; snippets for the PAT's)")
     p.add_argument("--allow-non-loopback", action="store_true", help="allow a --listen address other than "
                    "loopback (plain HTTP: whoever reaches it uses the enclave with the proxy's PAT)")
+    p.add_argument("--allow-origin", metavar="ORIGIN", action="append", default=[],
+                   help="accept browser requests from this Origin (scheme://host[:port]; repeatable); by default "
+                   "any request with an Origin header is refused, so web pages cannot use the proxy's PAT")
+    p.add_argument("--allow-host", metavar="NAME", action="append", default=[],
+                   help="accept this name in Host besides 127.0.0.1, localhost, [::1] (repeatable; DNS rebinding guard)")
+    p.add_argument("--allow-all-paths", action="store_true", help="relay every enclave route, not only the model "
+                   "APIs /proxy/<domain>/v1/... and /proxy/<domain>/api/... (admin routes with a manage-scope PAT)")
     p.add_argument("--max-body-bytes", metavar="N", type=int, default=32 * 1024 * 1024,
                    help="largest request body accepted (default 32 MiB; beyond: 413)")
     p.add_argument("--read-timeout", metavar="SECONDS", type=float, default=600.0,

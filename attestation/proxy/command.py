@@ -23,6 +23,7 @@ from ..atls.openai_clients import APIKeyError, check_api_key
 from ..errors import PolicyError
 from ..keyfile import KeyFileError, read_private_file
 from ..policy import Policy, load_policy
+from .access import AccessRules
 from .forward import DEFAULT_TIMEOUT, Upstream
 from .server import Limits, ProxyServer
 from .snippets import SnippetContext, render
@@ -94,6 +95,15 @@ def _policy(path: str) -> Policy:
         raise UsageError(f"--policy: {exc}") from None
 
 
+def access_rules(args: argparse.Namespace, listen_host: str) -> AccessRules:
+    """The request checks from the flags; a specific non-loopback --listen address is a Host clients may use."""
+    hosts = set(args.allow_host)
+    if listen_host not in ("0.0.0.0", "::", "127.0.0.1", "::1"):
+        hosts.add(f"[{listen_host}]" if ":" in listen_host else listen_host)
+    return AccessRules(allow_hosts=frozenset(hosts), allow_origins=frozenset(args.allow_origin),
+                       allow_all_paths=args.allow_all_paths, domain=args.domain)
+
+
 # -- start ------------------------------------------------------------------------------------------
 def verdict_summary(report: VerificationReport) -> str:
     doc = report.to_json()
@@ -160,7 +170,7 @@ async def serve(args: argparse.Namespace, err: TextIO) -> int:
         if not report.ok:
             err.write("cube-attest proxy: not starting: nothing was sent to that enclave\n")
             return EXIT_REFUSED
-        server = ProxyServer(upstream, Limits(max_body_bytes=args.max_body_bytes))
+        server = ProxyServer(upstream, Limits(max_body_bytes=args.max_body_bytes), access_rules(args, host))
         try:
             bound_host, bound_port = await server.start(host, port)
         except OSError as exc:

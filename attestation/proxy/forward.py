@@ -24,6 +24,10 @@ log = logging.getLogger("cube.proxy")
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
                         b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"})
 _SET_BY_RELAY = frozenset({b"host", b"content-length", b"expect"})
+# Claims about the client's address or scheme: the proxy is the client the enclave sees, a local caller must not
+# speak for another (the enclave runs uvicorn with proxy_headers off, but nothing downstream should be trusted to).
+_FORWARDING_CLAIMS = frozenset({b"forwarded", b"x-real-ip", b"x-forwarded-for", b"x-forwarded-host",
+                                b"x-forwarded-proto", b"x-forwarded-port", b"x-forwarded-prefix"})
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=60.0, pool=60.0)
 
 
@@ -58,7 +62,7 @@ class Upstream:
 
     def request_headers(self, client_headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The client's end-to-end headers; with a PAT, its Authorization replaced by ours (empty ones too)."""
-        drop = _SET_BY_RELAY | ({b"authorization"} if self._pat is not None else frozenset())
+        drop = _SET_BY_RELAY | _FORWARDING_CLAIMS | ({b"authorization"} if self._pat is not None else frozenset())
         headers = end_to_end_headers(client_headers, drop=drop)
         if self._pat is not None:
             headers.append((b"authorization", f"Bearer {self._pat}".encode("ascii")))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import h11
 import httpx
 
+from .access import AccessRules
 from .envelope import ProxyError, bad_request
 from .forward import Upstream, end_to_end_headers
 
@@ -36,6 +37,7 @@ class Limits:
     header_timeout: float = 30.0      # for a request's head, once its first byte arrived
     body_timeout: float = 120.0       # for the whole body after the head
     keep_alive_timeout: float = 300.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 128        # open client connections; beyond, 503 and close (file descriptors)
 
 
 class _ClientGone(Exception):
@@ -45,9 +47,11 @@ class _ClientGone(Exception):
 class ProxyServer:
     """Serves local clients on a listening socket and relays each request to ``upstream``."""
 
-    def __init__(self, upstream: Upstream, limits: Limits = Limits()) -> None:
+    def __init__(self, upstream: Upstream, limits: Limits = Limits(), access: AccessRules = AccessRules()) -> None:
         self.upstream = upstream
         self.limits = limits
+        self.access = access
+        self.port = 0
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -55,6 +59,7 @@ class ProxyServer:
         """Listen on host:port (port 0: any free one); returns the address actually bound."""
         self._server = await asyncio.start_server(self._serve, host, port, limit=READ_SIZE)
         bound = self._server.sockets[0].getsockname()
+        self.port = bound[1]
         return bound[0], bound[1]
 
     async def close(self) -> None:
@@ -73,7 +78,12 @@ class ProxyServer:
         assert task is not None
         self._connections.add(task)
         try:
-            await _Connection(self, reader, writer).run()
+            connection = _Connection(self, reader, writer)
+            if len(self._connections) > self.limits.max_connections:
+                await connection.refuse(ProxyError(503, "too_many_connections", "the proxy has too many open "
+                                                   "connections; retry later", close=True))
+            else:
+                await connection.run()
         except asyncio.CancelledError:
             pass
         finally:
@@ -109,6 +119,13 @@ class _Connection:
             except h11.LocalProtocolError:  # not both sides DONE (e.g. an aborted response)
                 return
 
+    async def refuse(self, error: ProxyError) -> None:
+        """Answer ``error`` without reading a request (over the connection cap), then close."""
+        try:
+            await self._send_error(error)
+        except _ClientGone:
+            pass
+
     # -- reading ------------------------------------------------------------------------------------
     async def _receive(self, timeout: float) -> None:
         if self.conn.they_are_waiting_for_100_continue:
@@ -119,19 +136,23 @@ class _Connection:
             raise _ClientGone() from None
         self.conn.receive_data(data)  # b"": end of stream, reported by h11 as ConnectionClosed or an error
 
-    async def _next_event(self, timeout: float) -> h11.Event | type[h11.PAUSED]:
+    async def _next_event(self, deadline: float) -> h11.Event | type[h11.PAUSED]:
+        """The next h11 event; TimeoutError at ``deadline`` (monotonic) in total, however the bytes trickle in."""
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            await self._receive(timeout)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError()
+            await self._receive(remaining)
 
     async def _read_request(self) -> h11.Request | None:
         """The next request's head, or None when the client closed or idled out between requests."""
         try:
             if not self.conn.trailing_data[0]:  # nothing buffered: wait (long) for the next request to begin
                 await self._receive(self.limits.keep_alive_timeout)
-            event = await self._next_event(self.limits.header_timeout)
+            event = await self._next_event(time.monotonic() + self.limits.header_timeout)
         except TimeoutError:
             return None
         except h11.RemoteProtocolError as exc:
@@ -142,6 +163,9 @@ class _Connection:
         size = len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
         if size > self.limits.max_header_bytes:
             raise _header_too_large()
+        names = {name for name, _ in event.headers}
+        if {b"content-length", b"transfer-encoding"} <= names:  # h11 lets chunked win; refuse the ambiguity
+            raise bad_request("both Content-Length and Transfer-Encoding: ambiguous framing, refused")
         return event
 
     async def _read_body(self, request: h11.Request) -> bytes | None:
@@ -153,7 +177,7 @@ class _Connection:
         deadline = time.monotonic() + self.limits.body_timeout
         while True:
             try:
-                event = await self._next_event(max(deadline - time.monotonic(), 0.001))
+                event = await self._next_event(deadline)
             except TimeoutError:
                 raise bad_request("the request body did not arrive in time", status=408,
                                   code="request_timeout") from None
@@ -205,6 +229,7 @@ class _Connection:
             if not request.target.startswith(b"/"):
                 raise bad_request("the proxy serves origin-form targets only (a path such as /proxy/<domain>/v1/"
                                   "models), not absolute URLs or '*'")
+            self.proxy.access.check(request, self.proxy.port)
             body = await self._read_body(request)
             response = await self.proxy.upstream.open(request.method, request.target, list(request.headers), body)
         except ProxyError as error:

@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from attestation.policy import Policy
+from attestation.proxy.access import AccessRules
 from attestation.proxy.forward import Upstream
 from attestation.proxy.server import Limits, ProxyServer
 from enclave.tls import TlsManager
@@ -25,23 +26,29 @@ class ProxyThread:
     """A ProxyServer on 127.0.0.1 (any free port) with its own event loop in a daemon thread."""
 
     def __init__(self, upstream_url: str, policy: Policy, *, pat: str | None = None,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = Limits(), access: AccessRules = AccessRules()) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self._call(self._start(upstream_url, policy, pat, limits))
+        self._call(self._start(upstream_url, policy, pat, limits, access))
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=20)
 
-    async def _start(self, upstream_url: str, policy: Policy, pat: str | None, limits: Limits) -> None:
+    async def _start(self, upstream_url: str, policy: Policy, pat: str | None, limits: Limits,
+                     access: AccessRules) -> None:
         self.upstream = Upstream(upstream_url, policy, pat=pat)
-        self.server = ProxyServer(self.upstream, limits)
+        self.server = ProxyServer(self.upstream, limits, access)
         _, self.port = await self.server.start("127.0.0.1", 0)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> bytes:
+        """The Host header real clients send to it."""
+        return f"127.0.0.1:{self.port}".encode()
 
     @property
     def attestor(self) -> Any:

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from attestation.proxy.access import AccessRules
 from attestation.proxy.server import Limits
 from enclave.tls import TlsManager
 
@@ -17,6 +18,11 @@ from .conftest import PAT, Server
 from .mitm import Mitm
 from .proxyrun import make_proxy, relay_test_app  # noqa: F401 - make_proxy is a fixture
 from .test_adversaries import PRODUCTION_POLICY
+
+
+# These tests relay to the test app's own routes (/echo, /sse, /v1/secret...), outside the model APIs the proxy
+# relays by default; test_proxy_attacks.py tests that default.
+ALL_PATHS = AccessRules(allow_all_paths=True)
 
 
 @pytest.fixture
@@ -36,7 +42,7 @@ def error_of(response: httpx.Response) -> dict:
 
 
 def test_forwards_request_and_response_and_replaces_the_clients_authorization(upstream, make_proxy, sim_policy):
-    proxy = make_proxy(upstream.url, sim_policy, pat=PAT)
+    proxy = make_proxy(upstream.url, sim_policy, pat=PAT, access=ALL_PATHS)
     body = b'{"model": "m", "messages": []}' * 100
     headers = {"Authorization": "Bearer someone-elses", "X-Custom": "kept", "Proxy-Authorization": "Basic x",
                "Connection": "keep-alive, X-Hop", "X-Hop": "dropped", "Content-Type": "application/json"}
@@ -61,7 +67,7 @@ def test_forwards_request_and_response_and_replaces_the_clients_authorization(up
 
 
 def test_without_a_pat_file_the_clients_authorization_passes_through(upstream, make_proxy, sim_policy):
-    proxy = make_proxy(upstream.url, sim_policy)
+    proxy = make_proxy(upstream.url, sim_policy, access=ALL_PATHS)
     with local_client() as client:
         assert client.get(f"{proxy.url}/v1/secret", headers={"Authorization": f"Bearer {PAT}"}).json() == \
             {"secret": "ok"}
@@ -73,7 +79,7 @@ def test_without_a_pat_file_the_clients_authorization_passes_through(upstream, m
 def test_a_mitm_gets_502_attestation_failed_and_not_one_byte(upstream, make_proxy, sim_policy, tmp_path):
     mitm = Mitm(upstream.tls.current.certificate, upstream.port, tmp_path)
     try:
-        proxy = make_proxy(mitm.url, sim_policy, pat=PAT)
+        proxy = make_proxy(mitm.url, sim_policy, pat=PAT, access=ALL_PATHS)
         with local_client() as client:
             response = client.post(f"{proxy.url}/echo/x", content=b"prompt", headers={"Authorization": "Bearer c"})
             again = client.get(f"{proxy.url}/v1/secret")  # the same connection still answers: kept alive
@@ -88,7 +94,7 @@ def test_a_mitm_gets_502_attestation_failed_and_not_one_byte(upstream, make_prox
 
 
 def test_a_policy_the_enclave_does_not_meet_gets_502_naming_the_check(upstream, make_proxy):
-    proxy = make_proxy(upstream.url, PRODUCTION_POLICY, pat=PAT)
+    proxy = make_proxy(upstream.url, PRODUCTION_POLICY, pat=PAT, access=ALL_PATHS)
     with local_client() as client:
         response = client.get(f"{proxy.url}/v1/secret")
     error = error_of(response)
@@ -101,7 +107,7 @@ def test_an_unreachable_enclave_is_502_attestation_failed(make_proxy, sim_policy
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proxy = make_proxy(f"https://127.0.0.1:{port}", sim_policy, pat=PAT)
+    proxy = make_proxy(f"https://127.0.0.1:{port}", sim_policy, pat=PAT, access=ALL_PATHS)
     with local_client() as client:
         response = client.get(f"{proxy.url}/v1/secret")
     assert response.status_code == 502
@@ -110,7 +116,7 @@ def test_an_unreachable_enclave_is_502_attestation_failed(make_proxy, sim_policy
 
 
 def test_sse_events_reach_the_client_one_by_one(upstream, make_proxy, sim_policy):
-    proxy = make_proxy(upstream.url, sim_policy, pat=PAT)
+    proxy = make_proxy(upstream.url, sim_policy, pat=PAT, access=ALL_PATHS)
     arrived: list[tuple[float, bytes]] = []
     buffer = b""
     with local_client() as client, client.stream("GET", f"{proxy.url}/sse?n=4&pause=0.3") as response:
@@ -129,9 +135,9 @@ def test_sse_events_reach_the_client_one_by_one(upstream, make_proxy, sim_policy
 
 
 def test_client_disconnect_mid_stream_reaches_the_upstream_within_a_second(upstream, make_proxy, sim_policy):
-    proxy = make_proxy(upstream.url, sim_policy, pat=PAT)
+    proxy = make_proxy(upstream.url, sim_policy, pat=PAT, access=ALL_PATHS)
     conn = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    conn.sendall(b"GET /forever HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    conn.sendall(b"GET /forever HTTP/1.1\r\nHost: " + proxy.host + b"\r\n\r\n")
     received = b""
     while b'{"line": 1}' not in received:
         received += conn.recv(65536)
@@ -144,7 +150,7 @@ def test_client_disconnect_mid_stream_reaches_the_upstream_within_a_second(upstr
 
 def test_key_rotation_and_enclave_restart_need_no_client_action(make_server, make_proxy, sim_provider, sim_policy):
     first = make_server(relay_test_app)
-    proxy = make_proxy(first.url, sim_policy, pat=PAT)
+    proxy = make_proxy(first.url, sim_policy, pat=PAT, access=ALL_PATHS)
     with local_client() as client:
         assert client.get(f"{proxy.url}/v1/connection-key").json()["spki_sha256"] == first.tls.current.spki_sha256
         rotated = first.tls.rotate()
@@ -186,19 +192,21 @@ def envelope_of(raw: bytes) -> tuple[int, dict]:
 
 
 def test_bad_oversized_and_too_large_requests_are_refused_before_the_upstream(upstream, make_proxy, sim_policy):
-    proxy = make_proxy(upstream.url, sim_policy, pat=PAT, limits=Limits(max_body_bytes=1000, max_header_bytes=4096))
-    status, error = envelope_of(raw_exchange(proxy.port, b"POST /echo/x HTTP/1.1\r\nHost: a\r\n"
+    proxy = make_proxy(upstream.url, sim_policy, pat=PAT, limits=Limits(max_body_bytes=1000, max_header_bytes=4096),
+                       access=ALL_PATHS)
+    host = b"Host: " + proxy.host + b"\r\n"
+    status, error = envelope_of(raw_exchange(proxy.port, b"POST /echo/x HTTP/1.1\r\n" + host +
                                                          b"Content-Length: 5000\r\n\r\n"))
     assert status == 413 and error["code"] == "request_too_large"
-    status, error = envelope_of(raw_exchange(proxy.port, b"POST /echo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: "
+    status, error = envelope_of(raw_exchange(proxy.port, b"POST /echo/x HTTP/1.1\r\n" + host + b"Transfer-Encoding: "
                                                          b"chunked\r\n\r\n400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n"))
     assert status == 413 and error["code"] == "request_too_large"
-    status, error = envelope_of(raw_exchange(proxy.port, b"GET /echo/x HTTP/1.1\r\nHost: a\r\nX-Big: "
+    status, error = envelope_of(raw_exchange(proxy.port, b"GET /echo/x HTTP/1.1\r\n" + host + b"X-Big: "
                                                          + b"y" * 8000 + b"\r\n\r\n"))
     assert status == 431 and error["code"] == "request_header_fields_too_large"
     status, error = envelope_of(raw_exchange(proxy.port, b"NOT HTTP AT ALL\r\n\r\n"))
     assert status == 400 and error["type"] == "invalid_request_error"
-    status, error = envelope_of(raw_exchange(proxy.port, b"GET http://elsewhere.example/x HTTP/1.1\r\nHost: a\r\n\r\n"))
+    status, error = envelope_of(raw_exchange(proxy.port, b"GET http://elsewhere.example/x HTTP/1.1\r\n" + host + b"\r\n"))
     assert status == 400 and "origin-form" in error["message"]
     assert upstream.app.state.seen_authorization == []
     with local_client() as client:  # and a good request still goes through
@@ -206,10 +214,11 @@ def test_bad_oversized_and_too_large_requests_are_refused_before_the_upstream(up
 
 
 def test_keep_alive_serves_several_requests_on_one_client_connection(upstream, make_proxy, sim_policy):
-    proxy = make_proxy(upstream.url, sim_policy, pat=PAT)
-    request = b"GET /echo/k HTTP/1.1\r\nHost: a\r\n\r\n"
+    proxy = make_proxy(upstream.url, sim_policy, pat=PAT, access=ALL_PATHS)
+    host = b"Host: " + proxy.host + b"\r\n"
+    request = b"GET /echo/k HTTP/1.1\r\n" + host + b"\r\n"
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
-        conn.sendall(request + request + b"GET /echo/k HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        conn.sendall(request + request + b"GET /echo/k HTTP/1.1\r\n" + host + b"Connection: close\r\n\r\n")
         received = b""
         while chunk := conn.recv(65536):
             received += chunk

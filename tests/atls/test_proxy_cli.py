@@ -48,7 +48,8 @@ def test_help_names_every_option():
     assert CUBE_ATTEST.is_file(), f"{CUBE_ATTEST} missing: the package is not installed in this environment"
     result = subprocess.run([str(CUBE_ATTEST), "proxy", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for option in ("--listen", "--upstream", "--policy", "--pat-file", "--domain", "--allow-non-loopback"):
+    for option in ("--listen", "--upstream", "--policy", "--pat-file", "--domain", "--allow-non-loopback",
+                   "--allow-origin", "--allow-host", "--allow-all-paths"):
         assert option in result.stdout
 
 
@@ -87,17 +88,18 @@ def test_usage_errors_exit_2(sim_policy_file, tmp_path, capsys):
 
 
 class Running:
-    """The cube-attest proxy process, its stderr collected line by line by a thread."""
+    """The cube-attest proxy process, its stdout and stderr (merged) collected line by line by a thread."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([str(CUBE_ATTEST), "proxy", *args], stderr=subprocess.PIPE, text=True,
+        self.proc = subprocess.Popen([str(CUBE_ATTEST), "proxy", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
                                      env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()})
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
             self.lines.put(line)
         self.lines.put("")
 
