@@ -135,6 +135,12 @@ def may_use_model(principal: Principal, domain_id: str, domain: Domain | None, m
     return model_rule(principal, domain)(model_id)
 
 
+def may_infer_in_domain(principal: Principal, domain_id: str, domain: Domain | None) -> Decision:
+    """The domain part of inference, decided before the body is read (``may_use_model`` then decides the model
+    the body names)."""
+    return domain_access(principal, domain_id, domain, Scope.MODELS_INFER)
+
+
 # ---- administration --------------------------------------------------------------------------------------
 def may_view_self(principal: Principal) -> Decision:
     """``GET /users/me``: any valid key may see who it belongs to."""

@@ -13,11 +13,12 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from enclave.api import admin, models, ops
+from enclave.api import admin, inference, models, ops
 from enclave.api.context import AppContext
 from enclave.auth import Authenticator, Clock, LastUsedTracker, MonotonicClock
 from enclave.config import Settings, load_server_secret
 from enclave.errors import ApiError, install_error_handlers
+from enclave.inference.gateway import Gateway
 from enclave.limits import SizeLimitMiddleware
 from enclave.metrics import Metrics, MetricsMiddleware
 from enclave.registry import Registry
@@ -48,9 +49,10 @@ async def _authentication_refusal(request: Request) -> JSONResponse | None:
     if "ctx" not in request.app.state._state:
         return None
     try:
-        await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+        principal = await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
     except ApiError as e:
         return e.response()
+    request.state.principal = principal   # this request's handler reuses it (see context.request_principal)
     return None
 
 
@@ -86,8 +88,9 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
         tracker = LastUsedTracker(store, interval=settings.last_used_flush_seconds)
         auth = Authenticator(store, secret, tracker=tracker, cache=settings.auth_cache_enabled(), clock=now,
                              on_failure=metrics.auth_failed)
+        gateway = Gateway(reg.backends(), metrics)
         app.state.ctx = AppContext(settings=settings, store=store, auth=auth, tracker=tracker, registry=reg,
-                                   metrics=metrics, clock=now)
+                                   metrics=metrics, clock=now, gateway=gateway)
         try:
             if manage_registry:
                 await reg.start()
@@ -98,6 +101,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
         finally:
             gc.unfreeze()  # what this app's lifespan froze may now be collected (tests build many apps)
             await tracker.stop()
+            await gateway.aclose()
             if manage_registry:
                 await reg.stop()
             await store.close()
@@ -112,6 +116,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     install_error_handlers(app, before_validation_error=_authenticate_first)
     app.include_router(ops.router)
     app.include_router(models.router)
+    app.include_router(inference.router)
     app.include_router(admin.platform)
     app.include_router(admin.domain_admin)
     app.include_router(admin.me)

@@ -30,7 +30,23 @@ def _parser() -> argparse.ArgumentParser:
                        help="write the bootstrap PAT to this file (0600) instead of printing it; with "
                             "bootstrap.operator_public_key configured, the sealed PAT goes there instead (a launch "
                             "argument never gets the plain key away from the configured operator)")
+    serve.add_argument("--backend", action="append", default=[], metavar="KIND=URL",
+                       help="with --simulate: serve the models of a running Ollama or vLLM, e.g. "
+                            "--backend ollama=http://127.0.0.1:11434 (repeatable; replaces the configured backends)")
     return parser
+
+
+def backends_from_args(values: list[str]) -> list[dict[str, str]]:
+    """``KIND=URL`` arguments as backend entries named after their kind (``ollama``, ``ollama-2``, ...)."""
+    entries: list[dict[str, str]] = []
+    for value in values:
+        kind, sep, url = value.partition("=")
+        if not sep or kind not in ("ollama", "vllm") or not url:
+            raise ConfigError(f"--backend {value!r}: expected KIND=URL with KIND ollama or vllm, e.g. "
+                              "ollama=http://127.0.0.1:11434")
+        same = sum(1 for entry in entries if entry["kind"] == kind)
+        entries.append({"name": kind if not same else f"{kind}-{same + 1}", "kind": kind, "base_url": url})
+    return entries
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
@@ -46,6 +62,12 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         listen["port"] = args.port
     if listen:
         overrides["listen"] = listen
+    if args.backend:
+        # Where prompts go is part of what a confidential deployment measures (its configuration), never a
+        # launch argument the host chooses: the flag exists for development.
+        if not args.simulate:
+            raise ConfigError("--backend is for development with --simulate; list backends in the configuration")
+        overrides["backends"] = backends_from_args(args.backend)
     return load_settings(args.config, environ=environ, overrides=overrides)
 
 

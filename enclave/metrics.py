@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _MAX_CACHED_SERIES = 1024
+
+if TYPE_CHECKING:
+    from enclave.inference.usage import Usage
 
 
 class Metrics:
@@ -24,6 +28,34 @@ class Metrics:
                                 registry=self.registry)
         self.models = Gauge("cube_registry_models", "Routable models in the registry", registry=self.registry)
         self._series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        # Inference. ``domain`` is the domain id and ``model`` a registry id the caller may use, so both label
+        # sets stay as small as the platform's own lists.
+        self.tokens = Counter("cube_tokens_total", "Tokens the backends reported, by domain, model and kind "
+                              "(prompt | completion)", ["domain", "model", "kind"], registry=self.registry)
+        self.tokens_estimated = Counter("cube_tokens_estimated_total", "Tokens estimated by the gateway where the "
+                                        "backend reported none", ["domain", "model", "kind"], registry=self.registry)
+        self.inference = Counter("cube_inference_requests_total", "Inference requests by route, outcome and "
+                                 "whether their usage was reported or estimated",
+                                 ["domain", "model", "route", "outcome", "usage"], registry=self.registry)
+        slow = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+        self.ttft = Histogram("cube_inference_time_to_first_token_seconds", "From request to the first relayed "
+                              "event (streams) or the whole answer", ["model", "route"], registry=self.registry,
+                              buckets=slow)
+        self.duration = Histogram("cube_inference_duration_seconds", "From request to the end of the answer",
+                                  ["model", "route"], registry=self.registry, buckets=slow)
+
+    def inference_finished(self, domain: str, model: str, route: str, outcome: str, usage: "Usage",
+                           ttft: float | None, duration: float) -> None:
+        tokens = self.tokens_estimated if usage.estimated else self.tokens
+        if usage.prompt_tokens:
+            tokens.labels(domain=domain, model=model, kind="prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            tokens.labels(domain=domain, model=model, kind="completion").inc(usage.completion_tokens)
+        self.inference.labels(domain=domain, model=model, route=route, outcome=outcome,
+                              usage="estimated" if usage.estimated else "reported").inc()
+        if ttft is not None:
+            self.ttft.labels(model=model, route=route).observe(ttft)
+        self.duration.labels(model=model, route=route).observe(duration)
 
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.labels(reason=reason).inc()

@@ -12,6 +12,7 @@ from enclave.access import Decision, Principal
 from enclave.auth import Authenticator, Clock, LastUsedTracker
 from enclave.config import Settings
 from enclave.errors import ApiError
+from enclave.inference.gateway import Gateway
 from enclave.metrics import Metrics
 from enclave.store import Domain, Store, User, canonical_uuid
 
@@ -25,6 +26,7 @@ class AppContext:
     registry: Any
     metrics: Metrics
     clock: Clock
+    gateway: Gateway
 
 
 def ctx(request: Request) -> AppContext:
@@ -38,6 +40,15 @@ bearer_scheme = HTTPBearer(auto_error=False, scheme_name="PAT",
 async def authenticated(request: Request,
                         _: HTTPAuthorizationCredentials | None = Security(bearer_scheme)) -> Principal:
     """FastAPI dependency: the Principal of the bearer PAT, or a 401 envelope."""
+    return await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+
+
+async def request_principal(request: Request) -> Principal:
+    """The request's Principal: the one SizeLimitMiddleware's pre-body check authenticated for this very request
+    (bodies are authenticated before they are read), else authenticated now."""
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):
+        return principal
     return await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
 
 

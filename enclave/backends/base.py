@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from enclave.backends.errors import BackendUnavailable, InvalidModelName, UnsupportedOperation
 
@@ -56,6 +56,14 @@ class BackendConfig(BaseModel):
     ``priority`` decides which backend serves a model id that several backends offer (highest wins; see
     ``enclave.registry``). ``read_timeout`` bounds each read of a discovery or delete call, ``pull_timeout``
     the longest silence tolerated while a pull streams progress (verifying a large blob can take minutes).
+
+    Inference (``enclave.inference``): a stream has no total time limit, only ``connect_timeout``,
+    ``first_byte_timeout`` (until the response headers: a non-streamed answer is generated before them) and
+    ``idle_timeout`` (the longest silence between stream events); the defaults suit slow CPU generation. At
+    most ``max_in_flight`` requests run on the backend at once; up to ``max_queued`` more wait, each at most
+    ``queue_timeout`` seconds, and beyond that a request is refused (503 ``backend_overloaded``).
+    ``cache_salt`` (vLLM only) sets vLLM's ``cache_salt`` per domain, so one tenant cannot probe another's
+    prefix cache by timing.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -68,11 +76,23 @@ class BackendConfig(BaseModel):
     read_timeout: float = Field(10.0, gt=0, le=3600)
     pull_timeout: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
     priority: int = 0
+    first_byte_timeout: float = Field(300.0, gt=0, le=24 * 3600)
+    idle_timeout: float = Field(300.0, gt=0, le=24 * 3600)
+    max_in_flight: int = Field(32, ge=1, le=10_000)
+    max_queued: int = Field(128, ge=0, le=100_000)
+    queue_timeout: float = Field(30.0, gt=0, le=3600)
+    cache_salt: bool = False
 
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
         return plain_http_base_url(value)
+
+    @model_validator(mode="after")
+    def _salt_is_vllm_only(self) -> "BackendConfig":
+        if self.cache_salt and self.kind != "vllm":
+            raise ValueError("cache_salt: only vLLM backends take a cache_salt")
+        return self
 
     @field_validator("api_key")
     @classmethod

@@ -166,3 +166,23 @@ def test_second_instance_leaves_the_running_ones_files_alone(tmp_path: Path) -> 
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(timeout=60)
+
+
+def test_backend_flag_points_the_dev_service_at_a_running_backend() -> None:
+    """`./dev serve --backend ollama=URL`: one flag per backend, named after its kind; only with --simulate
+    (outside development, where prompts go is configuration, not a launch argument)."""
+    import pytest
+
+    from enclave.config import ConfigError
+    from enclave.main import _parser, settings_from_args
+
+    args = _parser().parse_args(["serve", "--simulate", "--backend", "ollama=http://127.0.0.1:11434",
+                                 "--backend", "vllm=http://127.0.0.1:8000", "--backend", "ollama=http://127.0.0.1:11435"])
+    settings = settings_from_args(args, environ={})
+    assert [(b.name, b.kind, b.base_url) for b in settings.backends] == [
+        ("ollama", "ollama", "http://127.0.0.1:11434"), ("vllm", "vllm", "http://127.0.0.1:8000"),
+        ("ollama-2", "ollama", "http://127.0.0.1:11435")]
+    with pytest.raises(ConfigError, match="--simulate"):
+        settings_from_args(_parser().parse_args(["serve", "--backend", "ollama=http://127.0.0.1:11434"]), environ={})
+    with pytest.raises(ConfigError, match="KIND=URL"):
+        settings_from_args(_parser().parse_args(["serve", "--simulate", "--backend", "llama=http://x"]), environ={})

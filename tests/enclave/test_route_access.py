@@ -71,6 +71,11 @@ def models_of_a(w: Who) -> bool:
     return in_domain_a(w) and w.read
 
 
+def infer_in_a(w: Who) -> bool:
+    """Inference needs ``models:infer`` (the "all" and "use" scope sets hold it, "manage" does not)."""
+    return in_domain_a(w) and w.role is not None and "models:infer" in SCOPE_SETS[w.scopes]
+
+
 def admin_of_a(w: Who) -> bool:
     return in_domain_a(w) and w.role in ("superadmin", "admin") and w.manage
 
@@ -103,6 +108,12 @@ ROUTES: dict[tuple[str, str], tuple[Rule, str, object]] = {
     ("GET", "/.well-known/cube-ai/attestation"): (public, "/.well-known/cube-ai/attestation", None),
     ("GET", "/proxy/{domain_id}/v1/models"): (models_of_a, "/proxy/{A}/v1/models", None),
     ("GET", "/proxy/{domain_id}/v1/models/{model:path}"): (models_of_a, "/proxy/{A}/v1/models/no-such:1b", None),
+    ("POST", "/proxy/{domain_id}/v1/chat/completions"): (infer_in_a, "/proxy/{A}/v1/chat/completions",
+                                                          {"model": "no-such:1b", "messages": []}),
+    ("POST", "/proxy/{domain_id}/v1/completions"): (infer_in_a, "/proxy/{A}/v1/completions",
+                                                     {"model": "no-such:1b", "prompt": "x"}),
+    ("POST", "/proxy/{domain_id}/v1/embeddings"): (infer_in_a, "/proxy/{A}/v1/embeddings",
+                                                    {"model": "no-such:1b", "input": "x"}),
     ("GET", "/admin/backends"): (platform, "/admin/backends", None),
     ("GET", "/admin/models"): (platform, "/admin/models", None),
     ("POST", "/admin/models"): (platform, "/admin/models", {"backend": "nope", "model": "x:1b"}),

@@ -1,0 +1,119 @@
+"""The ASGI response that relays a backend stream to the client event by event.
+
+* Each whole event is sent the moment its terminator arrives (``EventSplitter``); nothing is held back to
+  fill a buffer, and there is no limit on a stream's length, only on silence (the backend's ``idle_timeout``).
+* The client going away (``http.disconnect``, watched concurrently, so it is seen even while the backend is
+  silent) cancels the relay at once, which closes the backend connection: the backend stops generating.
+* A backend that fails mid-stream yields a well-formed ending (``error_ending``): a partial event is never
+  forwarded, and the stream closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from enclave.inference.editors import compact
+from enclave.inference.framing import EventSplitter
+from enclave.inference.upstream import UpstreamResponse
+
+
+class StreamEditor(Protocol):
+    done: bool
+
+    def edit(self, event: bytes) -> bytes | None: ...
+
+
+#: How a relayed stream ended.
+COMPLETED, CANCELLED, BACKEND_ERROR, IDLE_TIMEOUT = "completed", "cancelled", "backend_error", "idle_timeout"
+
+
+class StreamRelay(Response):
+    def __init__(self, upstream: UpstreamResponse, *, splitter: EventSplitter, editor: StreamEditor,
+                 error_ending: Callable[[str, bytes], bytes], media_type: str, headers: Mapping[str, str],
+                 started: float, on_finish: Callable[[str, float | None], None]) -> None:
+        super().__init__(content=None, status_code=200, headers=dict(headers), media_type=media_type)
+        # No length: the body is as long as the backend makes it (chunked transfer).
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.upstream = upstream
+        self.splitter = splitter
+        self.editor = editor
+        self.error_ending = error_ending
+        self.started = started
+        self.on_finish = on_finish
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.current_task()
+        assert relay is not None
+        client_gone = False
+
+        async def watch_client() -> None:
+            nonlocal client_gone
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    client_gone = True
+                    relay.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch_client())
+        outcome = COMPLETED
+        first: float | None = None
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            try:
+                async for chunk in self.upstream.chunks():
+                    events = self.splitter.feed(chunk)
+                    if not events:
+                        continue
+                    edited = [e for e in (self.editor.edit(event) for event in events) if e is not None]
+                    if not edited:
+                        continue
+                    if first is None:
+                        first = time.perf_counter() - self.started
+                    await send({"type": "http.response.body", "body": edited[0] if len(edited) == 1
+                                else b"".join(edited), "more_body": True})
+            except TimeoutError:
+                outcome = IDLE_TIMEOUT
+            except httpx.HTTPError:
+                outcome = BACKEND_ERROR
+            if outcome == COMPLETED and self.splitter.pending.strip():
+                outcome = BACKEND_ERROR   # the stream ended inside an event: that half event is dropped
+            ending = b""
+            if outcome != COMPLETED:
+                message = ("The model's backend stopped sending for too long; the stream was ended."
+                           if outcome == IDLE_TIMEOUT else "The model's backend failed mid-stream.")
+                ending = self.error_ending(message, self.splitter.terminator)
+            await send({"type": "http.response.body", "body": ending, "more_body": False})
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise
+            relay.uncancel()
+            outcome = CANCELLED
+        except OSError:   # the transport is gone (uvicorn raises on send after a disconnect)
+            outcome = CANCELLED
+        finally:
+            watcher.cancel()
+            await self.upstream.aclose()
+            self.on_finish(outcome, first)
+
+
+def sse_error_ending(message: str, terminator: bytes) -> bytes:
+    """The last SSE event of a stream that broke: the error envelope as a data event (openai-python raises it
+    as ``APIError``)."""
+    line_end = terminator[: len(terminator) // 2]
+    payload = compact({"error": {"message": message, "type": "api_error", "param": None, "code": "backend_error"}})
+    return b"data: " + payload + line_end + line_end
+
+
+def ndjson_error_ending(message: str, terminator: bytes) -> bytes:
+    """Ollama's way to end a stream that failed: an ``{"error": ...}`` line."""
+    return compact({"error": message}) + b"\n"
+
+
