@@ -364,12 +364,16 @@ def _verdict(ok: bool) -> str:
 def report(phases: list[Phase], holds: dict[str, Hold], args: argparse.Namespace, litellm: str) -> None:
     print()
     print(f"{'path':8}{'streams':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'delay p50':>10}{'delay p99':>10}"
-          f"{'events':>9}{'streams ok':>11}{'errors':>7}{'CPU s':>8}{'CPU s/1k ev':>12}")
+          f"{'events':>9}{'streams ok':>11}{'errors':>7}{'CPU s':>8}{'CPU %':>7}{'CPU s/1k ev':>12}")
     for p in phases:
         print(f"{p.gateway:8}{p.streams:8d}{p.ttft_p50:10.3f}{p.ttft_p99:10.3f}{p.delay_p50:10.3f}{p.delay_p99:10.3f}"
-              f"{p.events:9d}{p.completed:11d}{p.errors:7d}{p.cpu_s:8.2f}{p.cpu_per_1000:12.4f}")
-    print("(times in ms; delay = an event's one-way delay backend -> load generator; CPU of the gateway process "
-          "tree, for direct the backend's own)")
+              f"{p.events:9d}{p.completed:11d}{p.errors:7d}{p.cpu_s:8.2f}{100 * p.cpu_s / p.seconds:7.0f}"
+              f"{p.cpu_per_1000:12.4f}")
+    offered = args.streams_high * 1000 / args.interval_ms
+    print(f"(times in ms; delay = an event's one-way delay backend -> load generator; CPU of the gateway process "
+          f"tree, for direct the backend's own; CPU % = of one core over the phase. At {args.streams_high} streams "
+          f"the backend offers {offered:,.0f} events/s: a gateway needing more than 1 core for that, i.e. above "
+          f"{1000 / offered:.3f} CPU-s per 1,000 events, queues and its latencies measure that queue)")
     for p in phases:
         if p.errors:
             print(f"  {p.gateway} at {p.streams} streams: {p.errors} failed streams, first: {p.first_error}")
