@@ -137,7 +137,7 @@ def _tail(log: Path, lines: int = 30) -> str:
 
 @dataclass
 class Gateway:
-    """One path the load generator drives."""
+    """One path the load generator drives: a gateway, or (``direct``) the backend itself."""
 
     name: str
     port: int
@@ -177,6 +177,9 @@ def _enclave_backend(backend_url: str, streams: int) -> dict:
 
 
 def start_enclave(tmp: Path, backend_port: int, args: argparse.Namespace) -> tuple[subprocess.Popen, Gateway]:
+    from cryptography import x509
+
+    from attestation.atls.binding import spki_der_of, spki_sha256
     from attestation.atls.client import AttestedClient
     from attestation.policy import load_policy
     from enclave.backends import BackendConfig
@@ -210,10 +213,7 @@ def start_enclave(tmp: Path, backend_port: int, args: argparse.Namespace) -> tup
 
         wait_for("the enclave's models list", models_listed, proc, log, 60)
         pinned = client.attestor.pinned
-    from cryptography import x509
-
-    from attestation.atls.binding import spki_der_of, spki_sha256
-
+    # The load generator trusts the certificate file as is: only once it is the key just attested.
     published = spki_sha256(spki_der_of(x509.load_pem_x509_certificate(cert_file.read_bytes())))
     if published != pinned:
         raise SystemExit("the published certificate is not the attested key: refusing to trust it")
@@ -227,7 +227,8 @@ def ensure_litellm() -> Path:
     command = LITELLM_VENV / "bin" / "litellm"
     if command.exists():
         return command
-    print(f"installing {LITELLM_REQUIREMENT} into {LITELLM_VENV.relative_to(ROOT) if LITELLM_VENV.is_relative_to(ROOT) else LITELLM_VENV} (once)...", flush=True)
+    shown = LITELLM_VENV.relative_to(ROOT) if LITELLM_VENV.is_relative_to(ROOT) else LITELLM_VENV
+    print(f"installing {LITELLM_REQUIREMENT} into {shown} (once)...", flush=True)
     base = getattr(sys, "_base_executable", None) or "python3"
     subprocess.run([base, "-m", "venv", str(LITELLM_VENV)], check=True)
     subprocess.run([str(LITELLM_VENV / "bin" / "pip"), "install", "-q", LITELLM_REQUIREMENT], check=True)
@@ -389,13 +390,15 @@ def report(phases: list[Phase], holds: dict[str, Hold], args: argparse.Namespace
         label = name if name == "enclave" else f"litellm {litellm}"
         add_p50_1 = p1.ttft_p50 - base1.ttft_p50
         add_p99_64 = p64.ttft_p99 - base64.ttft_p99
-        goal = name == "enclave"
+        goal = name == "enclave"   # the goals are set for 1 and 64 streams
         print(f"{label}: added TTFT p50 at {one} stream  {add_p50_1:8.3f} ms"
-              + (f"   (goal < {GOAL_TTFT_P50_1_MS:g} ms): {_verdict(add_p50_1 < GOAL_TTFT_P50_1_MS)}" if goal else ""))
+              + (f"   (goal < {GOAL_TTFT_P50_1_MS:g} ms): {_verdict(add_p50_1 < GOAL_TTFT_P50_1_MS)}"
+                 if goal and one == 1 else ""))
         print(f"{label}: added TTFT p99 at {one} stream  {p1.ttft_p99 - base1.ttft_p99:8.3f} ms")
         print(f"{label}: added TTFT p50 at {many} streams {p64.ttft_p50 - base64.ttft_p50:8.3f} ms")
         print(f"{label}: added TTFT p99 at {many} streams {add_p99_64:8.3f} ms"
-              + (f"   (goal < {GOAL_TTFT_P99_64_MS:g} ms): {_verdict(add_p99_64 < GOAL_TTFT_P99_64_MS)}" if goal else ""))
+              + (f"   (goal < {GOAL_TTFT_P99_64_MS:g} ms): {_verdict(add_p99_64 < GOAL_TTFT_P99_64_MS)}"
+                 if goal and many == 64 else ""))
         print(f"{label}: added inter-event delay p99 at {one} stream {p1.delay_p99 - base1.delay_p99:8.3f} ms, "
               f"at {many} streams {p64.delay_p99 - base64.delay_p99:8.3f} ms")
         print(f"{label}: CPU per 1,000 relayed events {p64.cpu_per_1000:.4f} s (at {many} streams; "
@@ -406,9 +409,11 @@ def report(phases: list[Phase], holds: dict[str, Hold], args: argparse.Namespace
               f"{_verdict(ratio <= GOAL_CPU_RATIO)}")
     for name, h in holds.items():
         growth = h.rss_peak - h.rss_before
+        verdict = (_verdict(growth < GOAL_RSS_MB and h.flowing == h.streams) if h.streams >= 1000
+                   else "not judged below 1,000 streams")
         print(f"{name}: {h.flowing} of {h.streams} slow streams open at once (opened in {h.seconds_to_open:.1f} s): "
               f"RSS {h.rss_before:.0f} -> peak {h.rss_peak:.0f} MB, growth {growth:.0f} MB "
-              f"(goal < {GOAL_RSS_MB:g} MB for 1,000): {_verdict(growth < GOAL_RSS_MB and h.flowing == h.streams)}; "
+              f"(goal < {GOAL_RSS_MB:g} MB for 1,000): {verdict}; "
               f"{h.rss_after:.0f} MB after they closed" + (f"; {h.errors} errors, first: {h.first_error}" if h.errors else ""))
 
 
