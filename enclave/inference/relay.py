@@ -65,6 +65,7 @@ class StreamRelay(Response):
         watcher = asyncio.create_task(watch_client())
         outcome = COMPLETED
         first: float | None = None
+        finished = False
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             try:
@@ -90,6 +91,12 @@ class StreamRelay(Response):
                 message = ("The model's backend stopped sending for too long; the stream was ended."
                            if outcome == IDLE_TIMEOUT else "The model's backend failed mid-stream.")
                 ending = self.error_ending(message, self.splitter.terminator)
+            elif getattr(self.editor, "backend_error", False):
+                outcome = BACKEND_ERROR   # the backend reported an error inside its 200 stream (Ollama)
+            # Slot freed and record made before the client sees the end, so whoever reads them next (the
+            # client's next request, the ledger) finds them done.
+            finished = True
+            await self._finish(outcome, first)
             await send({"type": "http.response.body", "body": ending, "more_body": False})
         except asyncio.CancelledError:
             if not client_gone:
@@ -100,8 +107,12 @@ class StreamRelay(Response):
             outcome = CANCELLED
         finally:
             watcher.cancel()
-            await self.upstream.aclose()
-            self.on_finish(outcome, first)
+            if not finished:
+                await self._finish(outcome, first)
+
+    async def _finish(self, outcome: str, first: float | None) -> None:
+        await self.upstream.aclose()
+        self.on_finish(outcome, first)
 
 
 def sse_error_ending(message: str, terminator: bytes) -> bytes:
