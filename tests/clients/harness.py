@@ -176,3 +176,39 @@ def run_continue(config: dict[str, Any], prompt: str, *, timeout: float = DEFAUL
         code, stdout, stderr = _run(command, cwd=work, env=env, timeout=timeout)
         refused = guard_log.read_text().split() if guard_log.exists() else []
     return ClientRun(code, stdout, stderr, refused)
+
+
+@dataclass(frozen=True)
+class AdaptersResult:
+    completion: str  # the streamed fill-in-the-middle text
+    embeddings: list[list[float]]
+
+
+def run_continue_adapters(
+    api_base: str, model: str, api_key: str, *, timeout: float = DEFAULT_TIMEOUT
+) -> tuple[ClientRun, AdaptersResult | None]:
+    """Continue's model layer, headless: a completion with ``suffix`` (autocomplete) and an embedding.
+
+    ``cn`` has no autocomplete or embedding command; Continue's editors reach models through the same
+    ``@continuedev/openai-adapters`` package, which ``continue_adapters.mjs`` drives (``provider: openai``).
+    """
+    script = HERE / "continue_adapters.mjs"
+    adapters = node_tools() / "node_modules" / "@continuedev" / "openai-adapters"
+    if not adapters.is_dir():
+        pytest.fail(f"@continuedev/openai-adapters not found at {adapters}: run ./dev test (tests/clients/package.json)")
+    with tempfile.TemporaryDirectory(prefix="cube-continue-adapters-") as scratch:
+        home = Path(scratch) / "home"
+        # A copy inside the prefix: ESM resolves packages from the importing file's directory upwards.
+        runner = node_tools() / f".continue_adapters-{os.getpid()}-{Path(scratch).name}.mjs"
+        runner.write_text(script.read_text())
+        try:
+            env = _isolated_env(home, {"NODE_OPTIONS": f"--require={OFFLINE_GUARD}"})
+            arguments = json.dumps({"apiBase": api_base.rstrip("/") + "/", "apiKey": api_key, "model": model})
+            code, stdout, stderr = _run(["node", str(runner), arguments], cwd=Path(scratch), env=env, timeout=timeout)
+        finally:
+            runner.unlink(missing_ok=True)
+    run = ClientRun(code, stdout, stderr)
+    if code != 0:
+        return run, None
+    answer = json.loads(stdout.strip().splitlines()[-1])
+    return run, AdaptersResult(completion=answer["completion"], embeddings=answer["embeddings"])

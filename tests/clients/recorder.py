@@ -36,6 +36,9 @@ class Exchange:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def json_response(self) -> Any:
+        return json.loads(self.response)
+
     def generated_text(self) -> str:
         """The assistant text of a chat answer, streamed (SSE deltas) or not."""
         text = self.response.decode(errors="replace")

@@ -7,13 +7,15 @@ For now the base URL is the server's own; the gateway's tests point the same har
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
 
-from tests.clients.harness import run_continue, run_opencode, continue_config
+from tests.clients.harness import continue_config, run_continue, run_continue_adapters, run_opencode
 from tests.clients.recorder import Exchange, RecordingServer
 from tests.llama.fixtures import LlamaServer
+from tests.llama.model import EMBED
 
 PROMPT = "say hello"
 
@@ -87,3 +89,24 @@ def test_continue_ollama_provider_uses_the_openai_routes(llama_server: LlamaServ
     assert run.exit_code == 0, run.describe()
     assert recorder.relay.paths() == ["POST /v1/chat/completions"]
     assert_streamed_with_usage_asked(chat_calls(recorder)[0], llama_server.model)
+
+
+def test_continue_model_layer_autocompletes_and_embeds(llama_server: LlamaServer, recorder: RecordingServer) -> None:
+    """Continue's autocomplete (a streamed completion with ``suffix``) and embeddings through its adapters."""
+    run, result = run_continue_adapters(f"{recorder.base_url}/v1", llama_server.model, "test-key-adapters")
+    assert result is not None, run.describe()
+    assert recorder.relay.paths() == ["POST /v1/completions", "POST /v1/embeddings"]
+    completion, embedding = recorder.relay.exchanges
+    assert completion.json()["suffix"] and completion.json()["stream"] is True
+    assert completion.headers["authorization"] == "Bearer test-key-adapters"
+    streamed = "".join(
+        json.loads(block.removeprefix("data: "))["choices"][0]["text"]
+        for block in completion.response.decode().split("\n\n")
+        if block.startswith("data: {")
+    )
+    assert result.completion == streamed
+    assert embedding.json()["input"] == ["hello world", "cube"]
+    relayed = [item["embedding"] for item in embedding.json_response()["data"]]
+    assert len(result.embeddings) == len(relayed) == 2
+    for got, sent in zip(result.embeddings, relayed):
+        assert len(got) == EMBED and got == pytest.approx(sent)

@@ -145,3 +145,10 @@ def test_embeddings_one_vector_per_input(llama_server: LlamaServer) -> None:
 def test_unknown_route_is_404_and_access_log_records_requests(llama_server: LlamaServer) -> None:
     assert httpx.post(f"{llama_server.base_url}/api/chat", json={}, timeout=TIMEOUT).status_code == 404
     assert "POST /api/chat" in llama_server.requests_seen()
+
+
+def test_embeddings_ignore_base64_encoding_format(llama_server: LlamaServer) -> None:
+    """Asked for base64 (the openai SDK's default), the engine still answers float lists."""
+    body = {"model": llama_server.model, "input": "hello", "encoding_format": "base64"}
+    embedding = post(llama_server, "embeddings", body).json()["data"][0]["embedding"]
+    assert isinstance(embedding, list) and len(embedding) == EMBED
