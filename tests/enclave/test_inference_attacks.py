@@ -615,3 +615,11 @@ def test_every_native_error_is_ollama_shaped_and_every_other_an_envelope(svc: Se
         assert native.status_code >= 400 and openai.status_code >= 400, (route, who)
         assert list(native.json()) == ["error"] and isinstance(native.json()["error"], str), native.text
         assert set(openai.json()["error"]) == {"message", "type", "param", "code"}, openai.text
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_backend_refusing_the_gateways_key_is_a_502_not_the_clients_401(svc: Service, status: int) -> None:
+    svc.fakes["vllm"].upstream_status = (status, "invalid api key")
+    with client(svc) as c:
+        r = c.post(openai_path(svc, CHAT), json=chat(VLLM_ID))
+    assert r.status_code == 502 and r.json()["error"]["code"] == "backend_error", r.text
