@@ -14,6 +14,8 @@ from enclave.api.context import AppContext, check, decided_domain_id, request_pr
 from enclave.api.schemas import ERROR_RESPONSES, DomainRef, ErrorEnvelope
 from enclave.errors import ApiError, model_not_found
 from enclave.inference.body import BodyError, ClientBody, parse_body
+from enclave.inference.client_gone import ClientGone, unless_client_leaves
+from enclave.inference.gateway import CLIENT_CLOSED
 from enclave.inference.record import InferenceRecord
 from enclave.inference.upstream import UpstreamFailure
 
@@ -70,9 +72,16 @@ async def _infer(request: Request, domain_ref: str, route: str) -> Response:
                              model=card.id, backend=card.backend, route=route, stream=body.stream)
     request.state.inference = record
     try:
-        return await ctx.gateway.openai(route, record, body, domain.id)
+        return await unless_client_leaves(request.receive, ctx.gateway.openai(route, record, body, domain.id))
     except UpstreamFailure as failure:
         raise failure_error(failure) from None
+    except ClientGone:
+        return client_gone()
+
+
+def client_gone() -> Response:
+    """What a request whose client left gets: nobody reads it."""
+    return Response(status_code=CLIENT_CLOSED)
 
 
 @router.post("/proxy/{domain_id}/v1/chat/completions", responses={**_RESPONSES, **_answer("A chat completion, or "

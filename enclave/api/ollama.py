@@ -29,12 +29,13 @@ from enclave.access import (
     model_rule,
 )
 from enclave.api.context import AppContext, check, decided_domain_id
-from enclave.api.inference import failure_error
+from enclave.api.inference import client_gone, failure_error
 from enclave.api.schemas import DomainRef
 from enclave.backends.base import ModelCard
 from enclave.errors import ApiError
 from enclave.inference import ollama as native
 from enclave.inference.body import BodyError, ClientBody
+from enclave.inference.client_gone import ClientGone, unless_client_leaves
 from enclave.inference.record import InferenceRecord
 from enclave.inference.upstream import UpstreamFailure
 from enclave.store import Domain
@@ -121,9 +122,11 @@ async def _infer(request: Request, domain_ref: str, route: str) -> Response:
                              model=card.id, backend=card.backend, route=f"api/{route}", stream=body.stream)
     request.state.inference = record
     try:
-        return await native.infer(ctx.gateway, route, record, body)
+        return await unless_client_leaves(request.receive, native.infer(ctx.gateway, route, record, body))
     except UpstreamFailure as failure:
         raise failure_error(failure) from None
+    except ClientGone:
+        return client_gone()
 
 
 @router.post("/proxy/{domain_id}/api/chat", responses={**_RESPONSES, **_answer(
@@ -161,9 +164,11 @@ async def embeddings(domain_id: DomainRef, request: Request) -> Response:
 async def show(domain_id: DomainRef, request: Request) -> Response:
     ctx, _, _, body, card = await _model_request(request, domain_id, "show", Scope.MODELS_READ)
     try:
-        return await native.show(ctx.gateway, card, body)
+        return await unless_client_leaves(request.receive, native.show(ctx.gateway, card, body))
     except UpstreamFailure as failure:
         raise failure_error(failure) from None
+    except ClientGone:
+        return client_gone()
 
 
 @router.get("/proxy/{domain_id}/api/tags", responses={**_RESPONSES, **_answer("The models this key may use")},
@@ -208,7 +213,7 @@ def _management_route(action: str):
 
 
 #: Every method is refused alike (Ollama uses POST, and DELETE for ``delete``), so none gets a 405 instead.
-MANAGEMENT_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+MANAGEMENT_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 for _action in OLLAMA_MANAGEMENT_ROUTES:
     router.add_api_route(f"/proxy/{{domain_id}}/api/{_action}", _management_route(_action),
                          methods=MANAGEMENT_METHODS, include_in_schema=False)

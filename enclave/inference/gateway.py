@@ -6,6 +6,7 @@ bytes and counts tokens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from enclave.inference.body import ClientBody, domain_cache_salt, upstream_body
 from enclave.inference.editors import OpenAIStreamEditor, edit_openai_body
 from enclave.inference.framing import NDJSON_TERMINATORS, SSE_TERMINATORS, EventSplitter
 from enclave.inference.record import InferenceRecord, Recorder
-from enclave.inference.relay import COMPLETED, StreamEditor, StreamRelay, ndjson_error_ending, sse_error_ending
+from enclave.inference.relay import CANCELLED, COMPLETED, StreamEditor, StreamRelay, ndjson_error_ending, sse_error_ending
 from enclave.inference.upstream import BackendConnections, UpstreamFailure, Upstreams
 from enclave.inference.usage import Usage, estimate, prompt_text_bytes
 from enclave.metrics import Metrics
@@ -27,6 +28,8 @@ from enclave.metrics import Metrics
 OPENAI_ROUTES = ("chat/completions", "completions", "embeddings")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 NO_USAGE = Usage(0, 0, 0)
+#: The status recorded for a request whose client left before its answer (nginx's convention).
+CLIENT_CLOSED = 499
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class Gateway:
         except UpstreamFailure as failure:
             self.recorder.finish(record, NO_USAGE, outcome="refused", status=failure.status, ttft=None)
             raise
+        except asyncio.CancelledError:   # the client left (``unless_client_leaves``)
+            self.recorder.finish(record, NO_USAGE, outcome=CANCELLED, status=CLIENT_CLOSED, ttft=None)
+            raise
         if stream and upstream.content_type.split(";")[0].strip() == fmt.media_type:
             def finished(outcome: str, ttft: float | None) -> None:
                 self.recorder.finish(record, usage_of(editor, None), outcome=outcome, status=200, ttft=ttft)
@@ -79,6 +85,9 @@ class Gateway:
             body = await upstream.read_all()
         except UpstreamFailure as failure:
             self.recorder.finish(record, NO_USAGE, outcome="backend_error", status=failure.status, ttft=None)
+            raise
+        except asyncio.CancelledError:
+            self.recorder.finish(record, NO_USAGE, outcome=CANCELLED, status=CLIENT_CLOSED, ttft=None)
             raise
         finally:
             await upstream.aclose()

@@ -5,7 +5,9 @@
 * The client going away (``http.disconnect``, watched concurrently, so it is seen even while the backend is
   silent) cancels the relay at once, which closes the backend connection: the backend stops generating.
 * A backend that fails mid-stream yields a well-formed ending (``error_ending``): a partial event is never
-  forwarded, and the stream closes.
+  forwarded, and the stream closes. So does an event that outgrows ``MAX_EVENT_BYTES`` without its end.
+* The stream's last event (``[DONE]``, Ollama's ``done: true`` line) ends the relay: nothing a backend sends
+  after it reaches the client.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from enclave.inference.editors import compact
-from enclave.inference.framing import EventSplitter
+from enclave.inference.framing import MAX_EVENT_BYTES, EventSplitter, EventTooLarge
 from enclave.inference.upstream import UpstreamResponse
 
 
@@ -48,6 +50,17 @@ class StreamRelay(Response):
         self.started = started
         self.on_finish = on_finish
 
+    def _edited(self, events: list[bytes]) -> list[bytes]:
+        """The events to forward, edited; none after the one that ends the stream (``editor.done``)."""
+        edited = []
+        for event in events:
+            out = self.editor.edit(event)
+            if out is not None:
+                edited.append(out)
+            if self.editor.done:
+                break
+        return edited
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.current_task()
         assert relay is not None
@@ -64,32 +77,34 @@ class StreamRelay(Response):
 
         watcher = asyncio.create_task(watch_client())
         outcome = COMPLETED
+        failure: str | None = None
         first: float | None = None
         finished = False
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             try:
                 async for chunk in self.upstream.chunks():
-                    events = self.splitter.feed(chunk)
-                    if not events:
-                        continue
-                    edited = [e for e in (self.editor.edit(event) for event in events) if e is not None]
-                    if not edited:
-                        continue
-                    if first is None:
-                        first = time.perf_counter() - self.started
-                    await send({"type": "http.response.body", "body": edited[0] if len(edited) == 1
-                                else b"".join(edited), "more_body": True})
+                    edited = self._edited(self.splitter.feed(chunk))
+                    if edited:
+                        if first is None:
+                            first = time.perf_counter() - self.started
+                        await send({"type": "http.response.body", "body": edited[0] if len(edited) == 1
+                                    else b"".join(edited), "more_body": True})
+                    if self.editor.done:
+                        break   # the stream's last event: whatever a backend sends after it is not relayed
             except TimeoutError:
                 outcome = IDLE_TIMEOUT
+            except EventTooLarge:
+                outcome, failure = BACKEND_ERROR, (f"The model's backend sent an event larger than "
+                                                   f"{MAX_EVENT_BYTES} bytes; the stream was ended.")
             except httpx.HTTPError:
                 outcome = BACKEND_ERROR
-            if outcome == COMPLETED and self.splitter.pending.strip():
+            if outcome == COMPLETED and not self.editor.done and self.splitter.pending.strip():
                 outcome = BACKEND_ERROR   # the stream ended inside an event: that half event is dropped
             ending = b""
             if outcome != COMPLETED:
-                message = ("The model's backend stopped sending for too long; the stream was ended."
-                           if outcome == IDLE_TIMEOUT else "The model's backend failed mid-stream.")
+                message = failure or ("The model's backend stopped sending for too long; the stream was ended."
+                                      if outcome == IDLE_TIMEOUT else "The model's backend failed mid-stream.")
                 ending = self.error_ending(message, self.splitter.terminator)
             elif getattr(self.editor, "backend_error", False):
                 outcome = BACKEND_ERROR   # the backend reported an error inside its 200 stream (Ollama)

@@ -84,7 +84,7 @@ class UpstreamResponse:
         """The body as it arrives; ``TimeoutError`` after ``idle_timeout`` of silence, ``httpx`` errors as the
         transport reports them."""
         idle = self._connections.config.idle_timeout
-        stream = self.response.aiter_raw()
+        stream = self.response.aiter_bytes()   # decoded per content-encoding; no re-chunking (no chunk size)
         while True:
             # One deadline per read: it must not run while the consumer writes to the client between reads.
             async with asyncio.timeout(idle):
@@ -130,7 +130,9 @@ class BackendConnections:
     def client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop or self._client.is_closed:
-            headers = {"User-Agent": "cube-ai-enclave"}
+            # identity: bodies are relayed as they arrive, and the client must get what it can read (httpx would
+            # otherwise ask for gzip); a backend compressing anyway is decoded (``aiter_bytes``).
+            headers = {"User-Agent": "cube-ai-enclave", "Accept-Encoding": "identity"}
             if self.config.api_key is not None:
                 headers["Authorization"] = f"Bearer {self.config.api_key.get_secret_value()}"
             size = self.config.max_in_flight
@@ -182,7 +184,7 @@ class BackendConnections:
         body = bytearray()
         try:
             async with asyncio.timeout(self.config.connect_timeout + 5):
-                async for chunk in response.aiter_raw():
+                async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) > MAX_ERROR_BYTES:
                         break
@@ -193,6 +195,10 @@ class BackendConnections:
         status = response.status_code
         message, code = backend_message(bytes(body))
         log.warning("backend %s answered HTTP %d", self.config.name, status)
+        if status in (401, 403, 407):
+            # The backend refused the gateway's own credentials: not the client's fault, and its 401 would make
+            # clients think their key is bad.
+            return UpstreamFailure(502, "backend_error", f"The model's backend refused the gateway (HTTP {status}).")
         if 400 <= status < 500:
             retry_after = response.headers.get("retry-after")
             return UpstreamFailure(status, code or "backend_rejected", message or f"The backend refused the request "
