@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-import httpx
 from starlette.responses import Response
 
 from enclave.backends.base import ModelCard
@@ -154,16 +153,10 @@ async def _backend_json(gateway: Gateway, backend: str, path: str) -> Any:
     connections = gateway.upstreams.get(backend)
     if connections is None:
         return None
-    config = connections.config
     try:
-        response = await connections.client().get(
-            path, timeout=httpx.Timeout(config.read_timeout, connect=config.connect_timeout))
-        if response.status_code != 200:
-            log.warning("backend %s: GET %s answered HTTP %d; left out", backend, path, response.status_code)
-            return None
-        return response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        log.warning("backend %s: GET %s failed (%s); left out", backend, path, type(exc).__name__)
+        return await connections.get_json(path)
+    except UpstreamFailure as failure:
+        log.warning("backend %s: GET %s failed (%s); left out", backend, path, failure.message)
         return None
 
 

@@ -17,13 +17,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from enclave.inference.editors import compact
 from enclave.inference.framing import MAX_EVENT_BYTES, EventSplitter, EventTooLarge
-from enclave.inference.upstream import UpstreamResponse
+from enclave.inference.upstream import UpstreamBroken, UpstreamResponse
 
 
 class StreamEditor(Protocol):
@@ -91,13 +90,16 @@ class StreamRelay(Response):
                         await send({"type": "http.response.body", "body": edited[0] if len(edited) == 1
                                     else b"".join(edited), "more_body": True})
                     if self.editor.done:
-                        break   # the stream's last event: whatever a backend sends after it is not relayed
+                        # The stream's last event: whatever a backend sends after it is not relayed, only read
+                        # (briefly, bounded) so the connection can be kept for the next request.
+                        await self.upstream.drain()
+                        break
             except TimeoutError:
                 outcome = IDLE_TIMEOUT
             except EventTooLarge:
                 outcome, failure = BACKEND_ERROR, (f"The model's backend sent an event larger than "
                                                    f"{MAX_EVENT_BYTES} bytes; the stream was ended.")
-            except httpx.HTTPError:
+            except UpstreamBroken:
                 outcome = BACKEND_ERROR
             if outcome == COMPLETED and not self.editor.done and self.splitter.pending.strip():
                 outcome = BACKEND_ERROR   # the stream ended inside an event: that half event is dropped

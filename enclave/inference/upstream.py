@@ -3,6 +3,10 @@ that bound silence rather than length, and every failure turned into one typed `
 
 Discovery keeps its own short-timeout client (``enclave.backends``); inference gets a pool sized to the
 backend's ``max_in_flight``, so a long generation never waits behind discovery or the other way round.
+
+The inference client is aiohttp, not httpx: measured against the same local backend, httpx added about 1 ms
+to every request's first byte (1.38 ms against 0.39 ms for aiohttp and for a bare socket), which alone is
+more than the gateway's whole latency budget. aiohttp's C HTTP parser adds almost nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import httpx
+import aiohttp
 
 from enclave.backends.base import BackendConfig
 from enclave.inference.admission import Admission, Overloaded
@@ -24,7 +29,10 @@ log = logging.getLogger("enclave.inference")
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 #: Longest backend error body read to find its message.
 MAX_ERROR_BYTES = 64 * 1024
-WRITE_TIMEOUT = 30.0
+#: How long the rest of a finished stream (the chunked terminator) may take to arrive before the
+#: connection is dropped instead of kept for the next request.
+DRAIN_SECONDS = 1.0
+MAX_DRAIN_BYTES = 64 * 1024
 MAX_MESSAGE = 500
 
 
@@ -68,10 +76,14 @@ def backend_message(body: bytes) -> tuple[str | None, str | None]:
     return None, None
 
 
+class UpstreamBroken(Exception):
+    """The backend connection failed mid-body (reset, cut inside a chunk, closed early)."""
+
+
 class UpstreamResponse:
     """A backend answer with status 2xx whose body is still to be read; ``aclose`` frees the backend slot."""
 
-    def __init__(self, response: httpx.Response, connections: "BackendConnections") -> None:
+    def __init__(self, response: aiohttp.ClientResponse, connections: "BackendConnections") -> None:
         self.response = response
         self._connections = connections
         self._closed = False
@@ -81,17 +93,21 @@ class UpstreamResponse:
         return self.response.headers.get("content-type", "application/json")
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; ``TimeoutError`` after ``idle_timeout`` of silence, ``httpx`` errors as the
-        transport reports them."""
+        """The body as it arrives (decoded if the backend compressed it anyway); ``TimeoutError`` after
+        ``idle_timeout`` of silence, ``UpstreamBroken`` when the connection fails."""
         idle = self._connections.config.idle_timeout
-        stream = self.response.aiter_bytes()   # decoded per content-encoding; no re-chunking (no chunk size)
+        content = self.response.content
         while True:
             # One deadline per read: it must not run while the consumer writes to the client between reads.
-            async with asyncio.timeout(idle):
-                try:
-                    chunk = await anext(stream)
-                except StopAsyncIteration:
-                    return
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
+            except aiohttp.ClientError as exc:
+                raise UpstreamBroken(type(exc).__name__) from None
+            if not chunk:
+                if not content.is_eof():   # pragma: no cover - readany returns b"" only at EOF
+                    continue
+                return
             yield chunk
 
     async def read_all(self) -> bytes:
@@ -104,16 +120,31 @@ class UpstreamResponse:
                                           f"The backend's answer is larger than {MAX_ANSWER_BYTES} bytes.")
         except TimeoutError:
             raise UpstreamFailure(504, "backend_timeout", "The backend stopped answering mid-response.") from None
-        except httpx.HTTPError as exc:
-            raise self._connections.broken(exc) from None
+        except UpstreamBroken:
+            raise UpstreamFailure(502, "backend_error", "The model's backend closed the connection.") from None
         return bytes(body)
+
+    async def drain(self) -> None:
+        """After the stream's last event: read what is left of the body (normally only the chunked terminator)
+        so the connection can serve the next request; anything more, or a slow end, and it is dropped."""
+        content = self.response.content
+        left = MAX_DRAIN_BYTES
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while not content.at_eof() and left > 0:
+                    left -= len(await content.readany())
+        except (TimeoutError, aiohttp.ClientError):
+            pass
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            await self.response.aclose()   # mid-body: httpcore drops the connection, so the backend sees it
+            if self.response.content.at_eof():
+                self.response.release()   # fully read: the connection goes back to the pool
+            else:
+                self.response.close()     # mid-body: the connection is closed, so the backend sees it
         finally:
             self._connections.admission.release()
 
@@ -124,35 +155,54 @@ class BackendConnections:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.admission = Admission(config.max_in_flight, config.max_queued, config.queue_timeout)
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def client(self) -> httpx.AsyncClient:
+    def session(self) -> aiohttp.ClientSession:
+        """The backend's pool, made on first use in the running loop (a pool cannot move between loops)."""
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop or self._client.is_closed:
-            # identity: bodies are relayed as they arrive, and the client must get what it can read (httpx would
-            # otherwise ask for gzip); a backend compressing anyway is decoded (``aiter_bytes``).
+        if self._session is None or self._loop is not loop or self._session.closed:
+            # identity: bodies are relayed as they arrive, and the client must get what it can read; a backend
+            # compressing anyway is decoded (aiohttp's auto_decompress).
             headers = {"User-Agent": "cube-ai-enclave", "Accept-Encoding": "identity"}
             if self.config.api_key is not None:
                 headers["Authorization"] = f"Bearer {self.config.api_key.get_secret_value()}"
-            size = self.config.max_in_flight
-            self._client = httpx.AsyncClient(
-                base_url=self.config.base_url, headers=headers, trust_env=False, follow_redirects=False,
-                # Reads are bounded by the gateway's own deadlines (first byte, idle), not by httpx.
-                timeout=httpx.Timeout(None, connect=self.config.connect_timeout, write=WRITE_TIMEOUT,
-                                      pool=self.config.connect_timeout + self.config.queue_timeout),
-                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=60.0),
+            connector = aiohttp.TCPConnector(limit=self.config.max_in_flight, limit_per_host=0,
+                                             keepalive_timeout=60.0, use_dns_cache=True, ttl_dns_cache=60)
+            self._session = aiohttp.ClientSession(
+                base_url=self.config.base_url + "/", headers=headers, connector=connector, trust_env=False,
+                auto_decompress=True, raise_for_status=False, skip_auto_headers=("Content-Type",),
+                # Reads are bounded by the gateway's own deadlines (first byte, idle), not by aiohttp.
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout,
+                                              sock_connect=self.config.connect_timeout, sock_read=None),
             )
             self._loop = loop
-        return self._client
+        return self._session
 
-    def broken(self, exc: httpx.HTTPError) -> UpstreamFailure:
+    def _url(self, path: str) -> str:
+        return path.lstrip("/")   # relative to base_url (which may carry a path prefix)
+
+    def broken(self, exc: BaseException) -> UpstreamFailure:
         log.warning("backend %s: %s", self.config.name, type(exc).__name__)
-        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
             return UpstreamFailure(502, "backend_unavailable", "The model's backend cannot be reached.")
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
             return UpstreamFailure(504, "backend_timeout", "The model's backend did not answer in time.")
         return UpstreamFailure(502, "backend_error", "The model's backend closed the connection.")
+
+    async def get_json(self, path: str) -> Any:
+        """``GET path`` parsed as JSON, within ``read_timeout`` (for small side calls such as Ollama's
+        ``/api/ps``); ``UpstreamFailure`` otherwise."""
+        try:
+            async with asyncio.timeout(self.config.connect_timeout + self.config.read_timeout):
+                async with self.session().get(self._url(path), allow_redirects=False) as response:
+                    if response.status != 200:
+                        raise UpstreamFailure(502, "backend_error", f"HTTP {response.status} from GET {path}")
+                    return json.loads(await response.content.read(MAX_ANSWER_BYTES))
+        except UpstreamFailure:
+            raise
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise self.broken(exc) from None
 
     async def open(self, path: str, body: bytes, *, accept: str = "application/json") -> UpstreamResponse:
         """POST ``body`` to ``path`` and wait (at most ``first_byte_timeout``) for a 2xx answer's headers."""
@@ -163,37 +213,34 @@ class BackendConnections:
             raise UpstreamFailure(503, "backend_overloaded",
                                   "The model's backend is at capacity; retry shortly.", exc.retry_after) from None
         try:
-            request = self.client().build_request(
-                "POST", path, content=body, headers={"content-type": "application/json", "accept": accept})
             try:
                 async with asyncio.timeout(self.config.first_byte_timeout):
-                    response = await self.client().send(request, stream=True)
+                    response = await self.session().post(
+                        self._url(path), data=body, allow_redirects=False,
+                        headers={"Content-Type": "application/json", "Accept": accept})
             except TimeoutError:
                 raise UpstreamFailure(504, "backend_timeout",
                                       f"The model's backend did not answer within {self.config.first_byte_timeout:g} s.") from None
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:
                 raise self.broken(exc) from None
-            if response.status_code >= 300:
+            if response.status >= 300:
                 raise await self._refusal(response)
         except BaseException:
             self.admission.release()
             raise
         return UpstreamResponse(response, self)
 
-    async def _refusal(self, response: httpx.Response) -> UpstreamFailure:
-        body = bytearray()
+    async def _refusal(self, response: aiohttp.ClientResponse) -> UpstreamFailure:
+        body = b""
         try:
             async with asyncio.timeout(self.config.connect_timeout + 5):
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_ERROR_BYTES:
-                        break
-        except (TimeoutError, httpx.HTTPError):
+                body = await response.content.read(MAX_ERROR_BYTES)
+        except (TimeoutError, aiohttp.ClientError):
             pass
         finally:
-            await response.aclose()
-        status = response.status_code
-        message, code = backend_message(bytes(body))
+            response.close()
+        status = response.status
+        message, code = backend_message(body)
         log.warning("backend %s answered HTTP %d", self.config.name, status)
         if status in (401, 403, 407):
             # The backend refused the gateway's own credentials: not the client's fault, and its 401 would make
@@ -218,9 +265,9 @@ class Upstreams:
 
     async def aclose(self) -> None:
         for connections in self._by_name.values():
-            client, connections._client = connections._client, None
-            if client is not None and not client.is_closed:
+            session, connections._session = connections._session, None
+            if session is not None and not session.closed:
                 try:
-                    await client.aclose()
-                except RuntimeError:
+                    await session.close()
+                except RuntimeError:   # its event loop is gone; nothing left to close
                     pass
