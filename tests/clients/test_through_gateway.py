@@ -14,6 +14,8 @@ runs against the FakeOllama backend's model; everything else runs on ``tiny-llam
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import ollama
 import pytest
@@ -21,6 +23,7 @@ import yaml
 
 from attestation.atls.client import async_openai_client, openai_client
 from attestation.policy import Policy, policy_from_yaml, sim_policy_yaml
+from enclave.attestation_api import ATTESTATION_PATH
 from enclave.inference.record import InferenceRecord
 
 from tests.atls.test_adversaries import PRODUCTION_POLICY
@@ -143,7 +146,14 @@ def test_ollama_client_chats_on_the_native_routes_through_the_proxy(chain: Chain
 
 
 # ---- 6. A refused enclave ----------------------------------------------------------------------------------
-def test_a_proxy_whose_policy_refuses_the_enclave_exits_without_sending_the_pat(chain: Chain, tmp_path) -> None:
+def enclave_access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+
+
+def test_a_proxy_whose_policy_refuses_the_enclave_exits_without_sending_the_pat(
+    chain: Chain, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     policy_file = tmp_path / "production.yaml"
     policy_file.write_text(yaml.safe_dump(PRODUCTION_POLICY.model_dump(mode="json", exclude_none=True)))
     pat_file = private_file(tmp_path / "cube.pat", chain.token + "\n")
@@ -155,4 +165,11 @@ def test_a_proxy_whose_policy_refuses_the_enclave_exits_without_sending_the_pat(
         code = running.proc.wait(timeout=30)
     assert code == 1 and "REFUSED" in text and "nothing was sent" in text, text
     assert chain.token not in text
+    refused_phase = enclave_access_lines(caplog)
+    # At most the (unauthenticated) attestation endpoint was asked: no /users/me, no /proxy/... request.
+    assert all(ATTESTATION_PATH in line for line in refused_phase), refused_phase
     assert chain.records_since(start) == []
+    # The enclave's access lines are being captured at all: a request through the accepted proxy shows up.
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        assert http.get(f"{chain.proxy_v1}/models").status_code == 200
+    assert any("/v1/models" in line for line in enclave_access_lines(caplog)[len(refused_phase):])
