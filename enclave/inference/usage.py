@@ -83,7 +83,8 @@ def estimate(prompt_bytes: int, completion_events: int) -> Usage:
 
 
 def prompt_text_bytes(body: dict[str, Any]) -> int:
-    """UTF-8 bytes of the text a request asks the model to read (messages, prompt, input, system, suffix)."""
+    """UTF-8 bytes of what a request asks the model to read: messages, prompt, input, system, suffix, and the
+    JSON of its tool definitions and response format."""
     total = 0
 
     def add(value: Any) -> None:
@@ -99,4 +100,8 @@ def prompt_text_bytes(body: dict[str, Any]) -> int:
 
     for key in ("messages", "prompt", "input", "system", "suffix"):
         add(body.get(key))
+    # Tool definitions are rendered into the prompt too (an agent's tools can outweigh its messages).
+    for key in ("tools", "functions", "response_format"):
+        if body.get(key) is not None:
+            total += len(json.dumps(body[key], ensure_ascii=False, separators=(",", ":")).encode())
     return total

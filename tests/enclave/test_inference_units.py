@@ -159,3 +159,11 @@ def test_usage_parsing_and_estimates() -> None:
     assert estimate(9, 4) == Usage(3, 4, 7, estimated=True)
     assert prompt_text_bytes({"messages": [{"content": "abc"}, {"content": [{"type": "text", "text": "dé"}]}],
                               "suffix": "z"}) == 3 + 3 + 1
+
+
+def test_an_estimated_prompt_counts_the_tool_definitions() -> None:
+    """An agent's request (OpenCode: ~10 tools) is mostly tool schemas, which the model reads as prompt."""
+    tools = [{"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}}]
+    plain = prompt_text_bytes({"messages": [{"content": "abc"}]})
+    with_tools = prompt_text_bytes({"messages": [{"content": "abc"}], "tools": tools})
+    assert with_tools == plain + len(b'[{"type":"function","function":{"name":"read","parameters":{"type":"object"}}}]')
