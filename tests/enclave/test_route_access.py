@@ -133,7 +133,7 @@ ROUTES: dict[tuple[str, str], tuple[Rule, str, object]] = {
     ("GET", "/proxy/{domain_id}/api/version"): (models_of_a, "/proxy/{A}/api/version", None),
     **{(method, f"/proxy/{{domain_id}}/api/{action}"): (nobody, f"/proxy/{{A}}/api/{action}", {"model": "x:1b"})
        for action in ("pull", "push", "create", "copy", "delete")
-       for method in ("GET", "POST", "PUT", "PATCH", "DELETE")},
+       for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
     ("GET", "/admin/backends"): (platform, "/admin/backends", None),
     ("GET", "/admin/models"): (platform, "/admin/models", None),
     ("POST", "/admin/models"): (platform, "/admin/models", {"backend": "nope", "model": "x:1b"}),
