@@ -179,6 +179,14 @@ class BackendConnections:
             self._loop = loop
         return self._session
 
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            try:
+                await session.close()
+            except RuntimeError:   # its event loop is gone; nothing left to close
+                pass
+
     def _url(self, path: str) -> str:
         return path.lstrip("/")   # relative to base_url (which may carry a path prefix)
 
@@ -265,9 +273,4 @@ class Upstreams:
 
     async def aclose(self) -> None:
         for connections in self._by_name.values():
-            session, connections._session = connections._session, None
-            if session is not None and not session.closed:
-                try:
-                    await session.close()
-                except RuntimeError:   # its event loop is gone; nothing left to close
-                    pass
+            await connections.aclose()
