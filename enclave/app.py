@@ -124,6 +124,8 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     app.include_router(admin.me)
     for router in extra_routers:
         app.include_router(router)
+    # Innermost: the inference routes skip FastAPI's routing (see InferenceFastPath), nothing else.
+    app.add_middleware(inference.InferenceFastPath, routes=inference.fast_path_routes(app))
     app.add_middleware(SizeLimitMiddleware, max_header_bytes=settings.limits.max_header_bytes,
                        max_body_bytes=settings.limits.max_body_bytes, before_body=_authenticate_before_body)
     app.add_middleware(OllamaErrorShape)   # outside the size limits, so their refusals get Ollama's shape too

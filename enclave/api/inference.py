@@ -6,8 +6,13 @@ scope ``models:infer``): unknown and forbidden models both get 404 ``model_not_f
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from fastapi.routing import iter_route_contexts
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from enclave.access import may_infer_in_domain, may_use_model
 from enclave.api.context import AppContext, check, decided_domain_id, request_principal
@@ -105,3 +110,50 @@ async def completions(domain_id: DomainRef, request: Request) -> Response:
              openapi_extra=_request_body("An OpenAI embeddings request", ("model", "input")))
 async def embeddings(domain_id: DomainRef, request: Request) -> Response:
     return await _infer(request, domain_id, "embeddings")
+
+
+_FAST_PATH = re.compile(r"^/proxy/([^/]{1,100})/v1/(chat/completions|completions|embeddings)$")
+
+
+class InferenceFastPath:
+    """Sends ``POST /proxy/{domain}/v1/{chat/completions,completions,embeddings}`` straight to its handler.
+
+    FastAPI's route matching and endpoint machinery cost about 0.4 ms of every request's time to first token
+    (measured with the benchmark's backend), more than the rest of the gateway's own work. The routes stay
+    declared on ``router`` (OpenAPI, the route table) and this dispatch must behave exactly like them: any other
+    method, path or an over-long domain reference goes on to FastAPI unchanged. It sits inside every middleware
+    (limits, metrics, error shapes), so only the routing is skipped.
+    """
+
+    def __init__(self, app: ASGIApp, routes: dict[str, Any]) -> None:
+        self.app = app
+        self.routes = routes   # route name ("chat/completions", ...) -> its APIRoute, for the metrics template
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _FAST_PATH.match(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        domain_ref, route = match.groups()
+        scope["route"] = self.routes[route]
+        scope["path_params"] = {"domain_id": domain_ref}
+        request = Request(scope, receive, send)
+        try:
+            response = await _infer(request, domain_ref, route)
+        except ApiError as e:
+            response = e.response()
+        await response(scope, receive, send)
+
+
+def fast_path_routes(app: Any) -> dict[str, Any]:
+    """The declared APIRoutes the fast path stands in for, by route name."""
+    found: dict[str, Any] = {}
+    for route in iter_route_contexts(app.routes):
+        path = getattr(route, "path", "")
+        for name in ("chat/completions", "completions", "embeddings"):
+            if path == f"/proxy/{{domain_id}}/v1/{name}":
+                found[name] = route
+    missing = {"chat/completions", "completions", "embeddings"} - found.keys()
+    if missing:
+        raise RuntimeError(f"inference routes not declared: {sorted(missing)}")
+    return found
