@@ -3,7 +3,7 @@
 Subcommands (a stable contract, relied on by scripts and other components):
 
   verify-report REPORT [--vek CERT] [--chain PEM] [--product NAME] [--at ISO8601] [--policy FILE] [--json]
-  verify-quote QUOTE [--collateral DIR | --pcs URL] [--at ISO8601] [--policy FILE] [--json]
+  verify-quote QUOTE [--collateral DIR | --pcs URL] [--eventlog CCEL] [--at ISO8601] [--policy FILE] [--json]
   verify-evidence FILE [--pcs URL] [--at ISO8601] [--policy FILE] [--json]
   verify-url URL [--policy FILE] [--json]                (attested TLS; attestation.atls.cli)
   proxy --listen 127.0.0.1:PORT --upstream URL --policy FILE [--pat-file F] [--domain D] [--allow-non-loopback]
@@ -26,6 +26,7 @@ import argparse
 import json
 import string
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -189,11 +190,49 @@ def _cmd_verify_quote(args: argparse.Namespace) -> Verdict:
             files = collateral_to_files(load_collateral_dir(directory, fmspc=fmspc))
         except Exception as exc:  # CollateralError, ParseError, and anything a damaged file provokes
             raise InputError(f"--collateral {args.collateral}: {exc}") from None
+    log = _event_log(args.eventlog) if args.eventlog else None
     try:
         evidence = Evidence(platform="tdx", report=raw, collateral=files)
     except EvidenceError as exc:
         raise InputError(str(exc)) from None
-    return verify_evidence(evidence, policy=policy, at=at, pcs=_pcs_client(args))
+    verdict = verify_evidence(evidence, policy=policy, at=at, pcs=_pcs_client(args))
+    return verdict if log is None else _with_event_log(verdict, quote, log)
+
+
+def _event_log(path: str):
+    from .tdx.eventlog import parse_event_log
+
+    try:
+        return parse_event_log(_read(path, "--eventlog"))
+    except ParseError as exc:
+        raise InputError(f"--eventlog {path}: {exc}") from None
+
+
+def _with_event_log(verdict: Verdict, quote, log) -> Verdict:
+    """Adds the CCEL replay check (refusing on a mismatch) and the replayed events to the claims.
+
+    The events only mean something once the quote itself is verified: ``ok`` still requires both.
+    """
+    from .errors import BootStateError
+    from .tdx.eventlog import boot_state, event_claims, replay_mismatches
+
+    body = quote.body
+    mismatches = replay_mismatches(log, (body.rtmr0, body.rtmr1, body.rtmr2, body.rtmr3))
+    claims = dict(verdict.claims)
+    claims["eventlog"] = [event_claims(e) for e in log.events]
+    try:
+        claims["boot_state"] = boot_state(log)
+    except BootStateError as exc:
+        claims["boot_state"] = None
+        claims["boot_state_error"] = str(exc)
+    if not mismatches:
+        check = Check("eventlog_replay", True, f"{len(log.events)} events replay to the quote's RTMR0-3")
+        return replace(verdict, claims=claims, checks=[*verdict.checks, check])
+    detail = "event log does not replay to the quote's " + ", ".join(m.upper() for m in mismatches)
+    check = Check("eventlog_replay", False, detail)
+    error = detail if verdict.ok else f"{verdict.error}; {detail}"
+    status = verdict.status if verdict.status in _INPUT_STATUSES else "refused"
+    return replace(verdict, ok=False, status=status, claims=claims, checks=[*verdict.checks, check], error=error)
 
 
 def _pcs_client(args: argparse.Namespace):
@@ -317,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("quote", metavar="QUOTE", help="quote file")
     p.add_argument("--collateral", metavar="DIR", help="Intel PCS collateral directory (enables the TCB status)")
     p.add_argument("--pcs", metavar="URL", help="fetch the collateral from this Intel PCS (or host agent /pcs) URL")
+    p.add_argument("--eventlog", metavar="CCEL", help="TDX CC event log (as read from the ACPI CCEL area): it must "
+                   "replay to the quote's RTMR0-3; its events join the claims")
     common(p)
 
     p = sub.add_parser("verify-evidence", help="verify a Cube AI evidence bundle (CBOR CMW or JSON)")

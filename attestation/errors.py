@@ -11,6 +11,10 @@ class ParseError(AttestationError):
     """Bytes that are not a well-formed report, quote, certificate, collateral or bundle."""
 
 
+class BootStateError(AttestationError):
+    """An event log that replays, but from which no trustworthy boot state can be read (duplicate separator)."""
+
+
 class EvidenceError(AttestationError):
     """An evidence bundle (CBOR CMW) that is malformed, too large or inconsistent."""
 
