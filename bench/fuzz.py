@@ -2,8 +2,8 @@
 
     python bench/fuzz.py --iterations N [--seed S] [--only NAME]
 
-Seeds are the real vectors in ../shared/vectors (reports, quotes, PCK certificates, collateral,
-VCEK/VLEK certificates) plus the example policies and a few evidence bundles.  Each input is a seed
+Seeds are the real vectors in ../shared/vectors (reports, quotes, TDX event logs, PCK certificates,
+collateral, VCEK/VLEK certificates) plus the example policies and a few evidence bundles.  Each input is a seed
 mutated by bit flips, byte overwrites, truncation, insertion, duplication of a slice, a splice with
 another seed, or plain random bytes.  Any exception that is not an AttestationError is a bug: it is
 printed with the input (hex) and the exit status is 1.  Inputs/second per parser are printed.
@@ -110,6 +110,7 @@ def build_targets() -> list[Target]:
     from attestation.snp.certtable import build_cert_table, parse_cert_table
     from attestation.snp.report import parse_report
     from attestation.tdx.collateral import parse_qe_identity, parse_tcb_info
+    from attestation.tdx.eventlog import boot_state, parse_event_log, replay
     from attestation.tdx.pck import parse_pck_extension
     from attestation.tdx.quote import parse_quote
 
@@ -126,6 +127,13 @@ def build_targets() -> list[Target]:
 
     tcb_infos = sorted({p.read_bytes() for p in (VECTORS / "tdx/collateral").glob("*/tcb_info_*[0-9a-f].json")})
     qe_ids = sorted({p.read_bytes() for p in (VECTORS / "tdx/collateral").glob("*/qe_identity.json")})
+
+    eventlogs = [p.read_bytes() for p in sorted((VECTORS / "tdx/eventlog").glob("*.bin"))]
+
+    def eventlog_call(data: bytes) -> Any:
+        log = parse_event_log(data)
+        replay(log)
+        return boot_state(log)  # BootStateError (an AttestationError) on a duplicate separator
 
     veks = []
     for rel in ("snp/virtee-sev--vcek_milan.der", "snp/virtee-sev--vcek_turin.der", "snp/trustee--test-vcek.der",
@@ -239,6 +247,7 @@ def build_targets() -> list[Target]:
     return [
         Target("snp_report", reports, parse_report),
         Target("tdx_quote", quotes, parse_quote),
+        Target("tdx_eventlog", eventlogs, eventlog_call),
         Target("pck_extension", pck_values, parse_pck_extension),
         Target("tcb_info_json", tcb_infos, parse_tcb_info),
         Target("qe_identity_json", qe_ids, parse_qe_identity),

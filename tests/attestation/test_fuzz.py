@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 FUZZ = Path(__file__).resolve().parents[2] / "bench" / "fuzz.py"
-PARSERS = ("snp_report", "tdx_quote", "pck_extension", "tcb_info_json", "qe_identity_json", "vek_extensions",
+PARSERS = ("snp_report", "tdx_quote", "tdx_eventlog", "pck_extension", "tcb_info_json", "qe_identity_json", "vek_extensions",
            "vek_certificate", "snp_cert_table", "evidence_cmw", "evidence_json", "policy_yaml",
            "attested_certificate")
 # Whole verify_evidence() runs on mutated reports/quotes, certificates and collateral files.
