@@ -29,11 +29,15 @@ import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import AttestationError, EvidenceError, ParseError, PolicyError
 from .policy import DEFAULT_POLICY, Policy, load_policy, sim_policy_yaml
 from .verdict import Check, Verdict
+
+if TYPE_CHECKING:
+    from .tdx.eventlog import EventLog
+    from .tdx.quote import Quote
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -199,7 +203,7 @@ def _cmd_verify_quote(args: argparse.Namespace) -> Verdict:
     return verdict if log is None else _with_event_log(verdict, quote, log)
 
 
-def _event_log(path: str):
+def _event_log(path: str) -> EventLog:
     from .tdx.eventlog import parse_event_log
 
     try:
@@ -208,7 +212,7 @@ def _event_log(path: str):
         raise InputError(f"--eventlog {path}: {exc}") from None
 
 
-def _with_event_log(verdict: Verdict, quote, log) -> Verdict:
+def _with_event_log(verdict: Verdict, quote: Quote, log: EventLog) -> Verdict:
     """Adds the CCEL replay check (refusing on a mismatch) and the replayed events to the claims.
 
     The events only mean something once the quote itself is verified: ``ok`` still requires both.
