@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from attestation.policy import DEFAULT_POLICY, Policy, load_policy
 from attestation.snp.kds import DEFAULT_KDS_URL
@@ -24,9 +24,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class HealthSettings(_Strict):
+    """Active health checks of the relay's targets (host.relay.HealthCheck)."""
+
+    probe: Literal["tcp", "tls", "none"] = "tcp"  # tls: a handshake completes (its certificate is not judged)
+    interval: float = Field(2.0, gt=0, le=3600)
+    timeout: float = Field(2.0, gt=0, le=300)
+    unhealthy_after: int = Field(3, ge=1, le=1000)   # failures in a row that take a target out of the rotation
+    healthy_after: int = Field(2, ge=1, le=1000)     # good probes in a row that bring it back
+
+
 class RelaySettings(_Strict):
     listen: str = "0.0.0.0:8443"
-    target: str                                  # tcp:HOST:PORT | vsock:CID:PORT
+    target: str | None = None                    # tcp:HOST:PORT | vsock:CID:PORT (one enclave) ...
+    targets: list[str] = Field(default_factory=list)  # ... or several replicas (least connections)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    control_socket: Path | None = None           # Unix socket for `cube-host relay drain|resume|... --control`
     max_connections: int = Field(1024, ge=1, le=1_000_000)
     max_per_source: int = Field(64, ge=1, le=1_000_000)          # open connections per client address (/64)
     max_per_network: int = Field(256, ge=1, le=1_000_000)        # open connections per IPv6 /48
@@ -37,6 +50,15 @@ class RelaySettings(_Strict):
     buffer_bytes: int = Field(1 << 20, ge=4096, le=64 << 20)
     pump: Literal["splice", "copy", "streams"] | None = None
     shutdown_grace: float = Field(10.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_target_list(self) -> "RelaySettings":
+        if (self.target is None) == (not self.targets):
+            raise ValueError("give either target (one enclave) or targets (a list of replicas)")
+        return self
+
+    def all_targets(self) -> list[str]:
+        return [self.target] if self.target is not None else list(self.targets)
 
 
 class CollateralSettings(_Strict):
@@ -120,6 +142,8 @@ def config_from_dict(data: dict, base_dir: Path | None = None) -> HostConfig:
         config.data_dir = rel(config.data_dir)  # type: ignore[assignment]
         config.collateral.kds_seed_dir = rel(config.collateral.kds_seed_dir)
         config.collateral.pcs_seed_dir = rel(config.collateral.pcs_seed_dir)
+        if config.relay is not None:
+            config.relay.control_socket = rel(config.relay.control_socket)
         config.policies = {name: (src if src.startswith("builtin:") else str(rel(Path(src))))
                            for name, src in config.policies.items()}
     return config

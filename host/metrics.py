@@ -33,13 +33,14 @@ class RelayCollector:
     def collect(self) -> Iterator[Metric]:
         events = CounterMetricFamily("cube_host_relay_connections", "Relay connection events: accepted, "
                                      "rejected (over the limit), source_rejected (over the per-source limit), "
-                                     "first_byte_timeouts (sent nothing), connect_failed (enclave refused, "
-                                     "unreachable or timed out), idle_closed, half_close_closed", labels=["event"])
+                                     "first_byte_timeouts (sent nothing), connect_failed (every enclave target "
+                                     "refused, unreachable or timed out), connect_retried (one failed, the next "
+                                     "was tried), idle_closed, half_close_closed", labels=["event"])
         data = CounterMetricFamily("cube_host_relay_bytes", "Bytes relayed (up = client to enclave)",
                                    labels=["direction"])
         active = GaugeMetricFamily("cube_host_relay_active_connections", "Relay connections open now")
-        names = ("accepted", "rejected", "source_rejected", "first_byte_timeouts", "connect_failed", "idle_closed",
-                 "half_close_closed")
+        names = ("accepted", "rejected", "source_rejected", "first_byte_timeouts", "connect_failed", "connect_retried",
+                 "idle_closed", "half_close_closed")
         totals = dict.fromkeys(names, 0)
         up = down = live = 0
         for relay in self.relays:
@@ -57,6 +58,30 @@ class RelayCollector:
         yield events
         yield data
         yield active
+        yield from self._per_target()
+
+    def _per_target(self) -> Iterator[Metric]:
+        """Per enclave target: open connections, state (1 on the current one), connections and failures."""
+        open_now = GaugeMetricFamily("cube_host_relay_target_open_connections",
+                                     "Connections open to a relay target now", labels=["target"])
+        state = GaugeMetricFamily("cube_host_relay_target_state", "A relay target's state (1 = current): healthy, "
+                                  "unhealthy (failed its probes), draining", labels=["target", "state"])
+        total = CounterMetricFamily("cube_host_relay_target_connections", "Connections relayed to a target",
+                                    labels=["target"])
+        failed = CounterMetricFamily("cube_host_relay_target_failures", "Failed client connects and health probes "
+                                     "of a target", labels=["target", "kind"])
+        for relay in self.relays:
+            for t in relay.pool.targets:
+                open_now.add_metric([t.name], t.open)
+                for name in ("healthy", "unhealthy", "draining"):
+                    state.add_metric([t.name, name], 1 if t.state == name else 0)
+                total.add_metric([t.name], t.connections)
+                failed.add_metric([t.name, "connect"], t.connect_failures)
+                failed.add_metric([t.name, "probe"], t.probe_failures)
+        yield open_now
+        yield state
+        yield total
+        yield failed
 
 
 RELAYS = RelayCollector()

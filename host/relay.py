@@ -37,6 +37,20 @@ Design (chosen by measurement, see bench/bench_relay.py):
 * ``stop(grace)`` closes the listener, lets open connections finish for up to ``grace`` seconds and then
   aborts the rest.
 
+Several targets (enclave replicas; see :class:`TargetPool`):
+
+* Each new client goes to the healthy target with the fewest open connections (ties in turn, round-robin).
+* Health: with a :class:`HealthCheck`, every target is probed at an interval (a TCP connect, or a TLS
+  handshake whose certificate is not judged: the relay is untrusted and cannot verify attestation, the
+  client does); ``unhealthy_after`` failures in a row take it out of the rotation, ``healthy_after``
+  successes bring it back. A failed client connect counts as a failed probe. When no target is healthy, the
+  non-draining ones are all tried anyway (the probes may be stale; a client would fail otherwise).
+* A target that refuses or times out is retried on the next candidate before the client sees an error: safe,
+  since nothing has been relayed yet (the first byte is only peeked).
+* Draining (``drain``): a target gets no new connections while its open ones finish; ``resume`` undoes it,
+  ``remove`` drops a drained target with no open connection. ``host.relay_control`` serves these on a
+  Unix socket for ``cube-host relay drain|resume|add|remove|status``.
+
 AF_VSOCK targets use ``socket.AF_VSOCK`` (Linux host with a vsock transport to the guest); this
 machine has none, so only construction and address validation are tested for vsock.
 """
@@ -51,9 +65,10 @@ import logging
 import mmap
 import os
 import socket
+import ssl
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Collection, Literal, Sequence
 
 from attestation.ratelimit import client_key
 
@@ -126,13 +141,25 @@ class RelayLimits:
 
 
 @dataclass
+class HealthCheck:
+    """Active health checks of the targets (see the module docstring)."""
+
+    probe: Literal["tcp", "tls"] = "tcp"
+    interval: float = 2.0
+    timeout: float = 2.0
+    unhealthy_after: int = 3   # consecutive failed probes (or client connects) that take a target out
+    healthy_after: int = 2     # consecutive good probes that bring it back
+
+
+@dataclass
 class RelayStats:
     accepted: int = 0
     rejected: int = 0          # over the connection limit
     source_rejected: int = 0   # over the per-source limit
     first_byte_timeouts: int = 0
     half_close_closed: int = 0
-    connect_failed: int = 0    # enclave refused / unreachable / timed out
+    connect_failed: int = 0    # enclave refused / unreachable / timed out (on every target tried)
+    connect_retried: int = 0   # a target failed and the client was tried on the next one
     idle_closed: int = 0
     active: int = 0
     bytes_up: int = 0          # client -> enclave
@@ -150,6 +177,107 @@ def source_groups(host: str) -> tuple[str, ...]:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
         return (source, str(ipaddress.IPv6Network((address, 48), strict=False)))
     return (source,)
+
+
+def format_target(target: Target) -> str:
+    """The inverse of parse_target: "tcp:HOST:PORT" (IPv6 in brackets) or "vsock:CID:PORT"."""
+    host = str(target[1])
+    if target[0] == "tcp" and ":" in host:
+        host = f"[{host}]"
+    return f"{target[0]}:{host}:{target[2]}"
+
+
+class RelayTarget:
+    """One enclave target: its health, whether it drains, and its open connections."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.name = format_target(target)
+        self.healthy = True        # optimistic until probes say otherwise: a fresh relay serves at once
+        self.draining = False
+        self.open = 0              # connections being connected or relayed to it now
+        self.connections = 0       # connected in total
+        self.connect_failures = 0  # failed client connects in total
+        self.probe_failures = 0
+        self._fails = 0            # consecutive failures (probes and client connects)
+        self._successes = 0        # consecutive good probes
+
+    @property
+    def state(self) -> str:
+        if self.draining:
+            return "draining"
+        return "healthy" if self.healthy else "unhealthy"
+
+    def record(self, ok: bool, check: HealthCheck) -> None:
+        """Count one probe or connect outcome; log a change of health."""
+        if ok:
+            self._fails = 0
+            self._successes += 1
+            if not self.healthy and self._successes >= check.healthy_after:
+                self.healthy = True
+                log.warning("relay: target %s is healthy again", self.name)
+        else:
+            self._successes = 0
+            self._fails += 1
+            if self.healthy and self._fails >= check.unhealthy_after:
+                self.healthy = False
+                log.warning("relay: target %s left the rotation after %d failures", self.name, self._fails)
+
+    def to_json(self) -> dict[str, object]:
+        return {"target": self.name, "state": self.state, "open": self.open, "connections": self.connections,
+                "connect_failures": self.connect_failures, "probe_failures": self.probe_failures}
+
+
+class TargetPool:
+    """The targets of one relay and the least-connections choice among them."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        if not targets:
+            raise RelayError("a relay needs at least one target")
+        self.targets: list[RelayTarget] = []
+        for target in targets:
+            self.add(target)
+        self._turn = 0  # round-robin start for ties
+
+    def find(self, name: str) -> RelayTarget:
+        wanted = parse_target(name)
+        for t in self.targets:
+            if t.target == wanted:
+                return t
+        raise RelayError(f"no target {format_target(wanted)} (targets: {', '.join(t.name for t in self.targets)})")
+
+    def add(self, target: Target) -> RelayTarget:
+        if target[0] not in ("tcp", "vsock"):
+            raise RelayError(f"unknown target kind {target[0]!r}")
+        if any(t.target == target for t in self.targets):
+            raise RelayError(f"target {format_target(target)} is already listed")
+        entry = RelayTarget(target)
+        self.targets.append(entry)
+        return entry
+
+    def remove(self, name: str) -> RelayTarget:
+        entry = self.find(name)
+        if len(self.targets) == 1:
+            raise RelayError("cannot remove the last target")
+        if not entry.draining or entry.open:
+            raise RelayError(f"target {entry.name} must be drained first (state {entry.state}, "
+                             f"{entry.open} open connections)")
+        self.targets.remove(entry)
+        return entry
+
+    def candidates(self, exclude: Collection[int] = ()) -> list[RelayTarget]:
+        """Targets to try in order: healthy ones by fewest open connections (ties from the round-robin turn);
+        when none is healthy, every non-draining one likewise. Draining targets never."""
+        n = len(self.targets)
+        indexed = [(i, t) for i, t in enumerate(self.targets) if not t.draining and id(t) not in exclude]
+        healthy = [(i, t) for i, t in indexed if t.healthy] or indexed
+        healthy.sort(key=lambda it: (it[1].open, (it[0] - self._turn) % n))
+        return [t for _, t in healthy]
+
+    def chosen(self, entry: RelayTarget) -> None:
+        """Advance the round-robin turn past ``entry``."""
+        if entry in self.targets:
+            self._turn = (self.targets.index(entry) + 1) % len(self.targets)
 
 
 class _Connection:
@@ -426,12 +554,16 @@ class _StreamsConnection(_Connection):
 class Relay:
     """Raw TCP relay from ``listen`` to ``target``; see the module docstring for the behaviour."""
 
-    def __init__(self, listen: tuple[str, int], target: Target, limits: RelayLimits | None = None, *,
+    def __init__(self, listen: tuple[str, int], target: Target | Sequence[Target],
+                 limits: RelayLimits | None = None, *,
                  pump: PumpKind | None = None,
                  on_bytes: Callable[[int, bool], None] | None = None,
-                 on_event: Callable[[str], None] | None = None) -> None:
-        if target[0] not in ("tcp", "vsock"):
-            raise RelayError(f"unknown target kind {target[0]!r}")
+                 on_event: Callable[[str], None] | None = None,
+                 health: HealthCheck | None = None) -> None:
+        """``target``: one target or a list of them; ``health``: probe them (None: no active probes, a failed
+        client connect still counts against a target)."""
+        targets = [target] if target and isinstance(target[0], str) else list(target)  # type: ignore[list-item]
+        self.pool = TargetPool(targets)  # type: ignore[arg-type]
         if pump is None:
             pump = "copy"
         if pump not in ("splice", "copy", "streams"):
@@ -439,7 +571,8 @@ class Relay:
         if pump == "splice" and not hasattr(os, "splice"):
             raise RelayError("os.splice is not available on this platform")
         self.listen = listen
-        self.target = target
+        self.target = self.pool.targets[0].target  # the first target (the only one of a single-target relay)
+        self.health = health
         self.limits = limits or RelayLimits()
         self.pump: PumpKind = pump
         self.on_bytes = on_bytes
@@ -448,6 +581,7 @@ class Relay:
         self._server: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
+        self._prober: asyncio.Task | None = None
         self._connections: set[_Connection] = set()
         self._handlers: set[asyncio.Task] = set()
         self._per_source: dict[str, int] = {}
@@ -468,6 +602,8 @@ class Relay:
         self.address = server.getsockname()[:2]
         self._accept_task = asyncio.ensure_future(self._accept_loop())
         self._sweeper = asyncio.ensure_future(self._sweep_idle())
+        if self.health is not None:
+            self._prober = asyncio.ensure_future(self._probe_loop(self.health))
         return self.address
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -488,10 +624,11 @@ class Relay:
             task.cancel()
         if self._handlers:
             await asyncio.gather(*self._handlers, return_exceptions=True)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
+        for task in (self._sweeper, self._prober):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._sweeper = self._prober = None
 
     async def serve_forever(self) -> None:
         if self._accept_task is None:
@@ -499,7 +636,111 @@ class Relay:
         assert self._accept_task is not None
         await asyncio.gather(self._accept_task, return_exceptions=True)
 
+    # operator actions -----------------------------------------------------
+    def drain(self, name: str) -> RelayTarget:
+        """No new connections to ``name``; its open ones finish (see wait_drained)."""
+        entry = self.pool.find(name)
+        if not entry.draining:
+            entry.draining = True
+            log.warning("relay: draining %s (%d open connections)", entry.name, entry.open)
+        return entry
+
+    def resume(self, name: str) -> RelayTarget:
+        entry = self.pool.find(name)
+        if entry.draining:
+            entry.draining = False
+            log.warning("relay: %s back in the rotation", entry.name)
+        return entry
+
+    def add_target(self, name: str) -> RelayTarget:
+        entry = self.pool.add(parse_target(name))
+        log.warning("relay: target %s added", entry.name)
+        return entry
+
+    def remove_target(self, name: str) -> RelayTarget:
+        entry = self.pool.remove(name)
+        log.warning("relay: target %s removed", entry.name)
+        return entry
+
+    async def wait_drained(self, name: str, timeout: float) -> int:
+        """Wait until ``name`` has no open connection or ``timeout`` passed; its open connections then."""
+        entry = self.pool.find(name)
+        deadline = time.monotonic() + timeout
+        while entry.open and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return entry.open
+
+    def targets_status(self) -> list[dict[str, object]]:
+        return [t.to_json() for t in self.pool.targets]
+
     # internals ------------------------------------------------------------
+    async def _probe(self, entry: RelayTarget, check: HealthCheck) -> bool:
+        """One health probe: a TCP connect, then (probe "tls") a TLS handshake; the certificate is not judged."""
+        loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
+        try:
+            sock, address = target_socket(entry.target)
+            await asyncio.wait_for(loop.sock_connect(sock, address), check.timeout)
+            if check.probe == "tls":
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(asyncio.Protocol, sock=sock, ssl=_probe_tls_context(),
+                                           server_hostname=""), check.timeout)
+                sock = None  # the transport owns it now
+                transport.close()
+            return True
+        except (OSError, asyncio.TimeoutError, RelayError, ssl.SSLError):
+            return False
+        finally:
+            if sock is not None:
+                sock.close()
+
+    async def _probe_loop(self, check: HealthCheck) -> None:
+        while True:
+            targets = list(self.pool.targets)
+            results = await asyncio.gather(*(self._probe(t, check) for t in targets))
+            for entry, ok in zip(targets, results):
+                if not ok:
+                    entry.probe_failures += 1
+                entry.record(ok, check)
+            await asyncio.sleep(check.interval)
+
+    async def _connect_upstream(self) -> tuple[socket.socket, RelayTarget] | None:
+        """Connect to the best target, trying the next on failure; None when every candidate failed.
+        The returned target's ``open`` counts this connection (the caller gives it back)."""
+        loop = asyncio.get_running_loop()
+        check = self.health or HealthCheck()
+        tried: set[int] = set()
+        while True:
+            candidates = self.pool.candidates(tried)
+            if not candidates:
+                return None
+            entry = candidates[0]
+            tried.add(id(entry))
+            self.pool.chosen(entry)
+            entry.open += 1
+            upstream: socket.socket | None = None
+            try:
+                upstream, address = target_socket(entry.target)
+                await asyncio.wait_for(loop.sock_connect(upstream, address), self.limits.connect_timeout)
+            except (OSError, asyncio.TimeoutError, RelayError) as exc:
+                entry.open -= 1
+                entry.connect_failures += 1
+                entry.record(False, check)
+                log.info("relay: enclave connect to %s failed: %s", entry.name, exc.__class__.__name__)
+                if upstream is not None:
+                    upstream.close()
+                if len(candidates) > 1:
+                    self.stats.connect_retried += 1
+                    self._event("connect_retried")
+                continue
+            except BaseException:
+                entry.open -= 1
+                if upstream is not None:
+                    upstream.close()
+                raise
+            entry.connections += 1
+            return upstream, entry
+
     def _event(self, name: str) -> None:
         if self.on_event is not None:
             self.on_event(name)
@@ -572,7 +813,6 @@ class Relay:
             return False
 
     async def _handle(self, client: socket.socket, groups: tuple[str, ...]) -> None:
-        loop = asyncio.get_running_loop()
         upstream: socket.socket | None = None
         try:
             client.setblocking(False)
@@ -583,17 +823,13 @@ class Relay:
                 self._event("first_byte_timeout")
                 client.close()
                 return
-            try:
-                upstream, address = target_socket(self.target)
-                await asyncio.wait_for(loop.sock_connect(upstream, address), self.limits.connect_timeout)
-            except (OSError, asyncio.TimeoutError, RelayError) as exc:
+            connected = await self._connect_upstream()
+            if connected is None:
                 self.stats.connect_failed += 1
                 self._event("connect_failed")
-                log.info("relay: enclave connect failed: %s", exc.__class__.__name__)
-                if upstream is not None:
-                    upstream.close()
                 client.close()
                 return
+            upstream, entry = connected
             try:
                 if self.pump == "streams":
                     conn: _Connection = _StreamsConnection(self, client, upstream)
@@ -601,6 +837,7 @@ class Relay:
                     conn = _EventConnection(self, client, upstream, self.pump)
             except OSError as exc:  # out of pipes / file descriptors: refuse this client, keep serving
                 log.warning("relay: cannot set up a connection (%s)", exc)
+                entry.open -= 1
                 upstream.close()
                 client.close()
                 return
@@ -611,6 +848,7 @@ class Relay:
             finally:
                 conn.abort()
                 self._connections.discard(conn)
+                entry.open -= 1
         except asyncio.CancelledError:
             client.close()
             if upstream is not None:
@@ -638,13 +876,22 @@ class Relay:
                     conn.abort()
 
 
-async def run_relay(listen: tuple[str, int], target: Target, limits: RelayLimits | None = None, *,
-                    pump: PumpKind | None = None, grace: float = 10.0,
+def _probe_tls_context() -> ssl.SSLContext:
+    """The health probe's TLS: it only checks that a handshake completes (the client judges the enclave)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def run_relay(listen: tuple[str, int], target: Target | Sequence[Target], limits: RelayLimits | None = None,
+                    *, pump: PumpKind | None = None, grace: float = 10.0, health: HealthCheck | None = None,
                     stop_event: asyncio.Event | None = None) -> None:
     """Run a relay until ``stop_event`` is set (or forever), then drain and stop."""
-    relay = Relay(listen, target, limits, pump=pump)
+    relay = Relay(listen, target, limits, pump=pump, health=health)
     await relay.start()
-    log.info("relay listening on %s:%s -> %s (%s pump)", *relay.address, target, relay.pump)  # type: ignore[misc]
+    log.info("relay listening on %s:%s -> %s (%s pump)", *relay.address,  # type: ignore[misc]
+             ", ".join(t.name for t in relay.pool.targets), relay.pump)
     try:
         if stop_event is None:
             await relay.serve_forever()

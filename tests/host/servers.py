@@ -20,9 +20,9 @@ LOOPBACK = "127.0.0.1"
 class ThreadedServer:
     """Accepts on 127.0.0.1 and runs ``handler(conn)`` per connection in a daemon thread."""
 
-    def __init__(self, handler: Callable[[socket.socket], None], *, backlog: int = 64) -> None:
+    def __init__(self, handler: Callable[[socket.socket], None], *, backlog: int = 64, port: int = 0) -> None:
         self.handler = handler
-        self.sock = socket.create_server((LOOPBACK, 0), backlog=backlog)
+        self.sock = socket.create_server((LOOPBACK, port), backlog=backlog)
         self.port: int = self.sock.getsockname()[1]
         self.connections: list[socket.socket] = []
         self.errors: list[BaseException] = []
