@@ -95,11 +95,36 @@ class BootstrapSettings(_Strict):
         return value
 
 
+class DatabaseTlsSettings(_Strict):
+    """TLS to PostgreSQL, the server pinned by the SHA-256 (hex) of its certificate's DER or of its public key
+    (SubjectPublicKeyInfo DER): exactly one (enclave/database_tls.py)."""
+
+    server_certificate_sha256: str | None = None
+    server_spki_sha256: str | None = None
+
+    @field_validator("server_certificate_sha256", "server_spki_sha256")
+    @classmethod
+    def _hex256(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.strip().lower().replace(":", "")
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+                raise ValueError("must be a SHA-256 in hex (64 digits)")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "DatabaseTlsSettings":
+        if (self.server_certificate_sha256 is None) == (self.server_spki_sha256 is None):
+            raise ValueError("give exactly one of server_certificate_sha256 and server_spki_sha256")
+        return self
+
+
 class Settings(_Strict):
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
                            / "cube-ai" / "enclave")
     database_url: str | None = Field(None, description="SQLAlchemy async URL; default SQLite in data_dir")
     database_schema: str | None = Field(None, description="PostgreSQL schema (search_path) to use")
+    database_tls: DatabaseTlsSettings | None = Field(None, description="PostgreSQL over TLS with a pinned server "
+                                                                       "certificate (required outside simulation)")
     server_secret: SecretStr | None = Field(None, description="PAT HMAC key (>= 32 bytes); else server_secret_file")
     server_secret_file: Path | None = None
     listen: ListenSettings = Field(default_factory=ListenSettings)
@@ -135,6 +160,8 @@ class Settings(_Strict):
     def _consistent(self) -> "Settings":
         if self.pat_default_ttl_days > self.pat_max_ttl_days:
             raise ValueError("pat_default_ttl_days must not exceed pat_max_ttl_days")
+        if self.database_tls is not None and not (self.database_url or "").startswith("postgresql"):
+            raise ValueError("database_tls: only for a postgresql+asyncpg:// database_url")
         names = [b.name for b in self.backends]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -264,6 +291,15 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
         return Settings.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, source)) from None
+
+
+def check_database_transport(settings: Settings) -> None:
+    """Outside simulation, refuse a PostgreSQL database reached without pinned TLS: the host owns that network
+    (it could read the rows or answer as the database)."""
+    if (not settings.simulate and settings.effective_database_url().startswith("postgresql")
+            and settings.database_tls is None):
+        raise ConfigError("database_url: PostgreSQL outside simulation needs database_tls (the server's certificate "
+                          "or key pinned by SHA-256): the host owns the network between the enclave and the database")
 
 
 def load_server_secret(settings: Settings) -> bytes:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from enclave.config import ConfigError, Settings, load_server_secret, load_settings
+from enclave.config import ConfigError, Settings, check_database_transport, load_server_secret, load_settings
 
 if TYPE_CHECKING:   # imported where used: they pull in the store and the web stack
     from enclave.bootstrap import Delivered, PatDelivery
@@ -169,6 +169,7 @@ def serve(args: argparse.Namespace) -> int:
     from enclave.logs import configure_logging
 
     settings = settings_from_args(args)
+    check_database_transport(settings)
     configure_logging(settings.log_level, json_format=settings.log_json)
     try:   # before anything is written: a second instance must leave the running one's files alone
         instance = claim(settings.data_dir, settings.listen.host, settings.listen.port)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -151,8 +152,14 @@ class Store:
         self.generation = 0
 
     @classmethod
-    async def open(cls, url: str, *, schema: str | None = None, migrate: bool = True) -> "Store":
+    async def open(cls, url: str, *, schema: str | None = None, migrate: bool = True,
+                   tls: ssl.SSLContext | None = None) -> "Store":
+        """``tls``: PostgreSQL over TLS with this context (enclave.database_tls pins the server)."""
         kwargs: dict[str, Any] = {}
+        if tls is not None:
+            if url.startswith("sqlite"):
+                raise StoreError("TLS is for a PostgreSQL database")
+            kwargs["connect_args"] = {"ssl": tls}
         if url.startswith("sqlite"):
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
@@ -160,7 +167,7 @@ class Store:
                 # PAT hashes live here: owner-only, created so before SQLite opens it.
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         elif schema:
-            kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
+            kwargs.setdefault("connect_args", {})["server_settings"] = {"search_path": schema}
         engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"), **kwargs)
         if url.startswith("sqlite"):
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -396,7 +403,13 @@ class Store:
 
 async def open_store(settings: Any) -> Store:
     """Store for a Settings object (enclave.config.Settings)."""
-    return await Store.open(settings.effective_database_url(), schema=settings.database_schema)
+    tls = None
+    if getattr(settings, "database_tls", None) is not None:
+        from enclave.database_tls import pinned_client_context
+
+        tls = pinned_client_context(certificate_sha256_hex=settings.database_tls.server_certificate_sha256,
+                                    spki_sha256_hex=settings.database_tls.server_spki_sha256)
+    return await Store.open(settings.effective_database_url(), schema=settings.database_schema, tls=tls)
 
 
 __all__ = ["AuthRecord", "Conflict", "Domain", "Member", "OWNER", "Owner", "Pat", "ROLES", "Store", "StoreError",
