@@ -6,11 +6,16 @@ and so before a single byte of any request is written) the peer certificate of t
 read and its SPKI SHA-256 compared with the verdict cache:
 
 * known and not expired -> the connection is handed to httpcore (pinned);
-* unknown (first connection, key rotation, enclave restart) -> full verification on this same
+* unknown (first connection, another replica, key rotation, enclave restart) -> full verification on this same
   connection: the certificate's evidence (binding to its SPKI with the bundle's nonce), then
   ``GET /.well-known/cube-ai/attestation?nonce=<fresh>`` written on the same TLS stream and its
   evidence checked against the same SPKI and our nonce; both appraised with the caller's Policy
   through ``verify_evidence``.  Only then is the SPKI pinned and the connection released.
+
+Verdicts are kept per SPKI: replicas behind one relay each have their own key (made in their own enclave),
+so a client reaching several of them holds one verdict for each, and a key that fails is refused on that
+connection only (the verdicts of the others stand). The cache is bounded (least recently used out first) and a
+verdict expires after ``verdict_ttl`` or when the certificate it was made for does, whichever comes first.
 
 Any failure closes the connection and raises :class:`AttestedTLSError` (carrying a
 :class:`VerificationReport`) before request bytes are written.  Transient failures during a
@@ -32,6 +37,7 @@ import secrets
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,6 +59,7 @@ ATTESTATION_PATH = "/.well-known/cube-ai/attestation"
 CMW_CBOR_MEDIA_TYPE = "application/cmw+cbor"
 USER_AGENT = "cube-ai-atls/1"
 DEFAULT_VERDICT_TTL = 300.0
+DEFAULT_MAX_VERDICTS = 64  # SPKIs (replicas x key rotations within a TTL) whose verdicts a client keeps
 DEFAULT_IO_TIMEOUT = 10.0
 
 VerifyFn = Callable[..., Verdict]
@@ -189,6 +196,7 @@ class _CertificateFacts:
     spki_hex: str
     evidence: Evidence
     nonce: bytes
+    not_after: datetime
 
 
 class Attestor:
@@ -204,6 +212,7 @@ class Attestor:
         io_timeout: float = DEFAULT_IO_TIMEOUT,
         kds: Any = None,
         pcs: Any = None,
+        max_verdicts: int = DEFAULT_MAX_VERDICTS,
     ) -> None:
         """``kds``/``pcs``: a KdsClient / PcsClient the verifier fetches missing AMD CRLs / Intel collateral
         from (e.g. AMD KDS and Intel PCS, or a mirror: all of it is vendor-signed); with ``pcs`` the verifier
@@ -222,11 +231,14 @@ class Attestor:
         self.policy = policy
         self._verify = verify_fn
         self._collateral_sources = {k: v for k, v in (("kds", kds), ("pcs", pcs)) if v is not None}
+        if max_verdicts < 1:
+            raise ValueError("max_verdicts must be at least 1")
         self.verdict_ttl = verdict_ttl
         self.io_timeout = io_timeout
+        self.max_verdicts = max_verdicts
         self._lock = threading.Lock()
-        self._trusted: dict[str, float] = {}  # spki sha256 hex -> monotonic expiry
-        self.pinned: str | None = None
+        self._trusted: OrderedDict[str, float] = OrderedDict()  # spki sha256 hex -> monotonic expiry, LRU order
+        self.pinned: str | None = None  # the SPKI verified last
         self.last_report: VerificationReport | None = None
         self.verifications = 0
 
@@ -255,7 +267,14 @@ class Attestor:
             if time.monotonic() >= expiry:
                 del self._trusted[spki_hex]
                 return False
+            self._trusted.move_to_end(spki_hex)
             return True
+
+    def trusted_spkis(self) -> list[str]:
+        """The SPKI SHA-256s (hex) with a live verdict, least recently used first."""
+        now = time.monotonic()
+        with self._lock:
+            return [spki for spki, expiry in self._trusted.items() if expiry > now]
 
     def forget(self) -> None:
         """Drop every cached verdict (the next connection is verified from scratch)."""
@@ -286,7 +305,8 @@ class Attestor:
                                 f"to {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)")
         detail = f"SPKI SHA-256 {spki_hex}"
         if report.previous_pin and report.previous_pin != spki_hex:
-            detail += f" (pin was {report.previous_pin}: key rotated or enclave restarted, re-verifying)"
+            detail += (f" (the key verified last was {report.previous_pin}: another replica, a key rotation or a "
+                       "restart; re-verifying)")
         report.passed("certificate", detail)
         try:
             evidence = decode_cmw(evidence_from_certificate(cert))
@@ -294,7 +314,7 @@ class Attestor:
         except AttestationError as exc:
             raise report.failed("certificate_evidence", str(exc)) from None
         report.passed("certificate_evidence", f"{evidence.platform} evidence in id-pe-cmw")
-        return _CertificateFacts(spki_der, spki_hex, evidence, nonce)
+        return _CertificateFacts(spki_der, spki_hex, evidence, nonce, cert.not_valid_after_utc)
 
     def _appraise(self, report: VerificationReport, name: str, evidence: Evidence, expected: bytes) -> Verdict:
         try:
@@ -347,12 +367,17 @@ class Attestor:
         self._appraise(report, "nonce_appraisal", evidence, expected)
 
     def pin(self, report: VerificationReport, facts: _CertificateFacts) -> None:
+        """Keep the verdict for this SPKI (beside those of other replicas) until the TTL or the certificate ends."""
+        lifetime = min(self.verdict_ttl, (facts.not_after - datetime.now(timezone.utc)).total_seconds())
         with self._lock:
-            self._trusted[facts.spki_hex] = time.monotonic() + self.verdict_ttl
+            self._trusted[facts.spki_hex] = time.monotonic() + lifetime
+            self._trusted.move_to_end(facts.spki_hex)
+            while len(self._trusted) > self.max_verdicts:
+                self._trusted.popitem(last=False)
             self.pinned = facts.spki_hex
         report.ok = True
         report.error = None
-        report.passed("pinned", f"SPKI SHA-256 {facts.spki_hex} for {self.verdict_ttl:g} s")
+        report.passed("pinned", f"SPKI SHA-256 {facts.spki_hex} for {lifetime:g} s")
 
     def transport_failure(self, report: VerificationReport, exc: BaseException) -> AttestedTLSError:
         return report.failed("nonce_roundtrip", f"connection failed during verification ({type(exc).__name__}: "
@@ -762,14 +787,14 @@ class _AttestedClientBase:
     def __init__(self, base_url: str, *, policy: Policy, verdict_ttl: float = DEFAULT_VERDICT_TTL,
                  verify_fn: VerifyFn | None = None, limits: httpx.Limits = DEFAULT_LIMITS,
                  io_timeout: float = DEFAULT_IO_TIMEOUT, require_measurement: bool = True, kds: Any = None,
-                 pcs: Any = None, **kwargs: Any) -> None:
+                 pcs: Any = None, max_verdicts: int = DEFAULT_MAX_VERDICTS, **kwargs: Any) -> None:
         for name in _RESERVED:
             if name in kwargs:
                 raise TypeError(f"{name}= cannot be set on an attested client")
         if require_measurement:
             require_measured_policy(policy)
         self.attestor = Attestor(base_url, policy, verify_fn=verify_fn, verdict_ttl=verdict_ttl,
-                                 io_timeout=io_timeout, kds=kds, pcs=pcs)
+                                 io_timeout=io_timeout, kds=kds, pcs=pcs, max_verdicts=max_verdicts)
         guarding, attesting = self._transports
         transport = guarding(attesting(self.attestor, limits), self.attestor)
         super().__init__(base_url=base_url, transport=transport, follow_redirects=False,  # type: ignore[call-arg]
