@@ -2,7 +2,10 @@
 
 One run measures, on loopback, against baselines measured in the same run:
 * bulk throughput: N GiB client -> sink, direct vs through each relay pump vs socat (TCP-LISTEN -> TCP);
-* small-message round trips (64-byte request, 64-byte echo): p50 / p99, direct vs relay vs socat.
+* small-message round trips (64-byte request, 64-byte echo): p50 / p99, direct vs relay vs socat;
+* new connections (connect, one 64-byte echo, close): rate and p50, direct vs a one-target relay vs a
+  three-target relay (least connections over three echo servers), the cost of choosing a target
+  (``--connections N``; ``--only-connections`` runs just this part).
 Prints the ratios the issue sets as goals: >= 1.0x socat, >= 0.8x direct, added p50 latency < 100 us.
 
 Servers, relays and socat each run in their own process (as in production), the client in this one.
@@ -76,11 +79,13 @@ def serve(kind: str, port_file: str) -> None:
         threading.Thread(target=handler, args=(conn,), daemon=True).start()
 
 
-def run_relay_process(port_file: str, target_port: int, pump: str, loop: str) -> None:
+def run_relay_process(port_file: str, target_ports: str, pump: str, loop: str) -> None:
     from host.relay import Relay, RelayLimits
 
+    targets = [("tcp", "127.0.0.1", int(p)) for p in target_ports.split(",")]
+
     async def main() -> None:
-        relay = Relay(("127.0.0.1", 0), ("tcp", "127.0.0.1", target_port), RelayLimits(), pump=pump)  # type: ignore[arg-type]
+        relay = Relay(("127.0.0.1", 0), targets, RelayLimits(), pump=pump)  # type: ignore[arg-type]
         host, port = await relay.start()
         Path(port_file).write_text(str(port))
         await relay.serve_forever()
@@ -163,6 +168,54 @@ def round_trips(port: int, count: int) -> tuple[float, float]:
     return samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000
 
 
+def new_connections(port: int, count: int) -> tuple[float, float]:
+    """Open ``count`` connections one after another, one 64-byte echo each; (connections/s, p50 us)."""
+    msg = os.urandom(MSG)
+    samples = []
+    start = time.perf_counter()
+    for _ in range(count):
+        t0 = time.perf_counter_ns()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(msg)
+            got = 0
+            while got < MSG:
+                part = s.recv(MSG - got)
+                if not part:
+                    raise RuntimeError("connection closed before the echo")
+                got += len(part)
+        samples.append(time.perf_counter_ns() - t0)
+    elapsed = time.perf_counter() - start
+    samples.sort()
+    return count / elapsed, samples[len(samples) // 2] / 1000
+
+
+def connection_bench(tmp: Path, procs: list[subprocess.Popen], count: int, repeat: int) -> None:
+    """Least-connections choice vs the single-target relay, measured in the same run (copy pump, asyncio)."""
+    echoes = []
+    for i in range(3):
+        proc, port = _spawn(["_serve", "echo"], tmp, f"conn-echo-{i}")
+        procs.append(proc)
+        echoes.append(port)
+    one, one_port = _spawn(["_relay", str(echoes[0]), "copy", "asyncio"], tmp, "conn-relay-1")
+    three, three_port = _spawn(["_relay", ",".join(map(str, echoes)), "copy", "asyncio"], tmp, "conn-relay-3")
+    procs += [one, three]
+    paths = {"direct": echoes[0], "relay, 1 target": one_port, "relay, 3 targets": three_port}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for port in paths.values():
+        new_connections(port, min(count, 200))  # warm-up
+    for _ in range(repeat):
+        for name, port in paths.items():
+            results[name].append(new_connections(port, count))
+    print()
+    print(f"new connections ({count} per round, {repeat} rounds, round-robin; median of rounds)")
+    base = statistics.median(r for r, _ in results["relay, 1 target"])
+    for name, rounds in results.items():
+        rate = statistics.median(r for r, _ in rounds)
+        p50 = statistics.median(p for _, p in rounds)
+        print(f"{name:24s} {rate:9.0f} conn/s  p50 {p50:7.1f} us  {rate / base:5.2f}x the 1-target relay")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=1.0)
@@ -170,6 +223,8 @@ def main() -> int:
     ap.add_argument("--loops", default="asyncio,uvloop")
     ap.add_argument("--rtts", type=int, default=5000)
     ap.add_argument("--repeat", type=int, default=3, help="rounds over all paths (best and median reported per path)")
+    ap.add_argument("--connections", type=int, default=2000, help="new connections per round (0: skip that part)")
+    ap.add_argument("--only-connections", action="store_true", help="only the new-connection comparison")
     args = ap.parse_args()
     if shutil.which("socat") is None:
         print("socat not found (apt-get install socat)", file=sys.stderr)
@@ -178,6 +233,16 @@ def main() -> int:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-relay-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
+    if args.only_connections:
+        try:
+            connection_bench(tmp, procs, args.connections, args.repeat)
+            return 0
+        finally:
+            for p in procs:
+                p.kill()
+            for p in procs:
+                p.wait()
+            shutil.rmtree(tmp, ignore_errors=True)
     try:
         sink, sink_port = _spawn(["_serve", "sink"], tmp, "sink")
         echo, echo_port = _spawn(["_serve", "echo"], tmp, "echo")
@@ -243,6 +308,8 @@ def main() -> int:
                   f"{statistics.median(vs_socat):5.2f} [{vs_socat[0]:4.2f}-{vs_socat[-1]:4.2f}] "
                   f"{p50[name] - p50['direct']:12.1f} {statistics.median(relay_cpu[name]):9.3f} "
                   f"{cpu_path:8.3f} {ceiling:7.2f}")
+        if args.connections:
+            connection_bench(tmp, procs, args.connections, args.repeat)
         return 0
     finally:
         for p in procs:
@@ -256,6 +323,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_serve":
         serve(sys.argv[2], sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "_relay":
-        run_relay_process(sys.argv[5], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        run_relay_process(sys.argv[5], sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         sys.exit(main())
