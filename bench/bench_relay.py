@@ -233,17 +233,10 @@ def main() -> int:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-relay-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
-    if args.only_connections:
-        try:
+    try:
+        if args.only_connections:
             connection_bench(tmp, procs, args.connections, args.repeat)
             return 0
-        finally:
-            for p in procs:
-                p.kill()
-            for p in procs:
-                p.wait()
-            shutil.rmtree(tmp, ignore_errors=True)
-    try:
         sink, sink_port = _spawn(["_serve", "sink"], tmp, "sink")
         echo, echo_port = _spawn(["_serve", "echo"], tmp, "echo")
         procs += [sink, echo]
