@@ -43,7 +43,7 @@ Several targets (enclave replicas; see :class:`TargetPool`):
 * Health: with a :class:`HealthCheck`, every target is probed at an interval (a TCP connect, or a TLS
   handshake whose certificate is not judged: the relay is untrusted and cannot verify attestation, the
   client does); ``unhealthy_after`` failures in a row take it out of the rotation, ``healthy_after``
-  successes bring it back. A failed client connect counts as a failed probe. When no target is healthy, the
+  successes bring it back. A client connect counts as a probe too. When no target is healthy, the
   non-draining ones are all tried anyway (the probes may be stale; a client would fail otherwise).
 * A target that refuses or times out is retried on the next candidate before the client sees an error: safe,
   since nothing has been relayed yet (the first byte is only peeked).
@@ -560,8 +560,8 @@ class Relay:
                  on_bytes: Callable[[int, bool], None] | None = None,
                  on_event: Callable[[str], None] | None = None,
                  health: HealthCheck | None = None) -> None:
-        """``target``: one target or a list of them; ``health``: probe them (None: no active probes, a failed
-        client connect still counts against a target)."""
+        """``target``: one target or a list of them; ``health``: probe them (None: no probes and no target ever
+        leaves the rotation; a failed connect is still retried on the next target)."""
         targets = [target] if target and isinstance(target[0], str) else list(target)  # type: ignore[list-item]
         self.pool = TargetPool(targets)  # type: ignore[arg-type]
         if pump is None:
@@ -708,7 +708,7 @@ class Relay:
         """Connect to the best target, trying the next on failure; None when every candidate failed.
         The returned target's ``open`` counts this connection (the caller gives it back)."""
         loop = asyncio.get_running_loop()
-        check = self.health or HealthCheck()
+        check = self.health  # without probes nothing would bring a target back, so none is taken out
         tried: set[int] = set()
         while True:
             candidates = self.pool.candidates(tried)
@@ -725,7 +725,8 @@ class Relay:
             except (OSError, asyncio.TimeoutError, RelayError) as exc:
                 entry.open -= 1
                 entry.connect_failures += 1
-                entry.record(False, check)
+                if check is not None:
+                    entry.record(False, check)
                 log.info("relay: enclave connect to %s failed: %s", entry.name, exc.__class__.__name__)
                 if upstream is not None:
                     upstream.close()
@@ -739,6 +740,8 @@ class Relay:
                     upstream.close()
                 raise
             entry.connections += 1
+            if check is not None:
+                entry.record(True, check)
             return upstream, entry
 
     def _event(self, name: str) -> None:

@@ -161,6 +161,35 @@ async def test_a_failing_target_leaves_the_rotation_and_comes_back_after_good_pr
         a.close()
 
 
+async def test_failed_client_connects_count_as_probes_only_when_health_is_checked() -> None:
+    a = Tagged(b"AA")
+    b_port = free_port()
+    slow = HealthCheck(interval=3600, timeout=0.5, unhealthy_after=2, healthy_after=1)  # one probe round, at start
+    checked = Relay((LOOPBACK, 0), [tcp(a.port), tcp(b_port)], RelayLimits(), health=slow)
+    unchecked = Relay((LOOPBACK, 0), [tcp(a.port), tcp(b_port)], RelayLimits())
+    for relay in (checked, unchecked):
+        await relay.start()
+    try:
+        await wait_for(lambda: checked.pool.targets[1].probe_failures == 1)
+        for relay in (checked, unchecked):
+            for s, tag in await held(relay, 4):
+                assert tag == b"AA"
+                s.close()
+        assert checked.pool.targets[1].state == "unhealthy"      # one probe + one client connect: out
+        assert checked.pool.targets[1].connect_failures == 1
+        assert unchecked.pool.targets[1].state == "healthy"      # no probes would ever bring it back: stays in
+        # Fewest open connections, so tried first for clients 2-4 (A holds the others), retried on A each time.
+        assert unchecked.pool.targets[1].connect_failures == 3
+        back = Tagged(b"BB", port=b_port)
+        tags = [tag for s, tag in await held(unchecked, 2)]
+        assert b"BB" in tags
+        back.close()
+    finally:
+        for relay in (checked, unchecked):
+            await relay.stop(1)
+        a.close()
+
+
 async def test_tls_probe_needs_a_completed_handshake(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     server_ctx = tls_server_context(cert, key)
