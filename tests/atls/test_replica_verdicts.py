@@ -19,6 +19,7 @@ from attestation.providers import SimProvider
 from enclave.tls import TlsManager
 from host.relay import Relay, RelayLimits
 from tests.atls.conftest import PAT, Server, enclave_like_app
+from tests.atls.proxyrun import make_proxy, relay_test_app  # noqa: F401 - make_proxy is a fixture
 
 AUTH = {"Authorization": f"Bearer {PAT}"}
 NO_KEEPALIVE = httpx.Limits(max_connections=10, max_keepalive_connections=0)
@@ -123,3 +124,23 @@ def test_a_verdict_ends_with_its_certificate(sim_policy) -> None:
     assert attestor.trusted("ab" * 32)
     lifetime = float(report.steps[-1].detail.split(" for ")[1].split(" s")[0])
     assert 25 < lifetime <= 30                                       # the certificate's end, not the 300 s TTL
+
+
+def test_the_verifying_proxy_verifies_each_replica_it_reaches(make_server, make_proxy, sim_policy) -> None:
+    from attestation.proxy.access import AccessRules
+
+    servers = [make_server(relay_test_app), make_server(relay_test_app)]
+    relay = RelayThread([s.port for s in servers])
+    try:
+        proxy = make_proxy(relay.url, sim_policy, pat=PAT, access=AccessRules(allow_all_paths=True))
+        with httpx.Client(trust_env=False, timeout=10) as client:
+            assert client.get(f"{proxy.url}/v1/secret").status_code == 200      # one kept-alive connection...
+            with client.stream("GET", f"{proxy.url}/sse?n=2&pause=0.3") as held:  # ...kept busy, so the next
+                other = client.get(f"{proxy.url}/v1/connection-key")           # opens a second one, which the
+                assert held.status_code == 200                                  # relay gives the other replica
+                held.read()
+        spkis = {s.tls.current.spki_sha256 for s in servers}
+        assert other.json()["spki_sha256"] in spkis
+        assert set(proxy.attestor.trusted_spkis()) == spkis and proxy.attestor.verifications == 2
+    finally:
+        relay.stop()
