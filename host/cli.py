@@ -233,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_relay.add_argument("--health-probe", choices=["tcp", "tls", "none"], default="tcp",
                          help="probe targets with a TCP connect or a TLS handshake (not judged: the client attests)")
     p_relay.add_argument("--health-interval", type=float, default=2.0)
+    p_relay.add_argument("--health-timeout", type=float, default=2.0, help="seconds a probe may take")
     p_relay.add_argument("--unhealthy-after", type=int, default=3, help="failures in a row before leaving")
     p_relay.add_argument("--healthy-after", type=int, default=2, help="good probes in a row before returning")
     p_relay.add_argument("--control", type=Path, default=None, metavar="SOCKET",
@@ -274,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "relay":
             if not args.target:
                 raise ConfigError("relay: give --target (repeat it for several replicas)")
-            health = HealthSettings(probe=args.health_probe, interval=args.health_interval,
+            health = HealthSettings(probe=args.health_probe, interval=args.health_interval, timeout=args.health_timeout,
                                     unhealthy_after=args.unhealthy_after, healthy_after=args.healthy_after)
             settings = RelaySettings(listen=args.listen, targets=args.target, health=health,
                                      control_socket=args.control, max_connections=args.max_connections,

@@ -442,3 +442,38 @@ def test_relay_settings_take_one_target_or_a_list(tmp_path: Path) -> None:
                                           "control_socket": "run/relay.sock", "health": {"probe": "tls"}})
     assert config.relay is not None and config.relay.all_targets() == ["tcp:127.0.0.1:2", "tcp:127.0.0.1:3"]
     assert config.relay.control_socket == tmp_path / "run" / "relay.sock" and config.relay.health.probe == "tls"
+
+
+def test_serve_runs_the_configured_replicas_relay_with_its_control_socket(tmp_path: Path, short_dir: Path) -> None:
+    from tests.host.test_cli import _spawn
+
+    a, b = Tagged(b"AA"), Tagged(b"BB")
+    port, relay_port = free_port(), free_port()
+    sock = short_dir / "relay.sock"
+    config = tmp_path / "host.yaml"
+    config.write_text(f"data_dir: data\nlisten: {LOOPBACK}:{port}\ncollateral: {{offline: true}}\n"
+                      f"relay: {{listen: '{LOOPBACK}:{relay_port}', control_socket: '{sock}', "
+                      f"targets: ['tcp:{LOOPBACK}:{a.port}', 'tcp:{LOOPBACK}:{b.port}'], "
+                      f"health: {{probe: tcp, interval: 0.1}}}}\n")
+    proc = _spawn("serve", "--config", str(config))
+    try:
+        line = ""
+        while not line.startswith("cube-host relay: "):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+        assert sock.exists() and stat.S_IMODE(sock.stat().st_mode) == 0o600
+        status = control_request(sock, {"op": "status"})
+        assert [t["state"] for t in status["targets"]] == ["healthy", "healthy"]
+        tags = []
+        for _ in range(2):
+            with socket.create_connection((LOOPBACK, relay_port), timeout=5) as s:
+                s.sendall(b"x")
+                tags.append(s.recv(2))
+        assert sorted(tags) == [b"AA", b"BB"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert not sock.exists()
+    finally:
+        proc.kill()
+        a.close()
+        b.close()
