@@ -120,6 +120,10 @@ def test_a_certificate_with_another_key_is_refused(tls_postgres) -> None:
                 pinned_client_context(spki_sha256_hex=spki_sha256_of_certificate(other))):
         with pytest.raises(ssl.SSLCertVerificationError, match="not the pinned one"):
             asyncio.run(_count_users(url, ctx))
+    # A URL asking for no TLS does not undo the pin (connect arguments win over the URL's query).
+    with pytest.raises(ssl.SSLCertVerificationError, match="not the pinned one"):
+        asyncio.run(_count_users(url + "?ssl=disable", pinned_client_context(
+            certificate_sha256_hex=certificate_sha256(other))))
     # Refused inside the handshake: the server never got as far as a startup message (user, database).
     assert log.read_text().count("connection authorized") == authorized
     assert "connection received" in log.read_text()
