@@ -279,6 +279,15 @@ def _boot_mismatch(state: dict, boot: TdxBootEvents) -> str | None:
         want = digest.hex() if digest is not None else None
     if not _hex_eq(cmdline.get("digest"), want):
         return "the kernel command line is not the pinned one"
+    # The pins above passed, so these digests are the pinned ones; any other event whose data does not explain
+    # its digest (a relabelled application, say) must be listed.
+    explained = allowed | {d.lower() for d in boot.other_events} | {
+        str(item.get("digest")).lower() for item in (kernel, initrd, cmdline) if item is not None}
+    unexplained = [e for e in state.get("opaque_events", ()) if str(e.get("digest")).lower() not in explained]
+    if unexplained:
+        e = unexplained[0]
+        return (f"event {e.get('index')} (RTMR{e.get('rtmr')}, {e.get('type')}) has a digest its data does not "
+                f"explain and the policy does not pin (boot.other_events){f' (+{len(unexplained) - 1} more)' if len(unexplained) > 1 else ''}")
     return None
 
 

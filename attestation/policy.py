@@ -226,7 +226,8 @@ class TdxBootEvents(_Strict):
     command line given as ``cmdline`` (its exact text as measured: for direct boot OVMF appends
     " initrd=initrd" when there is an initrd, and the EFI stub hashes it as UTF-16LE with its NUL) or as
     ``cmdline_sha384``.  ``initrd`` must be given: null means no initrd may be loaded.  Every EFI application
-    the log records must be the direct-boot kernel or listed in ``efi_applications`` (shim, GRUB, ...).
+    the log records must be the direct-boot kernel or listed in ``efi_applications`` (shim, GRUB, ...), and
+    every other RTMR1/RTMR2 event must be explained by its data or listed in ``other_events``.
     """
 
     kernel: Hex48
@@ -234,6 +235,9 @@ class TdxBootEvents(_Strict):
     cmdline: Annotated[str, Field(max_length=4096)] | None = None
     cmdline_sha384: Hex48 | None = None
     efi_applications: list[Hex48] = Field(default_factory=list, max_length=16)
+    # Further RTMR1/RTMR2 events whose digest their data does not explain (GRUB's grub.cfg, shim's MokList...):
+    # an event's type and data are not covered by the replay, so every such digest must be pinned somewhere.
+    other_events: list[Hex48] = Field(default_factory=list, max_length=64)
 
     @model_validator(mode="after")
     def _one_cmdline(self) -> "TdxBootEvents":

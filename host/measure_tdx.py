@@ -351,6 +351,7 @@ def tdx_policy_yaml(p: TdxPrediction, *, name: str = "tdx-enclave", described: s
         f"        initrd: {_yaml_str(p.initrd.hex()) if p.initrd is not None else 'null'}",
         f"        cmdline: {_yaml_str(p.cmdline)}",
         "        efi_applications: []   # direct boot: the kernel is the only EFI application",
+        "        other_events: []       # and no other RTMR1/RTMR2 event with a digest its data does not explain",
     ]
     if p.mrconfigid is not None:
         lines.append(f"  mrconfigid: \"{p.mrconfigid.hex()}\"   # SHA-256 of the enclave config + 16 zero bytes")

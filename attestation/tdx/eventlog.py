@@ -242,6 +242,18 @@ def _grub_command_argument(line: bytes, command: bytes) -> bytes | None:
     return None
 
 
+def _data_vouches(event: Event) -> bool:
+    """The event's digest is SHA-384 of its data (or, for a GRUB text event, of the text it carries)."""
+    if hmac.compare_digest(hashlib.sha384(event.data).digest(), event.digest):
+        return True
+    if event.event_type == EV_IPL:
+        for prefix in (GRUB_COMMAND_PREFIX, GRUB_KERNEL_CMDLINE_PREFIX):
+            if event.data.startswith(prefix):
+                text = event.data[len(prefix):].rstrip(b"\x00")
+                return hmac.compare_digest(hashlib.sha384(text).digest(), event.digest)
+    return False
+
+
 def boot_state(log: EventLog) -> dict:
     """What the log says was booted: EFI applications, kernel, initrd and command line where identified.
 
@@ -250,7 +262,9 @@ def boot_state(log: EventLog) -> dict:
     an item: "grub" (file and command events), "efi_stub" (the Linux EFI stub's tagged events: the
     LoadOptions digest covers UTF-16LE text and its NUL, the event itself carries no text) or
     "efi_application" (no GRUB kernel event: the kernel is the last EFI application the firmware
-    measured, as in direct boot where TDVF loads QEMU's -kernel).
+    measured, as in direct boot where TDVF loads QEMU's -kernel).  ``opaque_events`` lists the RTMR1/RTMR2
+    events whose digest their data does not explain (applications, files, blobs): a policy must account
+    for each, since the type and data of an event are not covered by the replay.
 
     BootStateError when the log cannot be trusted for this, such as a duplicate EV_SEPARATOR in one
     MR (a known firmware bug after which events may be attributed to the wrong boot phase).
@@ -291,6 +305,10 @@ def boot_state(log: EventLog) -> dict:
                 state["initrd"] = {"path": None, "digest": event.digest.hex(), "source": "efi_stub"}
             elif tag == LINUX_LOAD_OPTIONS_TAG:
                 state["cmdline"] = {"value": None, "digest": event.digest.hex(), "source": "efi_stub"}
+    # An event's type and data are not covered by the replay (only its digest and MR index are): an event
+    # whose digest its data does not explain could be anything relabelled, so these are listed for policies.
+    state["opaque_events"] = [{"index": e.number, "rtmr": e.rtmr, "type": e.type_name, "digest": e.digest.hex()}
+                              for e in log.events if e.rtmr in (1, 2) and not _data_vouches(e)]
     if state["kernel"] is None and state["efi_applications"]:
         last = state["efi_applications"][-1]
         state["kernel"] = {"path": last["path"], "digest": last["digest"], "source": "efi_application"}

@@ -39,7 +39,8 @@ def _policy(cos: dict, **boot: str) -> str:
     state = cos["state"]
     fields = {"kernel": f"'{state['kernel']['digest']}'", "initrd": "null",
               "cmdline": "'" + state["cmdline"]["value"].replace("'", "''") + "'",
-              "efi_applications": "[" + ", ".join(f"'{a['digest']}'" for a in state["efi_applications"]) + "]"}
+              "efi_applications": "[" + ", ".join(f"'{a['digest']}'" for a in state["efi_applications"]) + "]",
+              "other_events": "[" + ", ".join(f"'{e['digest']}'" for e in _unexplained(state)) + "]"}
     fields.update(boot)
     lines = "".join(f"        {k}: {v}\n" for k, v in fields.items() if v != "OMIT")
     return ("platforms: [tdx]\n"
@@ -50,6 +51,12 @@ def _policy(cos: dict, **boot: str) -> str:
             "  measurements:\n"
             f"    - mrtd: '{cos['mrtd']}'\n"
             "      boot:\n" + lines)
+
+
+def _unexplained(state: dict) -> list[dict]:
+    """COS's opaque RTMR1/RTMR2 events that are not the kernel or an EFI application: MokList*, grub.cfg."""
+    known = {state["kernel"]["digest"], *(a["digest"] for a in state["efi_applications"])}
+    return [e for e in state["opaque_events"] if e["digest"] not in known]
 
 
 def _evidence(cos: dict, log: bytes | None) -> Evidence:
@@ -201,3 +208,24 @@ def test_cli_appraises_boot_pins(capsys, cos, vectors_dir, tmp_path):
     policy.write_text(_policy(cos, kernel="'" + "55" * 48 + "'"))
     code, doc = run(capsys, "verify-quote", quote, "--eventlog", log, "--policy", str(policy), "--json")
     assert code == 1 and "kernel" in doc["error"]
+
+
+def test_cos_opaque_events_are_the_ones_grub_and_shim_load(cos):
+    assert [e["index"] for e in _unexplained(cos["state"])] == [19, 20, 23, 25]  # MokList, MokListX, ..Trusted, grub.cfg
+    verdict = verify_evidence(_evidence(cos, cos["log"]), policy=policy_from_yaml(_policy(cos, other_events="[]")))
+    assert not verdict.ok and "event 19 (RTMR2" in (verdict.error or "") and "+3 more" in (verdict.error or "")
+
+
+def test_a_relabelled_application_event_still_replays_but_is_refused(cos):
+    """Event types and data are not covered by the replay: relabelling GRUB's EFI application event as an
+    EV_EFI_ACTION hides it from efi_applications, but its digest is then unexplained."""
+    log = parse_event_log(cos["log"])
+    grub = next(e for e in log.events if e.number == 24)
+    at = cos["log"].index(grub.digest) - 10  # the type: before the digest count u32 and algorithm u16
+    assert cos["log"][at:at + 4] == (0x80000003).to_bytes(4, "little")
+    relabelled = cos["log"][:at] + (0x80000007).to_bytes(4, "little") + cos["log"][at + 4:]
+    shim_only = "['" + cos["state"]["efi_applications"][0]["digest"] + "']"
+    verdict = verify_evidence(_evidence(cos, relabelled), policy=policy_from_yaml(_policy(cos, efi_applications=shim_only)))
+    assert next(c for c in verdict.checks if c.name == "eventlog_replay").ok
+    assert verdict.claims["boot_state"]["efi_applications"][1:] == []
+    assert not verdict.ok and "event 24 (RTMR1, EV_EFI_ACTION)" in (verdict.error or "")

@@ -253,6 +253,8 @@ def test_the_written_policy_accepts_the_predicted_boot_and_nothing_else(inputs):
     assert policy.is_measured("tdx") and policy.tdx.mrconfigid == p.mrconfigid.hex()
     state = boot_state(parse_event_log(_direct_boot_log(p), allow_padding=False))
     assert state["kernel"]["source"] == "efi_application" and state["cmdline"]["source"] == "efi_stub"
+    # the only events whose digest their data does not explain are the three the policy pins
+    assert {e["digest"] for e in state["opaque_events"]} == {p.kernel.hex(), p.initrd.hex(), p.cmdline_sha384.hex()}
     claims = {"mrtd": p.mrtd.hex(), "td_attributes": "0000001000000000", "mrconfigid": p.mrconfigid.hex(),
               "mrservicetd": "00" * 48, "eventlog": [], "boot_state": state}
     lax = policy_from_yaml(text.replace("require_collateral: true", "require_collateral: false"))
