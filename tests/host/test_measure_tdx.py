@@ -20,6 +20,7 @@ from attestation.appraise import appraise
 from attestation.policy import policy_from_yaml
 from attestation.tdx.eventlog import EV_EFI_BOOT_SERVICES_APPLICATION, EV_EVENT_TAG, boot_state, parse_event_log
 from attestation.verdict import VerifiedEvidence
+from tests.attestation.test_eventlog_properties import build_event_log
 from host.cli import main as host_main
 from host.measure import LaunchError
 from host.measure_tdx import (
@@ -223,19 +224,10 @@ def test_one_changed_byte_changes_the_prediction(inputs):
     assert no_initrd.initrd is None and no_initrd.cmdline == "console=ttyS0 ro"
 
 
-def _ccel(events: list[tuple[int, int, bytes, bytes]]) -> bytes:
-    """A crypto-agile SHA-384 CC event log: Spec ID header, then (mr_index, type, digest, data) events."""
-    spec = b"Spec ID Event03\x00" + bytes(4) + bytes([0, 2, 0, 2]) + struct.pack("<I", 1) + struct.pack("<HH", 0xC, 48) + b"\x00"
-    out = struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", len(spec)) + spec
-    for mr, kind, digest, data in events:
-        out += struct.pack("<III", mr, kind, 1) + struct.pack("<H", 0xC) + digest + struct.pack("<I", len(data)) + data
-    return out
-
-
 def _direct_boot_log(p) -> bytes:
     sep = hashlib.sha384(bytes(4)).digest()
     tag = lambda t, text: struct.pack("<II", t, len(text)) + text  # noqa: E731
-    return _ccel([
+    return build_event_log([
         (1, 0x4, sep, bytes(4)),
         (2, 0x80000007, hashlib.sha384(b"Calling EFI Application from Boot Option").digest(),
          b"Calling EFI Application from Boot Option"),
