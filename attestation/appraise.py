@@ -19,8 +19,11 @@ from .policy import (
     SnpMinTcb,
     SnpPlatformInfoRule,
     TdAttributesRule,
+    TdxBootEvents,
+    TdxMeasurement,
     XfamRule,
 )
+from .tdx.eventlog import cmdline_digests
 from .verdict import Check, Verdict, VerifiedEvidence
 
 # SEV-SNP guest policy bits
@@ -243,6 +246,68 @@ def _min_tcb_evaluation(claims: dict[str, Any], minimum: int | None, a: _Apprais
                                         "counts as below): collateral from before a TCB recovery"))
 
 
+def _boot_mismatch(state: dict, boot: TdxBootEvents) -> str | None:
+    """Why the boot state a replayed CC event log records is not the pinned one (None: it is)."""
+    kernel = state.get("kernel")
+    if kernel is None:
+        return "the event log identifies no kernel"
+    if not _hex_eq(kernel.get("digest"), boot.kernel):
+        return f"kernel {kernel.get('digest')} is not the pinned one"
+    allowed = {d.lower() for d in boot.efi_applications}
+    if kernel.get("source") == "efi_application":
+        allowed.add(boot.kernel.lower())
+    extra = [app for app in state.get("efi_applications", ()) if str(app.get("digest")).lower() not in allowed]
+    if extra:
+        return (f"EFI application {extra[0].get('path') or extra[0].get('digest')} ran and is neither the kernel "
+                "nor in boot.efi_applications")
+    initrd = state.get("initrd")
+    if boot.initrd is None:
+        if initrd is not None:
+            return "an initrd was loaded but the policy allows none (boot.initrd: null)"
+    elif initrd is None:
+        return "the event log records no initrd but the policy pins one"
+    elif not _hex_eq(initrd.get("digest"), boot.initrd):
+        return f"initrd {initrd.get('digest')} is not the pinned one"
+    cmdline = state.get("cmdline")
+    if cmdline is None:
+        return "the event log records no kernel command line"
+    if boot.cmdline_sha384 is not None:
+        want: str | None = boot.cmdline_sha384
+    else:
+        assert boot.cmdline is not None  # the policy model requires one of the two
+        digest = cmdline_digests(boot.cmdline).get(str(cmdline.get("source")))
+        want = digest.hex() if digest is not None else None
+    if not _hex_eq(cmdline.get("digest"), want):
+        return "the kernel command line is not the pinned one"
+    # The pins above passed, so these digests are the pinned ones; any other event whose data does not explain
+    # its digest (a relabelled application, say) must be listed.
+    explained = allowed | {d.lower() for d in boot.other_events} | {
+        str(item.get("digest")).lower() for item in (kernel, initrd, cmdline) if item is not None}
+    unexplained = [e for e in state.get("opaque_events", ()) if str(e.get("digest")).lower() not in explained]
+    if unexplained:
+        e = unexplained[0]
+        return (f"event {e.get('index')} (RTMR{e.get('rtmr')}, {e.get('type')}) has a digest its data does not "
+                f"explain and the policy does not pin (boot.other_events){f' (+{len(unexplained) - 1} more)' if len(unexplained) > 1 else ''}")
+    return None
+
+
+def _tdx_entry_mismatch(claims: dict[str, Any], m: TdxMeasurement) -> str | None:
+    """Why a verified quote (and its replayed CC event log, if any) does not match one allowlist entry."""
+    if not _hex_eq(claims.get("mrtd"), m.mrtd):
+        return "MRTD differs"
+    wrong = [r.upper() for r in ("rtmr0", "rtmr1", "rtmr2", "rtmr3")
+             if getattr(m, r) is not None and not _hex_eq(claims.get(r), getattr(m, r))]
+    if wrong:
+        return f"{', '.join(wrong)} differ{'s' if len(wrong) == 1 else ''}"
+    if m.boot is None:
+        return None
+    if "eventlog" not in claims:
+        return "the entry pins boot events but the evidence carries no CC event log"
+    if claims.get("boot_state") is None:
+        return f"no trustworthy boot state in the CC event log ({claims.get('boot_state_error', 'unknown')})"
+    return _boot_mismatch(claims["boot_state"], m.boot)
+
+
 def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
     c = v.claims
     p = policy.tdx
@@ -285,14 +350,17 @@ def _appraise_tdx(v: VerifiedEvidence, policy: Policy, a: _Appraisal) -> None:
     if not p.measurements:
         a.add("measurement", True, f"MRTD {c.get('mrtd')} (no allowlist in policy)")
     else:
-        def matches(m) -> bool:
-            if not _hex_eq(c.get("mrtd"), m.mrtd):
-                return False
-            return all(getattr(m, r) is None or _hex_eq(c.get(r), getattr(m, r)) for r in ("rtmr0", "rtmr1", "rtmr2", "rtmr3"))
-
-        hit = any(matches(m) for m in p.measurements)
-        a.add("measurement", hit, f"MRTD {c.get('mrtd')} and RTMRs " + ("match an allowed entry" if hit
-                                                                            else f"match none of the {len(p.measurements)} allowed entries"))
+        misses = [_tdx_entry_mismatch(c, m) for m in p.measurements]
+        hit = next((i for i, miss in enumerate(misses) if miss is None), None)
+        if hit is not None:
+            pinned = p.measurements[hit]
+            a.add("measurement", True, f"MRTD {c.get('mrtd')} " + (
+                "and the CC event log's boot events (kernel, initrd, command line) match allowed entry "
+                if pinned.boot is not None else "and RTMRs match allowed entry ") + str(hit))
+        else:
+            shown = "; ".join(f"entry {i}: {miss}" for i, miss in enumerate(misses[:3]))
+            a.add("measurement", False, f"MRTD {c.get('mrtd')} matches none of the {len(misses)} allowed entries "
+                  f"({shown}{'; ...' if len(misses) > 3 else ''})")
 
     if p.min_tee_tcb_svn is None:
         a.add("min_tee_tcb_svn", True, f"TEE_TCB_SVN {c.get('tee_tcb_svn')} (no minimum in policy)")

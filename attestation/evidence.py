@@ -11,7 +11,7 @@ The payload is a CBOR map with text keys::
       "platform": "snp" | "tdx" | "sim",
       "report": bstr,                      ; SNP/sim report or TDX quote
       ? "certificates": [* bstr],          ; DER: VEK, ASK|ASVK, ARK (SNP/sim)
-      ? "collateral": {* text => bstr},    ; TDX: collateral_to_files() names; SNP/sim: "crl.der" only
+      ? "collateral": {* text => bstr},    ; TDX: collateral_to_files() names and "ccel.bin"; SNP/sim: "crl.der" only
       ? "product": text,
       ? "binding": {* text => bstr / text / uint / bool},   ; e.g. scheme + nonce
     }
@@ -57,10 +57,13 @@ MAX_PRODUCT_CHARS = 64
 _MAX_DEPTH = 8
 
 PLATFORMS = ("snp", "tdx", "sim")
-_COLLATERAL_NAME = re.compile(r"[a-z0-9_]{1,64}\.(json|txt|crl|pem|der)")
+_COLLATERAL_NAME = re.compile(r"[a-z0-9_]{1,64}\.(json|txt|crl|pem|der|bin)")
 _BINDING_KEY = re.compile(r"[a-z0-9_.-]{1,32}")
 _PRODUCT = re.compile(r"[A-Za-z0-9 ()_.,+-]{1,%d}" % MAX_PRODUCT_CHARS)
 SNP_CRL_FILE = "crl.der"  # SNP/sim collateral: the KDS CRL of the product (DER, signed by the ARK)
+# TDX: the CC event log (ACPI CCEL area, trailing padding removed). Unauthenticated by itself: its only
+# authority is that it replays to the quote's signed RTMRs, which the verifier checks whenever it is present.
+TDX_CCEL_FILE = "ccel.bin"
 _PAYLOAD_KEYS = frozenset({"v", "platform", "report", "certificates", "collateral", "product", "binding"})
 
 

@@ -9,8 +9,10 @@ refuses debug guests and debug TDs.
 
 A policy is *measured* for a platform (``Policy.measurement_gaps``) only when every allowlist entry pins the
 whole boot chain: SEV-SNP launch digests computed with kernel hashes (``kernel_hashes: true``: the digest
-covers OVMF, the kernel, initrd and command line), TDX entries pinning MRTD (the TDVF firmware) and RTMR0-2
-(firmware configuration, kernel/initrd, command line).  A firmware-only digest accepts any OS booted on
+covers OVMF, the kernel, initrd and command line), TDX entries pinning MRTD (the TDVF firmware) and either
+RTMR0-2 (firmware configuration, kernel/initrd, command line) or the boot events of the CC event log
+(``boot``: kernel, initrd, command line, the EFI applications allowed; RTMR0, the host-supplied firmware
+configuration, is then unpinned unless given too).  A firmware-only digest accepts any OS booted on
 that firmware.  See docs/policies.md for every setting.
 
 Example::
@@ -24,6 +26,8 @@ Example::
     tdx:
       measurements:
         - {mrtd: "<96 hex>", rtmr0: "<96 hex>", rtmr1: "<96 hex>", rtmr2: "<96 hex>"}
+        - mrtd: "<96 hex>"
+          boot: {kernel: "<96 hex>", initrd: "<96 hex>", cmdline: "console=ttyS0 ro initrd=initrd"}
 """
 
 from __future__ import annotations
@@ -214,14 +218,44 @@ class SnpPolicy(_Strict):
     require_crl: bool = False
 
 
+class TdxBootEvents(_Strict):
+    """What a TD's CC event log must show was booted, appraised once the log replays to the quote's RTMRs.
+
+    Digests are the SHA-384 values the events extended: the kernel's as its loader measured it (direct boot:
+    TDVF's PE Authenticode digest of the EFI-stub kernel; GRUB: the file's SHA-384), the initrd's, and the
+    command line given as ``cmdline`` (its exact text as measured: for direct boot OVMF appends
+    " initrd=initrd" when there is an initrd, and the EFI stub hashes it as UTF-16LE with its NUL) or as
+    ``cmdline_sha384``.  ``initrd`` must be given: null means no initrd may be loaded.  Every EFI application
+    the log records must be the direct-boot kernel or listed in ``efi_applications`` (shim, GRUB, ...), and
+    every other RTMR1/RTMR2 event must be explained by its data or listed in ``other_events``.
+    """
+
+    kernel: Hex48
+    initrd: Hex48 | None
+    cmdline: Annotated[str, Field(max_length=4096)] | None = None
+    cmdline_sha384: Hex48 | None = None
+    efi_applications: list[Hex48] = Field(default_factory=list, max_length=16)
+    # Further RTMR1/RTMR2 events whose digest their data does not explain (GRUB's grub.cfg, shim's MokList...):
+    # an event's type and data are not covered by the replay, so every such digest must be pinned somewhere.
+    other_events: list[Hex48] = Field(default_factory=list, max_length=64)
+
+    @model_validator(mode="after")
+    def _one_cmdline(self) -> "TdxBootEvents":
+        if (self.cmdline is None) == (self.cmdline_sha384 is None):
+            raise ValueError("give the kernel command line as cmdline (text) or cmdline_sha384, exactly one")
+        return self
+
+
 class TdxMeasurement(_Strict):
-    """One accepted TD build: MRTD and, optionally, the RTMR values it must show."""
+    """One accepted TD build: MRTD and, optionally, the RTMR values it must show and the boot events its CC
+    event log must record (``boot``; evidence without a log that replays then matches no such entry)."""
 
     mrtd: Hex48
     rtmr0: Hex48 | None = None
     rtmr1: Hex48 | None = None
     rtmr2: Hex48 | None = None
     rtmr3: Hex48 | None = None
+    boot: TdxBootEvents | None = None
 
 
 class TdxPolicy(_Strict):
@@ -268,7 +302,7 @@ class Policy(_Strict):
         """Allowed hardware platform -> why this policy does not pin its whole boot chain (empty: measured).
 
         The one definition of "measured": SNP, every allowlisted launch digest has ``kernel_hashes: true``;
-        TDX, every entry pins MRTD and RTMR0, RTMR1 and RTMR2.  An empty allowlist is unmeasured; simulated
+        TDX, every entry pins MRTD and RTMR0, RTMR1 and RTMR2, or MRTD and ``boot`` events.  An empty allowlist is unmeasured; simulated
         evidence (sim) always is, whatever it lists.
         """
         return {platform: gap for platform in self.platforms if (gap := _measurement_gap(self, platform))}
@@ -318,11 +352,12 @@ def _measurement_gap(policy: Policy, platform: str) -> str | None:
     if not entries_t:
         return "no measurement allowlist"
     partial = [f"{i} (no {', '.join(r.upper() for r in unpinned)})" for i, m in enumerate(entries_t)
-               if (unpinned := [r for r in TDX_BOOT_RTMRS if not _pins_a_measurement(getattr(m, r))])]
+               if m.boot is None
+               and (unpinned := [r for r in TDX_BOOT_RTMRS if not _pins_a_measurement(getattr(m, r))])]
     if partial:
-        return ("tdx.measurements entries must pin MRTD and RTMR0-2 (MRTD covers only the firmware; an all-zero "
-                "RTMR is the reset value, nothing measured): "
-                + ", ".join(partial))
+        return ("tdx.measurements entries must pin MRTD and RTMR0-2 (or MRTD and the CC event log's boot events: "
+                "boot.kernel, initrd, cmdline; MRTD covers only the firmware; an all-zero RTMR is the reset "
+                "value, nothing measured): " + ", ".join(partial))
     return None
 
 

@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .appraise import appraise
 from .errors import AttestationError, CollateralError, EvidenceError, ParseError, VerificationError
-from .evidence import SNP_CRL_FILE, Evidence
+from .evidence import SNP_CRL_FILE, TDX_CCEL_FILE, Evidence
 from .policy import DEFAULT_POLICY, Policy
-from .verdict import Check, Verdict, VerifiedEvidence
+from .verdict import Check, CheckLog, Verdict, VerifiedEvidence
 
 if TYPE_CHECKING:  # pragma: no cover
     from .snp.kds import KdsClient
@@ -145,9 +145,36 @@ def _verify(evidence: Evidence, policy: Policy, at: datetime | None, kds, pcs) -
     if evidence.platform == "tdx":
         from .tdx.verify import verify_quote
 
-        collateral = cached_collateral(evidence.collateral) if evidence.collateral else None
-        return verify_quote(evidence.report, collateral=collateral, at=at, pcs=pcs)
+        files = {name: data for name, data in evidence.collateral.items() if name != TDX_CCEL_FILE}
+        collateral = cached_collateral(files) if files else None
+        verified = verify_quote(evidence.report, collateral=collateral, at=at, pcs=pcs)
+        ccel = evidence.collateral.get(TDX_CCEL_FILE)
+        if ccel is not None:
+            _replay_event_log(verified, ccel)
+        return verified
     raise EvidenceError(f"unknown platform {evidence.platform!r}")
+
+
+def _replay_event_log(verified: VerifiedEvidence, ccel: bytes) -> None:
+    """Replay the evidence's CC event log against the verified quote's RTMRs; refuse any mismatch.
+
+    The log comes from the (untrusted) host's side of the evidence: only a replay to the signed RTMRs
+    gives its events meaning.  On success its events and boot state join the claims.
+    """
+    from .tdx.eventlog import parse_event_log, replay_claims, replay_mismatches
+
+    log = parse_event_log(ccel)  # ParseError: the bundle is malformed
+    try:
+        rtmrs = tuple(bytes.fromhex(verified.claims[f"rtmr{i}"]) for i in range(4))
+    except (KeyError, TypeError, ValueError):
+        raise ParseError("the quote's RTMRs are missing from its claims") from None
+    checks = CheckLog()
+    checks.checks = list(verified.checks)
+    mismatches = replay_mismatches(log, rtmrs)  # type: ignore[arg-type]
+    checks.require(not mismatches, "eventlog_replay", f"{len(log.events)} CC event log events replay to the quote's RTMR0-3",
+                   "CC event log does not replay to the quote's " + ", ".join(m.upper() for m in mismatches))
+    verified.checks = checks.checks
+    verified.claims.update(replay_claims(log))
 
 
 def verify_evidence(

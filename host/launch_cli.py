@@ -3,6 +3,8 @@
     cube-host measure --ovmf OVMF.fd [--kernel K --initrd I --append TEXT] --vcpus N
                       [--vcpu-type EPYC-v4] [--guest-features 0x1] [--policy-out FILE [--force]]
                       [--firmware-only]   (needed for --policy-out without --kernel: not for production)
+    cube-host measure --tdx --ovmf OVMF.fd --kernel K [--initrd I --append TEXT] --memory 8G
+                      [--config FILE] [--page-order single|two-pass] [--json] [--policy-out FILE [--force]]
     cube-host qemu-cmd --platform snp|tdx --ovmf OVMF.fd [--kernel ...] --memory 8G --vcpus 4
                       [--vsock-cid N] [--forward HOSTPORT:GUESTPORT ...] [--disk FILE] [--json] [--measure]
 
@@ -17,6 +19,7 @@ import json
 from pathlib import Path
 
 from .launch import PortForward, VmSpec, parse_memory_mib, qemu_argv, shell_line
+from .measure_tdx import add_tdx_measure_options, run_measure_tdx
 from .measure import (
     DEFAULT_GUEST_FEATURES,
     DEFAULT_VCPU_TYPE,
@@ -35,20 +38,22 @@ def _int_auto(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (use 0x.. for hex)") from None
 
 
-def _add_snp_inputs(p: argparse.ArgumentParser) -> None:
+def _add_snp_inputs(p: argparse.ArgumentParser, *, vcpus_required: bool = True) -> None:
     p.add_argument("--ovmf", type=Path, required=True, help="OVMF firmware image (SEV/SNP build for snp)")
     p.add_argument("--kernel", type=Path, default=None)
     p.add_argument("--initrd", type=Path, default=None)
     p.add_argument("--append", default=None, help="kernel command line")
-    p.add_argument("--vcpus", type=_int_auto, required=True)
+    p.add_argument("--vcpus", type=_int_auto, required=vcpus_required)
     p.add_argument("--vcpu-type", default=DEFAULT_VCPU_TYPE, help="QEMU -cpu model the VMSAs are measured with")
     p.add_argument("--guest-features", type=_int_auto, default=DEFAULT_GUEST_FEATURES,
                    help="SEV_FEATURES of the VMSAs (default 0x1; e.g. 0x21 when the host enables DebugSwap)")
 
 
 def add_launch_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p_measure = sub.add_parser("measure", help="expected SEV-SNP launch measurement (and a policy pinning it)")
-    _add_snp_inputs(p_measure)
+    p_measure = sub.add_parser("measure", help="expected SEV-SNP launch measurement or, with --tdx, MRTD and TDX "
+                                               "boot events (and a policy pinning them)")
+    _add_snp_inputs(p_measure, vcpus_required=False)  # SNP needs --vcpus (checked); TDX does not use it
+    add_tdx_measure_options(p_measure)
     p_measure.add_argument("--policy-out", type=Path, default=None, help="write a ready SNP policy YAML here")
     p_measure.add_argument("--policy-name", default=None,
                            help="policy name (default snp-enclave; snp-firmware-only with --firmware-only)")
@@ -78,6 +83,8 @@ def _snp_launch(args: argparse.Namespace) -> SnpLaunch:
 
 
 def run_measure(args: argparse.Namespace) -> int:
+    if args.tdx:
+        return run_measure_tdx(args)
     launch = _snp_launch(args)
     measurement = snp_measurement(launch)
     if args.policy_out is not None:

@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from attestation.errors import EvidenceError
-from attestation.evidence import Evidence, decode_cmw, evidence_from_json
+from attestation.evidence import TDX_CCEL_FILE, Evidence, decode_cmw, evidence_from_json
 from attestation.policy import Policy
 from attestation.ratelimit import client_key
 from attestation.verdict import Check, Verdict
@@ -152,7 +152,7 @@ def _self_contained(evidence: Evidence) -> bool:
     """Evidence that carries every certificate / collateral file it needs (no fetch can happen)."""
     if evidence.platform in ("snp", "sim"):
         return len(evidence.certificates) >= 3
-    return evidence.platform == "tdx" and bool(evidence.collateral)
+    return evidence.platform == "tdx" and bool(set(evidence.collateral) - {TDX_CCEL_FILE})  # the CC event log is not Intel's
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

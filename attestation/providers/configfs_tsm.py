@@ -15,7 +15,9 @@ All file access goes through a small ``TsmFs`` object so tests can run this exac
 directory that behaves as the kernel's does (see tests/attestation/test_providers.py).
 
 Given a ``KdsClient``, SNP evidence also carries the product's AMD CRL (see ``snp_crl``); given a
-``PcsClient``, TDX evidence carries the quote's Intel collateral (see ``tdx_collateral``).
+``PcsClient``, TDX evidence carries the quote's Intel collateral (see ``tdx_collateral``).  TDX evidence
+also carries the CC event log from the ACPI CCEL table's log area (``ccel_path``), so a verifier can
+replay it against the quote's RTMRs and appraise the boot events it records.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ProviderError
-from ..evidence import Evidence
+from ..evidence import TDX_CCEL_FILE, Evidence
+from .collateral import with_collateral
 from .snp_crl import with_snp_crl
 from .tdx_collateral import with_tdx_collateral
 
@@ -40,6 +43,8 @@ INBLOB_SIZE = 64
 MAX_BLOB_BYTES = 1 << 20
 MAX_ATTEMPTS = 5
 PROVIDER_PLATFORMS = {"sev_guest": "snp", "tdx_guest": "tdx"}
+# The log area the ACPI CCEL table describes, as the kernel exposes it (zero-padded to the area's size).
+CCEL_PATH = Path("/sys/firmware/acpi/tables/data/CCEL")
 
 
 class TsmFs(Protocol):
@@ -105,13 +110,42 @@ def certificates_from_auxblob(aux: bytes) -> tuple[bytes, ...]:
         raise ProviderError(f"configfs-tsm: auxblob is not a usable certificate table: {exc}") from None
 
 
+def read_event_log(path: Path) -> bytes | None:
+    """The CC event log at ``path`` without its padding; None when this TD has no CCEL table.
+
+    A log that exists but does not parse is a ProviderError: evidence without it would hide the boot
+    events from a verifier whose policy pins them.
+    """
+    from ..errors import ParseError
+    from ..tdx.eventlog import parse_event_log
+
+    try:
+        raw = OsFs().read(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _oserror(f"reading the CC event log {path}", exc) from None
+    try:
+        return raw[:parse_event_log(raw).length]
+    except ParseError as exc:
+        raise ProviderError(f"configfs-tsm: the CC event log {path} is not usable: {exc}") from None
+
+
+def with_event_log(evidence: Evidence, path: Path) -> Evidence:
+    log = read_event_log(path)
+    if log is None:
+        return evidence
+    return with_collateral(evidence, {TDX_CCEL_FILE: log})
+
+
 class ConfigfsTsmProvider:
     """Evidence through configfs-tsm; works for SEV-SNP (sev_guest) and TDX (tdx_guest)."""
 
     def __init__(self, root: Path = TSM_REPORT_ROOT, *, fs: TsmFs | None = None, privlevel: int | None = None,
                  max_attempts: int = MAX_ATTEMPTS, kds: KdsClient | None = None,
-                 pcs: PcsClient | None = None) -> None:
+                 pcs: PcsClient | None = None, ccel_path: Path | None = CCEL_PATH) -> None:
         self.root = Path(root)
+        self.ccel_path = ccel_path  # None: TDX evidence carries no event log
         self.fs = fs or OsFs()
         self.privlevel = privlevel
         self.max_attempts = max_attempts
@@ -172,6 +206,8 @@ class ConfigfsTsmProvider:
         evidence = self._report(report_data)
         if self.kds is not None and evidence.platform == "snp":
             evidence = with_snp_crl(evidence, self.kds)  # after the entry is gone: nothing held while fetching
+        if evidence.platform == "tdx" and self.ccel_path is not None:
+            evidence = with_event_log(evidence, self.ccel_path)
         if self.pcs is not None and evidence.platform == "tdx":
             evidence = with_tdx_collateral(evidence, self.pcs)
         return evidence

@@ -242,8 +242,29 @@ def _grub_command_argument(line: bytes, command: bytes) -> bytes | None:
     return None
 
 
+def _data_vouches(event: Event) -> bool:
+    """The event's digest is SHA-384 of its data (or, for a GRUB text event, of the text it carries)."""
+    if hmac.compare_digest(hashlib.sha384(event.data).digest(), event.digest):
+        return True
+    if event.event_type == EV_IPL:
+        for prefix in (GRUB_COMMAND_PREFIX, GRUB_KERNEL_CMDLINE_PREFIX):
+            if event.data.startswith(prefix):
+                text = event.data[len(prefix):].rstrip(b"\x00")
+                return hmac.compare_digest(hashlib.sha384(text).digest(), event.digest)
+    return False
+
+
 def boot_state(log: EventLog) -> dict:
     """What the log says was booted: EFI applications, kernel, initrd and command line where identified.
+
+    Every digest here is one the log extended (so, once the log replays, one the quote vouches for);
+    texts are only reported where they hash to their digest. ``source`` says which loader measured
+    an item: "grub" (file and command events), "efi_stub" (the Linux EFI stub's tagged events: the
+    LoadOptions digest covers UTF-16LE text and its NUL, the event itself carries no text) or
+    "efi_application" (no GRUB kernel event: the kernel is the last EFI application the firmware
+    measured, as in direct boot where TDVF loads QEMU's -kernel).  ``opaque_events`` lists the RTMR1/RTMR2
+    events whose digest their data does not explain (applications, files, blobs): a policy must account
+    for each, since the type and data of an event are not covered by the replay.
 
     BootStateError when the log cannot be trusted for this, such as a duplicate EV_SEPARATOR in one
     MR (a known firmware bug after which events may be attributed to the wrong boot phase).
@@ -264,8 +285,11 @@ def boot_state(log: EventLog) -> dict:
         elif event.event_type == EV_IPL:
             line = event.data
             if line.startswith(GRUB_KERNEL_CMDLINE_PREFIX):
-                state["cmdline"] = {"value": _text(line[len(GRUB_KERNEL_CMDLINE_PREFIX):]),
-                                    "digest": event.digest.hex()}
+                # GRUB extends SHA-384 of the text after the prefix (without its NUL).
+                text = line[len(GRUB_KERNEL_CMDLINE_PREFIX):].rstrip(b"\x00")
+                vouched = hmac.compare_digest(hashlib.sha384(text).digest(), event.digest)
+                state["cmdline"] = {"value": _text(text) if vouched else None, "digest": event.digest.hex(),
+                                    "source": "grub"}
             elif line.startswith(GRUB_COMMAND_PREFIX):
                 for command, role in ((b"linux", "kernel"), (b"linuxefi", "kernel"), (b"initrd", "initrd"),
                                       (b"initrdefi", "initrd")):
@@ -274,13 +298,35 @@ def boot_state(log: EventLog) -> dict:
                         wanted[path] = role
             elif line.rstrip(b"\x00") in wanted:
                 path = line.rstrip(b"\x00")
-                state[wanted.pop(path)] = {"path": _text(path), "digest": event.digest.hex()}
+                state[wanted.pop(path)] = {"path": _text(path), "digest": event.digest.hex(), "source": "grub"}
         elif event.event_type == EV_EVENT_TAG and len(event.data) >= 8:
-            tag, size = struct.unpack_from("<II", event.data)
-            value = event.data[8:8 + size]
+            tag = struct.unpack_from("<I", event.data)[0]
             if tag == LINUX_INITRD_TAG:
-                state["initrd"] = {"path": None, "digest": event.digest.hex()}
+                state["initrd"] = {"path": None, "digest": event.digest.hex(), "source": "efi_stub"}
             elif tag == LINUX_LOAD_OPTIONS_TAG:
-                state["cmdline"] = {"value": value.decode("utf-16-le", errors="replace").rstrip("\x00"),
-                                    "digest": event.digest.hex()}
+                state["cmdline"] = {"value": None, "digest": event.digest.hex(), "source": "efi_stub"}
+    # An event's type and data are not covered by the replay (only its digest and MR index are): an event
+    # whose digest its data does not explain could be anything relabelled, so these are listed for policies.
+    state["opaque_events"] = [{"index": e.number, "rtmr": e.rtmr, "type": e.type_name, "digest": e.digest.hex()}
+                              for e in log.events if e.rtmr in (1, 2) and not _data_vouches(e)]
+    if state["kernel"] is None and state["efi_applications"]:
+        last = state["efi_applications"][-1]
+        state["kernel"] = {"path": last["path"], "digest": last["digest"], "source": "efi_application"}
     return state
+
+
+def cmdline_digests(text: str) -> dict[str, bytes]:
+    """The digest each loader extends for this command line, by ``source`` (see ``boot_state``)."""
+    return {"efi_stub": hashlib.sha384(text.encode("utf-16-le") + b"\x00\x00").digest(),
+            "grub": hashlib.sha384(text.encode("utf-8")).digest()}
+
+
+def replay_claims(log: EventLog) -> dict:
+    """The claims a replayed log adds: its events and the boot state (or why there is none)."""
+    claims: dict = {"eventlog": [event_claims(e) for e in log.events]}
+    try:
+        claims["boot_state"] = boot_state(log)
+    except BootStateError as exc:
+        claims["boot_state"] = None
+        claims["boot_state_error"] = str(exc)
+    return claims
