@@ -1,4 +1,9 @@
-"""Enclave settings: config/enclave.yaml, then CUBE_ENCLAVE__* environment overrides, validated at start.
+"""Enclave settings: config/enclave.yaml, then (simulation only) CUBE_ENCLAVE__* environment overrides.
+
+Outside simulation every setting comes from the configuration file: its SHA-256 is what the launch puts in
+SNP HOST_DATA / TDX MRCONFIGID and the enclave checks it at start (enclave/config_binding.py), so a value the
+host could set another way (the environment, most launch flags) would escape that binding. Simulation is chosen
+by ``--simulate`` or ``simulate: true`` in the file, never by the environment.
 
 Environment overrides use "__" for nesting: CUBE_ENCLAVE__DATABASE_URL, CUBE_ENCLAVE__LISTEN__PORT=9443,
 CUBE_ENCLAVE__BACKENDS='[{name: ol, kind: ollama, base_url: "http://127.0.0.1:11434"}]'. Values are read as
@@ -7,14 +12,17 @@ YAML scalars/flow collections, so numbers, booleans and lists work. Any problem 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 from attestation.keyfile import KeyFileError, check_private_file, read_private_file
 from enclave.backends.base import BackendConfig, plain_http_base_url
@@ -29,6 +37,15 @@ PAT_TTL_CEILING_DAYS = 3650   # no key, however configured, lives longer than te
 
 class ConfigError(Exception):
     """Configuration is invalid; the message names the key and the reason."""
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """The configuration file the settings were read from (None: defaults only) and the SHA-256 of its exact
+    bytes (of b"" without a file: an empty file gives the same settings)."""
+
+    path: Path | None
+    sha256: bytes
 
 
 # The host agent's collateral mirror as a guest started by `cube-host launch` reaches it.
@@ -141,6 +158,12 @@ class Settings(_Strict):
     bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
     log_level: str = "INFO"
     log_json: bool = True
+    _config_file: ConfigFile = PrivateAttr(default_factory=lambda: ConfigFile(None, hashlib.sha256(b"").digest()))
+
+    @property
+    def config_file(self) -> ConfigFile:
+        """Which file these settings came from and its digest (what HOST_DATA / MRCONFIGID must carry)."""
+        return self._config_file
 
     @field_validator("log_level")
     @classmethod
@@ -253,17 +276,26 @@ def _secrets_held(data: Mapping[str, Any]) -> list[str]:
 
 def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None = None,
                   overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Read YAML (``path`` or config/enclave.yaml when present), apply env then explicit overrides, validate."""
+    """Read YAML (``path`` or config/enclave.yaml when present), apply env then explicit overrides, validate.
+
+    ``overrides`` are the launch flags' values. The environment is applied only when the file or ``overrides``
+    turn simulation on; outside simulation any CUBE_ENCLAVE__* variable is refused (see the module docstring).
+    """
     environ = os.environ if environ is None else environ
     source = "defaults"
     data: dict[str, Any] = {}
+    raw = b""
     file = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     if file is not None:
         source = str(file)
         try:
-            text = Path(file).read_text(encoding="utf-8")
+            raw = Path(file).read_bytes()   # read once: the digest is of exactly the bytes parsed
         except OSError as e:
             raise ConfigError(f"cannot read configuration file {file}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"configuration file {file} is not UTF-8 text") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -281,6 +313,9 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
             except KeyFileError as e:
                 raise ConfigError(str(e)) from None
         data = loaded
+    simulating = (overrides or {}).get("simulate", data.get("simulate")) is True
+    if not simulating:
+        _refuse_environment(environ)
     env = _env_overrides(environ)
     if env:
         source += " + CUBE_ENCLAVE__* environment"
@@ -288,9 +323,23 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
     if overrides:
         data = _merge(data, overrides)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, source)) from None
+    if env and not settings.simulate:   # CUBE_ENCLAVE__SIMULATE=false must not keep the other overrides
+        _refuse_environment(environ)
+    settings._config_file = ConfigFile(Path(file) if file is not None else None, hashlib.sha256(raw).digest())
+    return settings
+
+
+def _refuse_environment(environ: Mapping[str, str]) -> None:
+    """Outside simulation the settings come from the configuration file alone: the host sets the environment."""
+    names = sorted(name for name in environ if name.startswith(ENV_PREFIX))
+    if names:
+        raise ConfigError(f"environment variable {names[0]}: outside simulation every setting must come from the "
+                          "configuration file (its SHA-256 is bound to the launch evidence); CUBE_ENCLAVE__* "
+                          "overrides are for --simulate only" + (f" ({len(names)} such variables set)"
+                                                                  if len(names) > 1 else ""))
 
 
 def check_database_transport(settings: Settings) -> None:

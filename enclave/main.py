@@ -49,6 +49,11 @@ def backends_from_args(values: list[str]) -> list[dict[str, str]]:
     return entries
 
 
+# The settings a launch flag may set outside simulation: where the data lives and where to listen. Everything
+# else comes from the configuration file, whose SHA-256 the launch evidence carries (enclave/config_binding.py).
+LAUNCH_SETTINGS = frozenset({"data_dir", "listen"})
+
+
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
     overrides: dict[str, Any] = {}
     if args.simulate:
@@ -68,6 +73,10 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         if not args.simulate:
             raise ConfigError("--backend is for development with --simulate; list backends in the configuration")
         overrides["backends"] = backends_from_args(args.backend)
+    beyond = sorted(set(overrides) - LAUNCH_SETTINGS - {"simulate"})
+    if beyond and not args.simulate:   # fail closed should a flag be added without thinking of the binding
+        raise ConfigError(f"launch flags may set only {', '.join(sorted(LAUNCH_SETTINGS))} outside simulation, "
+                          f"not {', '.join(beyond)}: put it in the configuration file")
     return load_settings(args.config, environ=environ, overrides=overrides)
 
 
@@ -194,18 +203,28 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     from enclave.app import create_app
     from enclave.attestation_api import attestation_router
     from enclave.bootstrap import choose_delivery
+    from enclave.config_binding import ConfigBindingError, enforce_config_binding
     from enclave.limits import http_protocol_for
     from enclave.logs import uvicorn_log_config
     from enclave.tls import TlsManager, uvicorn_config
 
-    delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
     sim_dir = settings.attestation.sim_dir or settings.data_dir / "sim"
     kds, pcs = _collateral_clients(settings)
     try:
-        provider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds, pcs=pcs)
+        provider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds, pcs=pcs,
+                                   sim_host_data=settings.config_file.sha256)
     except AttestationError as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2
+    try:
+        enforce_config_binding(provider, settings)   # before the store is opened or anything is served
+    except ConfigBindingError as e:
+        print(f"cube-enclave: refusing to serve: {e}", file=sys.stderr)
+        return 2
+    except AttestationError as e:
+        print(_no_evidence(e, kds, pcs), file=sys.stderr)
+        return 2
+    delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
     cert_path = settings.data_dir / CERT_FILE_NAME
     tls = TlsManager(provider, hostnames=settings.tls.hostnames,
                      rotate_every=settings.attestation.rotate_every_seconds,
@@ -213,11 +232,7 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     try:
         tls.start()
     except AttestationError as e:
-        hint = ""
-        if kds is not None or pcs is not None:
-            hint = ("\ncube-enclave: the AMD CRL / Intel collateral come from attestation.kds_url / pcs_url (default: the "
-                    "host agent's mirror, `cube-host serve`, at 10.0.2.2:7080); start it, point them elsewhere, or set null")
-        print(f"cube-enclave: cannot obtain attestation evidence: {e}{hint}", file=sys.stderr)
+        print(_no_evidence(e, kds, pcs), file=sys.stderr)
         return 2
     policy_path = None
     fingerprint = getattr(provider, "fingerprint", None)
@@ -238,6 +253,15 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     finally:
         tls.stop()
     return 0
+
+
+def _no_evidence(error: Exception, kds: Any, pcs: Any) -> str:
+    """The message for evidence that could not be obtained, with where its collateral comes from."""
+    hint = ""
+    if kds is not None or pcs is not None:
+        hint = ("\ncube-enclave: the AMD CRL / Intel collateral come from attestation.kds_url / pcs_url (default: the "
+                "host agent's mirror, `cube-host serve`, at 10.0.2.2:7080); start it, point them elsewhere, or set null")
+    return f"cube-enclave: cannot obtain attestation evidence: {error}{hint}"
 
 
 def _write_public(path: Path, certificate: Any) -> None:

@@ -45,15 +45,16 @@ class EvidenceProvider(Protocol):
 def detect_provider(*, simulate: bool = False, sim_dir: Path | None = None,
                     tsm_root: Path = TSM_REPORT_ROOT, sev_device: Path = SEV_GUEST_DEVICE,
                     tsm_fs: TsmFs | None = None, kds: KdsClient | None = None,
-                    pcs: PcsClient | None = None) -> EvidenceProvider:
+                    pcs: PcsClient | None = None, sim_host_data: bytes | None = None) -> EvidenceProvider:
     """The evidence provider for this machine: sim when asked, else configfs-tsm, else /dev/sev-guest.
 
     ``kds``: where SEV-SNP providers fetch the product's CRL to attach to every piece of evidence
     (ignored for the sim, which issues its own, and for TDX). ``pcs``: where the TDX provider fetches
-    the quote's Intel collateral to attach likewise.
+    the quote's Intel collateral to attach likewise. ``sim_host_data``: the simulated launch's HOST_DATA when
+    ``CUBE_SIM_HOST_DATA`` does not choose one (see SimProvider).
     """
     if simulate:
-        return SimProvider(sim_dir)
+        return SimProvider(sim_dir, host_data=sim_host_data)
     if Path(tsm_root).is_dir():
         provider = ConfigfsTsmProvider(tsm_root, fs=tsm_fs, kds=kds, pcs=pcs)
         try:

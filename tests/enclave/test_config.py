@@ -26,14 +26,14 @@ def test_repository_config_is_valid() -> None:
 def test_yaml_and_env_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "listen: {port: 9000}\nbackends:\n  - {name: ol, kind: ollama, base_url: 'http://127.0.0.1:11434'}\n")
     env = {"CUBE_ENCLAVE__LISTEN__PORT": "9443", "CUBE_ENCLAVE__DATABASE_URL": "postgresql+asyncpg://u@127.0.0.1/db",
-           "CUBE_ENCLAVE__PAT_MAX_TTL_DAYS": "90", "CUBE_ENCLAVE__SIMULATE": "true", "UNRELATED": "x"}
-    s = load_settings(path, environ=env)
+           "CUBE_ENCLAVE__PAT_MAX_TTL_DAYS": "90", "UNRELATED": "x"}
+    s = load_settings(path, environ=env, overrides={"simulate": True})     # environment overrides: simulation only
     assert s.listen.port == 9443 and s.simulate is True and s.pat_max_ttl_days == 90
     assert s.effective_database_url() == "postgresql+asyncpg://u@127.0.0.1/db"
     assert s.auth_cache_enabled() is False            # PostgreSQL: replicas, no in-process cache
     assert s.backends[0].name == "ol" and s.backends[0].kind == "ollama"
     env2 = {"CUBE_ENCLAVE__BACKENDS": "[{name: v, kind: vllm, base_url: 'http://127.0.0.1:8000', api_key: k}]"}
-    assert load_settings(path, environ=env2).backends[0].api_key.get_secret_value() == "k"
+    assert load_settings(path, environ=env2, overrides={"simulate": True}).backends[0].api_key.get_secret_value() == "k"
 
 
 @pytest.mark.parametrize("text,env,needle", [
@@ -45,8 +45,8 @@ def test_yaml_and_env_overrides(tmp_path: Path) -> None:
     ("attestation: {kds_url: 'ftp://kds'}\n", {}, "attestation.kds_url"),
     ("attestation: {kds_url: 'https://u:p@kds.example'}\n", {}, "attestation.kds_url"),
     ("pat_default_ttl_days: 400\n", {}, "pat_default_ttl_days must not exceed"),
-    ("{}\n", {"CUBE_ENCLAVE__LISTEN__PORT": "many"}, "listen.port"),
-    ("{}\n", {"CUBE_ENCLAVE__NOPE": "1"}, "nope: unknown key"),
+    ("simulate: true\n", {"CUBE_ENCLAVE__LISTEN__PORT": "many"}, "listen.port"),
+    ("simulate: true\n", {"CUBE_ENCLAVE__NOPE": "1"}, "nope: unknown key"),
     ("- a\n- b\n", {}, "top level must be a mapping"),
     ("listen: [\n", {}, "not valid YAML at line"),
     ("backends:\n - {name: a, kind: ollama, base_url: 'http://h'}\n - {name: a, kind: vllm, base_url: 'http://i'}\n",
@@ -149,10 +149,10 @@ def test_server_secret_generated_once_with_0600(tmp_path: Path) -> None:
     file = tmp_path / "data" / "server_secret"
     assert stat.S_IMODE(file.stat().st_mode) == 0o600 and len(first) >= 32
     assert load_server_secret(s) == first
-    short = load_settings(write(tmp_path, "{}\n"), environ={"CUBE_ENCLAVE__SERVER_SECRET": "short"})
+    short = load_settings(write(tmp_path, "simulate: true\n"), environ={"CUBE_ENCLAVE__SERVER_SECRET": "short"})
     with pytest.raises(ConfigError, match="server_secret"):
         load_server_secret(short)
-    assert load_server_secret(load_settings(write(tmp_path, "{}\n"),
+    assert load_server_secret(load_settings(write(tmp_path, "simulate: true\n"),
                                             environ={"CUBE_ENCLAVE__SERVER_SECRET": "x" * 40})) == b"x" * 40
 
 
