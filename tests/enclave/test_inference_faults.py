@@ -253,7 +253,7 @@ def test_queued_requests_get_the_slot_in_order(svc: Service) -> None:
             waiting = []
             for n in range(3):
                 waiting.append(pool.submit(post, svc, chat(QUEUE, f"queued {n}")))
-                wait_for(lambda: admission.queued == n + 1, 5, f"request {n} queued")
+                wait_for(lambda: admission.queued == n + 1, 30, f"request {n} queued")
             assert [f.done() for f in waiting] == [False] * 3
         finally:
             release.set()
