@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", action="append", default=[], metavar="KIND=URL",
                        help="with --simulate: serve the models of a running Ollama or vLLM, e.g. "
                             "--backend ollama=http://127.0.0.1:11434 (repeatable; replaces the configured backends)")
+    serve.add_argument("--join", action="append", default=[], metavar="https://PEER[:PORT]",
+                       help="obtain the platform secrets from a running replica over mutually attested TLS "
+                            "(repeatable: tried in order); both sides appraise each other under the join policy")
     return parser
 
 
@@ -195,9 +198,12 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     from enclave.bootstrap import choose_delivery
     from enclave.limits import http_protocol_for
     from enclave.logs import uvicorn_log_config
+    from enclave.platform_secrets import PlatformSecrets
     from enclave.tls import TlsManager, uvicorn_config
 
-    delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
+    from enclave.join.protocol import JoinError
+    from enclave.join.startup import join_serving, joined_settings, joiner_obtain
+
     sim_dir = settings.attestation.sim_dir or settings.data_dir / "sim"
     kds, pcs = _collateral_clients(settings)
     try:
@@ -205,6 +211,13 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     except AttestationError as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2
+    try:   # the secrets from an attested peer, never from the host or a file
+        if args.join:
+            settings = joined_settings(settings, joiner_obtain(settings, provider, args.join)())
+    except JoinError as e:
+        print(f"cube-enclave: join: {e}", file=sys.stderr)
+        return 2
+    delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
     cert_path = settings.data_dir / CERT_FILE_NAME
     tls = TlsManager(provider, hostnames=settings.tls.hostnames,
                      rotate_every=settings.attestation.rotate_every_seconds,
@@ -228,7 +241,14 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     base = f"https://{shown}:{instance.port}"
     print(banner(settings, base=base, cert_path=cert_path, policy_path=policy_path,
                  domain_id=default_domain.id if default_domain else None, delivered=delivered), flush=True)
-    app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit)])
+    try:
+        join_routers, body_gates = join_serving(settings, tls, provider, lambda: PlatformSecrets(load_server_secret(settings)),
+                                                kds=kds, pcs=pcs)
+    except JoinError as e:
+        print(f"cube-enclave: join: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit),
+                                              *join_routers], body_gates=body_gates)
     config = uvicorn_config(tls, app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
                             http=http_protocol_for(settings.limits))
