@@ -144,7 +144,7 @@ def _object(body: bytes, keys: set[str]) -> dict[str, Any]:
         raise MessageError(f"message larger than {MAX_REQUEST_BYTES} bytes")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):   # deep nesting exhausts the decoder's stack
         raise MessageError("not a JSON object") from None
     if not isinstance(data, dict):
         raise MessageError("not a JSON object")

@@ -7,6 +7,8 @@ import hashlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from attestation.peer import join_report_data, same_as_me_policy
@@ -163,7 +165,7 @@ def test_nonce_store_is_bounded():
 
 
 @pytest.mark.parametrize("body", [
-    b"", b"[]", b"not json", b'{"v": 1}',
+    b"", b"[]", b"not json", b'{"v": 1}', b"[" * 200_000, b'{"v": ' + b"[" * 200_000,
     b'{"v": 2, "nonce": "' + b"00" * 32 + b'", "public_key": "' + b"00" * 32 + b'", "evidence": "AA=="}',
     b'{"v": 1, "nonce": "zz", "public_key": "' + b"00" * 32 + b'", "evidence": "AA=="}',
     b'{"v": 1, "nonce": "' + b"00" * 32 + b'", "public_key": "' + b"00" * 32 + b'", "evidence": "!!"}',
@@ -184,3 +186,20 @@ def test_challenge_round_trips():
     c = Challenge(b"\x01" * 32, b"\x02" * 32)
     assert Challenge.parse(json.dumps(c.to_json()).encode()) == c
 
+
+
+_FIELD = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=80), st.binary(max_size=40).map(bytes.hex),
+                   st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=400),
+                 st.dictionaries(st.sampled_from(["v", "nonce", "public_key", "evidence", "sealed",
+                                                  "server_spki_sha256", "expires_in", "x"]), _FIELD,
+                                 max_size=6).map(lambda d: json.dumps(d).encode())))
+def test_message_parsers_refuse_anything_malformed_with_message_error(body: bytes):
+    for parse in (SecretsRequest.parse, SecretsAnswer.parse, Challenge.parse):
+        try:
+            parse(body)
+        except MessageError:
+            pass
