@@ -41,6 +41,7 @@ log = logging.getLogger("enclave.join")
 SPKI_INFO = "cube_ai_spki_sha256"   # what the attested client's streams report (attestation.atls.client)
 DEFAULT_TIMEOUT = 30.0
 _RETRY_PAUSE = 1.0
+_BUSY = (429, 503)   # rate limited, or no evidence right now: try again (a new nonce each time)
 
 
 class _PeerUnreachable(JoinError):
@@ -74,6 +75,8 @@ def join_peer(url: str, provider: EvidenceProvider, policy: Policy, *, io_timeou
     with client:
         try:
             first = client.post(CHALLENGE_PATH)
+            if first.status_code in _BUSY:
+                raise _PeerUnreachable(f"{url} is busy: {_refusal_text(first)}")
             if first.status_code != 200:
                 raise JoinError(f"{url} refused the challenge: {_refusal_text(first)}")
             challenge = Challenge.parse(first.content)
@@ -96,6 +99,8 @@ def join_peer(url: str, provider: EvidenceProvider, policy: Policy, *, io_timeou
             raise _PeerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from None
         except MessageError as exc:
             raise JoinError(f"{url} answered a malformed challenge: {exc}") from None
+        if second.status_code in _BUSY:
+            raise _PeerUnreachable(f"{url} is busy: {_refusal_text(second)}")
         if second.status_code != 200:
             raise JoinError(f"{url} refused this replica: {_refusal_text(second)}")
         if _spki_of(second) != spki:

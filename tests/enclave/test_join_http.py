@@ -108,3 +108,16 @@ def test_peer_urls_must_be_https():
     for bad in ("http://10.0.0.2:8443", "10.0.0.2:8443", "https://"):
         with pytest.raises(JoinError):
             check_peer_urls([bad])
+
+
+def test_a_busy_peer_is_tried_again(tmp_path: Path):
+    server, _ = _serve(tmp_path, rate=2.0, burst=2)
+    try:
+        with server.client() as c:   # someone else used up the bucket
+            assert [c.post(CHALLENGE_PATH).status_code for _ in range(3)][-1] == 429
+        secrets = obtain_from_peers([server.url], sim_provider(), _policy(), timeout=20)
+        assert secrets.root == load_server_secret(server.settings)
+        limited = server.ctx.metrics.join_requests.labels(outcome="refused", reason="rate_limited")._value.get()
+        assert limited >= 2.0                                     # ours, and at least one of the joiner's
+    finally:
+        server.stop()
