@@ -115,7 +115,7 @@ class JoinService:
         refusal = self.rate_limited()
         if refusal is not None:
             _count(scope.get("app"), "refused", "rate_limited")
-            log.warning("join refused: rate limited")
+            log.warning("join refused (rate_limited): before the body was read")
             return refusal.response()
         scope.setdefault("state", {})["cube_ai_join_admitted"] = True
         return None
@@ -133,14 +133,11 @@ class JoinService:
             binding = any(c.name == "report_data" and not c.ok for c in verdict.checks)
             return ("binding" if binding else "policy"), f"{verdict.status}: {verdict.error}"
         claims = verdict.claims
-        plaintext = self._secrets().to_bytes()
         try:
-            server_key, sealed = seal_for_joiner(plaintext, server_spki_sha256=spki_hash, nonce=request.nonce,
-                                                 joiner_key=request.public_key)
+            server_key, sealed = seal_for_joiner(self._secrets().to_bytes(), server_spki_sha256=spki_hash,
+                                                 nonce=request.nonce, joiner_key=request.public_key)
         except MessageError as exc:
             return "malformed", str(exc)
-        finally:
-            del plaintext
         log.info("join accepted: a %s peer, measurement %s, chip %s, on TLS key %s", verdict.platform,
                  claims.get("measurement") or claims.get("mrtd"), str(claims.get("chip_id", ""))[:16] or "-",
                  material.spki_sha256[:16])
@@ -160,6 +157,12 @@ def _refuse(request: Request, status: int, reason: str, message: str, code: str)
     return ApiError(status, message, code=code).response()
 
 
+def _refuse_limited(request: Request, limited: ApiError) -> JSONResponse:
+    _count(request.app, "refused", "rate_limited")
+    log.warning("join refused (rate_limited): %s", limited.message)
+    return limited.response()
+
+
 def _connection_key(request: Request) -> KeyMaterial | None:
     material = request.scope.get("state", {}).get(STATE_KEY)
     return material if isinstance(material, KeyMaterial) else None
@@ -177,8 +180,7 @@ def join_router(service: JoinService) -> APIRouter:
                            "attestation_unavailable")
         limited = service.rate_limited()
         if limited is not None:
-            _count(request.app, "refused", "rate_limited")
-            return limited.response()
+            return _refuse_limited(request, limited)
         spki_hash = bytes.fromhex(material.spki_sha256)
         nonce = service.nonces.issue(spki_hash)
         return JSONResponse(Challenge(nonce, spki_hash).to_json(), headers=no_store)
@@ -193,8 +195,7 @@ def join_router(service: JoinService) -> APIRouter:
         if not request.scope.get("state", {}).get("cube_ai_join_admitted"):   # a request without a body
             limited = service.rate_limited()
             if limited is not None:
-                _count(request.app, "refused", "rate_limited")
-                return limited.response()
+                return _refuse_limited(request, limited)
         try:
             message = SecretsRequest.parse(await request.body())
         except MessageError as exc:

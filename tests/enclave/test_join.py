@@ -29,6 +29,10 @@ from attestation.sim import SimPlatform
 from .test_main import free_port, wait_until_serving
 
 OTHER_MEASUREMENT = hashlib.sha384(b"a replica of another image").hexdigest()
+# The first replica's root, given to it alone (simulation only: settings.server_secret is the root there), so the
+# tests can look for it where it must not be.
+ROOT = "join-test-root-" + "r" * 40
+FIRST = {"CUBE_ENCLAVE__SERVER_SECRET": ROOT}
 
 
 @dataclass
@@ -130,7 +134,7 @@ def _metric(replica: Replica, token: str, outcome: str, reason: str) -> float:
 
 def test_second_replica_joins_and_pats_work_on_both(cluster: Cluster):
     pat_file = cluster.root / "admin.pat"
-    first = cluster.start("--pat-file", str(pat_file))
+    first = cluster.start("--pat-file", str(pat_file), env=FIRST)
     admin = pat_file.read_text().strip()
     second = cluster.start("--join", f"https://127.0.0.1:{first.port}")
 
@@ -144,13 +148,12 @@ def test_second_replica_joins_and_pats_work_on_both(cluster: Cluster):
     assert first.get("/users/me", token).status_code == 200   # and the other way round
     assert first.get("/users/me", "cube_pat_" + "x" * 40).status_code == 401
 
-    # the second replica holds the secrets in memory only: nothing in its data dir, none of the first's bytes
-    root = (first.data / "server_secret").read_bytes().strip()
+    # the second replica holds the secrets in memory only: no secret file in its data dir, not the root's bytes
     assert not (second.data / "server_secret").exists()
     for path in second.data.rglob("*"):
         if path.is_file():
-            assert root not in path.read_bytes(), path
-    assert root.decode() not in second.log_text() and root.decode() not in first.log_text()
+            assert ROOT.encode() not in path.read_bytes(), path
+    assert ROOT not in second.log_text() and ROOT not in first.log_text()
 
     lines = _join_lines(first.log_text())
     assert any("join accepted" in line and "sim peer" in line for line in lines), lines
@@ -164,7 +167,7 @@ def test_second_replica_joins_and_pats_work_on_both(cluster: Cluster):
 
 def test_a_replica_with_another_measurement_is_refused_and_learns_nothing(cluster: Cluster):
     pat_file = cluster.root / "admin.pat"
-    first = cluster.start("--pat-file", str(pat_file))
+    first = cluster.start("--pat-file", str(pat_file), env=FIRST)
     admin = pat_file.read_text().strip()
     fingerprint = SimPlatform.load_or_create(Path(cluster.env["CUBE_ENCLAVE__ATTESTATION__SIM_DIR"])).fingerprint
     # it would accept any peer on this simulated platform (as a modified image would): the peer must refuse it
@@ -176,8 +179,7 @@ def test_a_replica_with_another_measurement_is_refused_and_learns_nothing(cluste
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "cube-enclave: join:" in refused.stderr and "refused this replica" in refused.stderr
     assert "measurement" in refused.stderr and OTHER_MEASUREMENT in refused.stderr
-    root = (first.data / "server_secret").read_bytes().strip()
-    assert root.decode() not in refused.stdout + refused.stderr
+    assert ROOT not in refused.stdout + refused.stderr
     joiner_dir = cluster.root / f"r{cluster.count}"
     assert not (joiner_dir / "server_secret").exists()
     lines = _join_lines(first.log_text())
@@ -189,7 +191,7 @@ def test_a_replica_with_another_measurement_is_refused_and_learns_nothing(cluste
 
 def test_a_peer_failing_the_joiners_policy_gets_nothing_sent(cluster: Cluster):
     pat_file = cluster.root / "admin.pat"
-    first = cluster.start("--pat-file", str(pat_file))
+    first = cluster.start("--pat-file", str(pat_file), env=FIRST)
     admin = pat_file.read_text().strip()
     before = first.log_text()
     # default policy: the joiner wants a peer of its own (other) measurement, and the first is not one
