@@ -169,6 +169,7 @@ def _collateral_clients(settings: Settings) -> tuple[Any, Any]:
 def serve(args: argparse.Namespace) -> int:
     from enclave.bootstrap import BootstrapRefused
     from enclave.instance import InstanceError, claim
+    from enclave.join.protocol import JoinError
     from enclave.logs import configure_logging
 
     settings = settings_from_args(args)
@@ -183,6 +184,9 @@ def serve(args: argparse.Namespace) -> int:
     except BootstrapRefused as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2
+    except JoinError as e:
+        print(f"cube-enclave: join: {e}", file=sys.stderr)
+        return 2
     finally:
         instance.release()
 
@@ -192,7 +196,7 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
 
     from attestation.errors import AttestationError
     from attestation.policy import sim_policy_yaml
-    from attestation.providers import detect_provider
+    from attestation.providers import EvidenceProvider, detect_provider
     from enclave.app import create_app
     from enclave.attestation_api import attestation_router
     from enclave.bootstrap import choose_delivery
@@ -201,23 +205,26 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     from enclave.platform_secrets import PlatformSecrets
     from enclave.tls import TlsManager, uvicorn_config
 
-    from enclave.join.protocol import JoinError
-    from enclave.join.startup import join_serving, joined_settings, joiner_obtain
+    from enclave.join.startup import join_serving, joined_settings, joiner_obtain, peer_policy
 
     sim_dir = settings.attestation.sim_dir or settings.data_dir / "sim"
     kds, pcs = _collateral_clients(settings)
-    try:
-        provider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds, pcs=pcs)
+
+    def platform() -> EvidenceProvider:
+        return detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds, pcs=pcs)
+
+    try:   # a JoinError is reported by serve()
+        provider = platform() if args.join else None
+        if provider is not None:   # joining: the secrets first, from an attested peer (never the host or a file)
+            join_policy = peer_policy(settings, provider, joining=True)
+            settings = joined_settings(settings, joiner_obtain(settings, provider, join_policy, args.join)())
+        delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
+        if provider is None:
+            provider = platform()
+            join_policy = peer_policy(settings, provider, joining=False)
     except AttestationError as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2
-    try:   # the secrets from an attested peer, never from the host or a file
-        if args.join:
-            settings = joined_settings(settings, joiner_obtain(settings, provider, args.join)())
-    except JoinError as e:
-        print(f"cube-enclave: join: {e}", file=sys.stderr)
-        return 2
-    delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
     cert_path = settings.data_dir / CERT_FILE_NAME
     tls = TlsManager(provider, hostnames=settings.tls.hostnames,
                      rotate_every=settings.attestation.rotate_every_seconds,
@@ -241,12 +248,8 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     base = f"https://{shown}:{instance.port}"
     print(banner(settings, base=base, cert_path=cert_path, policy_path=policy_path,
                  domain_id=default_domain.id if default_domain else None, delivered=delivered), flush=True)
-    try:
-        join_routers, body_gates = join_serving(settings, tls, provider, lambda: PlatformSecrets(load_server_secret(settings)),
-                                                kds=kds, pcs=pcs)
-    except JoinError as e:
-        print(f"cube-enclave: join: {e}", file=sys.stderr)
-        return 2
+    join_routers, body_gates = join_serving(settings, join_policy, lambda: PlatformSecrets(load_server_secret(settings)),
+                                            kds=kds, pcs=pcs)
     app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit),
                                               *join_routers], body_gates=body_gates)
     config = uvicorn_config(tls, app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),

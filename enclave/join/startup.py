@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from attestation.policy import Policy
 from attestation.providers import EvidenceProvider
 from enclave.platform_secrets import PlatformSecrets
 
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     from fastapi import APIRouter
 
     from enclave.config import Settings
-    from enclave.tls import TlsManager
 
 # report_data of the evidence a joiner reads its own launch facts from (never sent anywhere)
 _OWN_REFERENCE = hashlib.sha512(b"cube-ai/join/v1/own-reference").digest()
@@ -42,26 +42,35 @@ def check_peer_urls(peers: Sequence[str]) -> list[str]:
     return list(peers)
 
 
-def joiner_obtain(settings: "Settings", provider: EvidenceProvider,
-                  peers: Sequence[str]) -> Callable[[], PlatformSecrets]:
-    """The ``obtain`` callback for the sealed state: the secrets from the first peer of ``peers`` whose evidence
-    passes the join policy and that accepts this replica's evidence. JoinError when the policy is unusable."""
+def peer_policy(settings: "Settings", provider: EvidenceProvider, *, joining: bool) -> Policy | None:
+    """The join policy, both ways, read before anything is written (a broken one stops the start early); None
+    when this replica neither joins nor accepts joins. JoinError when it is unusable."""
+    if not joining and not settings.join.accept:
+        return None
     try:
         own = provider.get_evidence(_OWN_REFERENCE)
     except Exception as exc:   # the provider's own error types: ProviderError, OSError
         raise JoinError(f"this replica cannot read its own evidence: {exc}") from None
-    policy = join_policy(settings, own, sim_root_fingerprint=_sim_root(provider))
+    try:
+        return join_policy(settings, own, sim_root_fingerprint=_sim_root(provider))
+    except JoinError as exc:
+        hint = "" if joining else " (join.accept: false turns the join routes off)"
+        raise JoinError(f"{exc}{hint}") from None
+
+
+def joiner_obtain(settings: "Settings", provider: EvidenceProvider, policy: Policy,
+                  peers: Sequence[str]) -> Callable[[], PlatformSecrets]:
+    """The ``obtain`` callback for the sealed state: the secrets from the first peer of ``peers`` whose evidence
+    passes ``policy`` and that accepts this replica's evidence."""
     return join_obtainer(check_peer_urls(peers), provider, policy, timeout=settings.join.timeout_seconds)
 
 
-def join_serving(settings: "Settings", tls: "TlsManager", provider: EvidenceProvider,
-                 secrets_source: Callable[[], PlatformSecrets], *, kds: Any = None,
-                 pcs: Any = None) -> tuple[list["APIRouter"], dict[str, Any]]:
+def join_serving(settings: "Settings", policy: Policy | None, secrets_source: Callable[[], PlatformSecrets], *,
+                 kds: Any = None, pcs: Any = None) -> tuple[list["APIRouter"], dict[str, Any]]:
     """(routers, body gates) for ``create_app`` so that peers can join this replica; none when
-    ``join.accept`` is off. The join policy comes from the evidence in this replica's TLS certificate."""
-    if not settings.join.accept:
+    ``join.accept`` is off."""
+    if not settings.join.accept or policy is None:
         return [], {}
-    policy = join_policy(settings, tls.current.evidence, sim_root_fingerprint=_sim_root(provider))
     service = JoinService(secrets_source, policy, rate=settings.join.rate_limit, burst=settings.join.burst,
                           kds=kds, pcs=pcs)
     return [join_router(service)], join_body_gates(service)

@@ -70,5 +70,20 @@ def test_join_section_in_a_config_file(tmp_path: Path):
 def test_accept_off_serves_no_join_routes(tmp_path: Path):
     from enclave.join.startup import join_serving
 
+    from enclave.join.startup import peer_policy
+
     off = make_settings(tmp_path, join={"accept": False})
-    assert join_serving(off, None, sim_provider(), lambda: None) == ([], {})  # type: ignore[arg-type]
+    assert peer_policy(off, sim_provider(), joining=False) is None
+    assert peer_policy(off, sim_provider(), joining=True) is not None     # --join still appraises the peer
+    policy = peer_policy(make_settings(tmp_path), sim_provider(), joining=False)
+    assert join_serving(off, policy, lambda: None) == ([], {})  # type: ignore[arg-type]
+    routers, gates = join_serving(make_settings(tmp_path), policy, lambda: None)  # type: ignore[arg-type]
+    assert len(routers) == 1 and set(gates) == {"/internal/join/v1/challenge", "/internal/join/v1/secrets"}
+
+
+def test_a_broken_join_policy_stops_the_start_with_a_hint(tmp_path: Path):
+    from enclave.join.startup import peer_policy
+
+    broken = make_settings(tmp_path, join={"policy": {"platforms": ["nope"]}})
+    with pytest.raises(JoinError, match=r"join policy: .*join.accept: false turns the join routes off"):
+        peer_policy(broken, sim_provider(), joining=False)
