@@ -1,8 +1,9 @@
 """Replicas joining over attested TLS, as real `cube-enclave serve --simulate` processes on the test PostgreSQL.
 
 One simulated platform (one sim root, as one machine's hardware) and one configuration file for every replica;
-each test gets its own PostgreSQL schema. The second replica obtains the platform secrets only from the first
-(nothing in its data_dir, nothing in its configuration), then a PAT issued on either works on the other. A
+each test gets its own PostgreSQL schema. The second replica obtains the platform secrets only from the first,
+through the host's relay (`cube-host relay`; nothing in its data_dir, nothing in its configuration), then a PAT
+issued on either works on the other. A
 replica claiming another launch measurement (``CUBE_SIM_MEASUREMENT``, the simulated launcher's choice) is
 refused by the peer and fails to start; a replica whose own policy refuses the peer stops before sending
 anything.
@@ -136,7 +137,18 @@ def test_second_replica_joins_and_pats_work_on_both(cluster: Cluster):
     pat_file = cluster.root / "admin.pat"
     first = cluster.start("--pat-file", str(pat_file), env=FIRST)
     admin = pat_file.read_text().strip()
-    second = cluster.start("--join", f"https://127.0.0.1:{first.port}")
+    # through the host's relay: the host sees only TLS, and the secrets are sealed to the joiner's key besides
+    relay = subprocess.Popen([sys.executable, "-m", "host.cli", "relay", "--listen", "127.0.0.1:0", "--target",
+                              f"tcp:127.0.0.1:{first.port}", "--grace", "1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=cluster.env)
+    try:
+        line = relay.stdout.readline()   # "cube-host relay: 127.0.0.1:PORT -> tcp:..."
+        assert line.startswith("cube-host relay: "), line + relay.stderr.read()
+        relay_port = int(line.split()[2].rsplit(":", 1)[1])
+        second = cluster.start("--join", f"https://127.0.0.1:{relay_port}")
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        relay.communicate(timeout=30)
 
     me = second.get("/users/me", admin)                      # issued on the first, accepted on the second
     assert me.status_code == 200, me.text

@@ -60,6 +60,7 @@ def test_join_routes_take_no_pat_other_bodies_still_need_one(joinable):
     with server.client() as c:
         nonce = c.post(CHALLENGE_PATH)
         assert nonce.status_code == 200 and set(nonce.json()) == {"v", "nonce", "server_spki_sha256", "expires_in"}
+        assert nonce.headers["cache-control"] == "no-store"
         malformed = c.post(SECRETS_PATH, content=b'{"v": 1}', headers={"Content-Type": "application/json"})
         assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_join_request"
         other = c.post("/users/me/pats", json={"name": "x"})
