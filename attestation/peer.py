@@ -33,6 +33,7 @@ from .policy import (
 )
 
 JOIN_LABEL = b"cube-ai/join/v1"
+TDX_EVENT_LOG_FILE = "ccel.bin"   # the collateral name of the CC event log in TDX evidence
 JOIN_PART_SIZE = 32
 
 
@@ -94,8 +95,9 @@ def _tdx_section(evidence: Evidence) -> dict[str, Any]:
         "allow_service_td": service_td,
         "td_attributes": {"exact": body.td_attributes.hex()},
         "xfam": {"exact": body.xfam.hex()},
-        # our own evidence carries Intel's collateral (a PCS source is configured): so must a peer's
-        "require_collateral": bool(evidence.collateral),
+        # our own evidence carries Intel's collateral (a PCS source is configured): so must a peer's. The CC
+        # event log some providers attach is not collateral (Intel signs none of it).
+        "require_collateral": any(name != TDX_EVENT_LOG_FILE for name in evidence.collateral),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
+from types import SimpleNamespace
 
 import pytest
 
@@ -94,6 +95,10 @@ def test_tdx_policy_from_a_real_quote_pins_mrtd_rtmrs_and_config(tdx_vector):
     assert verdict.ok, verdict.error
     bare = dataclasses.replace(evidence, collateral={})
     assert "collateral_present" in _failed(verify_evidence(bare, policy=policy, at=at))
+    # evidence carrying only the CC event log (providers that attach it) carries no collateral (duck-typed: this
+    # branch's Evidence does not know the event log's file name yet)
+    log_only = SimpleNamespace(platform="tdx", report=evidence.report, collateral={"ccel.bin": b"\x00" * 64})
+    assert not same_as_me_policy(log_only).tdx.require_collateral  # type: ignore[arg-type]
     from attestation.policy import policy_from_dict
 
     changed = policy.model_dump()
