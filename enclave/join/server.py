@@ -133,6 +133,9 @@ class JoinService:
             binding = any(c.name == "report_data" and not c.ok for c in verdict.checks)
             return ("binding" if binding else "policy"), f"{verdict.status}: {verdict.error}"
         claims = verdict.claims
+        # belt and braces: the appraised report_data is exactly this exchange's binding
+        if not hmac.compare_digest(str(claims.get("report_data", "")).lower().encode(), expected.hex().encode()):
+            return "binding", "the appraised report_data is not this exchange's binding"
         try:
             server_key, sealed = seal_for_joiner(self._secrets().to_bytes(), server_spki_sha256=spki_hash,
                                                  nonce=request.nonce, joiner_key=request.public_key)

@@ -203,3 +203,23 @@ def test_message_parsers_refuse_anything_malformed_with_message_error(body: byte
             parse(body)
         except MessageError:
             pass
+
+
+def test_a_verifier_that_ignored_the_binding_would_still_be_caught(tls, handed_out):
+    """Defence in depth: even if the verifier passed evidence without checking report_data, the service compares
+    the appraised report_data with this exchange's binding itself."""
+    from attestation.verifier import verify_evidence
+
+    provider = sim_provider()
+    policy = same_as_me_policy(tls.current.evidence, sim_root_fingerprint=provider.fingerprint)
+
+    def lax(evidence, *, policy, expected_report_data=None, **kw):   # drops the caller's expectation
+        return verify_evidence(evidence, policy=policy, **kw)
+
+    service = JoinService(lambda: handed_out.append(1) or ROOT, policy, verify=lax)
+    spki = _spki(tls)
+    nonce = service.nonces.issue(spki)
+    relayed, _ = _request(provider, spki, nonce, bind_spki=b"\x05" * 32)
+    assert service.answer(relayed, tls.current) == ("binding", "the appraised report_data is not this exchange's "
+                                                               "binding")
+    assert handed_out == []
