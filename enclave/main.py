@@ -221,7 +221,6 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
         delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
         if provider is None:
             provider = platform()
-            join_policy = peer_policy(settings, provider, joining=False)
     except AttestationError as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2
@@ -238,6 +237,12 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
                     "host agent's mirror, `cube-host serve`, at 10.0.2.2:7080); start it, point them elsewhere, or set null")
         print(f"cube-enclave: cannot obtain attestation evidence: {e}{hint}", file=sys.stderr)
         return 2
+    if not args.join:   # serving joins only: the policy from the evidence in this replica's certificate
+        try:
+            join_policy = peer_policy(settings, provider, joining=False, own=tls.current.evidence)
+        except BaseException:
+            tls.stop()
+            raise
     policy_path = None
     fingerprint = getattr(provider, "fingerprint", None)
     if settings.simulate and fingerprint:

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from attestation.evidence import Evidence
 from attestation.policy import Policy
 from attestation.providers import EvidenceProvider
 from enclave.platform_secrets import PlatformSecrets
@@ -42,15 +43,17 @@ def check_peer_urls(peers: Sequence[str]) -> list[str]:
     return list(peers)
 
 
-def peer_policy(settings: "Settings", provider: EvidenceProvider, *, joining: bool) -> Policy | None:
-    """The join policy, both ways, read before anything is written (a broken one stops the start early); None
-    when this replica neither joins nor accepts joins. JoinError when it is unusable."""
+def peer_policy(settings: "Settings", provider: EvidenceProvider, *, joining: bool,
+                own: Evidence | None = None) -> Policy | None:
+    """The join policy, both ways; None when this replica neither joins nor accepts joins. JoinError when it is
+    unusable. ``own``: this replica's evidence (e.g. its TLS certificate's), else asked of ``provider``."""
     if not joining and not settings.join.accept:
         return None
-    try:
-        own = provider.get_evidence(_OWN_REFERENCE)
-    except Exception as exc:   # the provider's own error types: ProviderError, OSError
-        raise JoinError(f"this replica cannot read its own evidence: {exc}") from None
+    if own is None:
+        try:
+            own = provider.get_evidence(_OWN_REFERENCE)
+        except Exception as exc:   # the provider's own error types: ProviderError, OSError
+            raise JoinError(f"this replica cannot read its own evidence: {exc}") from None
     try:
         return join_policy(settings, own, sim_root_fingerprint=_sim_root(provider))
     except JoinError as exc:

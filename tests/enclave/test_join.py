@@ -220,3 +220,12 @@ def test_a_peer_failing_the_joiners_policy_gets_nothing_sent(cluster: Cluster):
 def test_join_needs_an_https_peer(cluster: Cluster):
     refused = cluster.run_failing("--join", "http://127.0.0.1:1")
     assert refused.returncode == 2 and "expected https://" in refused.stderr
+
+
+def test_a_broken_join_policy_stops_the_replica(cluster: Cluster):
+    broken = cluster.root / "broken.yaml"
+    broken.write_text("log_json: true\njoin:\n  policy: {platforms: [nope]}\n")
+    refused = cluster.run_failing("--pat-file", str(cluster.root / "pat"), config=broken)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "cube-enclave: join: join policy: invalid policy: platforms" in refused.stderr
+    assert "join.accept: false turns the join routes off" in refused.stderr
