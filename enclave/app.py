@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -71,12 +71,32 @@ async def _authenticate_before_body(scope: Scope) -> JSONResponse | None:
     return await _authentication_refusal(Request(scope))
 
 
+BodyGate = Callable[[Scope], Awaitable[JSONResponse | None]]
+
+
+def _gate_before_body(body_gates: Mapping[str, BodyGate]) -> BodyGate:
+    """The PAT check before a body, except on the exact paths of ``body_gates``, whose own gate runs instead
+    (e.g. the join routes, authorized by attestation, rate-limited before their body is read)."""
+    if not body_gates:
+        return _authenticate_before_body
+    gates = dict(body_gates)
+
+    async def gate(scope: Scope) -> JSONResponse | None:
+        own = gates.get(scope.get("path", ""))
+        return await (own or _authenticate_before_body)(scope)
+
+    return gate
+
+
 def create_app(settings: Settings, *, registry: Any | None = None, extra_routers: Sequence[APIRouter] = (),
-               clock: Clock | None = None, manage_registry: bool = True) -> FastAPI:
+               clock: Clock | None = None, manage_registry: bool = True,
+               body_gates: Mapping[str, BodyGate] | None = None) -> FastAPI:
     """Build the service. The store opens (and migrates) and the registry starts in the lifespan.
 
     ``registry`` defaults to enclave.registry.Registry over ``settings.backends``; the app starts and stops it
-    unless ``manage_registry`` is False. ``clock`` (UTC-aware datetimes) exists for expiry tests.
+    unless ``manage_registry`` is False. ``clock`` (UTC-aware datetimes) exists for expiry tests. ``body_gates``:
+    exact path -> the check run instead of the PAT one before such a request's body is read (``extra_routers``
+    that take bodies without a PAT, e.g. ``enclave.join.server.join_body_gates``).
     """
     metrics = Metrics()
 
@@ -127,7 +147,8 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     # Innermost: the inference routes skip FastAPI's routing (see InferenceFastPath), nothing else.
     app.add_middleware(inference.InferenceFastPath, routes=inference.fast_path_routes(app))
     app.add_middleware(SizeLimitMiddleware, max_header_bytes=settings.limits.max_header_bytes,
-                       max_body_bytes=settings.limits.max_body_bytes, before_body=_authenticate_before_body)
+                       max_body_bytes=settings.limits.max_body_bytes,
+                       before_body=_gate_before_body(body_gates or {}))
     app.add_middleware(OllamaErrorShape)   # outside the size limits, so their refusals get Ollama's shape too
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _document_configured_limits(app, settings)

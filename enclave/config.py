@@ -135,6 +135,26 @@ class DatabaseTlsSettings(_Strict):
         return self
 
 
+class JoinSettings(_Strict):
+    """Replicas sharing the platform secrets (``enclave.join``): who may join this replica, or be joined by it.
+
+    ``policy`` (inline) or ``policy_file`` (a path inside the measured image); neither: a peer must show this
+    replica's own platform, measurement and configuration (``attestation.peer.same_as_me_policy``)."""
+
+    accept: bool = Field(True, description="serve the join routes, so that new replicas can obtain the secrets")
+    policy: dict[str, Any] | None = Field(None, description="the join policy inline (attestation policy keys)")
+    policy_file: Path | None = Field(None, description="the join policy as a file inside the measured image")
+    rate_limit: float = Field(1.0, gt=0, le=100, description="join requests per second this replica serves")
+    burst: int = Field(5, ge=1, le=100)
+    timeout_seconds: float = Field(60.0, gt=0, le=3600, description="how long --join keeps trying to reach a peer")
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> "JoinSettings":
+        if self.policy is not None and self.policy_file is not None:
+            raise ValueError("give join.policy or join.policy_file, not both")
+        return self
+
+
 class Settings(_Strict):
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
                            / "cube-ai" / "enclave")
@@ -156,6 +176,7 @@ class Settings(_Strict):
     attestation: AttestationSettings = Field(default_factory=AttestationSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
+    join: JoinSettings = Field(default_factory=JoinSettings)
     log_level: str = "INFO"
     log_json: bool = True
     _config_file: ConfigFile = PrivateAttr(default_factory=lambda: ConfigFile(None, hashlib.sha256(b"").digest()))

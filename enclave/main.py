@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", action="append", default=[], metavar="KIND=URL",
                        help="with --simulate: serve the models of a running Ollama or vLLM, e.g. "
                             "--backend ollama=http://127.0.0.1:11434 (repeatable; replaces the configured backends)")
+    serve.add_argument("--join", action="append", default=[], metavar="https://PEER[:PORT]",
+                       help="obtain the platform secrets from a running replica over mutually attested TLS "
+                            "(repeatable: tried in order); both sides appraise each other under the join policy")
     return parser
 
 
@@ -175,6 +178,7 @@ def _collateral_clients(settings: Settings) -> tuple[Any, Any]:
 def serve(args: argparse.Namespace) -> int:
     from enclave.bootstrap import BootstrapRefused
     from enclave.instance import InstanceError, claim
+    from enclave.join.protocol import JoinError
     from enclave.logs import configure_logging
 
     settings = settings_from_args(args)
@@ -190,6 +194,9 @@ def serve(args: argparse.Namespace) -> int:
     except BootstrapRefused as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2
+    except JoinError as e:
+        print(f"cube-enclave: join: {e}", file=sys.stderr)
+        return 2
     finally:
         instance.release()
 
@@ -199,20 +206,23 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
 
     from attestation.errors import AttestationError
     from attestation.policy import sim_policy_yaml
-    from attestation.providers import detect_provider
+    from attestation.providers import EvidenceProvider, detect_provider
     from enclave.app import create_app
     from enclave.attestation_api import attestation_router
     from enclave.bootstrap import choose_delivery
     from enclave.config_binding import ConfigBindingError, enforce_config_binding
     from enclave.limits import http_protocol_for
     from enclave.logs import uvicorn_log_config
+    from enclave.platform_secrets import PlatformSecrets
     from enclave.tls import TlsManager, uvicorn_config
+
+    from enclave.join.startup import join_serving, joined_settings, joiner_obtain, peer_policy
 
     sim_dir = settings.attestation.sim_dir or settings.data_dir / "sim"
     kds, pcs = _collateral_clients(settings)
     try:
-        provider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds, pcs=pcs,
-                                   sim_host_data=settings.config_file.sha256)
+        provider: EvidenceProvider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds, pcs=pcs,
+                                                     sim_host_data=settings.config_file.sha256)
     except AttestationError as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2
@@ -224,6 +234,9 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     except AttestationError as e:
         print(_no_evidence(e, kds, pcs), file=sys.stderr)
         return 2
+    if args.join:   # joining: the secrets first, from an attested peer (never the host or a file); JoinError: serve()
+        join_policy = peer_policy(settings, provider, joining=True)
+        settings = joined_settings(settings, joiner_obtain(settings, provider, join_policy, args.join)())
     delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
     cert_path = settings.data_dir / CERT_FILE_NAME
     tls = TlsManager(provider, hostnames=settings.tls.hostnames,
@@ -234,6 +247,12 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     except AttestationError as e:
         print(_no_evidence(e, kds, pcs), file=sys.stderr)
         return 2
+    if not args.join:   # serving joins only: the policy from the evidence in this replica's certificate
+        try:
+            join_policy = peer_policy(settings, provider, joining=False, own=tls.current.evidence)
+        except BaseException:
+            tls.stop()
+            raise
     policy_path = None
     fingerprint = getattr(provider, "fingerprint", None)
     if settings.simulate and fingerprint:
@@ -244,7 +263,10 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     base = f"https://{shown}:{instance.port}"
     print(banner(settings, base=base, cert_path=cert_path, policy_path=policy_path,
                  domain_id=default_domain.id if default_domain else None, delivered=delivered), flush=True)
-    app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit)])
+    join_routers, body_gates = join_serving(settings, join_policy, lambda: PlatformSecrets(load_server_secret(settings)),
+                                            kds=kds, pcs=pcs)
+    app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit),
+                                              *join_routers], body_gates=body_gates)
     config = uvicorn_config(tls, app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
                             http=http_protocol_for(settings.limits))

@@ -24,6 +24,9 @@ class Metrics:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.auth_failures = Counter("cube_auth_failures_total", "Refused API keys by reason", ["reason"],
                                      registry=self.registry)
+        self.join_requests = Counter("cube_join_requests_total", "Requests of replicas joining this one, by "
+                                     "outcome (accepted | refused) and reason", ["outcome", "reason"],
+                                     registry=self.registry)
         self.backend_up = Gauge("cube_backend_up", "1 if the backend answered its last discovery", ["backend", "kind"],
                                 registry=self.registry)
         self.models = Gauge("cube_registry_models", "Routable models in the registry", registry=self.registry)

@@ -17,6 +17,24 @@ from pathlib import Path
 from ..errors import ProviderError
 from ..evidence import SNP_CRL_FILE, Evidence
 
+# The simulated launcher's choice of launch measurement (96 hex digits): lets a test run a replica that claims
+# another image. Unset: the sim's fixed SIM_MEASUREMENT.
+SIM_MEASUREMENT_ENV = "CUBE_SIM_MEASUREMENT"
+
+
+def sim_measurement_from_env() -> bytes | None:
+    """The measurement named by ``CUBE_SIM_MEASUREMENT``, None when unset; ProviderError when malformed."""
+    text = os.environ.get(SIM_MEASUREMENT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != 48:
+        raise ProviderError(f"{SIM_MEASUREMENT_ENV} must be 96 hex digits (a 48-byte launch measurement)")
+    return value
+
 
 SIM_HOST_DATA_ENV = "CUBE_SIM_HOST_DATA"
 HOST_DATA_BYTES = 32
@@ -50,6 +68,7 @@ class SimProvider:
 
         self.host_data = sim_launch_host_data(host_data, environ)   # fixed at "launch", like the hardware's
         self.sim = SimPlatform.load_or_create(directory)
+        self._measurement = sim_measurement_from_env()
 
     @property
     def fingerprint(self) -> str:
@@ -58,6 +77,9 @@ class SimProvider:
     def get_evidence(self, report_data: bytes) -> Evidence:
         if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != 64:
             raise ProviderError("report_data must be exactly 64 bytes")
-        report, certs = self.sim.report(bytes(report_data), host_data=self.host_data)
+        if self._measurement is not None:
+            report, certs = self.sim.report(bytes(report_data), measurement=self._measurement, host_data=self.host_data)
+        else:
+            report, certs = self.sim.report(bytes(report_data), host_data=self.host_data)
         return Evidence(platform="sim", report=report, certificates=tuple(certs), product=self.sim.product,
                         collateral={SNP_CRL_FILE: self.sim.crl()})
