@@ -219,6 +219,17 @@ def unpack(deb: DebPackage, root: Path) -> None:
     _run(["dpkg-deb", "-x", str(deb.path), str(root)])
 
 
+def _unpacked_kernel(deb: DebPackage, cache: Path) -> Path:
+    """The kernel package unpacked once beside the cache (it is large), keyed by its SHA-256."""
+    where = cache / f"unpacked-{deb.name}-{deb.sha256[:16]}"
+    stamp = where / ".complete"
+    if not stamp.is_file():
+        shutil.rmtree(where, ignore_errors=True)
+        unpack(deb, where)
+        stamp.write_text(deb.sha256 + "\n")
+    return where
+
+
 # -- kernel modules ----------------------------------------------------------------------------------------
 
 def module_name(path: Path) -> str:
@@ -274,11 +285,17 @@ def build_app_wheel(recipe: ImageRecipe, dest: Path) -> Path:
     return wheels[0]
 
 
+# Cube AI's wheel also carries the host agent (this package), which the guest never runs: left out of the image.
+HOST_ONLY_PACKAGES = ("host/",)
+
+
 def wheel_digest(wheel: Path) -> str:
-    """SHA-256 over the wheel's member names and contents (zip timestamps left out)."""
+    """SHA-256 over the member names and contents of the wheel's guest part (zip timestamps left out)."""
     digest = hashlib.sha256()
     with zipfile.ZipFile(wheel) as zf:
         for name in sorted(zf.namelist()):
+            if name.startswith(HOST_ONLY_PACKAGES):
+                continue
             digest.update(name.encode() + b"\x00" + hashlib.sha256(zf.read(name)).digest())
     return digest.hexdigest()
 
@@ -290,13 +307,15 @@ def install_python_packages(recipe: ImageRecipe, wheel: Path, target: Path) -> l
     _pip(recipe, *common, "--require-hashes", "-r", str(recipe.lock))
     _pip(recipe, *common, str(wheel))
     shutil.rmtree(target / "bin", ignore_errors=True)  # console scripts name the builder's interpreter
+    for package in HOST_ONLY_PACKAGES:
+        shutil.rmtree(target / package, ignore_errors=True)
     installed = []
     for info in sorted(target.glob("*.dist-info")):
         (info / "direct_url.json").unlink(missing_ok=True)  # names the builder's temporary wheel path
         record = info / "RECORD"
         if record.is_file():  # keep RECORD consistent with the removals
             lines = [ln for ln in record.read_text().splitlines()
-                     if not ln.startswith(("../", "bin/")) and "/direct_url.json," not in ln]
+                     if not ln.startswith(("../", "bin/", *HOST_ONLY_PACKAGES)) and "/direct_url.json," not in ln]
             record.write_text("\n".join(lines) + "\n")
         meta = (info / "METADATA").read_text(errors="replace")
         name = re.search(r"^Name: (.+)$", meta, re.M)
@@ -348,12 +367,17 @@ def build_image(recipe: ImageRecipe) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cube-image-") as tmp_name:
         tmp = Path(tmp_name)
         root = tmp / "root"
-        kernel_dir = tmp / "kernel"
         root.mkdir()
         kernel_package = _kernel_image_package(recipe.kernel_package)
         debs = fetch_debs([*python_packages(), BUSYBOX_PACKAGE, kernel_package], cache)
+        kernel_dir: Path | None = None
         for deb in debs:
-            unpack(deb, kernel_dir if deb.name == kernel_package else root)
+            if deb.name == kernel_package:
+                kernel_dir = _unpacked_kernel(deb, cache)
+            else:
+                unpack(deb, root)
+        if kernel_dir is None:  # pragma: no cover - fetch_debs returns every package asked for
+            raise ImageBuildError(f"{kernel_package}: not fetched")
         kernels = sorted((kernel_dir / "boot").glob("vmlinuz-*"))
         releases = sorted((kernel_dir / "lib" / "modules").iterdir())
         if len(kernels) != 1 or len(releases) != 1:
