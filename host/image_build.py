@@ -300,10 +300,17 @@ def wheel_digest(wheel: Path) -> str:
     return digest.hexdigest()
 
 
+# The guest's interpreter, not the builder's: wheels are chosen for CPython 3.11 on x86-64 glibc 2.36 (Debian
+# bookworm), whatever Python or C library runs the build.
+GUEST_WHEEL_TAGS = ("--implementation", "cp", "--python-version", PYTHON_VERSION, "--abi", "cp311",
+                    *(f"--platform=manylinux_2_{minor}_x86_64" for minor in range(36, 16, -1)),
+                    "--platform=manylinux2014_x86_64")
+
+
 def install_python_packages(recipe: ImageRecipe, wheel: Path, target: Path) -> list[str]:
     """The locked dependencies, then Cube AI, into the image's site directory; returns ``name==version``s."""
     common = ["install", "-q", "--no-deps", "--no-compile", "--only-binary=:all:", "--no-warn-script-location",
-              "--disable-pip-version-check", "--target", str(target)]
+              "--disable-pip-version-check", *GUEST_WHEEL_TAGS, "--target", str(target)]
     _pip(recipe, *common, "--require-hashes", "-r", str(recipe.lock))
     _pip(recipe, *common, str(wheel))
     shutil.rmtree(target / "bin", ignore_errors=True)  # console scripts name the builder's interpreter

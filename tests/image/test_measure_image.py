@@ -159,3 +159,16 @@ def test_image_inputs_are_checked(capsys, sim_image: Path, tmp_path: Path) -> No
     argv = json.loads(out)["argv"]
     assert argv[argv.index("-kernel") + 1] == str(image.kernel) and "-accel" in argv and "-enable-kvm" not in argv
     assert not any("sev-snp-guest" in a or "tdx-guest" in a for a in argv)
+
+
+def test_confidential_platforms_need_firmware_and_kvm(capsys, tmp_path: Path) -> None:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k" * 4096)
+    code, _, err = run(capsys, "qemu-cmd", "--platform", "snp", "--kernel", str(kernel), "--vcpus", "1")
+    assert code == 2 and "--ovmf: needed for --platform snp" in err
+    ovmf = str(synthetic_ovmf(tmp_path / "OVMF.amdsev.fd"))
+    code, _, err = run(capsys, "qemu-cmd", "--platform", "snp", "--ovmf", ovmf, "--kernel", str(kernel),
+                       "--vcpus", "1", "--accel", "tcg")
+    assert code == 2 and "only for --platform sim" in err
+    code, _, err = run(capsys, "qemu-cmd", "--platform", "sim", "--vcpus", "1")
+    assert code == 2 and "give --image or --kernel" in err
