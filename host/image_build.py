@@ -367,6 +367,8 @@ def build_image(recipe: ImageRecipe) -> dict[str, Any]:
             raise ImageBuildError(f"{what} {path}: no such file")
     if not 0 <= recipe.source_date_epoch < 1 << 32:
         raise ImageBuildError("SOURCE_DATE_EPOCH must be a time after 1970 that fits 32 bits")
+    if recipe.data_device != "none" and not re.fullmatch(r"/dev/[a-z][a-z0-9]{1,15}", recipe.data_device):
+        raise ImageBuildError(f"--data-device {recipe.data_device!r}: expected /dev/NAME (e.g. /dev/vda) or none")
     if "\x00" in recipe.extra_cmdline or "\n" in recipe.extra_cmdline:
         raise ImageBuildError("--append: must be one line without NUL characters")
     recipe.out.mkdir(parents=True, exist_ok=True)

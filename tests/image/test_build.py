@@ -76,3 +76,16 @@ def test_building_twice_gives_identical_kernel_and_initrd(sim_image: Path, tmp_p
     assert again["initrd"]["sha256"] == first["initrd"]["sha256"]
     assert again["image_id"] == first["image_id"]
     assert (tmp_path / "again" / "initrd.img").read_bytes() == (sim_image / "initrd.img").read_bytes()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data_device", "/dev/vda root=/dev/vdb", "expected /dev/NAME"),
+    ("extra_cmdline", "a\nb", "one line"),
+    ("source_date_epoch", -1, "SOURCE_DATE_EPOCH"),
+])
+def test_bad_recipe_refused_before_anything_is_fetched(tmp_path: Path, field: str, value: object, message: str) -> None:
+    recipe = ImageRecipe(config=ROOT / "image" / "enclave.yaml", out=tmp_path / "out", project=ROOT,
+                         **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        build_image(recipe)
+    assert not (tmp_path / "out").exists()
