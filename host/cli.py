@@ -6,7 +6,8 @@
     cube-host serve --config config/host.yaml       verification API + collateral cache (+ relay if configured)
     cube-host status [--config FILE] [--policy NAME] [--enclave ID] [--json]
     cube-host measure --ovmf FILE [--kernel K --initrd I --append TEXT] --vcpus N [--policy-out FILE]
-    cube-host qemu-cmd --platform snp|tdx --ovmf FILE ... [--json] [--measure]   (prints, never runs QEMU)
+    cube-host qemu-cmd --platform snp|tdx|sim --ovmf FILE ... [--json] [--measure]   (prints, never runs QEMU)
+    cube-host image build [--config FILE] [--out DIR] [--simulate]   (the enclave VM image; see host/image_build.py)
 """
 
 from __future__ import annotations
@@ -263,9 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_status.add_argument("--enclave", default=None, help="e.g. snp:<measurement hex>")
     p_status.add_argument("--json", action="store_true")
 
-    from .launch_cli import add_launch_commands, run_launch_command
+    from .launch_cli import add_image_commands, add_launch_commands, run_launch_command
 
     add_launch_commands(sub)
+    add_image_commands(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -305,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             data_dir = args.data_dir or load_config(args.config).data_dir
             return _print_status(read_status(data_dir), args.policy, args.enclave, args.json)
-        if args.command in ("measure", "qemu-cmd"):
+        if args.command in ("measure", "qemu-cmd", "image"):
             return run_launch_command(args)
     except (ConfigError, RelayError, PolicyError, ValueError) as exc:
         print(f"cube-host: {exc}", file=sys.stderr)

@@ -13,10 +13,16 @@ Flags follow Cube AI's QEMU scripts, in upstream-QEMU (9.1+) spelling:
 * TDX: ``-object {"qom-type":"tdx-guest",...,"quote-generation-socket":{vsock cid 2 port 4050}}``,
   ``-machine q35,kernel_irqchip=split,confidential-guest-support=tdx,memory-backend=mem0,hpet=off``,
   ``-object memory-backend-memfd,id=mem0,...``, ``-bios OVMF``, ``-cpu host``.
+* Both carry the image's configuration digest when one is given: SNP ``host-data=<base64 of 32 bytes>`` on the
+  ``sev-snp-guest`` object (HOST_DATA), TDX ``"mrconfigid": <base64 of 48 bytes>`` (the SHA-256 and 16 zero
+  bytes). The enclave refuses to serve unless it equals the SHA-256 of the configuration it loaded.
+* ``sim``: a plain q35 VM (KVM, or TCG where KVM cannot run a guest) for machines without SEV-SNP or TDX; the
+  image must then say ``cube.simulate=1`` and its evidence proves nothing.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shlex
@@ -68,8 +74,8 @@ class PortForward:
 class VmSpec:
     """A confidential VM to boot. For SNP, ``snp`` carries the measured inputs."""
 
-    platform: Literal["snp", "tdx"]
-    ovmf: Path
+    platform: Literal["snp", "tdx", "sim"]
+    ovmf: Path | None
     memory_mib: int
     vcpus: int
     kernel: Path | None = None
@@ -83,10 +89,22 @@ class VmSpec:
     name: str = "cube-ai-vm"
     qemu: str = "qemu-system-x86_64"
     qgs_port: int = TDX_QGS_PORT
+    # SNP HOST_DATA (32 bytes) / TDX MRCONFIGID (48 bytes): the image's configuration digest (see host_data_for)
+    host_data: bytes | None = None
+    accel: Literal["kvm", "tcg"] = "kvm"
 
     def snp_launch(self) -> SnpLaunch:
+        if self.ovmf is None:
+            raise LaunchError("--ovmf: needed to measure or boot a confidential guest")
         return SnpLaunch(ovmf=self.ovmf, vcpus=self.vcpus, vcpu_type=self.vcpu_type, kernel=self.kernel,
                          initrd=self.initrd, append=self.append, guest_features=self.guest_features)
+
+
+def mrconfigid_for(host_data: bytes) -> bytes:
+    """TDX MRCONFIGID (48 bytes) carrying a 32-byte configuration digest: the digest, then 16 zero bytes."""
+    if len(host_data) != 32:
+        raise LaunchError(f"host data must be 32 bytes (a SHA-256), got {len(host_data)}")
+    return host_data + bytes(16)
 
 
 def inspect_tdx_ovmf(path: Path) -> None:
@@ -121,13 +139,26 @@ def _option_value(path: Path | str) -> str:
 
 
 def _validate(spec: VmSpec) -> None:
-    if spec.platform not in ("snp", "tdx"):
-        raise LaunchError(f"--platform: {spec.platform!r} is not snp or tdx")
-    if spec.platform == "snp":
+    if spec.platform not in ("snp", "tdx", "sim"):
+        raise LaunchError(f"--platform: {spec.platform!r} is not snp, tdx or sim")
+    if spec.host_data is not None and len(spec.host_data) != 32:
+        raise LaunchError(f"host data must be 32 bytes (a SHA-256), got {len(spec.host_data)}")
+    if spec.accel not in ("kvm", "tcg") or (spec.accel == "tcg" and spec.platform != "sim"):
+        raise LaunchError("--accel tcg: only for --platform sim (a confidential guest needs KVM)")
+    if spec.platform != "sim" and spec.ovmf is None:
+        raise LaunchError(f"--ovmf: needed for --platform {spec.platform}")
+    if spec.platform == "sim":
+        if spec.kernel is None:
+            raise LaunchError("--platform sim boots an image's kernel: give --image or --kernel")
+        # the same checks as a measured launch; without --ovmf QEMU's default BIOS boots the kernel
+        check_launch(SnpLaunch(ovmf=spec.ovmf or spec.kernel, vcpus=spec.vcpus, kernel=spec.kernel,
+                               initrd=spec.initrd, append=spec.append))
+    elif spec.platform == "snp":
         launch = spec.snp_launch()
         check_launch(launch)
         inspect_ovmf(launch.ovmf, need_kernel_hashes=launch.kernel_hashes)
     else:
+        assert spec.ovmf is not None
         check_launch(SnpLaunch(ovmf=spec.ovmf, vcpus=spec.vcpus, kernel=spec.kernel, initrd=spec.initrd,
                                append=spec.append))
         inspect_tdx_ovmf(spec.ovmf)
@@ -170,8 +201,15 @@ def qemu_argv(spec: VmSpec) -> list[str]:
     """Validated argv for ``spec`` (LaunchError on bad inputs)."""
     _validate(spec)
     mem = f"{spec.memory_mib}M"
-    argv = [spec.qemu, "-name", spec.name, "-enable-kvm", "-nographic", "-no-reboot"]
-    if spec.platform == "snp":
+    accel = ["-enable-kvm"] if spec.accel == "kvm" else ["-accel", "tcg"]
+    argv = [spec.qemu, "-name", spec.name, *accel, "-nographic", "-no-reboot"]
+    if spec.platform == "sim":
+        # No SEV-SNP or TDX: for machines without them (development, CI). The guest runs the simulated
+        # platform (its image command line says cube.simulate=1); nothing about this VM is attested.
+        argv += ["-machine", "q35", "-smp", str(spec.vcpus), "-m", mem]
+        if spec.ovmf is not None:
+            argv += ["-bios", str(spec.ovmf)]
+    elif spec.platform == "snp":
         kernel_hashes = "on" if spec.snp_launch().kernel_hashes else "off"
         argv += [
             "-machine", "q35,confidential-guest-support=sev0,memory-backend=ram1",
@@ -180,12 +218,15 @@ def qemu_argv(spec: VmSpec) -> list[str]:
             "-m", mem,
             "-object", f"memory-backend-memfd,id=ram1,size={mem},share=true,prealloc=false",
             "-object", (f"sev-snp-guest,id=sev0,policy={SNP_GUEST_POLICY:#x},cbitpos={SNP_CBITPOS},"
-                        f"reduced-phys-bits={SNP_REDUCED_PHYS_BITS},kernel-hashes={kernel_hashes}"),
+                        f"reduced-phys-bits={SNP_REDUCED_PHYS_BITS},kernel-hashes={kernel_hashes}"
+                        + (f",host-data={base64.b64encode(spec.host_data).decode()}" if spec.host_data else "")),
             "-bios", str(spec.ovmf),
         ]
     else:
         tdx_object = {"qom-type": "tdx-guest", "id": "tdx",
                       "quote-generation-socket": {"type": "vsock", "cid": str(TDX_QGS_CID), "port": str(spec.qgs_port)}}
+        if spec.host_data is not None:
+            tdx_object["mrconfigid"] = base64.b64encode(mrconfigid_for(spec.host_data)).decode()
         argv += [
             "-machine", "q35,kernel_irqchip=split,confidential-guest-support=tdx,memory-backend=mem0,hpet=off",
             "-cpu", "host",

@@ -180,16 +180,21 @@ def _yaml_str(text: str) -> str:
 
 
 def snp_policy_yaml(measurement: bytes, launch: SnpLaunch, *, name: str | None = None,
-                    firmware_only: bool = False) -> str:
+                    firmware_only: bool = False, host_data: bytes | None = None) -> str:
     """An SNP policy allowing exactly this launch measurement (validated before returning).
 
     With a kernel the digest covers the whole boot chain and the entry says ``kernel_hashes: true`` (a
     measured policy).  Without one it covers only OVMF and the VMSAs, so any OS booted on that firmware
     matches: that policy is written only when asked (``firmware_only``), marked not for production, and
     the attested client refuses it unless ``allow_unmeasured: true`` is added by hand.
+
+    ``host_data`` (an image's configuration SHA-256, which the launch passes as HOST_DATA and the enclave checks
+    against the configuration it loaded) is pinned too, so the policy admits that configuration only.
     """
     if len(measurement) != MEASUREMENT_BYTES:
         raise LaunchError(f"measurement must be {MEASUREMENT_BYTES} bytes")
+    if host_data is not None and len(host_data) != 32:
+        raise LaunchError("host data must be 32 bytes (a SHA-256)")
     if not launch.kernel_hashes and not firmware_only:
         raise LaunchError("--policy-out without --kernel: the digest covers only the firmware, so any kernel, "
                           "initrd and command line would pass; measure with --kernel/--initrd/--append, or pass "
@@ -226,6 +231,8 @@ def snp_policy_yaml(measurement: bytes, launch: SnpLaunch, *, name: str | None =
         "snp:",
         "  measurements:",
         f"    - {{measurement: \"{measurement.hex()}\", kernel_hashes: {'true' if launch.kernel_hashes else 'false'}}}",
+        *([f"  host_data: \"{host_data.hex()}\"   # SHA-256 of the image's configuration (checked by the enclave)"]
+          if host_data is not None else []),
         "  allow_debug: false",
         "  allow_migrate_ma: false",
         "  allow_smt: true          # QEMU's default guest policy (0x30000) allows SMT",

@@ -26,6 +26,7 @@ events above instead, and a verifier replays the log against the quote's RTMRs b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import struct
 import uuid
@@ -381,7 +382,8 @@ def add_tdx_measure_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="--tdx: print the prediction as JSON")
 
 
-def run_measure_tdx(args: argparse.Namespace) -> int:
+def run_measure_tdx(args: argparse.Namespace, *, config_sha256: bytes | None = None) -> int:
+    """``config_sha256``: the digest of a built image's config (``--image``), bound through MRCONFIGID."""
     import json
 
     from .launch import parse_memory_mib
@@ -396,6 +398,8 @@ def run_measure_tdx(args: argparse.Namespace) -> int:
     memory = parse_memory_mib(args.memory) * 1024 * 1024
     prediction = predict_tdx(args.ovmf, args.kernel, initrd=args.initrd, append=args.append, memory_bytes=memory,
                              config=args.config, page_order=args.page_order)
+    if config_sha256 is not None and args.config is None:
+        prediction = dataclasses.replace(prediction, mrconfigid=config_sha256 + bytes(16))
     if args.policy_out is not None:
         described = " ".join(x for x in (
             f"ovmf={args.ovmf.name}", f"kernel={args.kernel.name}",
