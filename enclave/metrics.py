@@ -24,6 +24,9 @@ class Metrics:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.auth_failures = Counter("cube_auth_failures_total", "Refused API keys by reason", ["reason"],
                                      registry=self.registry)
+        self.integrity_failures = Counter("cube_store_integrity_failures_total", "Store rows refused because their "
+                                          "MAC did not match (edited, swapped or inserted outside the enclave)",
+                                          ["table"], registry=self.registry)
         self.backend_up = Gauge("cube_backend_up", "1 if the backend answered its last discovery", ["backend", "kind"],
                                 registry=self.registry)
         self.models = Gauge("cube_registry_models", "Routable models in the registry", registry=self.registry)
@@ -56,6 +59,9 @@ class Metrics:
         if ttft is not None:
             self.ttft.labels(model=model, route=route).observe(ttft)
         self.duration.labels(model=model, route=route).observe(duration)
+
+    def integrity_failed(self, table: str) -> None:
+        self.integrity_failures.labels(table=table).inc()
 
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.labels(reason=reason).inc()
