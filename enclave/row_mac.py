@@ -19,35 +19,43 @@ of the whole database. See docs/sealed-state.md for what limits that.
 
 from __future__ import annotations
 
-import hashlib
+import calendar
 import hmac
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 FORMAT = "cube-row-mac/v1"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 MAC_HEX_CHARS = 64
 
 Value = str | bool | int | None | datetime | Sequence[str]
 
 
+def _micros(value: datetime) -> int:
+    """Microseconds since the epoch, exactly (no float), for an aware or a naive-UTC datetime."""
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    return calendar.timegm(aware.utctimetuple()) * 1_000_000 + aware.microsecond
+
+
 def _canonical(value: Value) -> object:
-    if value is None or isinstance(value, (str, bool, int)):
+    if value is None or value.__class__ in _PLAIN:
         return value
     if isinstance(value, datetime):
-        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value
-        return {"t": (aware - _EPOCH) // _MICROSECOND}
+        return {"t": _micros(value)}
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
+    if isinstance(value, (str, bool, int)):   # subclasses of the plain types
+        return value
     raise TypeError(f"no canonical encoding for a {type(value).__name__} in a MAC'd row")
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+_PLAIN = (str, bool, int)
 
 
 def encode(table: str, values: Sequence[Value]) -> bytes:
     """The canonical bytes a row's MAC covers."""
-    return json.dumps([FORMAT, table, *(_canonical(v) for v in values)], ensure_ascii=True,
-                      separators=(",", ":")).encode("ascii")
+    return _ENCODER.encode([FORMAT, table, *[_canonical(v) for v in values]]).encode("ascii")
 
 
 class RowMac:
@@ -64,7 +72,7 @@ class RowMac:
         return "RowMac(<key>)"
 
     def mac(self, table: str, values: Sequence[Value]) -> str:
-        return hmac.new(self._key, encode(table, values), hashlib.sha256).hexdigest()
+        return hmac.digest(self._key, encode(table, values), "sha256").hex()
 
     def valid(self, table: str, values: Sequence[Value], mac: str | None) -> bool:
         if not isinstance(mac, str) or len(mac) != MAC_HEX_CHARS:
