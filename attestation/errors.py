@@ -55,3 +55,7 @@ class PolicyError(AttestationError):
 
 class ProviderError(AttestationError):
     """Evidence could not be obtained on this machine (no device, kernel refused, race)."""
+
+
+class NoSealingKey(ProviderError):
+    """This platform has no hardware sealing key (TDX): secrets must come from an attested peer instead."""

@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from .errors import ProviderError
@@ -72,6 +73,8 @@ _VCEK_OID = "1.3.6.1.4.1.3704.1."
 _DIR_MODE = 0o700
 _KEY_MODE = 0o600
 _META = "platform.json"
+SEALING_SECRET_FILE = "sealing_secret"   # the sim's stand-in for the chip's root key (see derived_key)
+_SEALING_LABEL = b"cube-ai/sim-derived-key/v1\x00"
 
 
 def default_sim_dir() -> Path:
@@ -341,6 +344,42 @@ class SimPlatform:
             self._crl_der = crl.public_bytes(serialization.Encoding.DER)
             self._crl_next_update = next_update
             return self._crl_der
+
+    # -- sealing ------------------------------------------------------------------------------
+    def _sealing_secret(self) -> bytes:
+        path = self.directory / SEALING_SECRET_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _KEY_MODE)
+        except FileExistsError:
+            pass   # made before (or by a concurrent start): use it
+        except OSError as exc:
+            raise ProviderError(f"sim platform in {self.directory}: cannot create its sealing secret: {exc}") from exc
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+        _check_key_mode(path)
+        try:
+            secret = path.read_bytes()
+        except OSError as exc:
+            raise ProviderError(f"sim platform in {self.directory}: its sealing secret is unreadable: {exc}") from exc
+        if len(secret) != 32:
+            raise ProviderError(f"sim platform in {self.directory}: its sealing secret must be 32 bytes")
+        return secret
+
+    def derived_key(self, context: bytes, *, measurement: bytes = SIM_MEASUREMENT, policy: int = GUEST_POLICY) -> bytes:
+        """The sim's MSG_KEY_REQ: a 32-byte key from the platform's secret, the guest's measurement and policy.
+
+        As on SNP, HOST_DATA is not mixed in: the firmware offers no such field, and the host chooses it at
+        launch (the enclave checks it against its config instead). Another sim platform (another directory),
+        measurement or policy gives another key. The secret lies in the sim directory, so the simulation
+        protects nothing from whoever reads that directory: it only runs the same code path as hardware.
+        """
+        if not isinstance(context, bytes) or not context:
+            raise ProviderError("derived_key needs a non-empty context")
+        if len(measurement) != 48:
+            raise ValueError("measurement must be 48 bytes")
+        info = _SEALING_LABEL + measurement + struct.pack("<Q", policy) + context
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._sealing_secret())
 
     # -- reports -----------------------------------------------------------------------------
     def report(

@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -59,7 +60,15 @@ def _real_settings(data_dir: Path, backend_url: str, *, log_level: str = "WARNIN
     from enclave.backends import BackendConfig
     from enclave.config import Settings
 
-    return Settings(data_dir=data_dir, log_level=log_level,
+    # Simulation, with the root secret in a private file both processes read (the parent bootstraps, the child
+    # serves): the sealed state needs a platform's sealing key, which a benchmark has no use for.
+    secret = data_dir / "bench-root-secret"
+    if not secret.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+    return Settings(data_dir=data_dir, log_level=log_level, simulate=True, server_secret_file=secret,
                     backends=[BackendConfig(name="ollama", kind="ollama", base_url=backend_url)])
 
 
@@ -123,8 +132,11 @@ async def bootstrap(settings) -> tuple[str, str]:
     from enclave.store import open_store
     from enclave.tokens import generate_token, token_hash
 
-    secret = load_server_secret(settings)
-    store = await open_store(settings)
+    from enclave.platform_secrets import PlatformSecrets
+
+    keys = PlatformSecrets(load_server_secret(settings))
+    secret = keys.pat_hmac_key()
+    store = await open_store(settings, keys.row_mac_key())
     try:
         boot = await bootstrap_if_empty(store, settings, secret)
         assert boot is not None, "fresh data dir expected"

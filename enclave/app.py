@@ -17,11 +17,12 @@ from enclave.api import admin, inference, models, ollama, ops
 from enclave.api.context import AppContext
 from enclave.api.ollama_errors import OllamaErrorShape
 from enclave.auth import Authenticator, Clock, LastUsedTracker, MonotonicClock
-from enclave.config import Settings, load_server_secret
+from enclave.config import ConfigError, Settings, load_server_secret
 from enclave.errors import ApiError, install_error_handlers
 from enclave.inference.gateway import Gateway
 from enclave.limits import SizeLimitMiddleware
 from enclave.metrics import Metrics, MetricsMiddleware
+from enclave.platform_secrets import PlatformSecrets
 from enclave.registry import Registry
 from enclave.store import open_store, utcnow
 
@@ -39,6 +40,13 @@ def _freeze_startup_objects() -> None:
     first so that it is not frozen with them."""
     gc.collect()
     gc.freeze()
+
+
+def _configured_secrets(settings: Settings) -> PlatformSecrets:
+    root = load_server_secret(settings)
+    if root is None:
+        raise ConfigError("create_app needs platform_secrets (or, in simulation, server_secret in the settings)")
+    return PlatformSecrets(root)
 
 
 DOCS_STATIC_URL = "/docs/static"
@@ -90,8 +98,12 @@ def _gate_before_body(body_gates: Mapping[str, BodyGate]) -> BodyGate:
 
 def create_app(settings: Settings, *, registry: Any | None = None, extra_routers: Sequence[APIRouter] = (),
                clock: Clock | None = None, manage_registry: bool = True,
-               body_gates: Mapping[str, BodyGate] | None = None) -> FastAPI:
+               body_gates: Mapping[str, BodyGate] | None = None,
+               platform_secrets: PlatformSecrets | None = None) -> FastAPI:
     """Build the service. The store opens (and migrates) and the registry starts in the lifespan.
+
+    ``platform_secrets``: the keys (``cube-enclave serve`` passes the sealed ones); when None, built from the
+    simulation-only ``settings.server_secret`` / ``server_secret_file`` (tests), else a ConfigError.
 
     ``registry`` defaults to enclave.registry.Registry over ``settings.backends``; the app starts and stops it
     unless ``manage_registry`` is False. ``clock`` (UTC-aware datetimes) exists for expiry tests. ``body_gates``:
@@ -102,12 +114,12 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        secret = load_server_secret(settings)
-        store = await open_store(settings)
+        keys = platform_secrets or _configured_secrets(settings)
+        store = await open_store(settings, keys.row_mac_key(), on_integrity_failure=metrics.integrity_failed)
         now = MonotonicClock(clock or utcnow, floor=await store.latest_recorded_time())
         reg = registry if registry is not None else _default_registry(settings)
         tracker = LastUsedTracker(store, interval=settings.last_used_flush_seconds)
-        auth = Authenticator(store, secret, tracker=tracker, cache=settings.auth_cache_enabled(), clock=now,
+        auth = Authenticator(store, keys.pat_hmac_key(), tracker=tracker, cache=settings.auth_cache_enabled(), clock=now,
                              on_failure=metrics.auth_failed)
         gateway = Gateway(reg.backends(), metrics)
         app.state.ctx = AppContext(settings=settings, store=store, auth=auth, tracker=tracker, registry=reg,

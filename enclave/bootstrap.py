@@ -138,7 +138,7 @@ async def deliver_or_revoke(store: Store, key: IssuedKey, delivery: PatDelivery,
         raise
 
 
-async def bootstrap_if_empty(store: Store, settings: Settings, server_secret: bytes,
+async def bootstrap_if_empty(store: Store, settings: Settings, pat_key: bytes,
                              clock: Clock = utcnow) -> Bootstrap | None:
     """Create the first superadmin (+ default domain, + PAT) when the store has no users; else None.
 
@@ -156,7 +156,7 @@ async def bootstrap_if_empty(store: Store, settings: Settings, server_secret: by
     await store.set_membership(domain.id, user.id, "admin")
     token = generate_token()
     days = settings.pat_default_ttl_days
-    pat = await store.create_pat(user_id=user.id, name="bootstrap", token_hash=token_hash(server_secret, token),
+    pat = await store.create_pat(user_id=user.id, name="bootstrap", token_hash=token_hash(pat_key, token),
                                  last4=token[-4:], scopes=ALL_SCOPES, expires_at=clock() + timedelta(days=days))
     log.info("bootstrapped superadmin %s and domain %s", user.id, domain.id)
     return Bootstrap(token=token, pat_id=pat.id, user=user, domain=domain, expires_days=days)
@@ -167,7 +167,7 @@ def _is_platform_key(pat: Pat, now: datetime) -> bool:
             and Scope.MANAGE.value in pat.scopes)
 
 
-async def recover_if_locked_out(store: Store, settings: Settings, server_secret: bytes,
+async def recover_if_locked_out(store: Store, settings: Settings, pat_key: bytes,
                                 clock: Clock = utcnow) -> IssuedKey | None:
     """A fresh platform key for the first superadmin when no superadmin holds a usable one
     (unbound, with ``manage``, neither expired nor revoked); else None. Call it only with a safe delivery."""
@@ -181,7 +181,7 @@ async def recover_if_locked_out(store: Store, settings: Settings, server_secret:
     user = min(superadmins, key=lambda u: u.created_at)
     token = generate_token()
     days = settings.pat_default_ttl_days
-    pat = await store.create_pat(user_id=user.id, name="recovery", token_hash=token_hash(server_secret, token),
+    pat = await store.create_pat(user_id=user.id, name="recovery", token_hash=token_hash(pat_key, token),
                                  last4=token[-4:], scopes=ALL_SCOPES, expires_at=now + timedelta(days=days))
     log.warning("no superadmin held a usable platform key: issued a recovery key for superadmin %s", user.id)
     return IssuedKey(token=token, pat_id=pat.id)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +161,8 @@ class Settings(_Strict):
     database_schema: str | None = Field(None, description="PostgreSQL schema (search_path) to use")
     database_tls: DatabaseTlsSettings | None = Field(None, description="PostgreSQL over TLS with a pinned server "
                                                                        "certificate (required outside simulation)")
-    server_secret: SecretStr | None = Field(None, description="PAT HMAC key (>= 32 bytes); else server_secret_file")
+    server_secret: SecretStr | None = Field(None, description="simulation only: the root secret (>= 32 bytes); "
+                                                            "else server_secret_file; else sealed in data_dir")
     server_secret_file: Path | None = None
     listen: ListenSettings = Field(default_factory=ListenSettings)
     simulate: bool = False
@@ -372,25 +372,39 @@ def check_database_transport(settings: Settings) -> None:
                           "or key pinned by SHA-256): the host owns the network between the enclave and the database")
 
 
-def load_server_secret(settings: Settings) -> bytes:
-    """The PAT HMAC key: from settings/env, a named file, or data_dir/server_secret (created 0600 if absent)."""
+def load_server_secret(settings: Settings) -> bytes | None:
+    """The root secret given in the configuration (``server_secret``, or the file ``server_secret_file``), or None.
+
+    Simulation only: outside it the platform secrets are sealed in data_dir (enclave.sealed_state), and a
+    secret in the configuration is refused, since whoever holds the image or the file reads it. Nothing is
+    created here any more: the plaintext ``data_dir/server_secret`` of older versions is only migrated.
+    """
+    if settings.server_secret is None and settings.server_secret_file is None:
+        return None
+    key = "server_secret" if settings.server_secret is not None else "server_secret_file"
+    if not settings.simulate:
+        raise ConfigError(f"{key}: only with --simulate; outside simulation the platform secrets are generated "
+                          "inside the enclave and kept sealed in data_dir (a secret in the configuration is "
+                          "readable by whoever holds the image or the file)")
     if settings.server_secret is not None:
         value = settings.server_secret.get_secret_value().encode()
         if len(value) < MIN_SECRET_BYTES:
             raise ConfigError(f"server_secret: must be at least {MIN_SECRET_BYTES} bytes")
         return value
-    file = settings.server_secret_file or settings.data_dir / SECRET_FILE_NAME
-    if not file.exists():
-        if settings.server_secret_file is not None:
-            raise ConfigError(f"server_secret_file: {file} does not exist")
-        file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process won the race; read its secret below
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32) + "\n")
+    assert settings.server_secret_file is not None
+    if not settings.server_secret_file.exists():
+        raise ConfigError(f"server_secret_file: {settings.server_secret_file} does not exist")
+    return read_secret_file(settings.server_secret_file)
+
+
+def legacy_secret_file(settings: Settings) -> Path | None:
+    """The plaintext ``data_dir/server_secret`` older versions wrote, when it exists."""
+    file = settings.data_dir / SECRET_FILE_NAME
+    return file if file.exists() else None
+
+
+def read_secret_file(file: Path) -> bytes:
+    """A secret kept in a private file (0600, ours), as text of at least MIN_SECRET_BYTES."""
     try:
         value = read_private_file(file, "server_secret_file").decode("utf-8").strip().encode()
     except KeyFileError as e:

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from enclave.config import ConfigError, Settings, check_database_transport, load_server_secret, load_settings
+from enclave.config import ConfigError, Settings, check_database_transport, load_settings
 
 if TYPE_CHECKING:   # imported where used: they pull in the store and the web stack
+    from collections.abc import Callable
+
     from enclave.bootstrap import Delivered, PatDelivery
     from enclave.instance import Instance
+    from enclave.platform_secrets import PlatformSecrets
 
 CERT_FILE_NAME = "server-cert.pem"
 
@@ -83,25 +86,45 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return load_settings(args.config, environ=environ, overrides=overrides)
 
 
-async def _prepare(settings: Settings, delivery: PatDelivery | None) -> tuple[Delivered | None, Any]:
+def platform_secrets(settings: Settings, provider: Any,
+                     obtain: Callable[[], PlatformSecrets] | None = None) -> tuple[PlatformSecrets, str]:
+    """The platform secrets (sealed in data_dir, from a peer through ``obtain``, or fresh) and their origin.
+
+    Fresh secrets are refused over a database that holds rows: the sealed state was lost or removed (by the
+    host, perhaps), and new secrets would make every row unusable while looking like a working installation.
+    """
+    from enclave.sealed_state import platform_secrets_for
+    from enclave.store import database_in_use, database_tls_context
+
+    in_use = asyncio.run(database_in_use(settings.effective_database_url(), schema=settings.database_schema,
+                                         tls=database_tls_context(settings)))
+    return platform_secrets_for(settings, provider, obtain=obtain, generate=not in_use)
+
+
+async def _prepare(settings: Settings, delivery: PatDelivery | None, keys: PlatformSecrets,
+                   origin: str) -> tuple[Delivered | None, Any]:
     """Open the store, bootstrap it when empty and hand the PAT over as ``delivery`` says.
 
     Returns (what the banner says about the PAT or None when the store was initialised already, default domain).
     """
     from enclave.bootstrap import (REFUSAL, BootstrapRefused, bootstrap_if_empty, deliver_or_revoke,
                                    recover_if_locked_out)
+    from enclave.sealed_state import FROM_LEGACY
     from enclave.store import open_store
 
-    secret = load_server_secret(settings)
-    store = await open_store(settings)
+    store = await open_store(settings, keys.row_mac_key())
     try:
+        if origin == FROM_LEGACY:   # simulation only: the rows of the installation just migrated
+            print(f"cube-enclave: adopted {await store.adopt_rows_without_mac()} rows written before row MACs "
+                  "(simulation); API keys issued before this version must be issued again", file=sys.stderr)
         if delivery is None and await store.count_users() == 0:
             raise BootstrapRefused(REFUSAL)
         delivered = None
-        boot = await bootstrap_if_empty(store, settings, secret)
+        pat_key = keys.pat_hmac_key()
+        boot = await bootstrap_if_empty(store, settings, pat_key)
         if boot is not None:
             delivered = await deliver_or_revoke(store, boot, delivery, settings)
-        elif delivery is not None and (recovery := await recover_if_locked_out(store, settings, secret)):
+        elif delivery is not None and (recovery := await recover_if_locked_out(store, settings, pat_key)):
             delivered = await deliver_or_revoke(store, recovery, delivery, settings, what="Recovery")
         domains = await store.list_domains()
         default = next((d for d in domains if d.name == settings.bootstrap.domain_name), None)
@@ -213,11 +236,11 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     from enclave.config_binding import ConfigBindingError, enforce_config_binding
     from enclave.limits import http_protocol_for
     from enclave.logs import uvicorn_log_config
-    from enclave.platform_secrets import PlatformSecrets
+    from enclave.join.startup import join_serving, joiner_obtain, peer_policy
+    from enclave.sealed_state import SealedStateError
     from enclave.tls import TlsManager, uvicorn_config
 
-    from enclave.join.startup import join_serving, joined_settings, joiner_obtain, peer_policy
-
+    delivery = choose_delivery(settings, args.pat_file)
     sim_dir = settings.attestation.sim_dir or settings.data_dir / "sim"
     kds, pcs = _collateral_clients(settings)
     try:
@@ -234,10 +257,16 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     except AttestationError as e:
         print(_no_evidence(e, kds, pcs), file=sys.stderr)
         return 2
-    if args.join:   # joining: the secrets first, from an attested peer (never the host or a file); JoinError: serve()
+    obtain: Callable[[], PlatformSecrets] | None = None
+    if args.join:   # a new replica: the secrets from an attested peer (never the host or a file); JoinError: serve()
         join_policy = peer_policy(settings, provider, joining=True)
-        settings = joined_settings(settings, joiner_obtain(settings, provider, join_policy, args.join)())
-    delivered, default_domain = asyncio.run(_prepare(settings, choose_delivery(settings, args.pat_file)))
+        obtain = joiner_obtain(settings, provider, join_policy, args.join)
+    try:   # the provider first: the secrets are sealed under its key
+        keys, origin = platform_secrets(settings, provider, obtain=obtain)
+    except SealedStateError as e:
+        print(f"cube-enclave: {e}", file=sys.stderr)
+        return 2
+    delivered, default_domain = asyncio.run(_prepare(settings, delivery, keys, origin))
     cert_path = settings.data_dir / CERT_FILE_NAME
     tls = TlsManager(provider, hostnames=settings.tls.hostnames,
                      rotate_every=settings.attestation.rotate_every_seconds,
@@ -263,10 +292,9 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     base = f"https://{shown}:{instance.port}"
     print(banner(settings, base=base, cert_path=cert_path, policy_path=policy_path,
                  domain_id=default_domain.id if default_domain else None, delivered=delivered), flush=True)
-    join_routers, body_gates = join_serving(settings, join_policy, lambda: PlatformSecrets(load_server_secret(settings)),
-                                            kds=kds, pcs=pcs)
+    join_routers, body_gates = join_serving(settings, join_policy, lambda: keys, kds=kds, pcs=pcs)
     app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit),
-                                              *join_routers], body_gates=body_gates)
+                                              *join_routers], body_gates=body_gates, platform_secrets=keys)
     config = uvicorn_config(tls, app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
                             http=http_protocol_for(settings.limits))

@@ -27,6 +27,9 @@ class Metrics:
         self.join_requests = Counter("cube_join_requests_total", "Requests of replicas joining this one, by "
                                      "outcome (accepted | refused) and reason", ["outcome", "reason"],
                                      registry=self.registry)
+        self.integrity_failures = Counter("cube_store_integrity_failures_total", "Store rows refused because their "
+                                          "MAC did not match (edited, swapped or inserted outside the enclave)",
+                                          ["table"], registry=self.registry)
         self.backend_up = Gauge("cube_backend_up", "1 if the backend answered its last discovery", ["backend", "kind"],
                                 registry=self.registry)
         self.models = Gauge("cube_registry_models", "Routable models in the registry", registry=self.registry)
@@ -59,6 +62,9 @@ class Metrics:
         if ttft is not None:
             self.ttft.labels(model=model, route=route).observe(ttft)
         self.duration.labels(model=model, route=route).observe(duration)
+
+    def integrity_failed(self, table: str) -> None:
+        self.integrity_failures.labels(table=table).inc()
 
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.labels(reason=reason).inc()

@@ -14,12 +14,18 @@ metadata = sa.MetaData(naming_convention={
 
 Timestamp = sa.DateTime(timezone=True)
 
+
+def _mac() -> sa.Column:
+    """HMAC-SHA-256 (hex) of the row's security-relevant fields (enclave.row_mac); null: never MAC'd, refused."""
+    return sa.Column("mac", sa.String(64), nullable=True)
+
 users = sa.Table(
     "users", metadata,
     sa.Column("id", sa.String(36), primary_key=True),
     sa.Column("name", sa.String(100), nullable=False, unique=True),
     sa.Column("is_superadmin", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", Timestamp, nullable=False),
+    _mac(),
 )
 
 domains = sa.Table(
@@ -28,6 +34,7 @@ domains = sa.Table(
     sa.Column("name", sa.String(100), nullable=False, unique=True),
     sa.Column("model_allowlist", sa.JSON, nullable=True),
     sa.Column("created_at", Timestamp, nullable=False),
+    _mac(),
 )
 
 memberships = sa.Table(
@@ -36,6 +43,7 @@ memberships = sa.Table(
     sa.Column("user_id", sa.String(36), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("role", sa.String(16), nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
+    _mac(),
     sa.CheckConstraint("role IN ('admin', 'member')", name="role"),
 )
 
@@ -54,4 +62,5 @@ pats = sa.Table(
     sa.Column("revoked_at", Timestamp, nullable=True),
     sa.Column("last_used_at", Timestamp, nullable=True),
     sa.Column("issued_by", sa.String(36), sa.ForeignKey("users.id", ondelete="SET NULL"), nullable=True),
+    _mac(),
 )

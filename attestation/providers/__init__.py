@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "EvidenceProvider",
+    "SealingKeyProvider",
     "ConfigfsTsmProvider",
     "SevGuestProvider",
     "SimProvider",
@@ -39,6 +40,20 @@ class EvidenceProvider(Protocol):
     platform: str
 
     def get_evidence(self, report_data: bytes) -> Evidence:  # report_data exactly 64 bytes
+        ...
+
+
+@runtime_checkable
+class SealingKeyProvider(Protocol):
+    """A provider that can derive a sealing key the host cannot (SNP firmware, the sim's stand-in).
+
+    ``derived_key`` raises ``NoSealingKey`` (a ProviderError) where the platform has none (TDX), and another
+    ProviderError when the device refuses. ``sealing_binding`` names what the key is bound to.
+    """
+
+    sealing_binding: str
+
+    def derived_key(self, context: bytes) -> bytes:  # 32 bytes
         ...
 
 

@@ -28,7 +28,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import ProviderError
+from ..errors import NoSealingKey, ProviderError
 from ..evidence import TDX_CCEL_FILE, Evidence
 from .collateral import with_collateral
 from .snp_crl import with_snp_crl
@@ -143,9 +143,12 @@ class ConfigfsTsmProvider:
 
     def __init__(self, root: Path = TSM_REPORT_ROOT, *, fs: TsmFs | None = None, privlevel: int | None = None,
                  max_attempts: int = MAX_ATTEMPTS, kds: KdsClient | None = None,
-                 pcs: PcsClient | None = None, ccel_path: Path | None = CCEL_PATH) -> None:
+                 pcs: PcsClient | None = None, ccel_path: Path | None = CCEL_PATH,
+                 sev_device: Path = Path("/dev/sev-guest"), seal_tcb_version: int | None = None) -> None:
         self.root = Path(root)
         self.ccel_path = ccel_path  # None: TDX evidence carries no event log
+        self.sev_device = Path(sev_device)   # SNP: configfs-tsm has no key request; the sealing key comes from here
+        self.seal_tcb_version = seal_tcb_version
         self.fs = fs or OsFs()
         self.privlevel = privlevel
         self.max_attempts = max_attempts
@@ -168,6 +171,22 @@ class ConfigfsTsmProvider:
         finally:
             self._remove(entry)
         return self._platform
+
+    @property
+    def sealing_binding(self) -> str:
+        from .snp_derived_key import binding_description
+
+        return binding_description(self.seal_tcb_version) if self.platform == "snp" else "none"
+
+    def derived_key(self, context: bytes) -> bytes:
+        """SNP: the firmware's derived key through /dev/sev-guest (see snp_derived_key). TDX has no sealing key."""
+        if self.platform != "snp":
+            raise NoSealingKey("TDX has no hardware sealing key: the platform secrets must come from an attested "
+                               "peer (cube-enclave serve --join https://PEER)")
+        from .snp_derived_key import firmware_derived_key, key_for_context
+
+        key = firmware_derived_key(self.sev_device, vmpl=self.privlevel or 0, tcb_version=self.seal_tcb_version)
+        return key_for_context(key, context)
 
     def _new_entry(self) -> Path:
         entry = self.root / f"cube-ai-{os.getpid()}-{secrets.token_hex(6)}"

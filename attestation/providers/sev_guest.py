@@ -92,10 +92,25 @@ def parse_report_response(resp: bytes) -> bytes:
 class SevGuestProvider:
     platform = "snp"
 
-    def __init__(self, device: Path = SEV_GUEST_DEVICE, *, vmpl: int = 0, kds: KdsClient | None = None) -> None:
+    def __init__(self, device: Path = SEV_GUEST_DEVICE, *, vmpl: int = 0, kds: KdsClient | None = None,
+                 seal_tcb_version: int | None = None) -> None:
         self.device = Path(device)
         self.vmpl = vmpl
         self.kds = kds  # when set, evidence carries the product's CRL (a fetch failure is a ProviderError)
+        self.seal_tcb_version = seal_tcb_version  # see snp_derived_key: the lowest TCB that derives the key
+
+    @property
+    def sealing_binding(self) -> str:
+        from .snp_derived_key import binding_description
+
+        return binding_description(self.seal_tcb_version)
+
+    def derived_key(self, context: bytes) -> bytes:
+        """A 32-byte sealing key for ``context`` that only this guest image under this policy derives."""
+        from .snp_derived_key import firmware_derived_key, key_for_context
+
+        return key_for_context(firmware_derived_key(self.device, vmpl=self.vmpl, tcb_version=self.seal_tcb_version),
+                               context)
 
     def get_evidence(self, report_data: bytes) -> Evidence:
         evidence = self._report(report_data)

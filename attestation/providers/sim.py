@@ -74,6 +74,14 @@ class SimProvider:
     def fingerprint(self) -> str:
         return self.sim.fingerprint
 
+    sealing_binding = "sim:measurement,policy"
+
+    def derived_key(self, context: bytes) -> bytes:
+        """The simulated platform's sealing key (``SimPlatform.derived_key``), for this guest's measurement."""
+        if self._measurement is not None:
+            return self.sim.derived_key(context, measurement=self._measurement)
+        return self.sim.derived_key(context)
+
     def get_evidence(self, report_data: bytes) -> Evidence:
         if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != 64:
             raise ProviderError("report_data must be exactly 64 bytes")

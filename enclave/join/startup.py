@@ -78,20 +78,3 @@ def join_serving(settings: "Settings", policy: Policy | None, secrets_source: Ca
                           kds=kds, pcs=pcs)
     return [join_router(service)], join_body_gates(service)
 
-
-def joined_settings(settings: "Settings", secrets: PlatformSecrets) -> "Settings":
-    """The settings this replica serves with once it holds the peer's secrets: the root as the PAT HMAC key, in
-    memory only (nothing written to ``data_dir``).
-
-    Interim glue until the sealed state (``enclave.sealed_state.load_platform_secrets``) takes the secrets from
-    the ``obtain`` callback and the app takes PlatformSecrets: then this function goes, and ``serve`` passes
-    ``obtain=joiner_obtain(...)`` instead.
-    """
-    from pydantic import SecretStr
-
-    try:
-        text = secrets.root.decode("ascii")
-    except UnicodeDecodeError:
-        raise JoinError("the peer's root secret is binary; this build still keys PATs with a text server_secret "
-                        "(sealed state not merged)") from None
-    return settings.model_copy(update={"server_secret": SecretStr(text)})

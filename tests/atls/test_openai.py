@@ -13,7 +13,7 @@ from enclave.attestation_api import attestation_router
 from enclave.store import Store
 from enclave.tls import TlsManager
 
-from tests.enclave.conftest import SERVER_SECRET, FakeClock, make_settings, seed_world
+from tests.enclave.conftest import SERVER_SECRET, FakeClock, make_settings, seed_world, PAT_KEY, ROW_KEY
 from tests.fakes.ollama import FakeOllama
 
 from .conftest import Server
@@ -26,9 +26,9 @@ def enclave(tmp_path_factory, sim_provider) -> Iterator[tuple[Server, str, str]]
                                  backends=[{"name": "ollama", "kind": "ollama", "base_url": ollama.base_url}])
 
         async def seed():
-            store = await Store.open(settings.effective_database_url())
+            store = await Store.open(settings.effective_database_url(), row_key=ROW_KEY)
             try:
-                return await seed_world(store, SERVER_SECRET.encode(), FakeClock()())
+                return await seed_world(store, PAT_KEY, FakeClock()())
             finally:
                 await store.close()
 

@@ -25,10 +25,15 @@ from attestation.providers import SimProvider
 from enclave.attestation_api import attestation_router
 from enclave.limits import http_protocol_for
 from enclave.tls import TlsManager, attested_protocol_class
+from enclave.platform_secrets import PlatformSecrets
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 
 SERVER_SECRET = "s" * 48
+# The keys the tests' settings (server_secret, simulation) give the app: PAT lookup hashes and row MACs.
+TEST_SECRETS = PlatformSecrets(SERVER_SECRET.encode())
+PAT_KEY = TEST_SECRETS.pat_hmac_key()
+ROW_KEY = TEST_SECRETS.row_mac_key()
 
 
 class FakeClock:
@@ -45,7 +50,7 @@ class FakeClock:
 
 
 def make_settings(tmp: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {"data_dir": str(tmp), "server_secret": SERVER_SECRET, "log_json": True,
+    base: dict[str, Any] = {"data_dir": str(tmp), "server_secret": SERVER_SECRET, "simulate": True, "log_json": True,
                             "registry_refresh_seconds": 3600}
     base.update(overrides)
     tmp.mkdir(parents=True, exist_ok=True)

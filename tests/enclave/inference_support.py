@@ -18,7 +18,7 @@ from attestation.policy import Policy, policy_from_yaml, sim_policy_yaml
 from enclave.inference.record import InferenceRecord
 from enclave.store import Store
 
-from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, World, make_settings, seed_world, sim_provider
+from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, World, make_settings, seed_world, sim_provider, PAT_KEY, ROW_KEY
 from tests.fakes.base import FakeBackend
 from tests.fakes.generation import DEFAULT_TOKEN_COUNT
 from tests.fakes.streaming import Reply
@@ -135,9 +135,9 @@ def start_service(tmp: Path, backends: list[tuple[dict[str, Any], FakeBackend]],
     settings_ = make_settings(tmp, backends=configs, **settings)
 
     async def seed() -> World:
-        store = await Store.open(settings_.effective_database_url())
+        store = await Store.open(settings_.effective_database_url(), row_key=ROW_KEY)
         try:
-            world = await seed_world(store, SERVER_SECRET.encode(), FakeClock()())
+            world = await seed_world(store, PAT_KEY, FakeClock()())
             if setup is not None:
                 await setup(store, world)
             return world

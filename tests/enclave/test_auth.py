@@ -16,6 +16,7 @@ from enclave.auth import Authenticator, LastUsedTracker
 from enclave.errors import ApiError
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
+from tests.enclave.conftest import ROW_KEY
 
 SECRET = b"k" * 32
 
@@ -23,7 +24,7 @@ SECRET = b"k" * 32
 class Env:
     def __init__(self, path: Path) -> None:
         self.loop = asyncio.new_event_loop()
-        self.store: Store = self.run(Store.open(f"sqlite+aiosqlite:///{path / 'a.db'}"))
+        self.store: Store = self.run(Store.open(f"sqlite+aiosqlite:///{path / 'a.db'}", row_key=ROW_KEY))
         self.tracker = LastUsedTracker(self.store, interval=60)
         self.failures: list[str] = []
         self.auth = Authenticator(self.store, SECRET, tracker=self.tracker, cache=True,

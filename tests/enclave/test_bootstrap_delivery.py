@@ -21,6 +21,7 @@ from enclave.sealing import SealError, load_public_key, open_sealed, public_key_
 from enclave.store import Store
 from enclave.tokens import PAT_PREFIX, generate_token, parse_token, token_hash
 
+from tests.enclave.conftest import PAT_KEY, ROW_KEY
 from tests.enclave.test_main import free_port
 
 
@@ -123,26 +124,25 @@ def test_confidential_banner_holds_no_pat_and_suggests_only_attested_paths(tmp_p
     assert (tmp_path / SEALED_PAT_FILE_NAME).read_text().strip() == blob
 
 
-# `cube-enclave serve` outside simulation on a machine without SEV-SNP/TDX: its start-up report (the check that
-# HOST_DATA carries the config's SHA-256, enclave/config_binding.py) comes from the simulated platform with a
-# correctly bound HOST_DATA, then there is no evidence for the TLS key: it bootstraps, then stops.
-_ONE_REPORT_ONLY = """
+# `cube-enclave serve` outside simulation on this machine (no confidential platform): the sim stands in for the
+# hardware. It gives one start-up report, with a correctly bound HOST_DATA (the check that HOST_DATA carries the
+# config's SHA-256, enclave/config_binding.py), and the sealing key; then no evidence for the TLS key, so the
+# process bootstraps and then stops where TLS needs some.
+_SEALING_ONLY = """
 import sys
 import attestation.providers as providers
 from attestation.errors import ProviderError
 from enclave.main import main
 
-class OneReport:
-    platform = "sim"
-    def __init__(self, sim_dir, host_data):
-        self.sim, self.reports = providers.SimProvider(sim_dir, host_data=host_data), 0
+class OneReport(providers.SimProvider):
+    reports = 0
     def get_evidence(self, report_data):
         self.reports += 1
         if self.reports > 1:
             raise ProviderError("no attestation interface on this machine (test: one start-up report only)")
-        return self.sim.get_evidence(report_data)
+        return super().get_evidence(report_data)
 
-providers.detect_provider = lambda **kw: OneReport(kw["sim_dir"], kw["sim_host_data"])
+providers.detect_provider = lambda **kw: OneReport(kw["sim_dir"], host_data=kw["sim_host_data"])
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -151,17 +151,25 @@ def _serve(tmp_path: Path, config_text: str, *extra: str) -> subprocess.Complete
     config = tmp_path / "enclave.yaml"
     config.write_text(config_text + "log_level: DEBUG\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_ENCLAVE__")}
-    return subprocess.run([sys.executable, "-c", _ONE_REPORT_ONLY, "serve", "--config", str(config), "--data-dir",
+    return subprocess.run([sys.executable, "-c", _SEALING_ONLY, "serve", "--config", str(config), "--data-dir",
                            str(tmp_path / "data"), "--port", str(free_port()), *extra],
                           capture_output=True, text=True, env=env, timeout=120)
 
 
+def _sealed_keys(data: Path):
+    """The platform secrets the enclave sealed in ``data`` (the sim's key: see _SEALING_ONLY)."""
+    from attestation.providers import SimProvider
+    from enclave.sealed_state import load_platform_secrets
+
+    return load_platform_secrets(data, SimProvider(data / "sim"))
+
+
 def _bootstrap_pat_is_valid(data: Path, token: str) -> bool:
     async def check() -> bool:
-        store = await Store.open(f"sqlite+aiosqlite:///{data / 'enclave.db'}")
+        keys = _sealed_keys(data)
+        store = await Store.open(f"sqlite+aiosqlite:///{data / 'enclave.db'}", row_key=keys.row_mac_key())
         try:
-            secret = (data / "server_secret").read_text().strip().encode()
-            record = await store.find_auth(token_hash(secret, token))
+            record = await store.find_auth(token_hash(keys.pat_hmac_key(), token))
             return record is not None and record.user.is_superadmin and record.pat.revoked_at is None
         finally:
             await store.close()
@@ -202,7 +210,7 @@ def test_outside_simulation_without_a_safe_delivery_nothing_is_bootstrapped(tmp_
     assert not re.search(r"cube_pat_[0-9A-Za-z]{20,}", proc.stdout + proc.stderr)
 
     async def users() -> int:
-        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'enclave.db'}")
+        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'enclave.db'}", row_key=ROW_KEY)
         try:
             return await store.count_users()
         finally:
@@ -261,7 +269,7 @@ def test_a_locked_out_platform_gets_a_recovery_key_sealed_to_the_operator(tmp_pa
     first = capsys.readouterr().out.strip()
 
     async def revoke_all() -> None:
-        store = await Store.open(f"sqlite+aiosqlite:///{data / 'enclave.db'}")
+        store = await Store.open(f"sqlite+aiosqlite:///{data / 'enclave.db'}", row_key=_sealed_keys(data).row_mac_key())
         try:
             for pat in await store.list_pats():
                 await store.revoke_pat(pat.id)
@@ -288,11 +296,11 @@ def test_only_an_unbound_unexpired_manage_key_of_a_superadmin_counts_as_usable(t
 
     settings = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path), "server_secret": "s" * 48,
                                                           "simulate": True})
-    secret = b"s" * 48
+    secret = PAT_KEY
     now = datetime.now(UTC)
 
     async def scenario() -> list[bool]:
-        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", row_key=ROW_KEY)
         try:
             admin = await store.create_user("root", is_superadmin=True)
             domain = await store.create_domain("default")
@@ -342,14 +350,17 @@ def test_the_pat_file_is_never_written_through_a_symbolic_link(tmp_path: Path) -
 def test_a_pat_that_could_not_be_handed_over_does_not_hold_off_the_recovery_key(tmp_path: Path) -> None:
     """The bootstrap PAT was stored before its hand-over; when the hand-over failed, nobody had the key yet it
     counted as usable, so no recovery key came until it expired: the operator was locked out for weeks."""
-    from enclave.main import _prepare
+    from attestation.providers import SimProvider
+    from enclave.main import _prepare, platform_secrets
 
     settings = load_settings(None, environ={}, overrides={"data_dir": str(tmp_path)})
+    keys, origin = platform_secrets(settings, SimProvider(tmp_path / "sim"))
     planted = tmp_path / "pat"
     planted.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(BootstrapRefused):
-        asyncio.run(_prepare(settings, PatDelivery("file", planted)))
+        asyncio.run(_prepare(settings, PatDelivery("file", planted), keys, origin))
     good = tmp_path / "pat-2"
-    delivered, _ = asyncio.run(_prepare(settings, PatDelivery("file", good)))
+    keys, origin = platform_secrets(settings, SimProvider(tmp_path / "sim"))
+    delivered, _ = asyncio.run(_prepare(settings, PatDelivery("file", good), keys, origin))
     assert delivered is not None and "Recovery" in delivered.lines[0]
     assert _bootstrap_pat_is_valid(tmp_path, good.read_text().strip())

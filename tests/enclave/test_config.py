@@ -120,6 +120,12 @@ def test_missing_collateral_mirror_is_explained(tmp_path: Path, monkeypatch: pyt
 
     class NoCollateral:
         platform = "tdx"
+        sealing_binding = "none"
+
+        def derived_key(self, context: bytes) -> bytes:
+            from attestation.errors import NoSealingKey
+
+            raise NoSealingKey("TDX has no sealing key (test)")
 
         def get_evidence(self, report_data: bytes):
             raise ProviderError("cannot fetch the Intel collateral of FMSPC 90c06f000000 (test)")
@@ -143,12 +149,19 @@ def test_cli_prints_config_errors_cleanly(tmp_path: Path, capsys: pytest.Capture
     assert "Traceback" not in err
 
 
-def test_server_secret_generated_once_with_0600(tmp_path: Path) -> None:
+def test_server_secret_only_in_simulation_and_never_created(tmp_path: Path) -> None:
+    """The plaintext data_dir/server_secret is gone: nothing creates it, and a configured secret is refused
+    outside simulation (whoever holds the image or the file would read it)."""
     s = load_settings(write(tmp_path, f"data_dir: {tmp_path / 'data'}\n"), environ={})
-    first = load_server_secret(s)
-    file = tmp_path / "data" / "server_secret"
-    assert stat.S_IMODE(file.stat().st_mode) == 0o600 and len(first) >= 32
-    assert load_server_secret(s) == first
+    assert load_server_secret(s) is None and not (tmp_path / "data" / "server_secret").exists()
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("y" * 40)
+    secret_file.chmod(0o600)
+    for text in (f"server_secret: {'x' * 40}\n", f"server_secret_file: {secret_file}\n"):
+        outside = write(tmp_path, text)
+        outside.chmod(0o600)
+        with pytest.raises(ConfigError, match="only with --simulate"):
+            load_server_secret(load_settings(outside, environ={}))
     short = load_settings(write(tmp_path, "simulate: true\n"), environ={"CUBE_ENCLAVE__SERVER_SECRET": "short"})
     with pytest.raises(ConfigError, match="server_secret"):
         load_server_secret(short)
@@ -158,20 +171,15 @@ def test_server_secret_generated_once_with_0600(tmp_path: Path) -> None:
 
 def test_loose_server_secret_file_refused_naming_the_fix(tmp_path: Path, monkeypatch) -> None:
     """A server_secret others can read (or write, or that another user owns) may have leaked: refuse to start."""
-    data = tmp_path / "data"
-    s = load_settings(write(tmp_path, f"data_dir: {data}\n"), environ={})
-    load_server_secret(s)
-    secret = data / "server_secret"
+    secret = tmp_path / "named-secret"
+    secret.write_text("n" * 40 + "\n")
+    s = load_settings(write(tmp_path, f"simulate: true\nserver_secret_file: {secret}\n"), environ={})
     for mode in (0o640, 0o604, 0o620):
         os.chmod(secret, mode)
         with pytest.raises(ConfigError, match=rf"server_secret_file {secret}: its mode {mode:03o} .*chmod 600 {secret}"):
             load_server_secret(s)
     os.chmod(secret, 0o600)
-    named = tmp_path / "named-secret"
-    named.write_text("n" * 40 + "\n")
-    os.chmod(named, 0o644)
-    with pytest.raises(ConfigError, match="named-secret: its mode 644"):
-        load_server_secret(load_settings(write(tmp_path, f"server_secret_file: {named}\n"), environ={}))
+    assert load_server_secret(s) == b"n" * 40
     monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 1)
     with pytest.raises(ConfigError, match="not by this process's user"):
         load_server_secret(s)
@@ -190,7 +198,7 @@ def test_config_file_holding_the_server_secret_must_be_private(tmp_path: Path) -
         load_settings(with_key, environ={})
 
 
-def test_cube_enclave_refuses_to_start_with_a_loose_secret(tmp_path: Path) -> None:
+def test_cube_enclave_refuses_to_migrate_a_loose_legacy_secret(tmp_path: Path) -> None:
     import subprocess
     import sys
 

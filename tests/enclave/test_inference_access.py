@@ -18,7 +18,7 @@ from enclave.access import ALL_SCOPES, Principal, may_use_model, model_rule
 from enclave.store import Domain, Pat, Store, User
 from enclave.tokens import generate_token, token_hash
 
-from tests.enclave.conftest import SERVER_SECRET, World
+from tests.enclave.conftest import SERVER_SECRET, World, PAT_KEY
 from tests.enclave.inference_support import Service, start_service
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.vllm import FakeVllm
@@ -40,7 +40,7 @@ async def _more_keys(store: Store, world: World) -> None:
 
     async def key(label: str, user: str, scopes: tuple[str, ...]) -> None:
         token = generate_token()
-        await store.create_pat(user_id=world.users[user], name=label, token_hash=token_hash(SERVER_SECRET.encode(), token),
+        await store.create_pat(user_id=world.users[user], name=label, token_hash=token_hash(PAT_KEY, token),
                                last4=token[-4:], scopes=scopes, expires_at=now + timedelta(days=1))
         world.tokens[label] = token
 

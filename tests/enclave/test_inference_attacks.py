@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 
-from tests.enclave.conftest import SERVER_SECRET, World
+from tests.enclave.conftest import SERVER_SECRET, World, PAT_KEY
 from tests.enclave.inference_support import Service, sse_json, start_service
 from tests.fakes.base import FakeBackend
 from tests.fakes.ollama import FakeOllama, ollama_model
@@ -106,7 +106,7 @@ async def _more_keys(store: Store, world: World) -> None:
 
     async def key(label: str, user_id: str, *, domain: str | None = None, allow: list[str] | None = None) -> None:
         token = generate_token()
-        await store.create_pat(user_id=user_id, name=label, token_hash=token_hash(SERVER_SECRET.encode(), token),
+        await store.create_pat(user_id=user_id, name=label, token_hash=token_hash(PAT_KEY, token),
                                last4=token[-4:], scopes=("models:read", "models:infer", "manage"),
                                expires_at=now + timedelta(days=1),
                                domain_id=world.domains[domain] if domain else None, model_allowlist=allow)

@@ -7,7 +7,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.enclave.conftest import EnclaveServer, FakeClock, World, make_settings
+from tests.enclave.conftest import EnclaveServer, FakeClock, World, make_settings, ROW_KEY
 from tests.enclave.test_service import backends, start_service
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.vllm import FakeVllm
@@ -290,7 +290,7 @@ def test_the_clock_floor_survives_a_restart(tmp_path) -> None:
     from enclave.store import Store
 
     async def scenario() -> tuple[datetime | None, datetime]:
-        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'floor.db'}")
+        store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'floor.db'}", row_key=ROW_KEY)
         try:
             user = await store.create_user("u")
             later = datetime.now(UTC) + timedelta(days=3)

@@ -64,7 +64,8 @@ def test_serve_bootstraps_and_prints_working_examples(tmp_path: Path) -> None:
             time.sleep(0.1)
         token = pat_file.read_text().strip()
         assert stat.S_IMODE(pat_file.stat().st_mode) == 0o600
-        assert stat.S_IMODE((tmp_path / "data" / "server_secret").stat().st_mode) == 0o600
+        assert stat.S_IMODE((tmp_path / "data" / "platform-secrets.sealed").stat().st_mode) == 0o600
+        assert not (tmp_path / "data" / "server_secret").exists()
         with httpx.Client(verify=ctx, headers={"Authorization": f"Bearer {token}"}) as c:
             me = c.get(f"https://localhost:{port}/users/me").json()
             assert me["user"]["superadmin"] is True and len(me["memberships"]) == 1
@@ -151,7 +152,7 @@ def test_second_instance_leaves_the_running_ones_files_alone(tmp_path: Path) -> 
     try:
         ctx = wait_until_serving(first, data / "server-cert.pem", port, tmp_path / "first.log")
         files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in data.iterdir() if p.is_file()}
-        assert {"server-cert.pem", "sim-policy.yaml", "server_secret", "enclave.db"} <= set(files)
+        assert {"server-cert.pem", "sim-policy.yaml", "platform-secrets.sealed", "enclave.db"} <= set(files)
         other = tmp_path / "other"
         for args, reason in ((["--data-dir", str(data), "--port", str(port)], "another cube-enclave is running"),
                              (["--data-dir", str(data), "--port", str(free_port())], "another cube-enclave"),

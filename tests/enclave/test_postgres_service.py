@@ -7,7 +7,7 @@ from pathlib import Path
 
 from enclave.store import Store
 
-from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, make_settings, seed_world
+from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, make_settings, seed_world, PAT_KEY, ROW_KEY
 
 
 def test_revocation_visible_across_replicas(tmp_path: Path, pg_schema_url: tuple[str, str]) -> None:
@@ -15,9 +15,9 @@ def test_revocation_visible_across_replicas(tmp_path: Path, pg_schema_url: tuple
     clock = FakeClock()
 
     async def seed():
-        store = await Store.open(url, schema=schema)
+        store = await Store.open(url, schema=schema, row_key=ROW_KEY)
         try:
-            return await seed_world(store, SERVER_SECRET.encode(), clock())
+            return await seed_world(store, PAT_KEY, clock())
         finally:
             await store.close()
 

@@ -20,7 +20,7 @@ from fastapi.routing import iter_route_contexts
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 
-from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, make_settings
+from tests.enclave.conftest import PAT_KEY, ROW_KEY, SERVER_SECRET, EnclaveServer, FakeClock, make_settings
 
 ROLES = ("superadmin", "admin", "member", "nonmember")     # admin / member: of domain A
 BINDINGS = (None, "A", "B")
@@ -191,7 +191,7 @@ class MatrixWorld:
 
 
 async def seed(store: Store, now) -> MatrixWorld:
-    secret = SERVER_SECRET.encode()
+    secret = PAT_KEY
     ids = {name: (await store.create_domain(f"dom-{name.lower()}")).id for name in ("A", "B", "C")}
     users = {"superadmin": await store.create_user("root", is_superadmin=True),
              "admin": await store.create_user("admin"), "member": await store.create_user("member"),
@@ -226,7 +226,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EnclaveSe
     clock = FakeClock()
 
     async def run() -> MatrixWorld:
-        store = await Store.open(settings.effective_database_url())
+        store = await Store.open(settings.effective_database_url(), row_key=ROW_KEY)
         try:
             return await seed(store, clock())
         finally:

@@ -21,7 +21,7 @@ from enclave.access import ALL_SCOPES
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 
-from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, World, make_settings
+from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, World, make_settings, PAT_KEY
 from tests.enclave.test_service import backends, start_service
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.vllm import FakeVllm
@@ -47,7 +47,7 @@ class Service:
             user = await store.create_user(f"st-{generate_token()[-12:]}", is_superadmin=True)
             token = generate_token()
             await store.create_pat(user_id=user.id, name="schemathesis",
-                                   token_hash=token_hash(SERVER_SECRET.encode(), token), last4=token[-4:],
+                                   token_hash=token_hash(PAT_KEY, token), last4=token[-4:],
                                    scopes=ALL_SCOPES,
                                    # outlives any key a case may ask for (a new key may not outlive its creator)
                                    expires_at=self.clock() + timedelta(days=self.max_days + 1))

@@ -18,7 +18,7 @@ from enclave.config import Settings
 from enclave.store import Store
 from enclave.tokens import generate_token
 
-from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, World, make_settings, seed_world
+from tests.enclave.conftest import SERVER_SECRET, EnclaveServer, FakeClock, World, make_settings, seed_world, PAT_KEY, ROW_KEY
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.vllm import FakeVllm
 
@@ -33,9 +33,9 @@ def backends(ollama: FakeOllama, vllm: FakeVllm) -> list[dict[str, Any]]:
 
 def start_service(settings: Settings, clock: FakeClock) -> tuple[EnclaveServer, World]:
     async def seed() -> World:
-        store = await Store.open(settings.effective_database_url())
+        store = await Store.open(settings.effective_database_url(), row_key=ROW_KEY)
         try:
-            return await seed_world(store, SERVER_SECRET.encode(), clock())
+            return await seed_world(store, PAT_KEY, clock())
         finally:
             await store.close()
 
@@ -278,7 +278,7 @@ def test_readiness_reasons_and_metrics_need_an_operator_key(service) -> None:
         from enclave.tokens import token_hash
 
         await server.ctx.store.create_pat(user_id=world.users["superadmin"], name="bound", scopes=ALL_SCOPES,
-                                          token_hash=token_hash(SERVER_SECRET.encode(), bound), last4=bound[-4:],
+                                          token_hash=token_hash(PAT_KEY, bound), last4=bound[-4:],
                                           expires_at=server.ctx.clock() + timedelta(days=1),
                                           domain_id=world.domains["A"])
 

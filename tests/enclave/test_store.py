@@ -12,15 +12,16 @@ import pytest
 import sqlalchemy as sa
 
 from enclave.store import Conflict, Store
+from tests.enclave.conftest import ROW_KEY
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     if request.param == "sqlite":
-        s = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+        s = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}", row_key=ROW_KEY)
     else:
         url, schema = request.getfixturevalue("pg_schema_url")
-        s = await Store.open(url, schema=schema)
+        s = await Store.open(url, schema=schema, row_key=ROW_KEY)
     try:
         yield s
     finally:
@@ -35,7 +36,7 @@ async def test_migrations_are_idempotent_and_versioned(store: Store) -> None:
     async with store.engine.connect() as conn:
         version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar_one()
         tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
-    assert version == "0002_pat_issued_by"
+    assert version == "0003_row_macs"
     assert {"users", "domains", "memberships", "pats"} <= tables
 
 
@@ -111,10 +112,10 @@ async def test_last_used_batch_never_goes_backwards(store: Store) -> None:
 
 async def test_reopen_keeps_data_and_sqlite_file_is_private(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'sub' / 'e.db'}"
-    s = await Store.open(url)
+    s = await Store.open(url, row_key=ROW_KEY)
     await s.create_user("keep")
     await s.close()
-    s = await Store.open(url)
+    s = await Store.open(url, row_key=ROW_KEY)
     try:
         assert [u.name for u in await s.list_users()] == ["keep"]
     finally:
