@@ -172,3 +172,20 @@ def test_confidential_platforms_need_firmware_and_kvm(capsys, tmp_path: Path) ->
     assert code == 2 and "only for --platform sim" in err
     code, _, err = run(capsys, "qemu-cmd", "--platform", "sim", "--vcpus", "1")
     assert code == 2 and "give --image or --kernel" in err
+
+
+def test_measure_tdx_of_the_image_binds_its_configuration(capsys, sim_image: Path, tmp_path: Path) -> None:
+    """`measure --tdx --image`: the image's kernel, initrd and command line, and MRCONFIGID = its config's SHA-256
+    then 16 zero bytes (Debian's OVMF.fd carries TDVF metadata); the policy it writes pins them."""
+    image = load_image(sim_image)
+    policy = tmp_path / "tdx.yaml"
+    code, out, err = run(capsys, "measure", "--tdx", "--ovmf", "/usr/share/ovmf/OVMF.fd", "--image", str(sim_image),
+                         "--memory", "2G", "--json", "--policy-out", str(policy))
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["mrconfigid"] == (image.host_data + bytes(16)).hex()
+    assert shown["initrd"] == hashlib.sha384((sim_image / "initrd.img").read_bytes()).hexdigest()
+    assert shown["cmdline"].startswith(image.cmdline)
+    loaded = load_policy(policy)
+    assert loaded.is_measured("tdx")
+    assert loaded.tdx.mrconfigid == shown["mrconfigid"]
