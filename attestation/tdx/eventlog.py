@@ -268,17 +268,20 @@ def _data_vouches(event: Event) -> bool:
     The data is the log writer's choice, so "SHA-384 of the data" alone explains nothing: the writer knows
     the preimage of every digest it had measured (a command line's UTF-16 text, a small EFI application's
     Authenticode input) and could relabel that event as data.  Only records of a shape no loaded component
-    or command line has (4-byte separator, printable ASCII, a GPT header, NUL-free UTF-8 text) explain.
+    or command line has (4-byte separator, printable ASCII, a GPT header: the firmware's, in RTMR0/RTMR1;
+    NUL-free UTF-8 text: GRUB's, in RTMR2) explain.
     """
     if event.event_type == EV_IPL:
         for prefix in (GRUB_COMMAND_PREFIX, GRUB_KERNEL_CMDLINE_PREFIX):
-            if event.data.startswith(prefix):
+            if event.rtmr == 2 and event.data.startswith(prefix):
                 text = _grub_text(event.data, prefix)
                 return text is not None and hmac.compare_digest(hashlib.sha384(text).digest(), event.digest)
         return False
-    shaped = ((event.event_type == EV_SEPARATOR and len(event.data) == 4)
-              or (event.event_type == EV_EFI_ACTION and _printable_ascii(event.data))
-              or (event.event_type == EV_EFI_GPT_EVENT and event.data.startswith(b"EFI PART")))
+    # the firmware's records (PCR 0-7): in RTMR0/RTMR1, never in RTMR2 (GRUB's and the EFI stub's PCR 8/9)
+    shaped = event.rtmr in (0, 1) and (
+        (event.event_type == EV_SEPARATOR and len(event.data) == 4)
+        or (event.event_type == EV_EFI_ACTION and _printable_ascii(event.data))
+        or (event.event_type == EV_EFI_GPT_EVENT and event.data.startswith(b"EFI PART")))
     return shaped and hmac.compare_digest(hashlib.sha384(event.data).digest(), event.digest)
 
 

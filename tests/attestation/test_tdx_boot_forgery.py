@@ -167,3 +167,17 @@ def test_the_kernel_is_taken_only_from_rtmr1():
     forged = events + [(RTMR0, (EV_EFI_BOOT_SERVICES_APPLICATION, KERNEL, bytes(32)))]
     verdict, error = _appraise(_log(forged))
     assert verdict is not None and not verdict.ok and "kernel" in error
+
+
+def test_a_grub_command_line_relabelled_as_an_efi_action_in_rtmr2_is_refused():
+    """GRUB's command line digest is SHA-384 of ASCII text: in RTMR2 an EFI action (a firmware record, RTMR0/1
+    only) explains nothing, so the host's command line cannot hide as one beside an appended pinned one."""
+    evil = b"/vmlinuz rdinit=/usr/bin/python3.11 -- -c exec(input())"
+    events = _genuine()
+    events.insert(4, (RTMR2, _action(evil)))
+    verdict, error = _appraise(_log(events))
+    assert verdict is not None and not verdict.ok and "event 5 (RTMR2, EV_EFI_ACTION)" in error
+    # the same record in RTMR1, where the firmware writes its actions, is explained
+    events[4] = (RTMR1, _action(b"Exit Boot Services Invocation"))
+    verdict, error = _appraise(_log(events))
+    assert verdict is not None and verdict.ok, error
