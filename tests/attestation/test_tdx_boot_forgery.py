@@ -181,3 +181,13 @@ def test_a_grub_command_line_relabelled_as_an_efi_action_in_rtmr2_is_refused():
     events[4] = (RTMR1, _action(b"Exit Boot Services Invocation"))
     verdict, error = _appraise(_log(events))
     assert verdict is not None and verdict.ok, error
+
+
+def test_an_efi_application_after_the_kernel_is_refused():
+    """Direct boot: the kernel is the last EFI application, so one appended after the pinned kernel (a second
+    kernel load) becomes 'the kernel' and is not the pinned one; listing it would not make it the kernel."""
+    events = _genuine()
+    second = hashlib.sha384(b"a second kernel").digest()
+    events.insert(4, (RTMR1, (EV_EFI_BOOT_SERVICES_APPLICATION, second, bytes(32))))
+    verdict, error = _appraise(_log(events))
+    assert verdict is not None and not verdict.ok and f"kernel {second.hex()} is not the pinned one" in error
