@@ -27,6 +27,8 @@ EV_SEPARATOR = 0x4
 EV_EVENT_TAG = 0x6
 EV_IPL = 0xD
 EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
+EV_EFI_GPT_EVENT = 0x80000006
+EV_EFI_ACTION = 0x80000007
 
 EVENT_TYPE_NAMES = {
     0x0: "EV_PREBOOT_CERT", 0x1: "EV_POST_CODE", 0x2: "EV_UNUSED", 0x3: "EV_NO_ACTION", 0x4: "EV_SEPARATOR",
@@ -50,6 +52,7 @@ LINUX_LOAD_OPTIONS_TAG = 0x8F3B22EC
 # GRUB measures its commands and the files it loads as EV_IPL events with these texts.
 GRUB_COMMAND_PREFIX = b"grub_cmd: "
 GRUB_KERNEL_CMDLINE_PREFIX = b"kernel_cmdline: "
+ROLE_NAMES = {"kernel": "kernel", "initrd": "initrd", "cmdline": "kernel command line"}
 
 
 @dataclass(frozen=True)
@@ -242,16 +245,44 @@ def _grub_command_argument(line: bytes, command: bytes) -> bytes | None:
     return None
 
 
+def _grub_text(data: bytes, prefix: bytes) -> bytes | None:
+    """The text of a GRUB text event (after ``prefix``, without its NUL), or None if it is not UTF-8 text."""
+    text = data[len(prefix):].rstrip(b"\x00")
+    if b"\x00" in text:
+        return None
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text
+
+
+def _printable_ascii(data: bytes) -> bool:
+    return all(0x20 <= b < 0x7F for b in data)
+
+
 def _data_vouches(event: Event) -> bool:
-    """The event's digest is SHA-384 of its data (or, for a GRUB text event, of the text it carries)."""
-    if hmac.compare_digest(hashlib.sha384(event.data).digest(), event.digest):
-        return True
+    """The event's digest is that of a harmless record its data shows: a separator, an EFI action's text, a
+    GPT header (SHA-384 of the data) or a GRUB command's text.
+
+    The data is the log writer's choice, so "SHA-384 of the data" alone explains nothing: the writer knows
+    the preimage of every digest it had measured (a command line's UTF-16 text, a small EFI application's
+    Authenticode input) and could relabel that event as data.  Only records of a shape no loaded component
+    or command line has (4-byte separator, printable ASCII, a GPT header: the firmware's, in RTMR0/RTMR1;
+    NUL-free UTF-8 text: GRUB's, in RTMR2) explain.
+    """
     if event.event_type == EV_IPL:
         for prefix in (GRUB_COMMAND_PREFIX, GRUB_KERNEL_CMDLINE_PREFIX):
-            if event.data.startswith(prefix):
-                text = event.data[len(prefix):].rstrip(b"\x00")
-                return hmac.compare_digest(hashlib.sha384(text).digest(), event.digest)
-    return False
+            if event.rtmr == 2 and event.data.startswith(prefix):
+                text = _grub_text(event.data, prefix)
+                return text is not None and hmac.compare_digest(hashlib.sha384(text).digest(), event.digest)
+        return False
+    # the firmware's records (PCR 0-7): in RTMR0/RTMR1, never in RTMR2 (GRUB's and the EFI stub's PCR 8/9)
+    shaped = event.rtmr in (0, 1) and (
+        (event.event_type == EV_SEPARATOR and len(event.data) == 4)
+        or (event.event_type == EV_EFI_ACTION and _printable_ascii(event.data))
+        or (event.event_type == EV_EFI_GPT_EVENT and event.data.startswith(b"EFI PART")))
+    return shaped and hmac.compare_digest(hashlib.sha384(event.data).digest(), event.digest)
 
 
 def boot_state(log: EventLog) -> dict:
@@ -263,11 +294,13 @@ def boot_state(log: EventLog) -> dict:
     LoadOptions digest covers UTF-16LE text and its NUL, the event itself carries no text) or
     "efi_application" (no GRUB kernel event: the kernel is the last EFI application the firmware
     measured, as in direct boot where TDVF loads QEMU's -kernel).  ``opaque_events`` lists the RTMR1/RTMR2
-    events whose digest their data does not explain (applications, files, blobs): a policy must account
-    for each, since the type and data of an event are not covered by the replay.
+    events whose digest their data does not explain (applications, files, blobs; see ``_data_vouches``): a
+    policy must account for each, since the type and data of an event are not covered by the replay.  The
+    kernel comes only from RTMR1, initrd and command line only from RTMR2, one of each.
 
-    BootStateError when the log cannot be trusted for this, such as a duplicate EV_SEPARATOR in one
-    MR (a known firmware bug after which events may be attributed to the wrong boot phase).
+    BootStateError when the log cannot be trusted for this: a duplicate EV_SEPARATOR in one MR (a known
+    firmware bug after which events may be attributed to the wrong boot phase), or a second initrd,
+    command line or GRUB-loaded kernel.
     """
     separators: set[int] = set()
     for event in log.events:
@@ -277,19 +310,28 @@ def boot_state(log: EventLog) -> dict:
             separators.add(event.mr_index)
     state: dict = {"efi_applications": [], "kernel": None, "initrd": None, "cmdline": None}
     wanted: dict[bytes, str] = {}  # file path GRUB was told to load -> "kernel" / "initrd"
+
+    def found(role: str, item: dict, event: Event) -> None:
+        # One of each: a second one (an event appended at run time, say) would otherwise replace the first.
+        if state[role] is not None:
+            raise BootStateError(f"a second {ROLE_NAMES[role]} event (event {event.number}): the log records "
+                                 "more than one boot")
+        state[role] = item
+
     for event in log.events:
-        if event.rtmr is None:
-            continue
-        if event.event_type == EV_EFI_BOOT_SERVICES_APPLICATION:
+        # Each loader measures into one RTMR (EFI applications: PCR4 -> RTMR1; GRUB and the EFI stub: PCR8/9
+        # -> RTMR2); an event of such a type elsewhere (RTMR0: host-chosen configuration, RTMR3: run time)
+        # identifies nothing.
+        if event.rtmr == 1 and event.event_type == EV_EFI_BOOT_SERVICES_APPLICATION:
             state["efi_applications"].append({"path": _efi_file_path(event.data), "digest": event.digest.hex()})
-        elif event.event_type == EV_IPL:
+        elif event.rtmr == 2 and event.event_type == EV_IPL:
             line = event.data
             if line.startswith(GRUB_KERNEL_CMDLINE_PREFIX):
                 # GRUB extends SHA-384 of the text after the prefix (without its NUL).
-                text = line[len(GRUB_KERNEL_CMDLINE_PREFIX):].rstrip(b"\x00")
-                vouched = hmac.compare_digest(hashlib.sha384(text).digest(), event.digest)
-                state["cmdline"] = {"value": _text(text) if vouched else None, "digest": event.digest.hex(),
-                                    "source": "grub"}
+                text = _grub_text(line, GRUB_KERNEL_CMDLINE_PREFIX)
+                vouched = text is not None and hmac.compare_digest(hashlib.sha384(text).digest(), event.digest)
+                found("cmdline", {"value": _text(text) if vouched and text is not None else None,
+                                  "digest": event.digest.hex(), "source": "grub"}, event)
             elif line.startswith(GRUB_COMMAND_PREFIX):
                 for command, role in ((b"linux", "kernel"), (b"linuxefi", "kernel"), (b"initrd", "initrd"),
                                       (b"initrdefi", "initrd")):
@@ -298,13 +340,13 @@ def boot_state(log: EventLog) -> dict:
                         wanted[path] = role
             elif line.rstrip(b"\x00") in wanted:
                 path = line.rstrip(b"\x00")
-                state[wanted.pop(path)] = {"path": _text(path), "digest": event.digest.hex(), "source": "grub"}
-        elif event.event_type == EV_EVENT_TAG and len(event.data) >= 8:
+                found(wanted.pop(path), {"path": _text(path), "digest": event.digest.hex(), "source": "grub"}, event)
+        elif event.rtmr == 2 and event.event_type == EV_EVENT_TAG and len(event.data) >= 8:
             tag = struct.unpack_from("<I", event.data)[0]
             if tag == LINUX_INITRD_TAG:
-                state["initrd"] = {"path": None, "digest": event.digest.hex(), "source": "efi_stub"}
+                found("initrd", {"path": None, "digest": event.digest.hex(), "source": "efi_stub"}, event)
             elif tag == LINUX_LOAD_OPTIONS_TAG:
-                state["cmdline"] = {"value": None, "digest": event.digest.hex(), "source": "efi_stub"}
+                found("cmdline", {"value": None, "digest": event.digest.hex(), "source": "efi_stub"}, event)
     # An event's type and data are not covered by the replay (only its digest and MR index are): an event
     # whose digest its data does not explain could be anything relabelled, so these are listed for policies.
     state["opaque_events"] = [{"index": e.number, "rtmr": e.rtmr, "type": e.type_name, "digest": e.digest.hex()}

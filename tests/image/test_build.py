@@ -89,3 +89,15 @@ def test_bad_recipe_refused_before_anything_is_fetched(tmp_path: Path, field: st
     with pytest.raises(ValueError, match=message):
         build_image(recipe)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_data_disk_is_mounted_without_exec_devices_setuid_or_symlinks() -> None:
+    """Every mount of the host-writable data directory: no programs, device nodes, setuid bits, and no symlinks
+    followed (one planted on the disk would otherwise lead the enclave's writes into the initramfs root)."""
+    init = (ROOT / "image" / "init").read_text()
+    mounts = [line.split() for line in init.splitlines() if line.strip().startswith(("mount ", "if ! mount "))
+              and '"$data_dir"' in line]
+    assert len(mounts) == 3, mounts   # tmpfs (cube.data=none), the first try, after formatting a blank disk
+    for words in mounts:
+        options = set(words[words.index("-o") + 1].split(","))
+        assert {"nosuid", "nodev", "noexec", "nosymfollow"} <= options, words
