@@ -125,10 +125,13 @@ def open_platform_secrets(data: bytes, provider: Any) -> PlatformSecrets:
 
 
 def _write_new(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (0600) through a temporary file and a rename: never a half-written file."""
+    """Write ``data`` to ``path`` (0600) through a temporary file and a rename: never a half-written file.
+
+    The temporary name is random and created exclusively, never through a symlink: ``data_dir`` is the host's
+    disk, and a planted link must not redirect the write anywhere else."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{_random.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -8,6 +8,7 @@ import base64
 import json
 import logging
 import stat
+import os
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,17 @@ def test_nothing_in_data_dir_after_a_start_holds_a_secret(tmp_path: Path, sim: S
     assert delivered is not None
     assert not (tmp_path / "server_secret").exists()
     _assert_nothing_in(tmp_path, keys)
+
+
+def test_a_link_planted_in_data_dir_does_not_redirect_the_sealed_write(tmp_path: Path, sim: SimProvider) -> None:
+    """The host owns data_dir: links where the old predictable temporary name was, and at every other name it
+    could guess, leave their targets untouched; the sealed file is written and opens."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    data = tmp_path / "data"
+    data.mkdir()
+    for pid in range(os.getpid() - 2, os.getpid() + 3):
+        (data / f".{SEALED_FILE_NAME}.{pid}.tmp").symlink_to(victim)
+    keys, _ = obtain_platform_secrets(data, sim)
+    assert victim.read_bytes() == b"keep"
+    assert obtain_platform_secrets(data, sim)[0] == keys
