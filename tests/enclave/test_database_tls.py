@@ -31,6 +31,7 @@ from enclave.store import Store, open_store
 from tests.enclave.conftest import make_settings
 
 HOSTNAME = "db.cube.test"
+ROW_KEY = bytes(range(32))   # the row-MAC key (any 32 bytes: these tests read no rows)
 
 
 def _certificate(hostname: str = HOSTNAME) -> tuple[bytes, bytes]:
@@ -97,7 +98,7 @@ def tls_postgres() -> Iterator[tuple[str, bytes, Path]]:
 
 
 async def _count_users(url: str, tls: ssl.SSLContext) -> int:
-    store = await Store.open(url, tls=tls)
+    store = await Store.open(url, row_key=ROW_KEY, tls=tls)
     try:
         return await store.count_users()
     finally:
@@ -144,7 +145,7 @@ def test_settings_carry_the_pin_to_the_store(tmp_path: Path, tls_postgres) -> No
         certificate_sha256(der)
 
     async def opened() -> int:
-        store = await open_store(settings)
+        store = await open_store(settings, ROW_KEY)
         try:
             return await store.count_users()
         finally:
@@ -154,17 +155,18 @@ def test_settings_carry_the_pin_to_the_store(tmp_path: Path, tls_postgres) -> No
     wrong = make_settings(tmp_path / "w", database_url=url,
                           database_tls={"server_spki_sha256": spki_sha256_of_certificate(_certificate()[0])})
     with pytest.raises(ssl.SSLCertVerificationError):
-        asyncio.run(open_store(wrong))
+        asyncio.run(open_store(wrong, ROW_KEY))
 
 
 def test_postgres_without_pinned_tls_is_refused_outside_simulation(tmp_path: Path) -> None:
     url = "postgresql+asyncpg://cube@10.0.0.5/cube"
+    real = {"simulate": False, "server_secret": None}   # make_settings simulates unless told otherwise
     with pytest.raises(ConfigError, match="needs database_tls"):
-        check_database_transport(make_settings(tmp_path, database_url=url))
+        check_database_transport(make_settings(tmp_path, database_url=url, **real))
     check_database_transport(make_settings(tmp_path, database_url=url, simulate=True))
-    check_database_transport(make_settings(tmp_path, database_url=url,
+    check_database_transport(make_settings(tmp_path, database_url=url, **real,
                                            database_tls={"server_spki_sha256": "ab" * 32}))
-    check_database_transport(make_settings(tmp_path))  # SQLite in data_dir
+    check_database_transport(make_settings(tmp_path, **real))  # SQLite in data_dir
     with pytest.raises(ConfigError, match="exactly one"):
         make_settings(tmp_path, database_url=url, database_tls={})
     with pytest.raises(ConfigError, match="64 digits"):
@@ -180,3 +182,23 @@ def test_cube_enclave_serve_refuses_plain_postgres(tmp_path: Path, capsys) -> No
     config.write_text("database_url: postgresql+asyncpg://cube@10.0.0.5/cube\n")
     assert main(["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]) == 2
     assert "needs database_tls" in capsys.readouterr().err
+
+
+def test_a_url_that_would_skip_tls_is_refused_with_a_pin(tls_postgres) -> None:
+    """asyncpg never uses TLS on a Unix socket, and one it picks itself when the URL has no host (PGHOST, then
+    /run/postgresql, /tmp...): with a pin, such a URL would connect to whatever listens there without the pin.
+    Here the server's own socket (``local ... trust``) is reachable: refused before any connection."""
+    from enclave.store import StoreError
+
+    url, _, log = tls_postgres
+    other = pinned_client_context(certificate_sha256_hex=certificate_sha256(_certificate()[0]))
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    socket_dir = log.parent
+    for skipping in (f"{url}?host={socket_dir}", f"postgresql+asyncpg://cube@/cube_tls?host={socket_dir}&port={port}",
+                     f"postgresql+asyncpg://cube@/cube_tls?port={port}"):
+        with pytest.raises(StoreError, match="TCP host"):
+            asyncio.run(_count_users(skipping, other))
+    # sslmode in the URL does not weaken the pin either (the connect argument's context wins)
+    for mode in ("disable", "prefer", "allow"):
+        with pytest.raises((ssl.SSLCertVerificationError, TypeError, StoreError)):
+            asyncio.run(_count_users(f"{url}?sslmode={mode}", other))
