@@ -36,6 +36,7 @@ from enclave.tls import STATE_KEY, KeyMaterial
 from .protocol import (
     CHALLENGE_PATH,
     JOIN_PATHS,
+    MAX_REQUEST_BYTES,
     NONCE_TTL_SECONDS,
     SECRETS_PATH,
     Challenge,
@@ -111,7 +112,14 @@ class JoinService:
 
     async def before_body(self, scope: Scope) -> JSONResponse | None:
         """The gate for a join request's body (in place of the PAT check): the rate limit, before any body byte
-        is read. The token it takes is the request's (the handler does not take another)."""
+        is read. The token it takes is the request's (the handler does not take another). A Content-Length
+        larger than a join message is refused first: without a PAT, a body may be no bigger than that (a chunked
+        one stays bounded by ``limits.max_body_bytes`` and is refused when parsed)."""
+        if _declared_length(scope) > MAX_REQUEST_BYTES:
+            _count(scope.get("app"), "refused", "too_large")
+            log.warning("join refused (too_large): a body over %d bytes declared", MAX_REQUEST_BYTES)
+            return ApiError(413, f"A join request is at most {MAX_REQUEST_BYTES} bytes.",
+                            code="body_too_large").response()
         refusal = self.rate_limited()
         if refusal is not None:
             _count(scope.get("app"), "refused", "rate_limited")
@@ -145,6 +153,13 @@ class JoinService:
                  claims.get("measurement") or claims.get("mrtd"), str(claims.get("chip_id", ""))[:16] or "-",
                  material.spki_sha256[:16])
         return "accepted", SecretsAnswer(server_key, sealed)
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return int(value)   # SizeLimitMiddleware has refused one that is not a number
+    return 0
 
 
 def _count(app: Any, outcome: str, reason: str) -> None:

@@ -122,3 +122,59 @@ def test_a_busy_peer_is_tried_again(tmp_path: Path):
         assert limited >= 2.0                                     # ours, and at least one of the joiner's
     finally:
         server.stop()
+
+
+def _raw(server: EnclaveServer, request: bytes) -> bytes:
+    """One raw request over the server's TLS (no client normalisation of the path), the whole answer."""
+    import socket
+    import ssl
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, \
+            server.client_ssl().wrap_socket(sock, server_hostname="localhost") as tls:
+        tls.sendall(request)
+        answer = b""
+        try:
+            while chunk := tls.recv(65536):
+                answer += chunk
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+        return answer
+
+
+@pytest.mark.parametrize("path", [
+    "//internal/join/v1/secrets", "/internal//join/v1/secrets", "/internal/join/v1/secrets/../../../users/me/pats",
+    "/internal/join/v1/./secrets", "/INTERNAL/join/v1/secrets", "/internal/join/v1/secrets%2f",
+    "/internal/join/v1/secrets%2F..%2F..%2F..%2Fusers%2Fme%2Fpats", "/internal/join/v1/challenge/../../../admin/users",
+])
+def test_paths_near_the_join_routes_still_need_a_pat_before_their_body(joinable, path: str):
+    """A path that is not exactly a join route gets the PAT gate (401 on the headers, body unread), whatever
+    the router would make of it: no spelling reaches another route with the join routes' exemption."""
+    server, _ = joinable
+    body = b'{"name": "x"}'
+    answer = _raw(server, f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+
+
+def test_a_percent_encoded_join_path_is_the_join_route_with_its_own_gate(joinable):
+    """uvicorn decodes the path once; the gate and the router see the same decoded path (both the join route)."""
+    server, _ = joinable
+    body = b'{"v": 1}'
+    answer = _raw(server, b"POST /internal/join/v1/%73ecrets HTTP/1.1\r\nHost: localhost\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: 8\r\n\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"invalid_join_request" in answer, answer[:300]
+
+
+def test_a_join_body_larger_than_a_join_message_is_refused_before_it_is_read(joinable):
+    """A PAT-less body may be at most a join message (MAX_REQUEST_BYTES), not the service's max_body_bytes
+    (sized for prompts): refused on its Content-Length, left unread, the connection closed."""
+    from enclave.join.protocol import MAX_REQUEST_BYTES
+
+    server, _ = joinable
+    assert server.settings.limits.max_body_bytes > MAX_REQUEST_BYTES + 1
+    with server.client() as c:
+        big = c.post(SECRETS_PATH, content=b"x" * (MAX_REQUEST_BYTES + 1))
+        assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+        assert big.headers.get("connection") == "close"
+    counted = server.ctx.metrics.join_requests.labels(outcome="refused", reason="too_large")._value.get()
+    assert counted == 1.0
