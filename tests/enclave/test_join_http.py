@@ -178,3 +178,28 @@ def test_a_join_body_larger_than_a_join_message_is_refused_before_it_is_read(joi
         assert big.headers.get("connection") == "close"
     counted = server.ctx.metrics.join_requests.labels(outcome="refused", reason="too_large")._value.get()
     assert counted == 1.0
+
+
+def test_a_host_run_peer_with_a_publicly_trusted_certificate_gets_nothing(tmp_path: Path, monkeypatch):
+    """``--join`` is the host's choice: pointed at the host's own TLS server with a certificate the joiner's
+    machine trusts (WebPKI), the joiner refuses it on the handshake's certificate (no evidence), writes not
+    one byte on the connection, and never makes the evidence a join request would carry."""
+    from tests.atls.webpki import TrustedMitm
+
+    mitm = TrustedMitm(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(mitm.ca_file))
+    asked: list[bytes] = []
+
+    class Counting:
+        platform = "sim"
+
+        def get_evidence(self, report_data: bytes):
+            asked.append(report_data)
+            return sim_provider().get_evidence(report_data)
+
+    try:
+        with pytest.raises(JoinError, match="nothing was sent"):
+            join_peer(mitm.url, Counting(), _policy(), io_timeout=5)
+        assert mitm.handshakes >= 1 and bytes(mitm.recorded) == b"" and asked == []
+    finally:
+        mitm.close()
