@@ -35,6 +35,10 @@ def join_policy(settings: "Settings", own: Evidence, *, sim_root_fingerprint: st
             policy = policy_from_dict(join.policy)
             log.info("join policy: inline in the configuration (%r)", policy.name)
         elif join.policy_file is not None:
+            if not settings.simulate and join.policy_file.resolve().is_relative_to(settings.data_dir.resolve()):
+                raise JoinError(f"join.policy_file {join.policy_file} lies in data_dir, on the host's disk: the "
+                                "host would choose who receives the secrets; use a file inside the image or "
+                                "join.policy inline")
             policy = load_policy(join.policy_file)
             digest = hashlib.sha256(join.policy_file.read_bytes()).hexdigest()
             log.info("join policy: %s (sha256 %s, %r)", join.policy_file, digest, policy.name)

@@ -47,14 +47,37 @@ def test_one_policy_only_and_bad_policies_refused(tmp_path: Path):
         join_policy(make_settings(tmp_path, join={"policy_file": str(tmp_path / "missing.yaml")}), _own())
 
 
+REAL = {"simulate": False, "server_secret": None}   # make_settings simulates unless told otherwise
+
+
 def test_outside_simulation_the_sim_and_unmeasured_policies_are_refused(tmp_path: Path):
     sim_only = {"platforms": ["sim"], "sim_root_fingerprint": sim_provider().fingerprint, "allow_unmeasured": True}
     with pytest.raises(JoinError, match="simulated platform is for development"):
-        join_policy(make_settings(tmp_path, join={"policy": sim_only}), _own())
+        join_policy(make_settings(tmp_path, **REAL, join={"policy": sim_only}), _own())
     assert join_policy(make_settings(tmp_path, simulate=True, join={"policy": sim_only}), _own()).platforms == ["sim"]
     unmeasured = {"platforms": ["snp"], "snp": {"measurements": ["ab" * 48]}}   # firmware-only digest
     with pytest.raises(JoinError, match="does not pin the whole boot chain"):
-        join_policy(make_settings(tmp_path, join={"policy": unmeasured}), _own())
+        join_policy(make_settings(tmp_path, **REAL, join={"policy": unmeasured}), _own())
+    assert join_policy(make_settings(tmp_path, **REAL, join={"policy": MEASURED_SNP}), _own()).name == "measured"
+
+
+def test_outside_simulation_a_policy_file_on_the_data_disk_is_refused(tmp_path: Path):
+    """data_dir is the host's disk: a join policy read from there is the host's choice of who gets the secrets
+    (the configuration's digest covers the path, not the file). Refused, however the path is spelled."""
+    import yaml
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    policy_file = data / "join-policy.yaml"
+    policy_file.write_text(yaml.safe_dump(MEASURED_SNP))
+    (tmp_path / "link.yaml").symlink_to(policy_file)
+    for spelled in (policy_file, data / "sub" / ".." / "join-policy.yaml", tmp_path / "link.yaml"):
+        with pytest.raises(JoinError, match="data_dir"):
+            join_policy(make_settings(data, **REAL, join={"policy_file": str(spelled)}), _own())
+    image_file = tmp_path / "image" / "join-policy.yaml"   # elsewhere (e.g. /usr/share/cube-ai in the image)
+    image_file.parent.mkdir()
+    image_file.write_text(yaml.safe_dump(MEASURED_SNP))
+    assert join_policy(make_settings(data, **REAL, join={"policy_file": str(image_file)}), _own()).name == "measured"
 
 
 def test_join_section_in_a_config_file(tmp_path: Path):
