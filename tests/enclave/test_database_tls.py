@@ -202,3 +202,9 @@ def test_a_url_that_would_skip_tls_is_refused_with_a_pin(tls_postgres) -> None:
     for mode in ("disable", "prefer", "allow"):
         with pytest.raises((ssl.SSLCertVerificationError, TypeError, StoreError)):
             asyncio.run(_count_users(f"{url}?sslmode={mode}", other))
+
+
+def test_the_pinned_context_refuses_renegotiation() -> None:
+    """The pin is checked in the first handshake only: a TLS 1.2 renegotiation could bring another certificate."""
+    ctx = pinned_client_context(spki_sha256_hex="ab" * 32)
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION and ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
