@@ -18,7 +18,7 @@ MEASURED_SNP = {"name": "measured", "platforms": ["snp"],
 
 
 def _own():
-    return sim_provider().get_evidence(bytes(64))
+    return _launched_with(bytes([5]) * 32)   # a launch with a configuration digest, as the config binding needs
 
 
 def test_default_is_same_as_me(tmp_path: Path):
@@ -110,3 +110,34 @@ def test_a_broken_join_policy_stops_the_start_with_a_hint(tmp_path: Path):
     broken = make_settings(tmp_path, join={"policy": {"platforms": ["nope"]}})
     with pytest.raises(JoinError, match=r"join policy: .*join.accept: false turns the join routes off"):
         peer_policy(broken, sim_provider(), joining=False)
+
+
+def _launched_with(host_data: bytes):
+    """Sim evidence of a launch whose HOST_DATA is ``host_data`` (the session's sim platform, its root)."""
+    from attestation.providers import SimProvider
+
+    return SimProvider(sim_provider().sim.directory, host_data=host_data).get_evidence(bytes(64))
+
+
+def test_outside_simulation_an_explicit_policy_pins_this_replicas_configuration(tmp_path: Path):
+    """A measured policy pins the code, not the configuration the host gives it: a genuine image launched with
+    the host's own configuration (its database, its operator key) must not get the secrets. Where the policy
+    leaves HOST_DATA / MRCONFIGID open, the peer must show this replica's; a value the policy pins stays."""
+    from attestation.policy import policy_from_dict
+    from attestation.verifier import verify_evidence
+    from enclave.join.policy import same_configuration
+
+    config = bytes([5]) * 32
+    own = _launched_with(config)
+    policy = join_policy(make_settings(tmp_path, **REAL, join={"policy": MEASURED_SNP}), own)
+    assert policy.snp.host_data == config.hex() and policy.tdx.mrconfigid == (config + bytes(16)).hex()
+    pinned = {**MEASURED_SNP, "snp": {**MEASURED_SNP["snp"], "host_data": "cd" * 32}}
+    assert join_policy(make_settings(tmp_path, **REAL, join={"policy": pinned}), own).snp.host_data == "cd" * 32
+    with pytest.raises(JoinError, match="no configuration digest"):
+        join_policy(make_settings(tmp_path, **REAL, join={"policy": MEASURED_SNP}), _launched_with(bytes(32)))
+    # the completed pin is enforced (on sim evidence, with the same completion of a sim policy)
+    sim_rules = {"platforms": ["sim"], "sim_root_fingerprint": sim_provider().fingerprint, "allow_unmeasured": True}
+    completed = same_configuration(policy_from_dict(sim_rules), own)
+    assert verify_evidence(own, policy=completed, expected_report_data=bytes(64)).ok
+    refused = verify_evidence(_launched_with(bytes([7]) * 32), policy=completed, expected_report_data=bytes(64))
+    assert not refused.ok and "host_data" in (refused.error or "").lower()
