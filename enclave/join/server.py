@@ -186,6 +186,13 @@ def _connection_key(request: Request) -> KeyMaterial | None:
     return material if isinstance(material, KeyMaterial) else None
 
 
+def _take_token(service: JoinService, request: Request) -> ApiError | None:
+    """The rate limit for a request the body gate did not already charge (one without a body)."""
+    if request.scope.get("state", {}).get("cube_ai_join_admitted"):
+        return None
+    return service.rate_limited()
+
+
 def join_router(service: JoinService) -> APIRouter:
     router = APIRouter()
     no_store = {"Cache-Control": "no-store"}
@@ -196,7 +203,7 @@ def join_router(service: JoinService) -> APIRouter:
         if material is None:
             return _refuse(request, 503, "not_attested", "This connection is not on the enclave's attested TLS key.",
                            "attestation_unavailable")
-        limited = service.rate_limited()
+        limited = _take_token(service, request)
         if limited is not None:
             return _refuse_limited(request, limited)
         spki_hash = bytes.fromhex(material.spki_sha256)
@@ -210,10 +217,9 @@ def join_router(service: JoinService) -> APIRouter:
         if material is None:
             return _refuse(request, 503, "not_attested", "This connection is not on the enclave's attested TLS key.",
                            "attestation_unavailable")
-        if not request.scope.get("state", {}).get("cube_ai_join_admitted"):   # a request without a body
-            limited = service.rate_limited()
-            if limited is not None:
-                return _refuse_limited(request, limited)
+        limited = _take_token(service, request)
+        if limited is not None:
+            return _refuse_limited(request, limited)
         try:
             message = SecretsRequest.parse(await request.body())
         except MessageError as exc:

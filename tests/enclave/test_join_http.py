@@ -203,3 +203,16 @@ def test_a_host_run_peer_with_a_publicly_trusted_certificate_gets_nothing(tmp_pa
     finally:
         mitm.close()   # joins the server's threads: what they read is recorded by now
     assert mitm.connections >= 1 and bytes(mitm.recorded) == b"" and asked == []
+
+
+def test_a_join_request_with_a_body_costs_one_token(tmp_path: Path):
+    """The body gate's token is the request's: a challenge sent with a body is not charged twice (which let
+    every such request spend two of the replica's shared tokens)."""
+    server, _ = _serve(tmp_path, rate=0.001, burst=2)
+    try:
+        with server.client() as c:
+            assert c.post(CHALLENGE_PATH, content=b"{}").status_code == 200
+            assert c.post(CHALLENGE_PATH).status_code == 200          # the second token was still there
+            assert c.post(CHALLENGE_PATH).status_code == 429
+    finally:
+        server.stop()
