@@ -216,3 +216,58 @@ def test_a_join_request_with_a_body_costs_one_token(tmp_path: Path):
             assert c.post(CHALLENGE_PATH).status_code == 429
     finally:
         server.stop()
+
+
+class _Stream:
+    def __init__(self, spki: bytes) -> None:
+        self.spki = spki
+
+    def get_extra_info(self, info: str):
+        return self.spki.hex() if info == "cube_ai_spki_sha256" else None
+
+
+class _RelayedClient:
+    """An attested client whose connection of the challenge closed: the secrets request is carried on a new
+    connection that the host's relay sent to another replica (another TLS key), which refuses the nonce."""
+
+    keys = [b"\x01" * 32, b"\x02" * 32]
+    made = 0
+
+    def __init__(self, *_args, **_kw) -> None:
+        type(self).made += 1
+        self._second = type(self).made > 1   # the second attempt stays on one replica
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        pass
+
+    def post(self, path: str, **_kw):
+        import httpx
+
+        from enclave.join.protocol import Challenge
+
+        first = self.keys[0]
+        if path == CHALLENGE_PATH:
+            return httpx.Response(200, content=json.dumps(Challenge(b"\x09" * 32, first).to_json()).encode(),
+                                  extensions={"network_stream": _Stream(first)})
+        other = first if self._second else self.keys[1]
+        refusal = {"error": {"message": "Join refused: the nonce was not issued by this replica"}}
+        return httpx.Response(403, json=refusal, extensions={"network_stream": _Stream(other)})
+
+
+def test_a_request_relayed_to_another_replica_is_tried_again_not_given_up(monkeypatch):
+    """Behind a relay the connection of the challenge may close and the secrets request reach another replica,
+    which refuses our nonce: that is worth a new challenge (retryable), not a final refusal of the peer."""
+    from enclave.join import client as join_client
+
+    _RelayedClient.made = 0
+    monkeypatch.setattr(join_client, "_RETRY_PAUSE", 0.01)
+    with pytest.raises(join_client._PeerUnreachable, match="another replica"):
+        join_peer("https://127.0.0.1:1", sim_provider(), _policy(), client_factory=_RelayedClient)
+    _RelayedClient.made = 0   # obtain_from_peers: relayed elsewhere first (tried again), then one replica's refusal
+    with pytest.raises(JoinError, match="refused this replica") as final:   # same replica: its refusal is final
+        obtain_from_peers(["https://127.0.0.1:1"], sim_provider(), _policy(), timeout=5,
+                          client_factory=_RelayedClient)
+    assert "nonce was not issued" in str(final.value) and _RelayedClient.made == 2
