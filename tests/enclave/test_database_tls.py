@@ -208,3 +208,33 @@ def test_the_pinned_context_refuses_renegotiation() -> None:
     """The pin is checked in the first handshake only: a TLS 1.2 renegotiation could bring another certificate."""
     ctx = pinned_client_context(spki_sha256_hex="ab" * 32)
     assert ctx.options & ssl.OP_NO_RENEGOTIATION and ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_every_pooled_connection_is_pinned(tls_postgres) -> None:
+    """The pin lives in the context every new pool connection handshakes with: two connections open at once
+    make two pinned handshakes (a pool reusing an unpinned socket, or pinning the first only, would show fewer)."""
+    from sqlalchemy import text
+
+    url, der, _ = tls_postgres
+    ctx = pinned_client_context(certificate_sha256_hex=certificate_sha256(der))
+    pinned = ctx.sslobject_class
+    handshakes: list[bytes] = []
+
+    class Counting(pinned):  # type: ignore[misc, valid-type]
+        def do_handshake(self) -> None:
+            super().do_handshake()   # the pin check raises here on a mismatch
+            handshakes.append(self.getpeercert(binary_form=True))
+
+    ctx.sslobject_class = Counting
+
+    async def two_at_once() -> None:
+        store = await Store.open(url, row_key=ROW_KEY, tls=ctx, migrate=False)
+        try:
+            async with store.engine.connect() as one, store.engine.connect() as two:
+                assert (await one.execute(text("select 1"))).scalar() == 1
+                assert (await two.execute(text("select 1"))).scalar() == 1
+        finally:
+            await store.close()
+
+    asyncio.run(two_at_once())
+    assert len(handshakes) >= 2 and set(handshakes) == {der}
