@@ -88,6 +88,9 @@ def pinned_client_context(*, certificate_sha256_hex: str | None = None,
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # the pin, checked in the handshake, replaces chain validation
+    # The pin is checked once, in the first handshake: a TLS 1.2 renegotiation (which could bring another
+    # certificate) must not happen on such a connection.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.sslobject_class = _pinned_object_class(check)
     ctx.sslsocket_class = _pinned_socket_class(check)
     return ctx

@@ -197,6 +197,7 @@ class Store:
         if tls is not None:
             if url.startswith("sqlite"):
                 raise StoreError("TLS is for a PostgreSQL database")
+            _require_tcp_host(url)
             kwargs["connect_args"] = {"ssl": tls}
         if url.startswith("sqlite"):
             path = url.split(":///", 1)[1] if ":///" in url else ""
@@ -571,6 +572,18 @@ class Store:
                 adopted += 1
         self.generation += 1
         return adopted
+
+
+def _require_tcp_host(url: str) -> None:
+    """asyncpg uses no TLS on a Unix socket, and picks one itself (PGHOST, /run/postgresql, /tmp...) for a URL
+    without a host: with a pinned TLS context such a URL would connect unpinned. It must name a TCP host."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    host = parsed.host or ""
+    if not host or host.startswith("/") or "host" in parsed.query or "," in host:
+        raise StoreError("database_tls: the database URL must name one TCP host (host:port), not a Unix socket or "
+                         "a host list: asyncpg uses no TLS on a Unix socket")
 
 
 async def database_in_use(url: str, *, schema: str | None = None, tls: ssl.SSLContext | None = None) -> bool:

@@ -137,10 +137,10 @@ class ControlServer:
                     return {"ok": False, "error": f"{op} needs a target"}
                 log.warning("relay control: %s %s", op, target)
             if op == "drain":
-                relay.drain(target)
-                wait = request.get("wait", 0)
-                if not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_SECONDS:
+                wait = request.get("wait", 0)   # checked first: a refused request changes nothing
+                if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_WAIT_SECONDS:
                     return {"ok": False, "error": f"wait must be 0..{MAX_WAIT_SECONDS:g} seconds"}
+                relay.drain(target)
                 answer["open"] = await relay.wait_drained(target, float(wait))
             elif op == "resume":
                 relay.resume(target)

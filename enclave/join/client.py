@@ -99,12 +99,13 @@ def join_peer(url: str, provider: EvidenceProvider, policy: Policy, *, io_timeou
             raise _PeerUnreachable(f"{url}: {type(exc).__name__}: {exc}") from None
         except MessageError as exc:
             raise JoinError(f"{url} answered a malformed challenge: {exc}") from None
+        if _spki_of(second) != spki:   # first: another replica (behind a relay) refuses a nonce it never issued
+            raise _PeerUnreachable(f"{url}: the connection of the challenge closed and the request reached another "
+                                   "replica; trying again with a new challenge")
         if second.status_code in _BUSY:
             raise _PeerUnreachable(f"{url} is busy: {_refusal_text(second)}")
         if second.status_code != 200:
             raise JoinError(f"{url} refused this replica: {_refusal_text(second)}")
-        if _spki_of(second) != spki:
-            raise JoinError(f"{url}: the answer came on another connection than the challenge")
         try:
             answer = SecretsAnswer.parse(second.content)
             plaintext = open_from_server(answer.sealed, private=private, server_key=answer.public_key,

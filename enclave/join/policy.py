@@ -27,6 +27,40 @@ if TYPE_CHECKING:
 log = logging.getLogger("enclave.join")
 
 
+def _own_config_sha256(own: Evidence) -> bytes:
+    """SHA-256 of this replica's configuration, as its launch carries it (the config binding checked it)."""
+    if own.platform in ("snp", "sim"):
+        from attestation.snp.report import parse_report
+
+        return parse_report(own.report).host_data
+    if own.platform == "tdx":
+        from attestation.tdx.quote import parse_quote
+
+        return parse_quote(own.report).body.mrconfigid[:32]
+    raise JoinError(f"join policy: unknown platform {own.platform!r} of this replica's evidence")
+
+
+def same_configuration(policy: Policy, own: Evidence) -> Policy:
+    """``policy`` with the configuration pinned to this replica's own where it leaves it open.
+
+    A measurement pins the code, not the configuration file the host hands it (HOST_DATA / MRCONFIGID only
+    say which one it was). A join policy that leaves them open would hand the secrets to a genuine image run
+    with a configuration of the host's (its own database and operator key: it would mint PATs and rows with
+    valid MACs under the real keys), or take secrets from one. An inline policy cannot name the digest of the
+    file it is in, so the peer must show this replica's configuration (SNP HOST_DATA = SHA-256(config); TDX
+    MRCONFIGID = SHA-256(config) || 16 zero bytes), unless the policy pins a value itself.
+    """
+    config = _own_config_sha256(own)
+    if not any(config):
+        raise JoinError("join policy: this replica's launch carries no configuration digest")
+    if policy.snp.host_data is None:
+        policy = policy.model_copy(update={"snp": policy.snp.model_copy(update={"host_data": config.hex()})})
+    if policy.tdx.mrconfigid is None:
+        mrconfigid = (config + bytes(16)).hex()
+        policy = policy.model_copy(update={"tdx": policy.tdx.model_copy(update={"mrconfigid": mrconfigid})})
+    return policy
+
+
 def join_policy(settings: "Settings", own: Evidence, *, sim_root_fingerprint: str | None = None) -> Policy:
     """The policy peers are appraised with, both ways (as joiner and as the replica handing out secrets)."""
     join = settings.join
@@ -35,6 +69,10 @@ def join_policy(settings: "Settings", own: Evidence, *, sim_root_fingerprint: st
             policy = policy_from_dict(join.policy)
             log.info("join policy: inline in the configuration (%r)", policy.name)
         elif join.policy_file is not None:
+            if not settings.simulate and join.policy_file.resolve().is_relative_to(settings.data_dir.resolve()):
+                raise JoinError(f"join.policy_file {join.policy_file} lies in data_dir, on the host's disk: the "
+                                "host would choose who receives the secrets; use a file inside the image or "
+                                "join.policy inline")
             policy = load_policy(join.policy_file)
             digest = hashlib.sha256(join.policy_file.read_bytes()).hexdigest()
             log.info("join policy: %s (sha256 %s, %r)", join.policy_file, digest, policy.name)
@@ -46,6 +84,7 @@ def join_policy(settings: "Settings", own: Evidence, *, sim_root_fingerprint: st
             if "sim" in policy.platforms:
                 raise JoinError("join policy: the simulated platform is for development (--simulate) only")
             require_measured_policy(policy)
+            policy = same_configuration(policy, own)
     except (AttestationError, OSError) as exc:
         raise JoinError(f"join policy: {exc}") from None
     return policy

@@ -36,6 +36,7 @@ from enclave.tls import STATE_KEY, KeyMaterial
 from .protocol import (
     CHALLENGE_PATH,
     JOIN_PATHS,
+    MAX_REQUEST_BYTES,
     NONCE_TTL_SECONDS,
     SECRETS_PATH,
     Challenge,
@@ -111,7 +112,14 @@ class JoinService:
 
     async def before_body(self, scope: Scope) -> JSONResponse | None:
         """The gate for a join request's body (in place of the PAT check): the rate limit, before any body byte
-        is read. The token it takes is the request's (the handler does not take another)."""
+        is read. The token it takes is the request's (the handler does not take another). A Content-Length
+        larger than a join message is refused first: without a PAT, a body may be no bigger than that (a chunked
+        one stays bounded by ``limits.max_body_bytes`` and is refused when parsed)."""
+        if _declared_length(scope) > MAX_REQUEST_BYTES:
+            _count(scope.get("app"), "refused", "too_large")
+            log.warning("join refused (too_large): a body over %d bytes declared", MAX_REQUEST_BYTES)
+            return ApiError(413, f"A join request is at most {MAX_REQUEST_BYTES} bytes.",
+                            code="body_too_large").response()
         refusal = self.rate_limited()
         if refusal is not None:
             _count(scope.get("app"), "refused", "rate_limited")
@@ -147,6 +155,13 @@ class JoinService:
         return "accepted", SecretsAnswer(server_key, sealed)
 
 
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return int(value)   # SizeLimitMiddleware has refused one that is not a number
+    return 0
+
+
 def _count(app: Any, outcome: str, reason: str) -> None:
     metrics = getattr(getattr(app, "state", None), "metrics", None)
     counter = getattr(metrics, "join_requests", None)
@@ -171,6 +186,13 @@ def _connection_key(request: Request) -> KeyMaterial | None:
     return material if isinstance(material, KeyMaterial) else None
 
 
+def _take_token(service: JoinService, request: Request) -> ApiError | None:
+    """The rate limit for a request the body gate did not already charge (one without a body)."""
+    if request.scope.get("state", {}).get("cube_ai_join_admitted"):
+        return None
+    return service.rate_limited()
+
+
 def join_router(service: JoinService) -> APIRouter:
     router = APIRouter()
     no_store = {"Cache-Control": "no-store"}
@@ -181,7 +203,7 @@ def join_router(service: JoinService) -> APIRouter:
         if material is None:
             return _refuse(request, 503, "not_attested", "This connection is not on the enclave's attested TLS key.",
                            "attestation_unavailable")
-        limited = service.rate_limited()
+        limited = _take_token(service, request)
         if limited is not None:
             return _refuse_limited(request, limited)
         spki_hash = bytes.fromhex(material.spki_sha256)
@@ -195,10 +217,9 @@ def join_router(service: JoinService) -> APIRouter:
         if material is None:
             return _refuse(request, 503, "not_attested", "This connection is not on the enclave's attested TLS key.",
                            "attestation_unavailable")
-        if not request.scope.get("state", {}).get("cube_ai_join_admitted"):   # a request without a body
-            limited = service.rate_limited()
-            if limited is not None:
-                return _refuse_limited(request, limited)
+        limited = _take_token(service, request)
+        if limited is not None:
+            return _refuse_limited(request, limited)
         try:
             message = SecretsRequest.parse(await request.body())
         except MessageError as exc:

@@ -28,9 +28,10 @@ from cryptography.x509.oid import NameOID
 from enclave.config import ConfigError, check_database_transport
 from enclave.database_tls import certificate_sha256, pinned_client_context, spki_sha256_of_certificate
 from enclave.store import Store, open_store
-from tests.enclave.conftest import ROW_KEY, make_settings
+from tests.enclave.conftest import make_settings
 
 HOSTNAME = "db.cube.test"
+ROW_KEY = bytes(range(32))   # the row-MAC key (any 32 bytes: these tests read no rows)
 
 
 def _certificate(hostname: str = HOSTNAME) -> tuple[bytes, bytes]:
@@ -159,12 +160,13 @@ def test_settings_carry_the_pin_to_the_store(tmp_path: Path, tls_postgres) -> No
 
 def test_postgres_without_pinned_tls_is_refused_outside_simulation(tmp_path: Path) -> None:
     url = "postgresql+asyncpg://cube@10.0.0.5/cube"
+    real = {"simulate": False, "server_secret": None}   # make_settings simulates unless told otherwise
     with pytest.raises(ConfigError, match="needs database_tls"):
-        check_database_transport(make_settings(tmp_path, database_url=url, simulate=False, server_secret=None))
+        check_database_transport(make_settings(tmp_path, database_url=url, **real))
     check_database_transport(make_settings(tmp_path, database_url=url, simulate=True))
-    check_database_transport(make_settings(tmp_path, database_url=url,
+    check_database_transport(make_settings(tmp_path, database_url=url, **real,
                                            database_tls={"server_spki_sha256": "ab" * 32}))
-    check_database_transport(make_settings(tmp_path))  # SQLite in data_dir
+    check_database_transport(make_settings(tmp_path, **real))  # SQLite in data_dir
     with pytest.raises(ConfigError, match="exactly one"):
         make_settings(tmp_path, database_url=url, database_tls={})
     with pytest.raises(ConfigError, match="64 digits"):
@@ -180,3 +182,59 @@ def test_cube_enclave_serve_refuses_plain_postgres(tmp_path: Path, capsys) -> No
     config.write_text("database_url: postgresql+asyncpg://cube@10.0.0.5/cube\n")
     assert main(["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]) == 2
     assert "needs database_tls" in capsys.readouterr().err
+
+
+def test_a_url_that_would_skip_tls_is_refused_with_a_pin(tls_postgres) -> None:
+    """asyncpg never uses TLS on a Unix socket, and one it picks itself when the URL has no host (PGHOST, then
+    /run/postgresql, /tmp...): with a pin, such a URL would connect to whatever listens there without the pin.
+    Here the server's own socket (``local ... trust``) is reachable: refused before any connection."""
+    from enclave.store import StoreError
+
+    url, _, log = tls_postgres
+    other = pinned_client_context(certificate_sha256_hex=certificate_sha256(_certificate()[0]))
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    socket_dir = log.parent
+    for skipping in (f"{url}?host={socket_dir}", f"postgresql+asyncpg://cube@/cube_tls?host={socket_dir}&port={port}",
+                     f"postgresql+asyncpg://cube@/cube_tls?port={port}"):
+        with pytest.raises(StoreError, match="TCP host"):
+            asyncio.run(_count_users(skipping, other))
+    # sslmode in the URL does not weaken the pin either (the connect argument's context wins)
+    for mode in ("disable", "prefer", "allow"):
+        with pytest.raises((ssl.SSLCertVerificationError, TypeError, StoreError)):
+            asyncio.run(_count_users(f"{url}?sslmode={mode}", other))
+
+
+def test_the_pinned_context_refuses_renegotiation() -> None:
+    """The pin is checked in the first handshake only: a TLS 1.2 renegotiation could bring another certificate."""
+    ctx = pinned_client_context(spki_sha256_hex="ab" * 32)
+    assert ctx.options & ssl.OP_NO_RENEGOTIATION and ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def test_every_pooled_connection_is_pinned(tls_postgres) -> None:
+    """The pin lives in the context every new pool connection handshakes with: two connections open at once
+    make two pinned handshakes (a pool reusing an unpinned socket, or pinning the first only, would show fewer)."""
+    from sqlalchemy import text
+
+    url, der, _ = tls_postgres
+    ctx = pinned_client_context(certificate_sha256_hex=certificate_sha256(der))
+    pinned = ctx.sslobject_class
+    handshakes: list[bytes] = []
+
+    class Counting(pinned):  # type: ignore[misc, valid-type]
+        def do_handshake(self) -> None:
+            super().do_handshake()   # the pin check raises here on a mismatch
+            handshakes.append(self.getpeercert(binary_form=True))
+
+    ctx.sslobject_class = Counting
+
+    async def two_at_once() -> None:
+        store = await Store.open(url, row_key=ROW_KEY, tls=ctx, migrate=False)
+        try:
+            async with store.engine.connect() as one, store.engine.connect() as two:
+                assert (await one.execute(text("select 1"))).scalar() == 1
+                assert (await two.execute(text("select 1"))).scalar() == 1
+        finally:
+            await store.close()
+
+    asyncio.run(two_at_once())
+    assert len(handshakes) >= 2 and set(handshakes) == {der}

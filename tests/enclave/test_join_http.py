@@ -122,3 +122,152 @@ def test_a_busy_peer_is_tried_again(tmp_path: Path):
         assert limited >= 2.0                                     # ours, and at least one of the joiner's
     finally:
         server.stop()
+
+
+def _raw(server: EnclaveServer, request: bytes) -> bytes:
+    """One raw request over the server's TLS (no client normalisation of the path), the whole answer."""
+    import socket
+    import ssl
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, \
+            server.client_ssl().wrap_socket(sock, server_hostname="localhost") as tls:
+        tls.sendall(request)
+        answer = b""
+        try:
+            while chunk := tls.recv(65536):
+                answer += chunk
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+        return answer
+
+
+@pytest.mark.parametrize("path", [
+    "//internal/join/v1/secrets", "/internal//join/v1/secrets", "/internal/join/v1/secrets/../../../users/me/pats",
+    "/internal/join/v1/./secrets", "/INTERNAL/join/v1/secrets", "/internal/join/v1/secrets%2f",
+    "/internal/join/v1/secrets%2F..%2F..%2F..%2Fusers%2Fme%2Fpats", "/internal/join/v1/challenge/../../../admin/users",
+])
+def test_paths_near_the_join_routes_still_need_a_pat_before_their_body(joinable, path: str):
+    """A path that is not exactly a join route gets the PAT gate (401 on the headers, body unread), whatever
+    the router would make of it: no spelling reaches another route with the join routes' exemption."""
+    server, _ = joinable
+    body = b'{"name": "x"}'
+    answer = _raw(server, f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+
+
+def test_a_percent_encoded_join_path_is_the_join_route_with_its_own_gate(joinable):
+    """uvicorn decodes the path once; the gate and the router see the same decoded path (both the join route)."""
+    server, _ = joinable
+    body = b'{"v": 1}'
+    answer = _raw(server, b"POST /internal/join/v1/%73ecrets HTTP/1.1\r\nHost: localhost\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: 8\r\n\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"invalid_join_request" in answer, answer[:300]
+
+
+def test_a_join_body_larger_than_a_join_message_is_refused_before_it_is_read(joinable):
+    """A PAT-less body may be at most a join message (MAX_REQUEST_BYTES), not the service's max_body_bytes
+    (sized for prompts): refused on its Content-Length, left unread, the connection closed."""
+    from enclave.join.protocol import MAX_REQUEST_BYTES
+
+    server, _ = joinable
+    assert server.settings.limits.max_body_bytes > MAX_REQUEST_BYTES + 1
+    with server.client() as c:
+        big = c.post(SECRETS_PATH, content=b"x" * (MAX_REQUEST_BYTES + 1))
+        assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+        assert big.headers.get("connection") == "close"
+    counted = server.ctx.metrics.join_requests.labels(outcome="refused", reason="too_large")._value.get()
+    assert counted == 1.0
+
+
+def test_a_host_run_peer_with_a_publicly_trusted_certificate_gets_nothing(tmp_path: Path, monkeypatch):
+    """``--join`` is the host's choice: pointed at the host's own TLS server with a certificate the joiner's
+    machine trusts (WebPKI), the joiner refuses it on the handshake's certificate (no evidence), writes not
+    one byte on the connection, and never makes the evidence a join request would carry."""
+    from tests.atls.webpki import TrustedMitm
+
+    mitm = TrustedMitm(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(mitm.ca_file))
+    asked: list[bytes] = []
+
+    class Counting:
+        platform = "sim"
+
+        def get_evidence(self, report_data: bytes):
+            asked.append(report_data)
+            return sim_provider().get_evidence(report_data)
+
+    try:
+        with pytest.raises(JoinError, match="nothing was sent"):
+            join_peer(mitm.url, Counting(), _policy(), io_timeout=5)
+    finally:
+        mitm.close()   # joins the server's threads: what they read is recorded by now
+    assert mitm.connections >= 1 and bytes(mitm.recorded) == b"" and asked == []
+
+
+def test_a_join_request_with_a_body_costs_one_token(tmp_path: Path):
+    """The body gate's token is the request's: a challenge sent with a body is not charged twice (which let
+    every such request spend two of the replica's shared tokens)."""
+    server, _ = _serve(tmp_path, rate=0.001, burst=2)
+    try:
+        with server.client() as c:
+            assert c.post(CHALLENGE_PATH, content=b"{}").status_code == 200
+            assert c.post(CHALLENGE_PATH).status_code == 200          # the second token was still there
+            assert c.post(CHALLENGE_PATH).status_code == 429
+    finally:
+        server.stop()
+
+
+class _Stream:
+    def __init__(self, spki: bytes) -> None:
+        self.spki = spki
+
+    def get_extra_info(self, info: str):
+        return self.spki.hex() if info == "cube_ai_spki_sha256" else None
+
+
+class _RelayedClient:
+    """An attested client whose connection of the challenge closed: the secrets request is carried on a new
+    connection that the host's relay sent to another replica (another TLS key), which refuses the nonce."""
+
+    keys = [b"\x01" * 32, b"\x02" * 32]
+    made = 0
+
+    def __init__(self, *_args, **_kw) -> None:
+        type(self).made += 1
+        self._second = type(self).made > 1   # the second attempt stays on one replica
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        pass
+
+    def post(self, path: str, **_kw):
+        import httpx
+
+        from enclave.join.protocol import Challenge
+
+        first = self.keys[0]
+        if path == CHALLENGE_PATH:
+            return httpx.Response(200, content=json.dumps(Challenge(b"\x09" * 32, first).to_json()).encode(),
+                                  extensions={"network_stream": _Stream(first)})
+        other = first if self._second else self.keys[1]
+        refusal = {"error": {"message": "Join refused: the nonce was not issued by this replica"}}
+        return httpx.Response(403, json=refusal, extensions={"network_stream": _Stream(other)})
+
+
+def test_a_request_relayed_to_another_replica_is_tried_again_not_given_up(monkeypatch):
+    """Behind a relay the connection of the challenge may close and the secrets request reach another replica,
+    which refuses our nonce: that is worth a new challenge (retryable), not a final refusal of the peer."""
+    from enclave.join import client as join_client
+
+    _RelayedClient.made = 0
+    monkeypatch.setattr(join_client, "_RETRY_PAUSE", 0.01)
+    with pytest.raises(join_client._PeerUnreachable, match="another replica"):
+        join_peer("https://127.0.0.1:1", sim_provider(), _policy(), client_factory=_RelayedClient)
+    _RelayedClient.made = 0   # obtain_from_peers: relayed elsewhere first (tried again), then one replica's refusal
+    with pytest.raises(JoinError, match="refused this replica") as final:   # same replica: its refusal is final
+        obtain_from_peers(["https://127.0.0.1:1"], sim_provider(), _policy(), timeout=5,
+                          client_factory=_RelayedClient)
+    assert "nonce was not issued" in str(final.value) and _RelayedClient.made == 2

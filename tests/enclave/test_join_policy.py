@@ -18,7 +18,7 @@ MEASURED_SNP = {"name": "measured", "platforms": ["snp"],
 
 
 def _own():
-    return sim_provider().get_evidence(bytes(64))
+    return _launched_with(bytes([5]) * 32)   # a launch with a configuration digest, as the config binding needs
 
 
 def test_default_is_same_as_me(tmp_path: Path):
@@ -47,14 +47,37 @@ def test_one_policy_only_and_bad_policies_refused(tmp_path: Path):
         join_policy(make_settings(tmp_path, join={"policy_file": str(tmp_path / "missing.yaml")}), _own())
 
 
+REAL = {"simulate": False, "server_secret": None}   # make_settings simulates unless told otherwise
+
+
 def test_outside_simulation_the_sim_and_unmeasured_policies_are_refused(tmp_path: Path):
     sim_only = {"platforms": ["sim"], "sim_root_fingerprint": sim_provider().fingerprint, "allow_unmeasured": True}
     with pytest.raises(JoinError, match="simulated platform is for development"):
-        join_policy(make_settings(tmp_path, simulate=False, server_secret=None, join={"policy": sim_only}), _own())
+        join_policy(make_settings(tmp_path, **REAL, join={"policy": sim_only}), _own())
     assert join_policy(make_settings(tmp_path, simulate=True, join={"policy": sim_only}), _own()).platforms == ["sim"]
     unmeasured = {"platforms": ["snp"], "snp": {"measurements": ["ab" * 48]}}   # firmware-only digest
     with pytest.raises(JoinError, match="does not pin the whole boot chain"):
-        join_policy(make_settings(tmp_path, simulate=False, server_secret=None, join={"policy": unmeasured}), _own())
+        join_policy(make_settings(tmp_path, **REAL, join={"policy": unmeasured}), _own())
+    assert join_policy(make_settings(tmp_path, **REAL, join={"policy": MEASURED_SNP}), _own()).name == "measured"
+
+
+def test_outside_simulation_a_policy_file_on_the_data_disk_is_refused(tmp_path: Path):
+    """data_dir is the host's disk: a join policy read from there is the host's choice of who gets the secrets
+    (the configuration's digest covers the path, not the file). Refused, however the path is spelled."""
+    import yaml
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    policy_file = data / "join-policy.yaml"
+    policy_file.write_text(yaml.safe_dump(MEASURED_SNP))
+    (tmp_path / "link.yaml").symlink_to(policy_file)
+    for spelled in (policy_file, data / "sub" / ".." / "join-policy.yaml", tmp_path / "link.yaml"):
+        with pytest.raises(JoinError, match="data_dir"):
+            join_policy(make_settings(data, **REAL, join={"policy_file": str(spelled)}), _own())
+    image_file = tmp_path / "image" / "join-policy.yaml"   # elsewhere (e.g. /usr/share/cube-ai in the image)
+    image_file.parent.mkdir()
+    image_file.write_text(yaml.safe_dump(MEASURED_SNP))
+    assert join_policy(make_settings(data, **REAL, join={"policy_file": str(image_file)}), _own()).name == "measured"
 
 
 def test_join_section_in_a_config_file(tmp_path: Path):
@@ -87,3 +110,34 @@ def test_a_broken_join_policy_stops_the_start_with_a_hint(tmp_path: Path):
     broken = make_settings(tmp_path, join={"policy": {"platforms": ["nope"]}})
     with pytest.raises(JoinError, match=r"join policy: .*join.accept: false turns the join routes off"):
         peer_policy(broken, sim_provider(), joining=False)
+
+
+def _launched_with(host_data: bytes):
+    """Sim evidence of a launch whose HOST_DATA is ``host_data`` (the session's sim platform, its root)."""
+    from attestation.providers import SimProvider
+
+    return SimProvider(sim_provider().sim.directory, host_data=host_data).get_evidence(bytes(64))
+
+
+def test_outside_simulation_an_explicit_policy_pins_this_replicas_configuration(tmp_path: Path):
+    """A measured policy pins the code, not the configuration the host gives it: a genuine image launched with
+    the host's own configuration (its database, its operator key) must not get the secrets. Where the policy
+    leaves HOST_DATA / MRCONFIGID open, the peer must show this replica's; a value the policy pins stays."""
+    from attestation.policy import policy_from_dict
+    from attestation.verifier import verify_evidence
+    from enclave.join.policy import same_configuration
+
+    config = bytes([5]) * 32
+    own = _launched_with(config)
+    policy = join_policy(make_settings(tmp_path, **REAL, join={"policy": MEASURED_SNP}), own)
+    assert policy.snp.host_data == config.hex() and policy.tdx.mrconfigid == (config + bytes(16)).hex()
+    pinned = {**MEASURED_SNP, "snp": {**MEASURED_SNP["snp"], "host_data": "cd" * 32}}
+    assert join_policy(make_settings(tmp_path, **REAL, join={"policy": pinned}), own).snp.host_data == "cd" * 32
+    with pytest.raises(JoinError, match="no configuration digest"):
+        join_policy(make_settings(tmp_path, **REAL, join={"policy": MEASURED_SNP}), _launched_with(bytes(32)))
+    # the completed pin is enforced (on sim evidence, with the same completion of a sim policy)
+    sim_rules = {"platforms": ["sim"], "sim_root_fingerprint": sim_provider().fingerprint, "allow_unmeasured": True}
+    completed = same_configuration(policy_from_dict(sim_rules), own)
+    assert verify_evidence(own, policy=completed, expected_report_data=bytes(64)).ok
+    refused = verify_evidence(_launched_with(bytes([7]) * 32), policy=completed, expected_report_data=bytes(64))
+    assert not refused.ok and "host_data" in (refused.error or "").lower()

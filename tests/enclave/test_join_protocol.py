@@ -223,3 +223,39 @@ def test_a_verifier_that_ignored_the_binding_would_still_be_caught(tls, handed_o
     assert service.answer(relayed, tls.current) == ("binding", "the appraised report_data is not this exchange's "
                                                                "binding")
     assert handed_out == []
+
+
+def test_one_nonce_sent_many_times_at_once_gives_the_secrets_once(service, tls, handed_out):
+    """A host racing copies of one genuine request (same nonce) at the replica: the nonce is taken out under a
+    lock, so exactly one copy is answered and the others are refused as used."""
+    import threading
+
+    spki = _spki(tls)
+    nonce = service.nonces.issue(spki)
+    request, _ = _request(sim_provider(), spki, nonce)
+    start = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def send() -> None:
+        start.wait()
+        outcomes.append(service.answer(request, tls.current)[0])
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["accepted"] + ["nonce"] * 7 and handed_out == [1]
+
+
+def test_a_nonce_of_one_replica_is_refused_at_another(service, tls, handed_out):
+    """Replicas share the secrets, not their nonces: a nonce replica A issued (and evidence for it) is worth
+    nothing at replica B, even on the very TLS key A issued it on."""
+    policy = service.policy
+    other = JoinService(lambda: ROOT, policy, nonces=NonceStore(clock=Clock()))
+    spki = _spki(tls)
+    nonce = service.nonces.issue(spki)
+    request, _ = _request(sim_provider(), spki, nonce)
+    outcome, why = other.answer(request, tls.current)
+    assert outcome == "nonce" and "not issued by this replica" in why
+    assert service.answer(request, tls.current)[0] == "accepted"   # still good where it was issued

@@ -18,7 +18,7 @@ import pytest
 
 from host.metrics import RelayCollector
 from host.relay import HealthCheck, Relay, RelayError, RelayLimits, format_target
-from host.relay_control import ControlServer, control_request
+from host.relay_control import MAX_WAIT_SECONDS, ControlServer, control_request
 from tests.host.servers import LOOPBACK, ThreadedServer, echo, free_port, self_signed, tls_server_context
 
 FAST = HealthCheck(interval=0.05, timeout=0.5, unhealthy_after=2, healthy_after=2)
@@ -477,3 +477,25 @@ def test_serve_runs_the_configured_replicas_relay_with_its_control_socket(tmp_pa
         proc.kill()
         a.close()
         b.close()
+
+
+async def test_a_refused_drain_request_drains_nothing(short_dir: Path) -> None:
+    """A drain with a bad ``wait`` is answered with an error, and the target stays in the rotation (it was
+    drained before the check, so an operator's typo took a replica out while saying it had failed)."""
+    a = Tagged(b"AA")
+    relay = Relay((LOOPBACK, 0), [tcp(a.port)], RelayLimits())
+    await relay.start()
+    control = ControlServer(relay, short_dir / "relay.sock")
+    try:
+        name = f"tcp:{LOOPBACK}:{a.port}"
+        for wait in (-1, MAX_WAIT_SECONDS + 1, "5", True, float("nan")):
+            line = json.dumps({"op": "drain", "target": name, "wait": wait}).encode() + b"\n"
+            answer = await control.handle(line)
+            assert not answer["ok"] and "wait must be" in answer["error"], wait
+        assert [t["state"] for t in relay.targets_status()] != ["draining"]
+        (sock, tag), = await held(relay, 1)
+        sock.close()
+        assert tag == b"AA"   # new clients still reach it
+    finally:
+        await relay.stop(1)
+        a.close()
