@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator,
@@ -26,6 +26,9 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, Vali
 from attestation.keyfile import KeyFileError, check_private_file, read_private_file
 from enclave.backends.base import BackendConfig, plain_http_base_url
 from enclave.sealing import SealError, load_public_key
+
+if TYPE_CHECKING:   # pragma: no cover
+    from enclave.initdata import InitDataDigest
 
 ENV_PREFIX = "CUBE_ENCLAVE__"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "enclave.yaml"
@@ -41,10 +44,13 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class ConfigFile:
     """The configuration file the settings were read from (None: defaults only) and the SHA-256 of its exact
-    bytes (of b"" without a file: an empty file gives the same settings)."""
+    bytes (of b"" without a file: an empty file gives the same settings). Under init-data (enclave/initdata.py)
+    ``path`` is the init-data file, ``sha256`` that of its configuration entry, and ``initdata`` the digest of the
+    whole document, which is what the launch binds instead."""
 
     path: Path | None
     sha256: bytes
+    initdata: InitDataDigest | None = None
 
 
 # The host agent's collateral mirror as a guest started by `cube-host launch` reaches it.
@@ -296,10 +302,12 @@ def _secrets_held(data: Mapping[str, Any]) -> list[str]:
 
 
 def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None = None,
-                  overrides: Mapping[str, Any] | None = None) -> Settings:
+                  overrides: Mapping[str, Any] | None = None, content: bytes | None = None,
+                  initdata: InitDataDigest | None = None) -> Settings:
     """Read YAML (``path`` or config/enclave.yaml when present), apply env then explicit overrides, validate.
 
-    ``overrides`` are the launch flags' values. The environment is applied only when the file or ``overrides``
+    ``content``: the YAML bytes already read from ``path`` (an init-data entry; ``initdata`` its document's
+    digest), parsed instead of reading the file. ``overrides`` are the launch flags' values. The environment is applied only when the file or ``overrides``
     turn simulation on; outside simulation any CUBE_ENCLAVE__* variable is refused (see the module docstring).
     """
     environ = os.environ if environ is None else environ
@@ -310,7 +318,7 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
     if file is not None:
         source = str(file)
         try:
-            raw = Path(file).read_bytes()   # read once: the digest is of exactly the bytes parsed
+            raw = Path(file).read_bytes() if content is None else content   # read once: digest of the bytes parsed
         except OSError as e:
             raise ConfigError(f"cannot read configuration file {file}: {e.strerror}") from None
         try:
@@ -349,7 +357,8 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
         raise ConfigError(_format_validation(e, source)) from None
     if env and not settings.simulate:   # CUBE_ENCLAVE__SIMULATE=false must not keep the other overrides
         _refuse_environment(environ)
-    settings._config_file = ConfigFile(Path(file) if file is not None else None, hashlib.sha256(raw).digest())
+    settings._config_file = ConfigFile(Path(file) if file is not None else None, hashlib.sha256(raw).digest(),
+                                       initdata)
     return settings
 
 

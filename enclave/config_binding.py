@@ -8,6 +8,10 @@ configuration file bytes it loaded:
 - SNP (and the simulated platform, which has the SNP layout): HOST_DATA (32 bytes) == SHA-256(config).
 - TDX: MRCONFIGID (48 bytes) == SHA-256(config) followed by 16 zero bytes.
 
+Under Confidential Containers (``serve --initdata``, enclave/initdata.py) the launch carries instead the digest of
+the pod's init-data document, whose ``cube-enclave.yaml`` entry is the configuration: HOST_DATA / MRCONFIGID ==
+that digest (under the document's ``algorithm``) truncated or zero-padded to the field's 32 / 48 bytes.
+
 A verifier's policy that pins ``snp.host_data`` / ``tdx.mrconfigid`` therefore pins the configuration as well as
 the measured code. Outside simulation the settings come from that file alone (enclave/config.py refuses
 CUBE_ENCLAVE__* overrides; enclave/main.py limits the launch flags to where data lives and where to listen), and
@@ -29,6 +33,7 @@ from attestation.evidence import Evidence
 if TYPE_CHECKING:   # pragma: no cover
     from attestation.providers import EvidenceProvider
     from enclave.config import Settings
+    from enclave.initdata import InitDataDigest
 
 SHA256_BYTES = 32
 MRCONFIGID_BYTES = 48
@@ -73,9 +78,13 @@ def launch_field(evidence: Evidence) -> tuple[str, bytes]:
     raise ConfigBindingError(f"platform {evidence.platform!r}: no launch field to bind the configuration to")
 
 
-def check_config_binding(evidence: Evidence, digest: bytes) -> None:
-    """Raise ConfigBindingError unless ``evidence``'s HOST_DATA / MRCONFIGID carries the config ``digest``."""
+def check_config_binding(evidence: Evidence, digest: bytes, initdata: InitDataDigest | None = None) -> None:
+    """Raise ConfigBindingError unless ``evidence``'s HOST_DATA / MRCONFIGID carries the config ``digest``
+    (with ``initdata``: that init-data document's digest instead)."""
     name, value = launch_field(evidence)
+    if initdata is not None:
+        _check_initdata_binding(name, value, initdata)
+        return
     expected = expected_mrconfigid(digest) if name == "MRCONFIGID" else expected_host_data(digest)
     if value == expected:
         return
@@ -92,6 +101,20 @@ def check_config_binding(evidence: Evidence, digest: bytes) -> None:
                              f"this is not the configuration the launch was bound to; {how}")
 
 
+def _check_initdata_binding(name: str, value: bytes, initdata: InitDataDigest) -> None:
+    expected = initdata.launch_value(len(value))
+    if value == expected:
+        return
+    rule = (f"the init-data's {initdata.algorithm} digest "
+            f"{'zero-padded' if len(initdata.digest) < len(value) else 'truncated'} to {len(value)} bytes"
+            if len(initdata.digest) != len(value) else f"the init-data's {initdata.algorithm} digest")
+    how = ("the pod's init-data (annotation io.katacontainers.config.hypervisor.cc_init_data) must be exactly the "
+           "document this enclave read; Kata puts its digest there")
+    state = f"{name} is zero: the launch did not bind an init-data" if not any(value) else \
+        f"{name} {value.hex()} does not match the init-data loaded"
+    raise ConfigBindingError(f"{state}; {name} must be {expected.hex()} ({rule}); {how}")
+
+
 def enforce_config_binding(provider: EvidenceProvider, settings: Settings) -> None:
     """At start, before anything is served: the provider's own report must carry the loaded config's digest.
 
@@ -105,4 +128,4 @@ def enforce_config_binding(provider: EvidenceProvider, settings: Settings) -> No
         raise ConfigBindingError("no configuration file: outside simulation the enclave serves only a "
                                  "configuration whose SHA-256 the launch carries (pass --config)")
     evidence = provider.get_evidence(STARTUP_REPORT_DATA)   # no report (ProviderError): no start
-    check_config_binding(evidence, file.sha256)
+    check_config_binding(evidence, file.sha256, file.initdata)

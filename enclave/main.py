@@ -25,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service over HTTPS")
     serve.add_argument("--simulate", action="store_true", help="simulated confidential platform (development)")
-    serve.add_argument("--config", type=Path, help="YAML configuration (default config/enclave.yaml)")
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="YAML configuration (default config/enclave.yaml)")
+    source.add_argument("--initdata", type=Path,
+                        help="Confidential Containers: the pod's init-data TOML as the guest sees it; the "
+                             "configuration is its [data] entry cube-enclave.yaml, the launch binds its digest")
     serve.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default from config: 8443)")
     serve.add_argument("--data-dir", type=Path, help="where the SQLite store, server secret and cert PEM live")
@@ -83,6 +87,12 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     if beyond and not args.simulate:   # fail closed should a flag be added without thinking of the binding
         raise ConfigError(f"launch flags may set only {', '.join(sorted(LAUNCH_SETTINGS))} outside simulation, "
                           f"not {', '.join(beyond)}: put it in the configuration file")
+    if getattr(args, "initdata", None) is not None:   # Confidential Containers: enclave/initdata.py
+        from enclave.initdata import read_initdata
+
+        initdata = read_initdata(args.initdata)
+        return load_settings(initdata.path, environ=environ, overrides=overrides, content=initdata.config,
+                             initdata=initdata.binding)
     return load_settings(args.config, environ=environ, overrides=overrides)
 
 
@@ -245,7 +255,7 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     kds, pcs = _collateral_clients(settings)
     try:
         provider: EvidenceProvider = detect_provider(simulate=settings.simulate, sim_dir=sim_dir, kds=kds, pcs=pcs,
-                                                     sim_host_data=settings.config_file.sha256)
+                                                     sim_host_data=_sim_host_data(settings))
     except AttestationError as e:
         print(f"cube-enclave: {e}", file=sys.stderr)
         return 2
@@ -303,6 +313,12 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     finally:
         tls.stop()
     return 0
+
+
+def _sim_host_data(settings: Settings) -> bytes:
+    """What the simulated launch puts in HOST_DATA unless CUBE_SIM_HOST_DATA says otherwise: the bound digest."""
+    file = settings.config_file
+    return file.initdata.launch_value(32) if file.initdata is not None else file.sha256
 
 
 def _no_evidence(error: Exception, kds: Any, pcs: Any) -> str:
