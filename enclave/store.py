@@ -254,17 +254,26 @@ class Store:
         self._refused(table, "/".join(str(f) for f in fields[:2 if table == "memberships" else 1]))
         return False
 
+    def _converted(self, table: str, convert: Callable[[Any], Any], row: Any) -> Any:
+        """``convert(row)``, or None (refused) when the row holds values of a type the store never writes (e.g.
+        JSON numbers where it writes a list of strings): a forgery like any other, not an error for the read."""
+        try:
+            return convert(row)
+        except (TypeError, ValueError):
+            self._refused(table, str(getattr(row, "id", "?")))
+            return None
+
     def _user_row(self, row: Any) -> User | None:
-        user = _user(row)
-        return user if self._checked("users", _user_fields(user), row.mac) else None
+        user = self._converted("users", _user, row)
+        return user if user is not None and self._checked("users", _user_fields(user), row.mac) else None
 
     def _domain_row(self, row: Any) -> Domain | None:
-        domain = _domain(row)
-        return domain if self._checked("domains", _domain_fields(domain), row.mac) else None
+        domain = self._converted("domains", _domain, row)
+        return domain if domain is not None and self._checked("domains", _domain_fields(domain), row.mac) else None
 
     def _pat_row(self, row: Any) -> Pat | None:
-        pat = _pat(row)
-        if not self._checked("pats", _pat_fields(pat), row.mac):
+        pat = self._converted("pats", _pat, row)
+        if pat is None or not self._checked("pats", _pat_fields(pat), row.mac):
             return None
         if pat.revoked_at is None and pat.id in self._revoked:
             log.error("store integrity: refused a pats row from before its revocation (primary key %s): an older "

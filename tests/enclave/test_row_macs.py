@@ -89,7 +89,7 @@ async def test_an_inserted_pat_is_refused_even_with_the_right_token_hash(env, ca
     w = await world(store)
     tok = generate_token()
     with caplog.at_level(logging.ERROR, logger="enclave.store"):
-        for mac in (None, "0" * 64, w["pats"]["root"].id):
+        for mac in (None, "0" * 64, w["pats"]["root"].id, "\u00e9" * 64):   # non-ASCII: no compare_digest error
             await host_sql(store, "DELETE FROM pats WHERE name = 'forged'")
             await host_sql(store, "INSERT INTO pats (id, user_id, name, token_hash, last4, scopes, created_at, "
                                   "expires_at, issued_by, mac) VALUES ('f0f0f0f0-0000-4000-8000-000000000001', :u, "
@@ -98,7 +98,7 @@ async def test_an_inserted_pat_is_refused_even_with_the_right_token_hash(env, ca
                            now=datetime.now(UTC), exp=datetime.now(UTC) + timedelta(days=9), mac=mac)
             assert await auth_of(store, tok) is None
     assert "pats row" in caplog.text and "f0f0f0f0-0000-4000-8000-000000000001" in caplog.text
-    assert refusals.tables == ["pats"] * 3
+    assert refusals.tables == ["pats"] * 4
     assert "forged" not in [p.name for p in await store.list_pats(user_id=w["root"].id)]
 
 
@@ -239,6 +239,55 @@ async def test_legitimate_writes_keep_rows_valid(env) -> None:
     assert record.roles == {w["domain"].id: "admin"}
     assert (await store.get_domain(w["domain"].id)).model_allowlist is None
     assert refusals.tables == []
+
+
+@pytest.mark.parametrize("table, column, value", [
+    ("pats", "scopes", "[1]"), ("pats", "scopes", "5"), ("pats", "model_allowlist", "[null]"),
+    ("pats", "model_allowlist", "{\"a\": 1}"), ("domains", "model_allowlist", "[[\"x\"]]"),
+    ("domains", "model_allowlist", "7")])
+async def test_a_json_column_of_another_type_is_refused_not_a_crash(env, table: str, column: str,
+                                                                    value: str) -> None:
+    """The host writes JSON of a shape the store never writes (numbers, nested lists, a bare scalar): the row
+    is refused like any other forgery (401, left out of lists), never an exception that fails every request
+    reading that table."""
+    store, refusals = env
+    w = await world(store)
+    target = w["pats"]["alice"].id if table == "pats" else w["domain"].id
+    await host_sql(store, f"UPDATE {table} SET {column} = :v WHERE id = :id", v=value, id=target)
+    if table == "pats":
+        assert await auth_of(store, w["tokens"]["alice"]) is None
+        assert await store.get_pat(target) is None
+        assert target not in [p.id for p in await store.list_pats()]
+        assert await auth_of(store, w["tokens"]["bob"]) is not None
+    else:
+        assert await store.get_domain(target) is None and await store.list_domains() == []
+    assert refusals.tables and set(refusals.tables) == {table}
+
+
+async def test_a_second_row_with_a_real_token_hash_lends_no_roles(pg_schema_url) -> None:
+    """PostgreSQL (SQLite cannot drop a unique constraint): the host drops the one on token_hash and adds a row
+    with alice's token hash whose owner is bob (admin of the domain), with bob's key's MAC. The join then brings
+    bob's membership rows into alice's authentication: they must not give her bob's role (each is checked
+    against her user id)."""
+    url, schema = pg_schema_url
+    store = await Store.open(url, schema=schema, row_key=ROW_KEY)
+    try:
+        await _second_row_attack(store)
+    finally:
+        await store.close()
+
+
+async def _second_row_attack(store: Store) -> None:
+    w = await world(store)
+    await host_sql(store, "ALTER TABLE pats DROP CONSTRAINT uq_pats_token_hash")
+    await host_sql(store, "INSERT INTO pats (id, user_id, name, token_hash, last4, scopes, created_at, expires_at, "
+                          "issued_by, mac) SELECT :nid, user_id, name, :h, last4, scopes, created_at, expires_at, "
+                          "issued_by, mac FROM pats WHERE id = :bob",
+                   nid="f0f0f0f0-0000-4000-8000-000000000003", h=w["pats"]["alice"].token_hash,
+                   bob=w["pats"]["bob"].id)
+    for _ in range(5):
+        record = await auth_of(store, w["tokens"]["alice"])
+        assert record is None or (record.user.id == w["alice"].id and record.roles == {w["domain"].id: "member"})
 
 
 def test_the_encoding_is_unambiguous_and_keyed() -> None:
