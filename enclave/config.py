@@ -221,6 +221,32 @@ class Settings(_Strict):
         return self.effective_database_url().startswith("sqlite")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping naming one key twice. PyYAML keeps the last value silently, so whoever
+    reads the file (a reviewer checking the bytes HOST_DATA pins) could see one setting and the enclave use
+    another."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    # Only the keys written in this mapping: one may override a key merged in from an anchor (<<: *anchor).
+    explicit = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+    seen: set[Any] = set()
+    for key_node in explicit:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:   # an unhashable key: construct_mapping names it
+            break
+        if duplicate:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _format_validation(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
@@ -318,11 +344,13 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
         except UnicodeDecodeError:
             raise ConfigError(f"configuration file {file} is not UTF-8 text") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)   # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"configuration file {file} is not valid YAML{where}") from None
+            problem = getattr(e, "problem", "") or ""
+            why = f" ({problem})" if problem.startswith("duplicate key") else ""
+            raise ConfigError(f"configuration file {file} is not valid YAML{where}{why}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
