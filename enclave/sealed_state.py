@@ -149,10 +149,14 @@ def open_platform_secrets(data: bytes, provider: Any, *, config_sha256: bytes | 
 
 
 def _write_new(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (0600) through a temporary file and a rename: never a half-written file."""
+    """Write ``data`` to ``path`` (0600) through a temporary file and a rename: never a half-written file.
+
+    The temporary name is predictable and data_dir is the host's disk: whatever lies there under that name
+    (a symbolic link to a file of the guest, say) is removed, never followed, and the file is created anew."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)   # removes a link itself, not its target
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

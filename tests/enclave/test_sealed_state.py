@@ -305,3 +305,21 @@ def test_simulation_seals_unbound_so_a_development_config_may_change(tmp_path: P
     # An unbound file does not open outside simulation: there the configuration must be the sealed one.
     with pytest.raises(SealedStateError, match="another configuration"):
         platform_secrets_for(_config(tmp_path / "a.yaml", "log_level: INFO\n", data_dir), sim)
+
+
+def test_a_link_at_the_temporary_name_is_not_followed(tmp_path: Path, sim: SimProvider) -> None:
+    """data_dir is the host's disk and the temporary file's name is predictable (pid): a symbolic link put there
+    beforehand must not make the enclave truncate and overwrite the file it points to (in the guest)."""
+    import os
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    victim = tmp_path / "guest-file"
+    victim.write_text("the guest's own file\n")
+    (data_dir / f".{SEALED_FILE_NAME}.{os.getpid()}.tmp").symlink_to(victim)
+    keys, origin = obtain_platform_secrets(data_dir, sim)
+    assert origin == GENERATED and victim.read_text() == "the guest's own file\n"
+    sealed = data_dir / SEALED_FILE_NAME
+    assert not sealed.is_symlink() and stat.S_IMODE(sealed.stat().st_mode) == 0o600
+    assert sorted(p.name for p in data_dir.iterdir()) == [SEALED_FILE_NAME]
+    assert load_platform_secrets(data_dir, sim).root == keys.root
