@@ -206,6 +206,11 @@ class Settings(_Strict):
             raise ValueError("pat_default_ttl_days must not exceed pat_max_ttl_days")
         if self.database_tls is not None and not (self.database_url or "").startswith("postgresql"):
             raise ValueError("database_tls: only for a postgresql+asyncpg:// database_url")
+        policy_file = self.join.policy_file
+        if policy_file is not None and _inside(policy_file, self.data_dir):
+            raise ValueError(f"join.policy_file: {policy_file} lies in data_dir ({self.data_dir}), which the host "
+                             "writes: it would choose who receives the platform secrets. Give a file inside the "
+                             "measured image, or join.policy inline")
         names = [b.name for b in self.backends]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -245,6 +250,12 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it (both made absolute, links resolved where they exist)."""
+    resolved, base = Path(path).expanduser().resolve(), Path(directory).expanduser().resolve()
+    return resolved == base or base in resolved.parents
 
 
 def _format_validation(exc: ValidationError, source: str) -> str:

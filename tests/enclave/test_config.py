@@ -71,6 +71,21 @@ def test_a_key_merged_from_an_anchor_may_be_overridden(tmp_path: Path) -> None:
     assert (settings.listen.host, settings.listen.port) == ("127.0.0.2", 9001)
 
 
+def test_a_join_policy_file_on_the_hosts_disk_is_refused(tmp_path: Path) -> None:
+    """join.policy_file must lie in the measured image: in data_dir (the host's disk) the host would write the
+    policy that says who receives the platform secrets. Also through a --data-dir the host passes."""
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError, match="join.policy_file: .* lies in data_dir"):
+        load_settings(write(tmp_path, f"data_dir: {data}\njoin: {{policy_file: {data}/sub/../join.yaml}}\n"),
+                      environ={})
+    with pytest.raises(ConfigError, match="lies in data_dir"):
+        load_settings(write(tmp_path, f"join: {{policy_file: {data}/join.yaml}}\n"), environ={},
+                      overrides={"data_dir": str(data)})
+    fine = load_settings(write(tmp_path, f"data_dir: {data}\njoin: {{policy_file: {tmp_path}/image/join.yaml}}\n"),
+                         environ={})
+    assert fine.join.policy_file == tmp_path / "image" / "join.yaml"
+
+
 def test_kds_url_for_the_snp_crl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """attestation.kds_url reaches detect_provider as a KdsClient (default: the host agent's mirror as a
     guest reaches it); the sim ignores it."""
