@@ -165,7 +165,8 @@ class Settings(_Strict):
                                                             "else server_secret_file; else sealed in data_dir")
     server_secret_file: Path | None = None
     listen: ListenSettings = Field(default_factory=ListenSettings)
-    simulate: bool = False
+    # Strict: "true" or 1 would simulate while the environment gate (``simulate is True``) saw no simulation.
+    simulate: bool = Field(False, strict=True)
     backends: list[BackendConfig] = Field(default_factory=list)
     registry_refresh_seconds: float = Field(30.0, gt=0)
     pat_default_ttl_days: int = Field(30, ge=1)
