@@ -17,7 +17,7 @@ from enclave.access import ALL_SCOPES
 from enclave.auth import Authenticator, LastUsedTracker
 from enclave.errors import ApiError
 from enclave.row_mac import RowMac, encode
-from enclave.store import Store
+from enclave.store import Conflict, Store, StoreError
 from enclave.tokens import generate_token, token_hash
 from tests.enclave.conftest import PAT_KEY, ROW_KEY, EnclaveServer, FakeClock, make_settings, seed_world
 
@@ -288,6 +288,56 @@ async def _second_row_attack(store: Store) -> None:
     for _ in range(5):
         record = await auth_of(store, w["tokens"]["alice"])
         assert record is None or (record.user.id == w["alice"].id and record.roles == {w["domain"].id: "member"})
+
+
+async def swallow(store: Store, op: str, table: str) -> None:
+    """The host makes the database drop every ``op`` (UPDATE/DELETE) on ``table`` silently: a PostgreSQL rule,
+    a SQLite trigger. The statement 'succeeds' and changes nothing."""
+    name = f"swallow_{op.lower()}_{table}"
+    if store.engine.dialect.name == "postgresql":
+        await host_sql(store, f"CREATE RULE {name} AS ON {op} TO {table} DO INSTEAD NOTHING")
+    else:
+        await host_sql(store, f"CREATE TRIGGER {name} BEFORE {op} ON {table} BEGIN SELECT RAISE(IGNORE); END")
+
+
+async def test_a_swallowed_revocation_is_an_error_and_the_key_stays_refused(env) -> None:
+    """The admin API answers 204 to a revocation unless the store raises: a database that drops the update
+    must not leave the key working while the admin is told it is revoked."""
+    store, _ = env
+    w = await world(store)
+    await swallow(store, "UPDATE", "pats")
+    with pytest.raises(StoreError, match="did not keep its revocation"):
+        await store.revoke_pat(w["pats"]["bob"].id)
+    assert await auth_of(store, w["tokens"]["bob"]) is None          # refused by this process all the same
+    assert await auth_of(store, w["tokens"]["alice"]) is not None
+
+
+async def test_swallowed_demotions_and_removals_are_errors(env) -> None:
+    """Taking a right away (superadmin flag, a role, a membership, a user, a domain) against a database that
+    drops the statement: a StoreError (500), never a reply that says it was done."""
+    store, _ = env
+    w = await world(store)
+    await store.update_user(w["alice"].id, is_superadmin=True)
+    await swallow(store, "UPDATE", "users")
+    with pytest.raises(StoreError, match="did not keep the update"):
+        await store.update_user(w["alice"].id, is_superadmin=False)
+    await swallow(store, "UPDATE", "memberships")
+    with pytest.raises((StoreError, Conflict)):                      # the update dropped, the insert collides
+        await store.set_membership(w["domain"].id, w["bob"].id, "member")
+    assert (await store.get_member(w["domain"].id, w["bob"].id)).role == "admin"
+    await swallow(store, "UPDATE", "domains")
+    with pytest.raises(StoreError, match="did not keep the update"):
+        await store.update_domain(w["domain"].id, model_allowlist=["only-this"])
+    await swallow(store, "DELETE", "memberships")
+    with pytest.raises(StoreError, match="did not carry out the delete"):
+        await store.remove_membership(w["domain"].id, w["bob"].id)
+    await swallow(store, "DELETE", "users")
+    with pytest.raises(StoreError, match="did not carry out the delete"):
+        await store.delete_user(w["alice"].id)
+    await swallow(store, "DELETE", "domains")
+    with pytest.raises(StoreError, match="did not carry out the delete"):
+        await store.delete_domain(w["domain"].id)
+    assert await store.remove_membership(w["domain"].id, w["root"].id) is False   # truly absent: no error
 
 
 def test_the_encoding_is_unambiguous_and_keyed() -> None:
