@@ -49,12 +49,13 @@ def test_one_policy_only_and_bad_policies_refused(tmp_path: Path):
 
 def test_outside_simulation_the_sim_and_unmeasured_policies_are_refused(tmp_path: Path):
     sim_only = {"platforms": ["sim"], "sim_root_fingerprint": sim_provider().fingerprint, "allow_unmeasured": True}
+    confidential = {"simulate": False, "server_secret": None}   # make_settings simulates by default
     with pytest.raises(JoinError, match="simulated platform is for development"):
-        join_policy(make_settings(tmp_path, join={"policy": sim_only}), _own())
+        join_policy(make_settings(tmp_path, **confidential, join={"policy": sim_only}), _own())
     assert join_policy(make_settings(tmp_path, simulate=True, join={"policy": sim_only}), _own()).platforms == ["sim"]
     unmeasured = {"platforms": ["snp"], "snp": {"measurements": ["ab" * 48]}}   # firmware-only digest
     with pytest.raises(JoinError, match="does not pin the whole boot chain"):
-        join_policy(make_settings(tmp_path, join={"policy": unmeasured}), _own())
+        join_policy(make_settings(tmp_path, **confidential, join={"policy": unmeasured}), _own())
 
 
 def test_join_section_in_a_config_file(tmp_path: Path):
