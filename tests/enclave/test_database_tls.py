@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from enclave.config import ConfigError, check_database_transport
 from enclave.database_tls import certificate_sha256, pinned_client_context, spki_sha256_of_certificate
 from enclave.store import Store, open_store
-from tests.enclave.conftest import make_settings
+from tests.enclave.conftest import ROW_KEY, make_settings
 
 HOSTNAME = "db.cube.test"
 
@@ -97,7 +97,7 @@ def tls_postgres() -> Iterator[tuple[str, bytes, Path]]:
 
 
 async def _count_users(url: str, tls: ssl.SSLContext) -> int:
-    store = await Store.open(url, tls=tls)
+    store = await Store.open(url, row_key=ROW_KEY, tls=tls)
     try:
         return await store.count_users()
     finally:
@@ -144,7 +144,7 @@ def test_settings_carry_the_pin_to_the_store(tmp_path: Path, tls_postgres) -> No
         certificate_sha256(der)
 
     async def opened() -> int:
-        store = await open_store(settings)
+        store = await open_store(settings, ROW_KEY)
         try:
             return await store.count_users()
         finally:
@@ -154,17 +154,18 @@ def test_settings_carry_the_pin_to_the_store(tmp_path: Path, tls_postgres) -> No
     wrong = make_settings(tmp_path / "w", database_url=url,
                           database_tls={"server_spki_sha256": spki_sha256_of_certificate(_certificate()[0])})
     with pytest.raises(ssl.SSLCertVerificationError):
-        asyncio.run(open_store(wrong))
+        asyncio.run(open_store(wrong, ROW_KEY))
 
 
 def test_postgres_without_pinned_tls_is_refused_outside_simulation(tmp_path: Path) -> None:
     url = "postgresql+asyncpg://cube@10.0.0.5/cube"
+    confidential = {"simulate": False, "server_secret": None}   # make_settings simulates by default
     with pytest.raises(ConfigError, match="needs database_tls"):
-        check_database_transport(make_settings(tmp_path, database_url=url))
+        check_database_transport(make_settings(tmp_path, database_url=url, **confidential))
     check_database_transport(make_settings(tmp_path, database_url=url, simulate=True))
-    check_database_transport(make_settings(tmp_path, database_url=url,
+    check_database_transport(make_settings(tmp_path, database_url=url, **confidential,
                                            database_tls={"server_spki_sha256": "ab" * 32}))
-    check_database_transport(make_settings(tmp_path))  # SQLite in data_dir
+    check_database_transport(make_settings(tmp_path, **confidential))  # SQLite in data_dir
     with pytest.raises(ConfigError, match="exactly one"):
         make_settings(tmp_path, database_url=url, database_tls={})
     with pytest.raises(ConfigError, match="64 digits"):
