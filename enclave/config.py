@@ -171,7 +171,8 @@ class Settings(_Strict):
                                                             "else server_secret_file; else sealed in data_dir")
     server_secret_file: Path | None = None
     listen: ListenSettings = Field(default_factory=ListenSettings)
-    simulate: bool = False
+    # Strict: "true" or 1 would simulate while the environment gate (``simulate is True``) saw no simulation.
+    simulate: bool = Field(False, strict=True)
     backends: list[BackendConfig] = Field(default_factory=list)
     registry_refresh_seconds: float = Field(30.0, gt=0)
     pat_default_ttl_days: int = Field(30, ge=1)
@@ -212,6 +213,11 @@ class Settings(_Strict):
             raise ValueError("pat_default_ttl_days must not exceed pat_max_ttl_days")
         if self.database_tls is not None and not (self.database_url or "").startswith("postgresql"):
             raise ValueError("database_tls: only for a postgresql+asyncpg:// database_url")
+        policy_file = self.join.policy_file
+        if policy_file is not None and not self.simulate and _inside(policy_file, self.data_dir):
+            raise ValueError(f"join.policy_file: {policy_file} lies in data_dir ({self.data_dir}), which the host "
+                             "writes: it would choose who receives the platform secrets. Give a file inside the "
+                             "measured image, or join.policy inline")
         names = [b.name for b in self.backends]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -225,6 +231,38 @@ class Settings(_Strict):
         if self.auth_cache is not None:
             return self.auth_cache
         return self.effective_database_url().startswith("sqlite")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping naming one key twice. PyYAML keeps the last value silently, so whoever
+    reads the file (a reviewer checking the bytes HOST_DATA pins) could see one setting and the enclave use
+    another."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    # Only the keys written in this mapping: one may override a key merged in from an anchor (<<: *anchor).
+    explicit = [k for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+    seen: set[Any] = set()
+    for key_node in explicit:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:   # an unhashable key: construct_mapping names it
+            break
+        if duplicate:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it (both made absolute, links resolved where they exist)."""
+    resolved, base = Path(path).expanduser().resolve(), Path(directory).expanduser().resolve()
+    return resolved == base or base in resolved.parents
 
 
 def _format_validation(exc: ValidationError, source: str) -> str:
@@ -326,11 +364,13 @@ def load_settings(path: Path | None = None, *, environ: Mapping[str, str] | None
         except UnicodeDecodeError:
             raise ConfigError(f"configuration file {file} is not UTF-8 text") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)   # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"configuration file {file} is not valid YAML{where}") from None
+            problem = getattr(e, "problem", "") or ""
+            why = f" ({problem})" if problem.startswith("duplicate key") else ""
+            raise ConfigError(f"configuration file {file} is not valid YAML{where}{why}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -75,6 +75,11 @@ class RowMac:
         return hmac.digest(self._key, encode(table, values), "sha256").hex()
 
     def valid(self, table: str, values: Sequence[Value], mac: str | None) -> bool:
-        if not isinstance(mac, str) or len(mac) != MAC_HEX_CHARS:
+        """Whether ``mac`` is this row's; False also for values no row of ours can hold (no encoding)."""
+        if not isinstance(mac, str) or len(mac) != MAC_HEX_CHARS or not mac.isascii():   # compare_digest: ASCII only
             return False
-        return hmac.compare_digest(self.mac(table, values), mac)
+        try:
+            expected = self.mac(table, values)
+        except TypeError:   # e.g. a JSON number in a list of strings, written by the host
+            return False
+        return hmac.compare_digest(expected, mac)

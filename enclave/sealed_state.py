@@ -3,11 +3,17 @@
 File ``data_dir/platform-secrets.sealed`` (JSON, public fields only)::
 
     {"format": "cube-sealed-state/v1", "platform": "snp" | "sim", "bound_to": "<what the key is bound to>",
-     "aead": "AES-256-GCM", "nonce": "<base64, 12 bytes>", "ciphertext": "<base64: PlatformSecrets.to_bytes() + tag>"}
+     "config": "<SHA-256 hex of the configuration file>" | "unbound", "aead": "AES-256-GCM",
+     "nonce": "<base64, 12 bytes>", "ciphertext": "<base64: PlatformSecrets.to_bytes() + tag>"}
 
 * key = HKDF-SHA-256(provider.derived_key(b"cube-ai/sealed-state/v1"), info = "cube-ai/sealed-state/v1/aes-256-gcm")
-* AAD = the canonical JSON of the header (format, platform, bound_to, aead), so no header field can be changed
-  without the file failing to open. The nonce is random per write (one key seals few messages).
+* AAD = the canonical JSON of the header (format, platform, bound_to, config, aead), so no header field can be
+  changed without the file failing to open. The nonce is random per write (one key seals few messages).
+* ``config``: outside simulation, the digest of the configuration the secrets were sealed under; the file opens
+  only under that same configuration. The firmware key is not bound to HOST_DATA (the key request has no such
+  field), and HOST_DATA is the host's to choose: without this, the host could launch the same image with a
+  configuration of its own (a lax join policy, its own operator key) and a HOST_DATA to match, and that
+  enclave would open this deployment's secrets. (Simulation: "unbound", so a development config may change.)
 
 The sealing key is the platform's (SNP: the firmware's derived key, bound to the launch measurement and guest
 policy, see ``attestation.providers.snp_derived_key``; the sim: its stand-in). Another image, another policy or
@@ -52,7 +58,8 @@ FORMAT = "cube-sealed-state/v1"
 AEAD = "AES-256-GCM"
 SEALING_CONTEXT = b"cube-ai/sealed-state/v1"
 _AEAD_INFO = b"cube-ai/sealed-state/v1/aes-256-gcm"
-_HEADER_FIELDS = ("format", "platform", "bound_to", "aead")
+_HEADER_FIELDS = ("format", "platform", "bound_to", "config", "aead")
+UNBOUND = "unbound"   # the "config" of secrets sealed without a configuration binding (simulation)
 MAX_SEALED_BYTES = 64 * 1024
 
 # Where the secrets in use came from (``obtain_platform_secrets``' second value).
@@ -73,28 +80,41 @@ def _aead(provider: Any) -> AESGCM:
     return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_AEAD_INFO).derive(base))
 
 
-def _header(provider: Any) -> dict[str, str]:
+def _config_field(config_sha256: bytes | None) -> str:
+    if config_sha256 is None:
+        return UNBOUND
+    if not isinstance(config_sha256, bytes) or len(config_sha256) != 32:
+        raise ValueError("config_sha256 is the 32-byte SHA-256 of the configuration file")
+    return config_sha256.hex()
+
+
+def _header(provider: Any, config_sha256: bytes | None) -> dict[str, str]:
     return {"format": FORMAT, "platform": str(provider.platform), "bound_to": str(provider.sealing_binding),
-            "aead": AEAD}
+            "config": _config_field(config_sha256), "aead": AEAD}
 
 
 def _aad(header: dict[str, str]) -> bytes:
     return json.dumps({k: header[k] for k in _HEADER_FIELDS}, sort_keys=True, separators=(",", ":")).encode()
 
 
-def seal_platform_secrets(platform_secrets: PlatformSecrets, provider: Any) -> bytes:
-    """The sealed file's bytes for ``platform_secrets`` under ``provider``'s sealing key.
+def seal_platform_secrets(platform_secrets: PlatformSecrets, provider: Any, *,
+                          config_sha256: bytes | None = None) -> bytes:
+    """The sealed file's bytes for ``platform_secrets`` under ``provider``'s sealing key, bound to the
+    configuration whose SHA-256 is ``config_sha256`` (None: unbound, simulation).
 
     Raises NoSealingKey where the platform has no sealing key (TDX)."""
-    header = _header(provider)
+    header = _header(provider, config_sha256)
     nonce = _random.token_bytes(12)
     sealed = _aead(provider).encrypt(nonce, platform_secrets.to_bytes(), _aad(header))
     doc = {**header, "nonce": base64.b64encode(nonce).decode(), "ciphertext": base64.b64encode(sealed).decode()}
     return (json.dumps(doc, indent=1) + "\n").encode()
 
 
-def open_platform_secrets(data: bytes, provider: Any) -> PlatformSecrets:
-    """The platform secrets in a sealed file; SealedStateError when it is not one or does not open here."""
+def open_platform_secrets(data: bytes, provider: Any, *, config_sha256: bytes | None = None) -> PlatformSecrets:
+    """The platform secrets in a sealed file; SealedStateError when it is not one or does not open here.
+
+    ``config_sha256``: the digest of the configuration loaded; the file must have been sealed under it (None:
+    any, simulation)."""
     try:
         doc = json.loads(data)
         header = {k: doc[k] for k in _HEADER_FIELDS}
@@ -108,6 +128,10 @@ def open_platform_secrets(data: bytes, provider: Any) -> PlatformSecrets:
         raise SealedStateError(f"unknown sealed-state format {header['format']!r} / {header['aead']!r}")
     if header["platform"] != provider.platform:
         raise SealedStateError(f"sealed on platform {header['platform']!r}, this is {provider.platform!r}")
+    if config_sha256 is not None and header["config"] != _config_field(config_sha256):
+        raise SealedStateError(f"sealed under another configuration (SHA-256 {header['config']}), not the one "
+                               f"loaded ({config_sha256.hex()}): the platform secrets open only under the "
+                               "configuration they were sealed with")
     if len(nonce) != 12:
         raise SealedStateError("sealed-state nonce must be 12 bytes")
     try:
@@ -143,10 +167,11 @@ def _write_new(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def persist(data_dir: Path, platform_secrets: PlatformSecrets, provider: Any) -> bool:
+def persist(data_dir: Path, platform_secrets: PlatformSecrets, provider: Any, *,
+            config_sha256: bytes | None = None) -> bool:
     """Seal and write the secrets; False (logged at ERROR) where the platform has no sealing key."""
     try:
-        data = seal_platform_secrets(platform_secrets, provider)
+        data = seal_platform_secrets(platform_secrets, provider, config_sha256=config_sha256)
     except NoSealingKey as e:
         log.error("platform secrets NOT persisted: %s. They live in this process only: every restart of this "
                   "replica must obtain them again from a running replica (--join)", e)
@@ -185,14 +210,16 @@ def _refusal(path: Path, why: str) -> SealedStateError:
 
 
 def obtain_platform_secrets(data_dir: Path, provider: Any, *, obtain: Callable[[], PlatformSecrets] | None = None,
-                            generate: bool = True) -> tuple[PlatformSecrets, str]:
+                            generate: bool = True, config_sha256: bytes | None = None
+                            ) -> tuple[PlatformSecrets, str]:
     """The platform secrets and where they came from (FROM_SEALED, FROM_PEER or GENERATED); see the module doc.
 
-    ``generate=False``: refuse to make fresh secrets (the caller knows the database is in use)."""
+    ``generate=False``: refuse to make fresh secrets (the caller knows the database is in use).
+    ``config_sha256``: the configuration the secrets are sealed to and must have been sealed under."""
     path = Path(data_dir) / SEALED_FILE_NAME
     if path.exists():
         try:
-            return open_platform_secrets(_read_sealed(path), provider), FROM_SEALED
+            return open_platform_secrets(_read_sealed(path), provider, config_sha256=config_sha256), FROM_SEALED
         except SealedStateError as e:
             raise _refusal(path, str(e)) from None
     if obtain is not None:
@@ -208,7 +235,7 @@ def obtain_platform_secrets(data_dir: Path, provider: Any, *, obtain: Callable[[
             f"or use an empty database.{no_key}")
     else:
         got, origin = PlatformSecrets.generate(), GENERATED
-    if persist(data_dir, got, provider):
+    if persist(data_dir, got, provider, config_sha256=config_sha256):
         log.info("platform secrets %s and sealed to %s", "obtained from a peer" if obtain else "generated",
                  provider.sealing_binding)
     return got, origin
@@ -234,7 +261,9 @@ def platform_secrets_for(settings: Settings, provider: Any, *, obtain: Callable[
         return PlatformSecrets(explicit), FROM_CONFIG
     legacy = legacy_secret_file(settings)
     if legacy is None:
-        return obtain_platform_secrets(settings.data_dir, provider, obtain=obtain, generate=generate)
+        bound = None if settings.simulate else settings.config_file.sha256
+        return obtain_platform_secrets(settings.data_dir, provider, obtain=obtain, generate=generate,
+                                       config_sha256=bound)
     if not settings.simulate:
         raise SealedStateError(
             f"{legacy} holds the server secret in plaintext, where the host can read it: the keys and rows it "

@@ -8,6 +8,10 @@ update made here and checked on every read. A row whose MAC fails (edited, swapp
 the key, or written before revision 0003) is never served: a read of one row returns None (for authentication:
 an unknown key, 401), a list omits it; each refusal is logged at ERROR with the table and primary key and
 reported to ``on_integrity_failure(table)`` (the Prometheus counter cube_store_integrity_failures_total).
+
+Writes that take a right away (revocation, demotion, role change, removal, deletion) are checked to have taken
+effect: the host's database could drop them silently (a rule or trigger), and then the store raises StoreError
+rather than report success. A revoked key is refused by this process even if its revocation was dropped.
 """
 
 from __future__ import annotations
@@ -242,6 +246,18 @@ class Store:
         async with self.engine.connect() as conn:
             return (await conn.execute(stmt)).all()
 
+    async def _ensure_gone(self, table: sa.Table, where: Any, what: str) -> None:
+        """After a delete that matched no row: StoreError when the row is still there. The database is the
+        host's: a rule or trigger can swallow a delete, and a right must not survive its removal unnoticed."""
+        if await self._rows(sa.select(sa.literal(1)).select_from(table).where(where)):
+            raise StoreError(f"{what}: the database did not carry out the delete")
+
+    @staticmethod
+    def _ensure_kept(got: Any, wanted: Any, what: str) -> None:
+        """After an update: StoreError unless the row now reads as written (see ``_ensure_gone``)."""
+        if got != wanted:
+            raise StoreError(f"{what}: the database did not keep the update")
+
     # integrity
     def _refused(self, table: str, key: str) -> None:
         log.error("store integrity: refused a %s row whose MAC does not match (primary key %s): edited, swapped "
@@ -255,17 +271,26 @@ class Store:
         self._refused(table, "/".join(str(f) for f in fields[:2 if table == "memberships" else 1]))
         return False
 
+    def _converted(self, table: str, convert: Callable[[Any], Any], row: Any) -> Any:
+        """``convert(row)``, or None (refused) when the row holds values of a type the store never writes (e.g.
+        JSON numbers where it writes a list of strings): a forgery like any other, not an error for the read."""
+        try:
+            return convert(row)
+        except (TypeError, ValueError):
+            self._refused(table, str(getattr(row, "id", "?")))
+            return None
+
     def _user_row(self, row: Any) -> User | None:
-        user = _user(row)
-        return user if self._checked("users", _user_fields(user), row.mac) else None
+        user = self._converted("users", _user, row)
+        return user if user is not None and self._checked("users", _user_fields(user), row.mac) else None
 
     def _domain_row(self, row: Any) -> Domain | None:
-        domain = _domain(row)
-        return domain if self._checked("domains", _domain_fields(domain), row.mac) else None
+        domain = self._converted("domains", _domain, row)
+        return domain if domain is not None and self._checked("domains", _domain_fields(domain), row.mac) else None
 
     def _pat_row(self, row: Any) -> Pat | None:
-        pat = _pat(row)
-        if not self._checked("pats", _pat_fields(pat), row.mac):
+        pat = self._converted("pats", _pat, row)
+        if pat is None or not self._checked("pats", _pat_fields(pat), row.mac):
             return None
         if pat.revoked_at is None and pat.id in self._revoked:
             log.error("store integrity: refused a pats row from before its revocation (primary key %s): an older "
@@ -329,11 +354,13 @@ class Store:
         changed = User(id=current.id, name=current.name if name is None else name,
                        is_superadmin=current.is_superadmin if is_superadmin is None else is_superadmin,
                        created_at=current.created_at)
-        if changed != current:
-            await self._write(users.update().where(users.c.id == user_id).values(
-                name=changed.name, is_superadmin=changed.is_superadmin,
-                mac=self._mac.mac("users", _user_fields(changed))))
-        return await self.get_user(user_id)
+        if changed == current:
+            return current
+        await self._write(users.update().where(users.c.id == user_id).values(
+            name=changed.name, is_superadmin=changed.is_superadmin, mac=self._mac.mac("users", _user_fields(changed))))
+        got = await self.get_user(user_id)
+        self._ensure_kept(got, changed, f"user {user_id}")
+        return got
 
     async def delete_user(self, user_id: str) -> bool:
         """Delete the user (their memberships and keys go with them). Keys they issued to others lose their
@@ -351,6 +378,8 @@ class Store:
         except IntegrityError as e:
             raise Conflict(str(e.orig).splitlines()[0] if e.orig else "conflict") from None
         self.generation += 1
+        if not deleted:
+            await self._ensure_gone(users, users.c.id == user_id, f"user {user_id}")
         return deleted
 
     # domains
@@ -390,14 +419,21 @@ class Store:
             allow = tuple(model_allowlist)
         changed = Domain(id=current.id, name=current.name if name is None else name, model_allowlist=allow,
                          created_at=current.created_at)
-        if changed != current:
-            await self._write(domains.update().where(domains.c.id == domain_id).values(
-                name=changed.name, model_allowlist=list(allow) if allow is not None else None,
-                mac=self._mac.mac("domains", _domain_fields(changed))))
-        return await self.get_domain(domain_id)
+        if changed == current:
+            return current
+        await self._write(domains.update().where(domains.c.id == domain_id).values(
+            name=changed.name, model_allowlist=list(allow) if allow is not None else None,
+            mac=self._mac.mac("domains", _domain_fields(changed))))
+        got = await self.get_domain(domain_id)
+        self._ensure_kept(got, changed, f"domain {domain_id}")
+        return got
 
     async def delete_domain(self, domain_id: str) -> bool:
-        return (await self._write(domains.delete().where(domains.c.id == domain_id))).rowcount > 0
+        where = domains.c.id == domain_id
+        deleted = (await self._write(domains.delete().where(where))).rowcount > 0
+        if not deleted:
+            await self._ensure_gone(domains, where, f"domain {domain_id}")
+        return deleted
 
     # memberships
     async def set_membership(self, domain_id: str, user_id: str, role: str) -> Member:
@@ -419,6 +455,7 @@ class Store:
         member = await self.get_member(domain_id, user_id)
         if member is None:   # the user's row fails its MAC: the membership is stored, but never served
             raise StoreError(f"user {user_id}: its row failed the integrity check")
+        self._ensure_kept(member.role, role, f"membership of user {user_id} in domain {domain_id}")
         return member
 
     async def get_member(self, domain_id: str, user_id: str) -> Member | None:
@@ -442,9 +479,11 @@ class Store:
         return members
 
     async def remove_membership(self, domain_id: str, user_id: str) -> bool:
-        result = await self._write(memberships.delete().where(
-            (memberships.c.domain_id == domain_id) & (memberships.c.user_id == user_id)))
-        return result.rowcount > 0
+        where = (memberships.c.domain_id == domain_id) & (memberships.c.user_id == user_id)
+        removed = (await self._write(memberships.delete().where(where))).rowcount > 0
+        if not removed:
+            await self._ensure_gone(memberships, where, f"membership of user {user_id} in domain {domain_id}")
+        return removed
 
     async def roles_of(self, user_id: str) -> dict[str, str]:
         rows = await self._rows(sa.select(memberships.c.domain_id, memberships.c.role, memberships.c.mac)
@@ -490,17 +529,24 @@ class Store:
         """Revoke the key (once: a revoked key keeps its first revocation time). None when there is no such key
         or its row fails its MAC."""
         when = _aware(at) or utcnow()
+        revoking = False
         async with self.engine.begin() as conn:
             rows = (await conn.execute(pats.select().where(pats.c.id == pat_id))).all()
             current = self._pat_row(rows[0]) if rows else None
             if current is None:
                 return None
             if current.revoked_at is None:
+                revoking = True
+                self._revoked.add(pat_id)   # from now on refused by this process, whatever the database keeps
                 revoked = dataclasses.replace(current, revoked_at=when)
                 await conn.execute(pats.update().where((pats.c.id == pat_id) & pats.c.revoked_at.is_(None))
                                    .values(revoked_at=when, mac=self._mac.mac("pats", _pat_fields(revoked))))
         self.generation += 1
-        return await self.get_pat(pat_id)
+        got = await self.get_pat(pat_id)
+        if revoking and got is None and await self._rows(sa.select(pats.c.id).where(pats.c.id == pat_id)):
+            # the row is there but unrevoked (refused above) or unreadable: a swallowed update, not a success
+            raise StoreError(f"key {pat_id}: the database did not keep its revocation (this process refuses it)")
+        return got
 
     async def find_auth(self, token_hash: str) -> AuthRecord | None:
         """The PAT with this keyed hash, its owner and the owner's domain roles (one round trip for the join)."""

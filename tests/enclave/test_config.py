@@ -49,6 +49,9 @@ def test_yaml_and_env_overrides(tmp_path: Path) -> None:
     ("simulate: true\n", {"CUBE_ENCLAVE__NOPE": "1"}, "nope: unknown key"),
     ("- a\n- b\n", {}, "top level must be a mapping"),
     ("listen: [\n", {}, "not valid YAML at line"),
+    # One key twice: PyYAML would keep the last silently, so a reader of the file could see another setting.
+    ("join:\n  accept: false\n  accept: true\n", {}, "at line 3, column 3 (duplicate key 'accept')"),
+    ("log_level: INFO\nlog_level: DEBUG\n", {}, "duplicate key 'log_level'"),
     ("backends:\n - {name: a, kind: ollama, base_url: 'http://h'}\n - {name: a, kind: vllm, base_url: 'http://i'}\n",
      {}, "duplicate backend name"),
 ])
@@ -56,6 +59,31 @@ def test_errors_name_the_key(tmp_path: Path, text: str, env: dict, needle: str) 
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, text), environ=env)
     assert needle in str(err.value)
+
+
+def test_a_key_merged_from_an_anchor_may_be_overridden(tmp_path: Path) -> None:
+    """Not a duplicate: a key written beside a merge key (<<: *anchor) overrides the merged one, as YAML says."""
+    settings = load_settings(write(tmp_path, "listen: &l {port: 9000, host: 127.0.0.2}\n"
+                                             "limits: {max_connections: 5}\n"), environ={})
+    assert settings.listen.port == 9000
+    text = "listen: {<<: {port: 9000, host: 127.0.0.2}, port: 9001}\n"
+    settings = load_settings(write(tmp_path, text), environ={})
+    assert (settings.listen.host, settings.listen.port) == ("127.0.0.2", 9001)
+
+
+def test_a_join_policy_file_on_the_hosts_disk_is_refused(tmp_path: Path) -> None:
+    """join.policy_file must lie in the measured image: in data_dir (the host's disk) the host would write the
+    policy that says who receives the platform secrets. Also through a --data-dir the host passes."""
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError, match="join.policy_file: .* lies in data_dir"):
+        load_settings(write(tmp_path, f"data_dir: {data}\njoin: {{policy_file: {data}/sub/../join.yaml}}\n"),
+                      environ={})
+    with pytest.raises(ConfigError, match="lies in data_dir"):
+        load_settings(write(tmp_path, f"join: {{policy_file: {data}/join.yaml}}\n"), environ={},
+                      overrides={"data_dir": str(data)})
+    fine = load_settings(write(tmp_path, f"data_dir: {data}\njoin: {{policy_file: {tmp_path}/image/join.yaml}}\n"),
+                         environ={})
+    assert fine.join.policy_file == tmp_path / "image" / "join.yaml"
 
 
 def test_kds_url_for_the_snp_crl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

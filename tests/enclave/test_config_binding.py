@@ -86,6 +86,24 @@ def test_the_environment_cannot_switch_simulation_off_and_keep_its_overrides(tmp
         load_settings(path, environ={"CUBE_ENCLAVE__SIMULATE": "false", "CUBE_ENCLAVE__LISTEN__PORT": "9443"})
 
 
+@pytest.mark.parametrize("value", ['"true"', "1", "yes please"])
+def test_simulation_is_a_yaml_boolean_or_nothing(tmp_path: Path, value: str) -> None:
+    """A string or number must not turn simulation on: the environment gate reads only a real boolean, so such
+    a file would simulate while refusing overrides "outside simulation", or the other way round."""
+    path, _ = _config(tmp_path, CONFIG_TEXT + f"simulate: {value}\n")
+    with pytest.raises(ConfigError, match="simulate: Input should be a valid boolean"):
+        load_settings(path, environ={})
+
+
+def test_environment_names_in_another_case_do_nothing(tmp_path: Path) -> None:
+    """Only CUBE_ENCLAVE__ (exact case) is read, so other spellings are neither refused nor applied."""
+    path, _ = _config(tmp_path)
+    plain = load_settings(path, environ={})
+    odd = load_settings(path, environ={"cube_enclave__database_url": "postgresql+asyncpg://h@10.0.2.2/db",
+                                       "Cube_Enclave__LISTEN__PORT": "1", "CUBE_ENCLAVE_SIMULATE": "true"})
+    assert odd.model_dump() == plain.model_dump() and not odd.simulate
+
+
 def test_launch_flags_set_only_where_data_lives_and_where_to_listen(tmp_path: Path) -> None:
     path, digest = _config(tmp_path)
     args = _parser().parse_args(["serve", "--config", str(path), "--data-dir", str(tmp_path / "d"),

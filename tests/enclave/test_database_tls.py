@@ -28,10 +28,9 @@ from cryptography.x509.oid import NameOID
 from enclave.config import ConfigError, check_database_transport
 from enclave.database_tls import certificate_sha256, pinned_client_context, spki_sha256_of_certificate
 from enclave.store import Store, open_store
-from tests.enclave.conftest import make_settings
+from tests.enclave.conftest import ROW_KEY, make_settings
 
 HOSTNAME = "db.cube.test"
-ROW_KEY = bytes(range(32))   # the row-MAC key (any 32 bytes: these tests read no rows)
 
 
 def _certificate(hostname: str = HOSTNAME) -> tuple[bytes, bytes]:

@@ -17,7 +17,7 @@ from enclave.access import ALL_SCOPES
 from enclave.auth import Authenticator, LastUsedTracker
 from enclave.errors import ApiError
 from enclave.row_mac import RowMac, encode
-from enclave.store import Store
+from enclave.store import Conflict, Store, StoreError
 from enclave.tokens import generate_token, token_hash
 from tests.enclave.conftest import PAT_KEY, ROW_KEY, EnclaveServer, FakeClock, make_settings, seed_world
 
@@ -89,7 +89,7 @@ async def test_an_inserted_pat_is_refused_even_with_the_right_token_hash(env, ca
     w = await world(store)
     tok = generate_token()
     with caplog.at_level(logging.ERROR, logger="enclave.store"):
-        for mac in (None, "0" * 64, w["pats"]["root"].id):
+        for mac in (None, "0" * 64, w["pats"]["root"].id, "\u00e9" * 64):   # non-ASCII: no compare_digest error
             await host_sql(store, "DELETE FROM pats WHERE name = 'forged'")
             await host_sql(store, "INSERT INTO pats (id, user_id, name, token_hash, last4, scopes, created_at, "
                                   "expires_at, issued_by, mac) VALUES ('f0f0f0f0-0000-4000-8000-000000000001', :u, "
@@ -98,7 +98,7 @@ async def test_an_inserted_pat_is_refused_even_with_the_right_token_hash(env, ca
                            now=datetime.now(UTC), exp=datetime.now(UTC) + timedelta(days=9), mac=mac)
             assert await auth_of(store, tok) is None
     assert "pats row" in caplog.text and "f0f0f0f0-0000-4000-8000-000000000001" in caplog.text
-    assert refusals.tables == ["pats"] * 3
+    assert refusals.tables == ["pats"] * 4
     assert "forged" not in [p.name for p in await store.list_pats(user_id=w["root"].id)]
 
 
@@ -239,6 +239,105 @@ async def test_legitimate_writes_keep_rows_valid(env) -> None:
     assert record.roles == {w["domain"].id: "admin"}
     assert (await store.get_domain(w["domain"].id)).model_allowlist is None
     assert refusals.tables == []
+
+
+@pytest.mark.parametrize("table, column, value", [
+    ("pats", "scopes", "[1]"), ("pats", "scopes", "5"), ("pats", "model_allowlist", "[null]"),
+    ("pats", "model_allowlist", "{\"a\": 1}"), ("domains", "model_allowlist", "[[\"x\"]]"),
+    ("domains", "model_allowlist", "7")])
+async def test_a_json_column_of_another_type_is_refused_not_a_crash(env, table: str, column: str,
+                                                                    value: str) -> None:
+    """The host writes JSON of a shape the store never writes (numbers, nested lists, a bare scalar): the row
+    is refused like any other forgery (401, left out of lists), never an exception that fails every request
+    reading that table."""
+    store, refusals = env
+    w = await world(store)
+    target = w["pats"]["alice"].id if table == "pats" else w["domain"].id
+    await host_sql(store, f"UPDATE {table} SET {column} = :v WHERE id = :id", v=value, id=target)
+    if table == "pats":
+        assert await auth_of(store, w["tokens"]["alice"]) is None
+        assert await store.get_pat(target) is None
+        assert target not in [p.id for p in await store.list_pats()]
+        assert await auth_of(store, w["tokens"]["bob"]) is not None
+    else:
+        assert await store.get_domain(target) is None and await store.list_domains() == []
+    assert refusals.tables and set(refusals.tables) == {table}
+
+
+async def test_a_second_row_with_a_real_token_hash_lends_no_roles(pg_schema_url) -> None:
+    """PostgreSQL (SQLite cannot drop a unique constraint): the host drops the one on token_hash and adds a row
+    with alice's token hash whose owner is bob (admin of the domain), with bob's key's MAC. The join then brings
+    bob's membership rows into alice's authentication: they must not give her bob's role (each is checked
+    against her user id)."""
+    url, schema = pg_schema_url
+    store = await Store.open(url, schema=schema, row_key=ROW_KEY)
+    try:
+        await _second_row_attack(store)
+    finally:
+        await store.close()
+
+
+async def _second_row_attack(store: Store) -> None:
+    w = await world(store)
+    await host_sql(store, "ALTER TABLE pats DROP CONSTRAINT uq_pats_token_hash")
+    await host_sql(store, "INSERT INTO pats (id, user_id, name, token_hash, last4, scopes, created_at, expires_at, "
+                          "issued_by, mac) SELECT :nid, user_id, name, :h, last4, scopes, created_at, expires_at, "
+                          "issued_by, mac FROM pats WHERE id = :bob",
+                   nid="f0f0f0f0-0000-4000-8000-000000000003", h=w["pats"]["alice"].token_hash,
+                   bob=w["pats"]["bob"].id)
+    for _ in range(5):
+        record = await auth_of(store, w["tokens"]["alice"])
+        assert record is None or (record.user.id == w["alice"].id and record.roles == {w["domain"].id: "member"})
+
+
+async def swallow(store: Store, op: str, table: str) -> None:
+    """The host makes the database drop every ``op`` (UPDATE/DELETE) on ``table`` silently: a PostgreSQL rule,
+    a SQLite trigger. The statement 'succeeds' and changes nothing."""
+    name = f"swallow_{op.lower()}_{table}"
+    if store.engine.dialect.name == "postgresql":
+        await host_sql(store, f"CREATE RULE {name} AS ON {op} TO {table} DO INSTEAD NOTHING")
+    else:
+        await host_sql(store, f"CREATE TRIGGER {name} BEFORE {op} ON {table} BEGIN SELECT RAISE(IGNORE); END")
+
+
+async def test_a_swallowed_revocation_is_an_error_and_the_key_stays_refused(env) -> None:
+    """The admin API answers 204 to a revocation unless the store raises: a database that drops the update
+    must not leave the key working while the admin is told it is revoked."""
+    store, _ = env
+    w = await world(store)
+    await swallow(store, "UPDATE", "pats")
+    with pytest.raises(StoreError, match="did not keep its revocation"):
+        await store.revoke_pat(w["pats"]["bob"].id)
+    assert await auth_of(store, w["tokens"]["bob"]) is None          # refused by this process all the same
+    assert await auth_of(store, w["tokens"]["alice"]) is not None
+
+
+async def test_swallowed_demotions_and_removals_are_errors(env) -> None:
+    """Taking a right away (superadmin flag, a role, a membership, a user, a domain) against a database that
+    drops the statement: a StoreError (500), never a reply that says it was done."""
+    store, _ = env
+    w = await world(store)
+    await store.update_user(w["alice"].id, is_superadmin=True)
+    await swallow(store, "UPDATE", "users")
+    with pytest.raises(StoreError, match="did not keep the update"):
+        await store.update_user(w["alice"].id, is_superadmin=False)
+    await swallow(store, "UPDATE", "memberships")
+    with pytest.raises((StoreError, Conflict)):                      # the update dropped, the insert collides
+        await store.set_membership(w["domain"].id, w["bob"].id, "member")
+    assert (await store.get_member(w["domain"].id, w["bob"].id)).role == "admin"
+    await swallow(store, "UPDATE", "domains")
+    with pytest.raises(StoreError, match="did not keep the update"):
+        await store.update_domain(w["domain"].id, model_allowlist=["only-this"])
+    await swallow(store, "DELETE", "memberships")
+    with pytest.raises(StoreError, match="did not carry out the delete"):
+        await store.remove_membership(w["domain"].id, w["bob"].id)
+    await swallow(store, "DELETE", "users")
+    with pytest.raises(StoreError, match="did not carry out the delete"):
+        await store.delete_user(w["alice"].id)
+    await swallow(store, "DELETE", "domains")
+    with pytest.raises(StoreError, match="did not carry out the delete"):
+        await store.delete_domain(w["domain"].id)
+    assert await store.remove_membership(w["domain"].id, w["root"].id) is False   # truly absent: no error
 
 
 def test_the_encoding_is_unambiguous_and_keyed() -> None:

@@ -273,3 +273,68 @@ def test_a_link_planted_in_data_dir_does_not_redirect_the_sealed_write(tmp_path:
     keys, _ = obtain_platform_secrets(data, sim)
     assert victim.read_bytes() == b"keep"
     assert obtain_platform_secrets(data, sim)[0] == keys
+
+
+def _config(path: Path, text: str, data_dir: Path, **overrides):
+    path.write_text(text)
+    return load_settings(path, environ={}, overrides={"data_dir": str(data_dir), **overrides})
+
+
+def test_the_sealed_state_opens_only_under_the_configuration_it_was_sealed_with(tmp_path: Path,
+                                                                                sim: SimProvider) -> None:
+    """The host launches the same image (same measurement, so the same sealing key) with a configuration of its
+    own and a HOST_DATA to match it (the start check passes: the host chose both): that enclave must not open
+    this deployment's secrets, or its own join policy / operator key would hand them out. Nor may the host
+    re-label the file with its configuration's digest (the header is in the AAD)."""
+    data_dir = tmp_path / "data"
+    ours = _config(tmp_path / "ours.yaml", "log_level: INFO\n", data_dir)
+    keys, origin = platform_secrets_for(ours, sim)
+    assert origin == GENERATED
+    sealed = data_dir / SEALED_FILE_NAME
+    assert json.loads(sealed.read_bytes())["config"] == ours.config_file.sha256.hex()
+    hosts = _config(tmp_path / "hosts.yaml", "log_level: INFO\nbootstrap: {admin_name: host}\n", data_dir)
+    before = sealed.read_bytes()
+    with pytest.raises(SealedStateError, match="refused: sealed under another configuration"):
+        platform_secrets_for(hosts, sim)
+    with pytest.raises(SealedStateError, match="refused"):        # nor fresh secrets, nor the peer's, instead
+        platform_secrets_for(hosts, sim, obtain=PlatformSecrets.generate)
+    assert sealed.read_bytes() == before
+    doc = json.loads(before)
+    doc["config"] = hosts.config_file.sha256.hex()
+    sealed.write_text(json.dumps(doc))
+    with pytest.raises(SealedStateError, match="does not open"):
+        platform_secrets_for(hosts, sim)
+    sealed.write_bytes(before)
+    again, origin = platform_secrets_for(ours, sim)
+    assert origin == FROM_SEALED and again.root == keys.root
+
+
+def test_simulation_seals_unbound_so_a_development_config_may_change(tmp_path: Path, sim: SimProvider) -> None:
+    data_dir = tmp_path / "data"
+    first = _config(tmp_path / "a.yaml", "log_level: INFO\n", data_dir, simulate=True)
+    keys, _ = platform_secrets_for(first, sim)
+    assert json.loads((data_dir / SEALED_FILE_NAME).read_bytes())["config"] == "unbound"
+    changed = _config(tmp_path / "b.yaml", "log_level: DEBUG\n", data_dir, simulate=True)
+    again, origin = platform_secrets_for(changed, sim)
+    assert origin == FROM_SEALED and again.root == keys.root
+    # An unbound file does not open outside simulation: there the configuration must be the sealed one.
+    with pytest.raises(SealedStateError, match="another configuration"):
+        platform_secrets_for(_config(tmp_path / "a.yaml", "log_level: INFO\n", data_dir), sim)
+
+
+def test_a_link_at_the_temporary_name_is_not_followed(tmp_path: Path, sim: SimProvider) -> None:
+    """data_dir is the host's disk and the temporary file's name is predictable (pid): a symbolic link put there
+    beforehand must not make the enclave truncate and overwrite the file it points to (in the guest)."""
+    import os
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    victim = tmp_path / "guest-file"
+    victim.write_text("the guest's own file\n")
+    (data_dir / f".{SEALED_FILE_NAME}.{os.getpid()}.tmp").symlink_to(victim)
+    keys, origin = obtain_platform_secrets(data_dir, sim)
+    assert origin == GENERATED and victim.read_text() == "the guest's own file\n"
+    sealed = data_dir / SEALED_FILE_NAME
+    assert not sealed.is_symlink() and stat.S_IMODE(sealed.stat().st_mode) == 0o600
+    assert sorted(p.name for p in data_dir.iterdir()) == [SEALED_FILE_NAME]
+    assert load_platform_secrets(data_dir, sim).root == keys.root
