@@ -242,14 +242,15 @@ def test_full_backend_without_a_queue_is_a_503_with_retry_after(svc: Service) ->
 
 def test_queued_requests_get_the_slot_in_order(svc: Service) -> None:
     fake = svc.fakes["queue"]
-    fake.event_interval, fake.token_count = 0.2, 500
+    # The holder keeps the slot: its stream goes silent after the first event, connection open, until it leaves
+    # (a paced stream sped up for the queued requests could finish into the socket buffers and free the slot).
+    fake.stall_after = 1
     admission = svc.server.ctx.gateway.upstreams.get("queue").admission
     opened, release = threading.Event(), threading.Event()
     with ThreadPoolExecutor(4) as pool:
         holder = pool.submit(_hold_stream, svc, QUEUE, opened, release)
         try:
             assert opened.wait(10)
-            fake.event_interval = 0.0
             waiting = []
             for n in range(3):
                 waiting.append(pool.submit(post, svc, chat(QUEUE, f"queued {n}")))
@@ -258,6 +259,7 @@ def test_queued_requests_get_the_slot_in_order(svc: Service) -> None:
         finally:
             release.set()
             holder.result(20)
+            fake.stall_after = None
         answers = [f.result(20) for f in waiting]
     assert [a.status_code for a in answers] == [200] * 3
     order = [body["messages"][0]["content"] for body in fake.json_bodies("/v1/chat/completions")]
