@@ -193,19 +193,28 @@ def _take_token(service: JoinService, request: Request) -> ApiError | None:
     return service.rate_limited()
 
 
+def _admit(service: JoinService, request: Request) -> tuple[Any, JSONResponse | None]:
+    """(the connection's attested key material, None), or (None, the refusal): the two checks before either
+    join route does anything, in this order (an unattested connection is not charged a rate-limit token)."""
+    material = _connection_key(request)
+    if material is None:
+        return None, _refuse(request, 503, "not_attested", "This connection is not on the enclave's attested TLS key.",
+                             "attestation_unavailable")
+    limited = _take_token(service, request)
+    if limited is not None:
+        return None, _refuse_limited(request, limited)
+    return material, None
+
+
 def join_router(service: JoinService) -> APIRouter:
     router = APIRouter()
     no_store = {"Cache-Control": "no-store"}
 
     @router.post(CHALLENGE_PATH, tags=["replicas"], summary="A single-use nonce for a joining replica's evidence")
     async def challenge(request: Request) -> JSONResponse:
-        material = _connection_key(request)
-        if material is None:
-            return _refuse(request, 503, "not_attested", "This connection is not on the enclave's attested TLS key.",
-                           "attestation_unavailable")
-        limited = _take_token(service, request)
-        if limited is not None:
-            return _refuse_limited(request, limited)
+        material, refusal = _admit(service, request)
+        if refusal is not None:
+            return refusal
         spki_hash = bytes.fromhex(material.spki_sha256)
         nonce = service.nonces.issue(spki_hash)
         return JSONResponse(Challenge(nonce, spki_hash).to_json(), headers=no_store)
@@ -213,13 +222,9 @@ def join_router(service: JoinService) -> APIRouter:
     @router.post(SECRETS_PATH, tags=["replicas"],
                  summary="The platform secrets, sealed to a joining replica whose evidence passes the join policy")
     async def platform_secrets(request: Request) -> JSONResponse:
-        material = _connection_key(request)
-        if material is None:
-            return _refuse(request, 503, "not_attested", "This connection is not on the enclave's attested TLS key.",
-                           "attestation_unavailable")
-        limited = _take_token(service, request)
-        if limited is not None:
-            return _refuse_limited(request, limited)
+        material, refusal = _admit(service, request)
+        if refusal is not None:
+            return refusal
         try:
             message = SecretsRequest.parse(await request.body())
         except MessageError as exc:
