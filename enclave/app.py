@@ -24,6 +24,7 @@ from enclave.limits import SizeLimitMiddleware
 from enclave.metrics import Metrics, MetricsMiddleware
 from enclave.platform_secrets import PlatformSecrets
 from enclave.registry import Registry
+from enclave.request_id import RequestIdMiddleware
 from enclave.store import open_store, utcnow
 
 log = logging.getLogger("enclave.app")
@@ -163,6 +164,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
                        before_body=_gate_before_body(body_gates or {}))
     app.add_middleware(OllamaErrorShape)   # outside the size limits, so their refusals get Ollama's shape too
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)   # outermost: every response, refusals included, carries one
     _document_configured_limits(app, settings)
     return app
 

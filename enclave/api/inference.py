@@ -23,6 +23,7 @@ from enclave.inference.client_gone import ClientGone, unless_client_leaves
 from enclave.inference.gateway import CLIENT_CLOSED
 from enclave.inference.record import InferenceRecord
 from enclave.inference.upstream import UpstreamFailure
+from enclave.request_id import request_id_of
 
 router = APIRouter(tags=["inference"])
 
@@ -74,7 +75,8 @@ async def _infer(request: Request, domain_ref: str, route: str) -> Response:
     if card is None or not may_use_model(principal, domain.id, domain, card.id):
         raise model_not_found(body.model)
     record = InferenceRecord(domain_id=domain.id, user_id=principal.user.id, pat_id=principal.pat.id,
-                             model=card.id, backend=card.backend, route=route, stream=body.stream)
+                             model=card.id, backend=card.backend, route=route, stream=body.stream,
+                             request_id=request_id_of(request))
     request.state.inference = record
     try:
         return await unless_client_leaves(request.receive, ctx.gateway.openai(route, record, body, domain.id))

@@ -39,6 +39,7 @@ from enclave.inference.client_gone import ClientGone, unless_client_leaves
 from enclave.inference.record import InferenceRecord
 from enclave.inference.upstream import UpstreamFailure
 from enclave.store import Domain
+from enclave.request_id import request_id_of
 
 router = APIRouter(tags=["ollama"])
 
@@ -119,7 +120,8 @@ async def _model_request(request: Request, domain_ref: str, route: str,
 async def _infer(request: Request, domain_ref: str, route: str) -> Response:
     ctx, principal, domain, body, card = await _model_request(request, domain_ref, route, Scope.MODELS_INFER)
     record = InferenceRecord(domain_id=domain.id, user_id=principal.user.id, pat_id=principal.pat.id,
-                             model=card.id, backend=card.backend, route=f"api/{route}", stream=body.stream)
+                             model=card.id, backend=card.backend, route=f"api/{route}", stream=body.stream,
+                             request_id=request_id_of(request))
     request.state.inference = record
     try:
         return await unless_client_leaves(request.receive, native.infer(ctx.gateway, route, record, body))

@@ -116,7 +116,7 @@ class Service:
                             headers={"Authorization": f"Bearer {self.world.tokens[token]}"})
 
     def latest(self, model: str) -> InferenceRecord:
-        """The newest record for ``model`` (for refusals, which carry no x-request-id)."""
+        """The newest record for ``model`` (for refusals, whose x-request-id names no record)."""
         with self._lock:
             return [r for r in self.records if r.model == model][-1]
 
