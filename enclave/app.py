@@ -25,6 +25,7 @@ from enclave.metrics import Metrics, MetricsMiddleware
 from enclave.platform_secrets import PlatformSecrets
 from enclave.registry import Registry
 from enclave.request_id import RequestIdMiddleware
+from enclave.signer import AttestedSigner, SignerSource
 from enclave.store import open_store, utcnow
 
 log = logging.getLogger("enclave.app")
@@ -48,6 +49,19 @@ def _configured_secrets(settings: Settings) -> PlatformSecrets:
     if root is None:
         raise ConfigError("create_app needs platform_secrets (or, in simulation, server_secret in the settings)")
     return PlatformSecrets(root)
+
+
+def _signer_source(settings: Settings, signer: AttestedSigner | None) -> SignerSource:
+    if signer is not None:
+        return SignerSource.of(signer)
+
+    def simulated() -> AttestedSigner:
+        if not settings.simulate:
+            raise ConfigError("no attested signer: create_app needs signer= outside simulation")
+        from attestation.providers.sim import SimProvider
+        return AttestedSigner(SimProvider(settings.attestation.sim_dir or settings.data_dir / "sim"))
+
+    return SignerSource(simulated)
 
 
 DOCS_STATIC_URL = "/docs/static"
@@ -100,7 +114,7 @@ def _gate_before_body(body_gates: Mapping[str, BodyGate]) -> BodyGate:
 def create_app(settings: Settings, *, registry: Any | None = None, extra_routers: Sequence[APIRouter] = (),
                clock: Clock | None = None, manage_registry: bool = True,
                body_gates: Mapping[str, BodyGate] | None = None,
-               platform_secrets: PlatformSecrets | None = None) -> FastAPI:
+               platform_secrets: PlatformSecrets | None = None, signer: AttestedSigner | None = None) -> FastAPI:
     """Build the service. The store opens (and migrates) and the registry starts in the lifespan.
 
     ``platform_secrets``: the keys (``cube-enclave serve`` passes the sealed ones); when None, built from the
@@ -109,7 +123,9 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     ``registry`` defaults to enclave.registry.Registry over ``settings.backends``; the app starts and stops it
     unless ``manage_registry`` is False. ``clock`` (UTC-aware datetimes) exists for expiry tests. ``body_gates``:
     exact path -> the check run instead of the PAT one before such a request's body is read (``extra_routers``
-    that take bodies without a PAT, e.g. ``enclave.join.server.join_body_gates``).
+    that take bodies without a PAT, e.g. ``enclave.join.server.join_body_gates``). ``signer``: the attested
+    signing key of receipts and audit checkpoints (``cube-enclave serve`` passes one bound to the platform's
+    evidence); when None, in simulation one is made on first use from the simulated platform.
     """
     metrics = Metrics()
 
@@ -124,7 +140,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
                              on_failure=metrics.auth_failed)
         gateway = Gateway(reg.backends(), metrics)
         app.state.ctx = AppContext(settings=settings, store=store, auth=auth, tracker=tracker, registry=reg,
-                                   metrics=metrics, clock=now, gateway=gateway)
+                                   metrics=metrics, clock=now, gateway=gateway, signer=_signer_source(settings, signer))
         try:
             if manage_registry:
                 await reg.start()

@@ -160,6 +160,24 @@ class JoinSettings(_Strict):
         return self
 
 
+class UsageSettings(_Strict):
+    """The usage ledger (enclave.usage): one record per inference request, written in batches."""
+
+
+# -- usage limits and budgets -------------------------------------------------------------------------------------
+
+
+class QuotaSettings(_Strict):
+    """Per-PAT, per-user-in-domain and per-domain limits and budgets (enclave.quotas): platform defaults."""
+
+
+# -- audit trail ----------------------------------------------------------------------------------------------------
+
+
+class AuditSettings(_Strict):
+    """The tamper-evident audit trail (enclave.audit)."""
+
+
 class Settings(_Strict):
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
                            / "cube-ai" / "enclave")
@@ -184,6 +202,9 @@ class Settings(_Strict):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     bootstrap: BootstrapSettings = Field(default_factory=BootstrapSettings)
     join: JoinSettings = Field(default_factory=JoinSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     log_level: str = "INFO"
     log_json: bool = True
     _config_file: ConfigFile = PrivateAttr(default_factory=lambda: ConfigFile(None, hashlib.sha256(b"").digest()))

@@ -248,6 +248,7 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
     from enclave.logs import uvicorn_log_config
     from enclave.join.startup import join_serving, joiner_obtain, peer_policy
     from enclave.sealed_state import SealedStateError
+    from enclave.signer import AttestedSigner
     from enclave.tls import TlsManager, uvicorn_config
 
     delivery = choose_delivery(settings, args.pat_file)
@@ -304,7 +305,8 @@ def _serve_claimed(args: argparse.Namespace, settings: Settings, instance: Insta
                  domain_id=default_domain.id if default_domain else None, delivered=delivered), flush=True)
     join_routers, body_gates = join_serving(settings, join_policy, lambda: keys, kds=kds, pcs=pcs)
     app = create_app(settings, extra_routers=[attestation_router(tls, per_connection_rate=settings.attestation.rate_limit),
-                                              *join_routers], body_gates=body_gates, platform_secrets=keys)
+                                              *join_routers], body_gates=body_gates, platform_secrets=keys,
+                     signer=AttestedSigner(provider))
     config = uvicorn_config(tls, app, host=host, port=settings.listen.port, log_config=uvicorn_log_config(),
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=10,
                             http=http_protocol_for(settings.limits))

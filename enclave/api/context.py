@@ -14,6 +14,7 @@ from enclave.config import Settings
 from enclave.errors import ApiError
 from enclave.inference.gateway import Gateway
 from enclave.metrics import Metrics
+from enclave.signer import SignerSource
 from enclave.store import Domain, Store, User, canonical_uuid
 
 
@@ -27,6 +28,7 @@ class AppContext:
     metrics: Metrics
     clock: Clock
     gateway: Gateway
+    signer: SignerSource   # receipts and audit checkpoints (enclave.signer)
 
 
 def ctx(request: Request) -> AppContext:

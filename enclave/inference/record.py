@@ -35,6 +35,10 @@ class InferenceRecord:
     usage: Usage | None = None
     ttft_seconds: float | None = None
     duration_seconds: float | None = None
+    # For receipts (enclave.receipts): SHA-256 (hex) of the request body as received and of the exact response
+    # body bytes sent to the client (streamed or not; what was sent when the client left early).
+    request_sha256: str | None = None
+    response_sha256: str | None = None
 
 
 Sink = Callable[[InferenceRecord], None]

@@ -36,7 +36,7 @@ async def test_migrations_are_idempotent_and_versioned(store: Store) -> None:
     async with store.engine.connect() as conn:
         version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar_one()
         tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
-    assert version == "0003_row_macs"
+    assert version == "0006_audit"
     assert {"users", "domains", "memberships", "pats"} <= tables
 
 
