@@ -3,14 +3,14 @@
 ``GET /admin/usage``, ``GET /domains/{domain_id}/usage``, ``GET /users/me/usage``; who sees what is decided in
 ``enclave.access`` (``may_read_platform_usage``, ``may_read_domain_usage``, ``may_read_own_usage``), whose scope
 is ANDed with the query's filters. Times are RFC 3339 with an offset, or a date (YYYY-MM-DD, UTC midnight); the
-range is half-open, [since, until). Rows failing their MAC are never counted: ``integrity_failures`` says how
+range is half-open, [since, until) (empty when until is not after since). Rows failing their MAC are never counted: ``integrity_failures`` says how
 many the report left out.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -27,7 +27,13 @@ from enclave.usage import GROUP_KEYS, UsageFilter, UsageReport, report
 router = APIRouter(tags=["usage"], responses=ERROR_RESPONSES)
 
 MAX_LIMIT = 10_000
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_TIME = re.compile(r"(?P<year>\d{4})-(?P<month>\d{2})-(?P<day>\d{2})"
+                   r"(?:[Tt ](?P<hour>\d{2}):(?P<minute>\d{2}):(?P<second>\d{2})(?:\.(?P<fraction>\d+))?"
+                   r"(?:[Zz]|(?P<sign>[+-])(?P<off_h>\d{2}):(?P<off_m>\d{2})))?")
+_UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_GROUP_PATTERN = r"^(model|user|pat|domain|day)(,(model|user|pat|domain|day))*$"
+#: A time parameter's schema: a date or an RFC 3339 time (what ``parse_time`` takes).
+_TIME_SCHEMA = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
 
 
 class UsageTotalsOut(BaseModel):
@@ -53,29 +59,43 @@ class UsageReportOut(BaseModel):
                                                 "outside the enclave)")
 
 
-Since = Annotated[str | None, Query(max_length=40, description="start, inclusive: RFC 3339 (with offset) or "
-                                                               "YYYY-MM-DD (UTC)")]
-Until = Annotated[str | None, Query(max_length=40, description="end, exclusive: RFC 3339 (with offset) or "
-                                                               "YYYY-MM-DD (UTC)")]
-GroupBy = Annotated[list[str] | None, Query(max_length=5, description="model, user, pat, domain or day; several "
-                                                                      "(repeated or comma-separated) combine")]
-IdFilter = Annotated[str | None, Query(max_length=100)]
-ModelFilter = Annotated[str | None, Query(max_length=512)]
+Since = Annotated[str | None, Query(max_length=64, json_schema_extra=_TIME_SCHEMA,
+                                    description="start, inclusive: an RFC 3339 time or a date (UTC midnight)")]
+Until = Annotated[str | None, Query(max_length=64, json_schema_extra=_TIME_SCHEMA,
+                                    description="end, exclusive: an RFC 3339 time or a date (UTC midnight)")]
+GroupBy = Annotated[list[Annotated[str, Query(pattern=_GROUP_PATTERN, max_length=40)]] | None, Query(
+    max_length=5, description="model, user, pat, domain or day; several (repeated or comma-separated) combine")]
+IdFilter = Annotated[str | None, Query(pattern=_UUID_PATTERN, description="an id (UUID)")]
+ModelFilter = Annotated[str | None, Query(max_length=512, pattern=r"^[^\x00-\x1f\x7f]*$",
+                                          description="a model id (no control characters)")]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="ungrouped: at most this many records")]
 
 
 def parse_time(value: str | None, param: str) -> datetime | None:
+    """An RFC 3339 time (its offset required; a leap second counts as the next second) or a date (UTC
+    midnight), in UTC. Times beyond what a datetime holds are clamped to its range."""
     if value is None:
         return None
+    m = _TIME.fullmatch(value)
+    if m is None:
+        raise bad_request(f"`{param}` is not an RFC 3339 time (with its UTC offset, e.g. Z) or a date (YYYY-MM-DD).",
+                          param=param)
+    year, month, day = int(m["year"]), int(m["month"]), int(m["day"])
+    hour, minute, second = int(m["hour"] or 0), int(m["minute"] or 0), int(m["second"] or 0)
+    micros = int((m["fraction"] or "")[:6].ljust(6, "0"))
+    offset = 0
+    if m["sign"]:
+        offset = (int(m["off_h"]) * 60 + int(m["off_m"])) * (1 if m["sign"] == "+" else -1)
+    if hour > 23 or minute > 59 or second > 60 or abs(offset) >= 24 * 60:
+        raise bad_request(f"`{param}` is not a valid time.", param=param)
     try:
-        if _DATE.fullmatch(value):
-            return datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC)
-        when = datetime.fromisoformat(value)
+        naive = datetime(year, month, day, hour, minute, min(second, 59), micros)
     except ValueError:
-        raise bad_request(f"`{param}` is not an RFC 3339 time or a date (YYYY-MM-DD).", param=param) from None
-    if when.tzinfo is None:
-        raise bad_request(f"`{param}` needs a UTC offset (e.g. Z or +00:00).", param=param)
-    return when.astimezone(UTC)
+        raise bad_request(f"`{param}` is not a valid date.", param=param) from None
+    try:
+        return (naive + timedelta(seconds=second - min(second, 59), minutes=-offset)).replace(tzinfo=UTC)
+    except OverflowError:
+        return (datetime.min if offset > 0 or year < 2 else datetime.max).replace(tzinfo=UTC)
 
 
 def parse_group_by(values: list[str] | None) -> tuple[str, ...]:
@@ -83,9 +103,7 @@ def parse_group_by(values: list[str] | None) -> tuple[str, ...]:
     unknown = [k for k in keys if k not in GROUP_KEYS]
     if unknown:
         raise bad_request(f"`group_by` takes {', '.join(GROUP_KEYS)}; not {', '.join(unknown)}.", param="group_by")
-    if len(set(keys)) != len(keys):
-        raise bad_request("`group_by` names a key twice.", param="group_by")
-    return keys
+    return tuple(dict.fromkeys(keys))   # a key named twice groups once
 
 
 def _id(value: str | None, param: str) -> str | None:
@@ -114,8 +132,6 @@ async def _report(request: Request, scope: UsageScope, *, since: str | None, unt
                   domain_id: str | None, limit: int) -> UsageReportOut:
     check(scope)
     start, end = parse_time(since, "since"), parse_time(until, "until")
-    if start is not None and end is not None and end <= start:
-        raise bad_request("`until` must be later than `since`.", param="until")
     keys = parse_group_by(group_by)
     where = UsageFilter(since=start, until=end, model=model,
                         domain_id=_narrowed(scope, domain_id, "domain_id"),
