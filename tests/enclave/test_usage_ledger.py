@@ -220,3 +220,12 @@ def test_the_sink_never_raises() -> None:
     ledger = Ledger(sa.ext.asyncio.create_async_engine("sqlite+aiosqlite://"), ROW_KEY, UsageSettings())
     ledger.record(Broken())   # type: ignore[arg-type]
     assert ledger.pending_count() == 0
+
+
+@pytest.mark.parametrize("bad", [{"flush_seconds": 0}, {"flush_seconds": 61}, {"batch_size": 0},
+                                 {"max_pending": 0}, {"batch_size": 600, "max_pending": 500}])
+def test_settings_ranges(bad: dict) -> None:
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError):
+        UsageSettings(**bad)
+    assert UsageSettings() == UsageSettings(flush_seconds=1.0, batch_size=500, max_pending=100_000)
