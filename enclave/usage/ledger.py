@@ -113,20 +113,23 @@ class Ledger:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-ledger-writer")
 
     async def _run(self) -> None:
-        pause = self.flush_seconds
+        retry_in: float | None = None   # while writes fail: the pause before the next try (no full batch cuts it)
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=pause)
-            except TimeoutError:
-                pass
+            if retry_in is None:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.flush_seconds)
+                except TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(retry_in)
             self._wake.clear()
             try:
                 await self.flush()
-                pause = self.flush_seconds
+                retry_in = None
             except Exception as e:   # the database is down or refuses: keep the records, try again later
+                retry_in = min(retry_in * 2, RETRY_MAX_SECONDS) if retry_in else self.flush_seconds
                 log.warning("usage ledger: writing %d record(s) failed (%s); retrying in %.1f s",
-                            self.pending_count(), type(e).__name__, pause)
-                pause = min(max(pause, self.flush_seconds) * 2, RETRY_MAX_SECONDS)
+                            self.pending_count(), type(e).__name__, retry_in)
 
     async def flush(self) -> None:
         """Write every record buffered so far; raises the database's error (the records stay buffered)."""

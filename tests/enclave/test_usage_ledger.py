@@ -229,3 +229,83 @@ def test_settings_ranges(bad: dict) -> None:
     with pytest.raises(ValidationError):
         UsageSettings(**bad)
     assert UsageSettings() == UsageSettings(flush_seconds=1.0, batch_size=500, max_pending=100_000)
+
+
+class Forwarder:
+    """A loopback TCP relay to PostgreSQL that can be cut (every connection closed, new ones refused) and
+    restored on the same port: the database going away under the ledger, and coming back."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_postgres_going_away_and_coming_back(pg_schema_url: tuple[str, str]) -> None:
+    from sqlalchemy.engine import make_url
+
+    url, schema = pg_schema_url
+    target = make_url(url)
+    relay = Forwarder(target.host or "127.0.0.1", target.port or 5432)
+    await relay.start()
+    store = await Store.open(target.set(port=relay.port).render_as_string(hide_password=False), schema=schema,
+                             row_key=ROW_KEY)
+    direct = await Store.open(url, schema=schema, row_key=ROW_KEY, migrate=False)
+    ledger = ledger_of(store, flush_seconds=0.05, batch_size=4)
+    ledger.start()
+    try:
+        first = [made_record(started_at=T0 + i) for i in range(5)]
+        for r in first:
+            ledger.record(r)
+
+        def written(n: int):
+            async def check() -> bool:
+                return len(await stored_rows(direct)) == n and ledger.pending_count() == 0
+            return check
+        await until(written(5), "the first records were not written")
+        await relay.cut()
+        second = [made_record(started_at=T0 + 10 + i) for i in range(10)]
+        for r in second:
+            ledger.record(r)
+
+        async def failing() -> bool:
+            return ledger.write_failures._value.get() >= 1
+        await until(failing, "no write failed while the database was unreachable")
+        assert ledger.pending_count() == 10
+        await relay.start()
+        await until(written(15), "the buffered records were not written once the database was back",
+                    within=60)
+        await ledger.stop()
+        assert sorted(r.request_id for r in await stored_rows(direct)) == sorted(
+            r.request_id for r in first + second)                             # each once
+    finally:
+        await ledger.stop()
+        await store.close()
+        await direct.close()
