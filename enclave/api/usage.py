@@ -3,8 +3,8 @@
 ``GET /admin/usage``, ``GET /domains/{domain_id}/usage``, ``GET /users/me/usage``; who sees what is decided in
 ``enclave.access`` (``may_read_platform_usage``, ``may_read_domain_usage``, ``may_read_own_usage``), whose scope
 is ANDed with the query's filters. Times are RFC 3339 with an offset, or a date (YYYY-MM-DD, UTC midnight); the
-range is half-open, [since, until) (empty when until is not after since). Rows failing their MAC are never counted: ``integrity_failures`` says how
-many the report left out.
+range is half-open, [since, until) (empty when until is not after since). Rows failing their MAC are never
+counted: ``integrity_failures`` says how many the report left out.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 from enclave.usage import Ledger
 
-from tests.enclave.conftest import PAT_KEY, ROW_KEY, EnclaveServer, FakeClock, World, make_settings, seed_world, sim_provider
+from tests.enclave.conftest import (PAT_KEY, ROW_KEY, EnclaveServer, FakeClock, World, make_settings, seed_world,
+                                   sim_provider)
 from tests.enclave.inference_support import Service, sample, start_service
 from tests.enclave.usage_support import made_record
 
@@ -67,7 +68,8 @@ def put(server: EnclaveServer, records: list[InferenceRecord]) -> None:
 def seed(svc: Service) -> dict[str, InferenceRecord]:
     w = svc.world
 
-    def rec(label: str, domain: str, model: str, when: datetime, usage: Usage, pat: str | None = None) -> InferenceRecord:
+    def rec(label: str, domain: str, model: str, when: datetime, usage: Usage,
+            pat: str | None = None) -> InferenceRecord:
         return made_record(domain=w.domains[domain], user=w.users[label], pat=w.pat_ids[pat or label], model=model,
                            started_at=when.timestamp(), usage=usage)
 
