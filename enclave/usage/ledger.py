@@ -132,10 +132,13 @@ class Ledger:
                             self.pending_count(), type(e).__name__, retry_in)
 
     async def flush(self) -> None:
-        """Write every record buffered so far; raises the database's error (the records stay buffered)."""
+        """Write every record buffered so far (not those arriving meanwhile: a busy service cannot keep a flush
+        going forever); raises the database's error (the records stay buffered)."""
         async with self._lock:
-            while self._pending:
-                batch = [self._pending.popleft() for _ in range(min(self.batch_size, len(self._pending)))]
+            left = len(self._pending)
+            while left > 0 and self._pending:
+                batch = [self._pending.popleft() for _ in range(min(self.batch_size, left, len(self._pending)))]
+                left -= len(batch)
                 self._writing = batch
                 try:
                     await self._insert(batch)
@@ -151,6 +154,10 @@ class Ledger:
                     if self._by_id.get(entry.request_id) is entry:
                         del self._by_id[entry.request_id]
                 self.written.inc(len(batch))
+            if self._drops_unlogged:
+                log.error("usage ledger: dropped %d more usage record(s) while the database could not be written",
+                          self._drops_unlogged)
+                self._drops_unlogged = 0
 
     async def _insert(self, batch: list[UsageEntry]) -> None:
         rows = [entry.row(self._mac.mac(TABLE, entry.mac_fields())) for entry in batch]
@@ -194,7 +201,9 @@ class Ledger:
         while True:
             try:
                 await self.flush()
-                return
+                if not self._pending:   # (records made while it wrote: the last requests' cancellations)
+                    return
+                continue
             except Exception as e:
                 if time.monotonic() + pause > deadline:
                     log.error("usage ledger: %d usage record(s) could not be written before shutdown (%s): they "
