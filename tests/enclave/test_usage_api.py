@@ -25,8 +25,7 @@ from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 from enclave.usage import Ledger
 
-from tests.enclave.conftest import (PAT_KEY, ROW_KEY, EnclaveServer, FakeClock, World, make_settings, seed_world,
-                                   sim_provider)
+from tests.enclave.conftest import PAT_KEY, EnclaveServer, World, sim_provider
 from tests.enclave.inference_support import Service, sample, start_service
 from tests.enclave.usage_support import made_record
 
@@ -320,24 +319,9 @@ def test_cli_warns_of_rows_left_out(svc: Service, capsys: pytest.CaptureFixture[
 
 
 # ---- PostgreSQL ------------------------------------------------------------------------------------------
-def start_pg_service(tmp: Path, url: str, schema: str) -> Service:
-    async def seeded() -> World:
-        store = await Store.open(url, schema=schema, row_key=ROW_KEY)
-        try:
-            world = await seed_world(store, PAT_KEY, FakeClock()())
-            await more_keys(store, world)
-            return world
-        finally:
-            await store.close()
-
-    world = asyncio.run(seeded())
-    server = EnclaveServer(make_settings(tmp, database_url=url, database_schema=schema), clock=FakeClock()).start()
-    return Service(server, world, {})
-
-
 def test_usage_api_on_postgres(tmp_path: Path, pg_schema_url: tuple[str, str]) -> None:
     url, schema = pg_schema_url
-    with start_pg_service(tmp_path, url, schema) as svc:
+    with start_service(tmp_path, [], setup=more_keys, database_url=url, database_schema=schema) as svc:
         svc.seeded = seed(svc)   # type: ignore[attr-defined]
         assert names(svc, get(svc, "admin_a", f"/domains/{svc.world.domains['A']}/usage").json(),
                      "a1", "a2", "a3", "a4", "a5")

@@ -4,6 +4,7 @@ served (the request's InferenceRecord), none lost, none doubled; its totals are 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +37,18 @@ ops = st.builds(Op, kind=st.sampled_from(KINDS), backend=st.sampled_from(("vllm"
                 tokens=st.integers(1, 12), cut_after=st.integers(1, 3))
 
 
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def svc(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    database: dict[str, str] = {}
+    if request.param == "postgres":   # a schema of its own (the test PostgreSQL is thrown away after the run)
+        database = {"database_url": request.getfixturevalue("postgres_url"),
+                    "database_schema": f"t_{uuid.uuid4().hex[:12]}"}
     with QuirkyVllm() as vllm, FakeOllama() as ollama:
         with start_service(tmp_path_factory.mktemp("usage-property"), [
             ({"name": "vllm", "kind": "vllm"}, vllm), ({"name": "ollama", "kind": "ollama"}, ollama),
-        ], usage={"flush_seconds": 0.2, "batch_size": 3}) as service:
+        ], usage={"flush_seconds": 0.2, "batch_size": 3}, **database) as service:
+            assert service.server.ctx.store.engine.dialect.name == {"sqlite": "sqlite",
+                                                                    "postgres": "postgresql"}[request.param]
             yield service
 
 
