@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import Any
 
 from enclave.inference.record import InferenceRecord
@@ -41,24 +42,12 @@ class UsageEntry:
 
     @classmethod
     def from_record(cls, record: InferenceRecord) -> "UsageEntry":
-        usage = record.usage
-        return cls(request_id=record.request_id, created_at=datetime.fromtimestamp(record.started_at, UTC),
-                   domain_id=record.domain_id, user_id=record.user_id, pat_id=record.pat_id, model=record.model,
-                   backend=record.backend, route=record.route, stream=record.stream, status=record.status,
-                   outcome=record.outcome,
-                   prompt_tokens=usage.prompt_tokens if usage else 0,
-                   completion_tokens=usage.completion_tokens if usage else 0,
-                   total_tokens=usage.total_tokens if usage else 0,
-                   estimated=usage.estimated if usage else False,
-                   ttft_ms=_millis(record.ttft_seconds), duration_ms=_millis(record.duration_seconds) or 0,
-                   request_sha256=record.request_sha256, response_sha256=record.response_sha256)
+        return cls(*record_values(record))
 
     def mac_fields(self) -> tuple[Any, ...]:
         """What the row MAC covers: every column, the primary key first."""
         return tuple(getattr(self, name) for name in FIELDS)
 
-    def row(self, mac: str) -> dict[str, Any]:
-        return {**{name: getattr(self, name) for name in FIELDS}, "mac": mac}
 
     def to_json(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in FIELDS}
@@ -67,28 +56,40 @@ class UsageEntry:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(UsageEntry))
-_TYPES: dict[str, tuple[type, ...]] = {
-    "stream": (bool,), "estimated": (bool,), "status": (int,), "prompt_tokens": (int,),
-    "completion_tokens": (int,), "total_tokens": (int,), "ttft_ms": (int, type(None)), "duration_ms": (int,),
-    "request_sha256": (str, type(None)), "response_sha256": (str, type(None)),
-}
+_NONE = type(None)
+#: The exact types a column may hold, in FIELDS order (an int where a bool belongs, or the reverse, is refused).
+_KINDS: tuple[tuple[type, ...], ...] = tuple({
+    "created_at": (datetime,), "stream": (bool,), "estimated": (bool,), "status": (int,), "prompt_tokens": (int,),
+    "completion_tokens": (int,), "total_tokens": (int,), "ttft_ms": (int, _NONE), "duration_ms": (int,),
+    "request_sha256": (str, _NONE), "response_sha256": (str, _NONE),
+}.get(name, (str,)) for name in FIELDS)
+_CREATED_AT = FIELDS.index("created_at")
 
 
 def _millis(seconds: float | None) -> int | None:
     return None if seconds is None else max(0, round(seconds * 1000))
 
 
-def entry_from_row(row: Any) -> UsageEntry:
-    """The entry a row holds; ValueError when a column holds a type the ledger never writes (a forgery)."""
-    values: dict[str, Any] = {}
-    for name in FIELDS:
-        value = getattr(row, name)
-        if name == "created_at":
-            if not isinstance(value, datetime):
-                raise ValueError("created_at")
-            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        elif not isinstance(value, _TYPES.get(name, (str,))) or \
-                (isinstance(value, bool) and bool not in _TYPES.get(name, ())):
-            raise ValueError(name)
-        values[name] = value
-    return UsageEntry(**values)
+def record_values(record: InferenceRecord) -> tuple[Any, ...]:
+    """A finished record's column values in FIELDS order (what the writer stores and MACs, without building
+    a UsageEntry: this runs once per request)."""
+    usage = record.usage
+    return (record.request_id, datetime.fromtimestamp(record.started_at, UTC), record.domain_id, record.user_id,
+            record.pat_id, record.model, record.backend, record.route, record.stream, record.status,
+            record.outcome, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+            usage.total_tokens if usage else 0, usage.estimated if usage else False, _millis(record.ttft_seconds),
+            _millis(record.duration_seconds) or 0, record.request_sha256, record.response_sha256)
+
+
+def checked_values(values: Sequence[Any]) -> list[Any]:
+    """A row's column values (FIELDS order) as the ledger wrote them, created_at as an aware UTC datetime;
+    ValueError when a column holds a type the ledger never writes (a forgery)."""
+    if len(values) != len(FIELDS):
+        raise ValueError("columns")
+    out = list(values)
+    for i, kinds in enumerate(_KINDS):
+        if out[i].__class__ not in kinds:
+            raise ValueError(FIELDS[i])
+    created = out[_CREATED_AT]
+    out[_CREATED_AT] = created.replace(tzinfo=UTC) if created.tzinfo is None else created.astimezone(UTC)
+    return out

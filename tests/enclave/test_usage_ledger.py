@@ -214,12 +214,24 @@ async def test_a_record_without_usage_or_timings_is_kept(store: Store) -> None:
     assert entry is not None and (entry.total_tokens, entry.ttft_ms, entry.estimated) == (0, None, False)
 
 
-def test_the_sink_never_raises() -> None:
+async def test_the_sink_never_raises_and_a_bad_record_never_blocks_the_others(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
     class Broken:
-        request_id = "x"
-    ledger = Ledger(sa.ext.asyncio.create_async_engine("sqlite+aiosqlite://"), ROW_KEY, UsageSettings())
+        request_id = "b" * 32
+
+    class Worse:
+        request_id = property(lambda self: 1 / 0)
+
+    ledger = ledger_of(store)
+    good = made_record()
+    ledger.record(Worse())    # type: ignore[arg-type]
     ledger.record(Broken())   # type: ignore[arg-type]
-    assert ledger.pending_count() == 0
+    ledger.record(good)
+    assert await ledger.find("b" * 32) is None
+    with caplog.at_level(logging.ERROR, logger="enclave.usage"):
+        await ledger.flush()
+    assert "cannot be stored" in caplog.text and "without a usable request id" in caplog.text
+    assert [r.request_id for r in await stored_rows(store)] == [good.request_id] and ledger.pending_count() == 0
 
 
 @pytest.mark.parametrize("bad", [{"flush_seconds": 0}, {"flush_seconds": 61}, {"batch_size": 0},
