@@ -378,3 +378,45 @@ def may_read_operations(principal: Principal) -> Decision:
     if principal.pat.domain_id is not None:
         return Decision(False, 403, "domain_bound_key", "A key bound to a domain cannot read operational details.")
     return may_manage_platform(principal)
+
+
+# ---- usage (enclave.usage, enclave.api.usage) ------------------------------------------------------------
+@dataclass(frozen=True)
+class UsageScope(Decision):
+    """What usage a read may see: only the records matching every field set here (None: any)."""
+    domain_id: str | None = None
+    user_id: str | None = None
+    pat_id: str | None = None
+
+
+def _usage_refused(decision: Decision) -> UsageScope:
+    return UsageScope(False, decision.status, decision.code, decision.message, decision.param)
+
+
+def may_read_platform_usage(principal: Principal) -> UsageScope:
+    """``GET /admin/usage``: every domain's usage, for platform administration (an unbound superadmin key with
+    the manage scope; a domain-bound key never)."""
+    gate = may_manage_platform(principal)
+    return UsageScope(True) if gate else _usage_refused(gate)
+
+
+def may_read_domain_usage(principal: Principal, domain_id: str, domain: Domain | None) -> UsageScope:
+    """``GET /domains/{domain}/usage``: that domain's usage, for whoever manages the domain (its admins, a
+    superadmin), with the manage scope. Unknown domains look like foreign ones (``domain_access``)."""
+    gate = may_manage_domain(principal, domain_id, domain)
+    return UsageScope(True, domain_id=domain_id) if gate else _usage_refused(gate)
+
+
+def may_read_own_usage(principal: Principal, *, user_id: str | None = None,
+                       pat_id: str | None = None) -> UsageScope:
+    """``GET /users/me/usage``: a key with the manage scope sees all of its owner's usage, any key sees its own
+    requests (it made them); a domain-bound key only within its domain. ``user_id``/``pat_id`` are the filters
+    asked for: another user's usage is refused, and another key's needs the manage scope."""
+    if user_id is not None and user_id != principal.user.id:
+        return UsageScope(False, 403, "not_own_usage", "This route shows your own usage only.", "user_id")
+    manages = principal.has_scope(Scope.MANAGE)
+    if not manages and pat_id is not None and pat_id != principal.pat.id:
+        return UsageScope(False, 403, "insufficient_scope", "Without the `manage` scope an API key sees only its "
+                          "own usage.", "pat_id")
+    return UsageScope(True, domain_id=principal.pat.domain_id, user_id=principal.user.id,
+                      pat_id=None if manages else principal.pat.id)

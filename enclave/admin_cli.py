@@ -8,6 +8,7 @@ before the first byte of the request. Plain WebPKI TLS is an explicit, warned op
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import ssl
@@ -117,7 +118,34 @@ def _parser() -> argparse.ArgumentParser:
     a = g.add_parser("revoke", help="revoke a key by id, wherever you may manage it")
     a.add_argument("pat_id")
     _pat_target(a)
+
+    _usage_parser(sub)
     return p
+
+
+USAGE_GROUPS = ("pat", "user", "model", "day", "domain")
+USAGE_TOTALS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "estimated_requests")
+USAGE_RECORD_COLUMNS = ("request_id", "created_at", "domain_id", "user_id", "pat_id", "model", "route", "stream",
+                        "status", "outcome", "prompt_tokens", "completion_tokens", "total_tokens", "estimated",
+                        "ttft_ms", "duration_ms")
+_GROUP_FIELDS = {"pat": "pat_id", "user": "user_id", "model": "model", "day": "day", "domain": "domain_id"}
+
+
+def _usage_parser(sub: Any) -> None:
+    a = sub.add_parser("usage", help="token usage: the platform's (default, superadmin), a domain's (--domain) or "
+                                     "your own (--me)")
+    scope = a.add_mutually_exclusive_group()
+    scope.add_argument("--domain", help="domain id or name: that domain's usage (its admins)")
+    scope.add_argument("--me", action="store_true", help="your own usage (all your keys' with a manage key)")
+    a.add_argument("--since", help="from (inclusive): YYYY-MM-DD (UTC) or an RFC 3339 time")
+    a.add_argument("--until", help="to (exclusive): YYYY-MM-DD (UTC) or an RFC 3339 time")
+    a.add_argument("--group-by", action="append", choices=USAGE_GROUPS,
+                   help="totals per key, per user, per model, per day (UTC) or per domain; repeat to combine")
+    a.add_argument("--model", help="only this model")
+    a.add_argument("--user", help="only this user (id)")
+    a.add_argument("--pat", help="only this key (id)")
+    a.add_argument("--limit", type=int, help="without --group-by: at most this many records (default 100)")
+    a.add_argument("--csv", action="store_true", help="print CSV (header line first)")
 
 
 def _pat_target(a: argparse.ArgumentParser) -> None:
@@ -197,7 +225,7 @@ class Api:
                     yield json.loads(line)
 
 
-_ID_COLUMNS = frozenset({"id", "user_id", "domain_id", "issued_by"})
+_ID_COLUMNS = frozenset({"id", "user_id", "domain_id", "issued_by", "pat_id", "request_id"})
 _FOLDED_MIN_WIDTH = 10
 
 
@@ -257,11 +285,46 @@ def _pull(api: Api, args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _usage(api: Api, args: argparse.Namespace, console: Console) -> int:
+    """``cube-admin usage``: with --json a JSON list (the groups, or the records), with --csv CSV, else a table
+    and the totals. Rows the enclave left out (failed MAC) are reported on stderr."""
+    if args.json and args.csv:
+        raise CliError("--json and --csv exclude each other")
+    if args.domain:
+        path = f"/domains/{_seg(args.domain)}/usage"
+    else:
+        path = "/users/me/usage" if args.me else "/admin/usage"
+    params = {"since": args.since, "until": args.until, "model": args.model, "user_id": args.user,
+              "pat_id": args.pat, "limit": args.limit,
+              "group_by": ",".join(args.group_by) if args.group_by else None}
+    out = api.call("GET", path, params=params)
+    rows = out["data"]
+    columns = ((*(_GROUP_FIELDS[g] for g in args.group_by), *USAGE_TOTALS) if args.group_by
+               else USAGE_RECORD_COLUMNS)
+    if out.get("integrity_failures"):
+        print(f"cube-admin: WARNING: {out['integrity_failures']} usage row(s) failed their integrity check (edited "
+              "or inserted outside the enclave) and are not counted", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        _table(console, rows, columns)
+        totals = out["totals"]
+        console.print("total: " + ", ".join(f"{k} {totals[k]}" for k in USAGE_TOTALS)
+                      + (" (more records than shown: --limit)" if out.get("has_more") else ""))
+    return 0
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     api = Api(args)
     g, a = args.group, getattr(args, "action", None)
     out: Any
     columns: Sequence[str] = ()
+    if g == "usage":
+        return _usage(api, args, console)
     if g == "whoami":
         out = api.call("GET", "/users/me")
     elif g == "backends":

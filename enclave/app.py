@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from enclave.api import admin, inference, models, ollama, ops
+from enclave.api import admin, inference, models, ollama, ops, usage
 from enclave.api.context import AppContext
 from enclave.api.ollama_errors import OllamaErrorShape
 from enclave.auth import Authenticator, Clock, LastUsedTracker, MonotonicClock
@@ -27,6 +27,7 @@ from enclave.registry import Registry
 from enclave.request_id import RequestIdMiddleware
 from enclave.signer import AttestedSigner, SignerSource
 from enclave.store import open_store, utcnow
+from enclave.usage import Ledger
 
 log = logging.getLogger("enclave.app")
 
@@ -139,12 +140,17 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
         auth = Authenticator(store, keys.pat_hmac_key(), tracker=tracker, cache=settings.auth_cache_enabled(), clock=now,
                              on_failure=metrics.auth_failed)
         gateway = Gateway(reg.backends(), metrics)
+        ledger = Ledger(store.engine, keys.row_mac_key(), settings.usage, registry=metrics.registry,
+                        on_integrity_failure=metrics.integrity_failed)
+        gateway.recorder.sinks.append(ledger.record)
         app.state.ctx = AppContext(settings=settings, store=store, auth=auth, tracker=tracker, registry=reg,
-                                   metrics=metrics, clock=now, gateway=gateway, signer=_signer_source(settings, signer))
+                                   metrics=metrics, clock=now, gateway=gateway, signer=_signer_source(settings, signer),
+                                   ledger=ledger)
         try:
             if manage_registry:
                 await reg.start()
             tracker.start()
+            ledger.start()
             _freeze_startup_objects()
             log.info("enclave ready: %d backend(s) configured", len(settings.backends))
             yield
@@ -154,6 +160,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
             await gateway.aclose()
             if manage_registry:
                 await reg.stop()
+            await ledger.stop()   # after the last request has finished (its record made), before the store closes
             await store.close()
 
     # /docs and /redoc from assets shipped in the package (fastapi-offline), not a CDN: a confidential service
@@ -171,6 +178,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     app.include_router(admin.platform)
     app.include_router(admin.domain_admin)
     app.include_router(admin.me)
+    app.include_router(usage.router)
     for router in extra_routers:
         app.include_router(router)
     # Innermost: the inference routes skip FastAPI's routing (see InferenceFastPath), nothing else.

@@ -161,7 +161,22 @@ class JoinSettings(_Strict):
 
 
 class UsageSettings(_Strict):
-    """The usage ledger (enclave.usage): one record per inference request, written in batches."""
+    """The usage ledger (enclave.usage): one record per inference request, written in batches.
+
+    A crash (``kill -9``) loses at most the records of the last ``flush_seconds`` plus a batch being written;
+    a clean shutdown loses none. While the database is down, up to ``max_pending`` records wait in memory (the
+    oldest are dropped beyond that, counted in cube_usage_records_dropped_total)."""
+
+    flush_seconds: float = Field(1.0, gt=0, le=60, description="how often pending usage records are written")
+    batch_size: int = Field(500, ge=1, le=10_000, description="records per write; a full batch is written at once")
+    max_pending: int = Field(100_000, ge=1, le=10_000_000, description="records kept in memory while the database "
+                                                                      "cannot be written; beyond, the oldest drop")
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "UsageSettings":
+        if self.batch_size > self.max_pending:
+            raise ValueError("usage.batch_size must not exceed usage.max_pending")
+        return self
 
 
 # -- usage limits and budgets -------------------------------------------------------------------------------------

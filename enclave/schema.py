@@ -64,3 +64,34 @@ pats = sa.Table(
     sa.Column("issued_by", sa.String(36), sa.ForeignKey("users.id", ondelete="SET NULL"), nullable=True),
     _mac(),
 )
+
+# ---- usage ledger (enclave.usage) ------------------------------------------------------------------------------
+# One row per inference request: who, which model and backend, outcome, token counts, timings; never content.
+# No foreign keys: a deleted user's, key's or domain's usage stays (it is billing history).
+usage_records = sa.Table(
+    "usage_records", metadata,
+    sa.Column("request_id", sa.String(64), primary_key=True),
+    sa.Column("created_at", Timestamp, nullable=False),         # the request's start (UTC)
+    sa.Column("domain_id", sa.String(36), nullable=False),
+    sa.Column("user_id", sa.String(36), nullable=False),
+    sa.Column("pat_id", sa.String(36), nullable=False),
+    sa.Column("model", sa.String(512), nullable=False),
+    sa.Column("backend", sa.String(100), nullable=False),
+    sa.Column("route", sa.String(64), nullable=False),
+    sa.Column("stream", sa.Boolean, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("prompt_tokens", sa.BigInteger, nullable=False),
+    sa.Column("completion_tokens", sa.BigInteger, nullable=False),
+    sa.Column("total_tokens", sa.BigInteger, nullable=False),
+    sa.Column("estimated", sa.Boolean, nullable=False),
+    sa.Column("ttft_ms", sa.Integer, nullable=True),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("request_sha256", sa.String(64), nullable=True),
+    sa.Column("response_sha256", sa.String(64), nullable=True),
+    _mac(),
+    sa.Index("ix_usage_records_created_at", "created_at"),
+    sa.Index("ix_usage_records_domain_id_created_at", "domain_id", "created_at"),
+    sa.Index("ix_usage_records_user_id_created_at", "user_id", "created_at"),
+    sa.Index("ix_usage_records_pat_id_created_at", "pat_id", "created_at"),
+)

@@ -16,6 +16,7 @@ from enclave.inference.gateway import Gateway
 from enclave.metrics import Metrics
 from enclave.signer import SignerSource
 from enclave.store import Domain, Store, User, canonical_uuid
+from enclave.usage import Ledger
 
 
 @dataclass
@@ -29,6 +30,7 @@ class AppContext:
     clock: Clock
     gateway: Gateway
     signer: SignerSource   # receipts and audit checkpoints (enclave.signer)
+    ledger: Ledger         # the usage ledger (enclave.usage): a sink of gateway.recorder
 
 
 def ctx(request: Request) -> AppContext:

@@ -135,7 +135,7 @@ def start_service(tmp: Path, backends: list[tuple[dict[str, Any], FakeBackend]],
     settings_ = make_settings(tmp, backends=configs, **settings)
 
     async def seed() -> World:
-        store = await Store.open(settings_.effective_database_url(), row_key=ROW_KEY)
+        store = await Store.open(settings_.effective_database_url(), row_key=ROW_KEY, schema=settings_.database_schema)
         try:
             world = await seed_world(store, PAT_KEY, FakeClock()())
             if setup is not None:

@@ -165,6 +165,9 @@ ROUTES: dict[tuple[str, str], tuple[Rule, str, object]] = {
     ("POST", "/users/me/pats"): (own_keys, "/users/me/pats", {"name": "k", "scopes": ["manage"]}),
     ("DELETE", "/users/me/pats/{pat_id}"): (own_keys, "/users/me/pats/{spare}", None),
     ("GET", "/pats/{pat_id}"): (key_bound_to_a, "/pats/{target_key}", None),
+    ("GET", "/admin/usage"): (platform, "/admin/usage", None),
+    ("GET", "/domains/{domain_id}/usage"): (admin_of_a, "/domains/{A}/usage", None),
+    ("GET", "/users/me/usage"): (any_key, "/users/me/usage", None),   # a key sees its own requests at least
     ("DELETE", "/pats/{pat_id}"): (key_bound_to_a, "/pats/{target_key}", None),
 }
 
