@@ -378,3 +378,21 @@ def may_read_operations(principal: Principal) -> Decision:
     if principal.pat.domain_id is not None:
         return Decision(False, 403, "domain_bound_key", "A key bound to a domain cannot read operational details.")
     return may_manage_platform(principal)
+
+
+# ---- receipts (enclave.receipts) ---------------------------------------------------------------------------
+RECEIPT_NOT_FOUND = Decision(False, 404, "receipt_not_found", "Receipt not found.")
+
+
+def may_fetch_receipt(principal: Principal, domain_id: str | None, made_by_pat: str | None,
+                      made_in_domain: str | None) -> Decision:
+    """A request's receipt goes to the key that made the request, asked under the domain it was made in, and to
+    no one else: another key of the same user, another tenant and a superadmin all get the 404 an unknown
+    request id gets (``RECEIPT_NOT_FOUND``), so a receipt's existence is never revealed. ``domain_id``: the
+    domain the path names (None when unknown); ``made_by_pat``/``made_in_domain``: the ledger's record of the
+    request (None when there is none). Membership is not asked again: the receipt is the key's own past."""
+    if made_by_pat is None or made_in_domain is None or domain_id is None:
+        return RECEIPT_NOT_FOUND
+    if principal.pat.id != made_by_pat or domain_id != made_in_domain:
+        return RECEIPT_NOT_FOUND
+    return ALLOW

@@ -1,0 +1,287 @@
+"""Receipts over real HTTPS: the hashes are of exactly the bytes the client sent and received (OpenAI and Ollama
+routes, streamed and not, error endings and early departures included), the receipt verifies offline under the
+policy of the app's simulated platform, and only the key that made the request can fetch it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from attestation.atls.client import openai_client
+from attestation.errors import ProviderError
+from attestation.policy import Policy, policy_from_yaml, sim_policy_yaml
+from attestation.receipt import parse_receipt, rfc3339_utc, verify_receipt
+from attestation.sim import SimPlatform
+from enclave.signer import SignerSource
+from enclave.store import Store
+from enclave.tokens import generate_token, token_hash
+
+from tests.enclave.conftest import PAT_KEY, World
+from tests.enclave.inference_support import Service, enclave_policy, start_service
+from tests.enclave.receipts_support import Entry, MemoryLedger, install_ledger
+from tests.fakes.ollama import FakeOllama
+from tests.fakes.vllm import BASE_MODEL, FakeVllm
+
+VLLM = BASE_MODEL
+OLLAMA = "llama3.2:3b"
+#: No content coding: what the client reads off the wire is what the enclave sent.
+IDENTITY = {"accept-encoding": "identity", "content-type": "application/json"}
+
+
+class Receipts:
+    def __init__(self, service: Service, ledger: MemoryLedger, policy: Policy) -> None:
+        self.service, self.ledger, self.policy = service, ledger, policy
+
+    @property
+    def world(self) -> World:
+        return self.service.world
+
+    def domain(self, label: str = "A") -> str:
+        return self.world.domains[label]
+
+    def send(self, path: str, body: bytes, token: str = "member_a") -> tuple[httpx.Response, bytes]:
+        """POST ``body`` as given and return the response with every body byte as received."""
+        with self.service.http(token) as client, \
+                client.stream("POST", path, content=body, headers=IDENTITY) as response:
+            return response, b"".join(response.iter_raw())
+
+    def entry(self, request_id: str, within: float = 5.0) -> Entry:
+        """The ledger's entry (made as the answer ends: for a client that left, a moment after it did)."""
+        deadline = time.monotonic() + within
+        while (found := self.ledger.entries.get(request_id)) is None:
+            assert time.monotonic() < deadline, f"no ledger entry for {request_id}"
+            time.sleep(0.01)
+        return found
+
+    def fetch(self, request_id: str, token: str | None = "member_a", domain: str | None = None) -> httpx.Response:
+        with self.service.server.client(self.world.tokens[token] if token else None) as client:
+            return client.get(f"/proxy/{domain or self.domain()}/v1/receipts/{request_id}")
+
+    def verified(self, response: httpx.Response, request: bytes, received: bytes) -> dict[str, Any]:
+        """The statement of the response's receipt, after checking it verifies for these bytes."""
+        request_id = response.headers["x-request-id"]
+        self.entry(request_id)
+        got = self.fetch(request_id)
+        assert got.status_code == 200, got.text
+        receipt = parse_receipt(got.content)
+        result = verify_receipt(receipt, request=request, response=received, policy=self.policy)
+        assert result.ok, result.error
+        assert receipt.statement["request_id"] == request_id
+        assert receipt.statement["response_sha256"] == hashlib.sha256(received).hexdigest()
+        return receipt.statement
+
+
+async def _second_key(store: Store, world: World) -> None:
+    """Another key of member_a (same user, same domain): it must not get the first key's receipts."""
+    now = await store.latest_recorded_time()
+    token = generate_token()
+    pat = await store.create_pat(user_id=world.users["member_a"], name="second", token_hash=token_hash(PAT_KEY, token),
+                                 last4=token[-4:], scopes=("models:read", "models:infer"),
+                                 expires_at=(now or _now()) + timedelta(days=30))
+    world.tokens["member_a_2"], world.pat_ids["member_a_2"] = token, pat.id
+
+
+def _now():
+    from datetime import UTC, datetime
+    return datetime.now(UTC)
+
+
+@pytest.fixture(scope="module")
+def rx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receipts]:
+    tmp = tmp_path_factory.mktemp("receipts")
+    # The app signs with the simulated platform in data_dir/sim (made here first, so the test knows its root).
+    sim = SimPlatform.load_or_create(tmp / "sim")
+    with FakeVllm() as vllm, FakeOllama() as ollama:
+        with start_service(tmp, [({"name": "vllm", "kind": "vllm"}, vllm), ({"name": "ollama", "kind": "ollama"}, ollama)],
+                           setup=_second_key) as service:
+            ledger = install_ledger(service.server.ctx)
+            yield Receipts(service, ledger, policy_from_yaml(sim_policy_yaml(sim.fingerprint)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fakes(rx: Receipts) -> None:
+    rx.service.reset_fakes()
+
+
+def _chat(model: str, stream: bool) -> bytes:
+    """A request body with the spacing and escapes a client might use: hashed as sent, not as re-encoded."""
+    return ('{"model": "%s",\n  "messages": [{"role": "user", "content": "caf\\u00e9 \\ud83d\\ude00"}],'
+            ' "stream": %s }' % (model, "true" if stream else "false")).encode()
+
+
+# ---- the hashes are of exactly what was sent and received ------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_chat_receipt_verifies(rx: Receipts, stream: bool) -> None:
+    body = _chat(VLLM, stream)
+    response, received = rx.send(f"/proxy/{rx.domain()}/v1/chat/completions", body)
+    assert response.status_code == 200 and "content-encoding" not in response.headers
+    statement = rx.verified(response, body, received)
+    entry = rx.entry(response.headers["x-request-id"])
+    assert statement == {"v": 1, "request_id": response.headers["x-request-id"], "time": rfc3339_utc(entry.created_at),
+                         "domain_id": rx.domain(), "model": VLLM, "backend": "vllm", "route": "chat/completions",
+                         "stream": stream, "status": 200, "request_sha256": hashlib.sha256(body).hexdigest(),
+                         "response_sha256": hashlib.sha256(received).hexdigest()}
+    if stream:
+        assert received.endswith(b"data: [DONE]\n\n") and received.count(b"\n\n") > 3
+    else:
+        assert json.loads(received)["object"] == "chat.completion"
+
+
+def test_openai_completions_and_embeddings_receipts_verify(rx: Receipts) -> None:
+    for route, body in (("completions", b'{"model":"%s","prompt":"x = ","stream":true}' % VLLM.encode()),
+                        ("embeddings", b'{"model":"%s","input":["a","b"]}' % VLLM.encode())):
+        response, received = rx.send(f"/proxy/{rx.domain()}/v1/{route}", body)
+        assert response.status_code == 200
+        assert rx.verified(response, body, received)["route"] == route
+
+
+@pytest.mark.parametrize("route,body,stream", [
+    ("chat", b'{"model":"llama3.2:3b","messages":[{"role":"user","content":"hi"}]}', True),   # streams by default
+    ("chat", b'{"model":"llama3.2:3b","messages":[{"role":"user","content":"hi"}],"stream":false}', False),
+    ("generate", b'{"model": "llama3.2:3b", "prompt": "why?"}', True),
+    ("generate", b'{"model":"llama3.2:3b","prompt":"why?","stream":false}', False),
+    ("embed", b'{"model":"llama3.2:3b","input":"x"}', False),
+])
+def test_ollama_receipt_verifies(rx: Receipts, route: str, body: bytes, stream: bool) -> None:
+    response, received = rx.send(f"/proxy/{rx.domain()}/api/{route}", body)
+    assert response.status_code == 200
+    statement = rx.verified(response, body, received)
+    assert (statement["route"], statement["stream"], statement["backend"], statement["model"]) == \
+        (f"api/{route}", stream, "ollama", OLLAMA)
+    if stream:
+        assert json.loads(received.splitlines()[-1])["done"] is True
+
+
+def test_openai_route_on_ollama_backend_receipt_verifies(rx: Receipts) -> None:
+    body = _chat(OLLAMA, True)
+    response, received = rx.send(f"/proxy/{rx.domain()}/v1/chat/completions", body)
+    assert response.status_code == 200
+    assert rx.verified(response, body, received)["backend"] == "ollama"
+
+
+@pytest.mark.parametrize("api", ["openai", "ollama"])
+def test_a_stream_broken_mid_way_hashes_its_error_ending(rx: Receipts, api: str) -> None:
+    fake = rx.service.fakes["vllm" if api == "openai" else "ollama"]
+    fake.fail_after = 2
+    path, body = ((f"/proxy/{rx.domain()}/v1/chat/completions", _chat(VLLM, True)) if api == "openai" else
+                  (f"/proxy/{rx.domain()}/api/chat", b'{"model":"llama3.2:3b","messages":[]}'))
+    response, received = rx.send(path, body)
+    assert response.status_code == 200
+    assert b"failed mid-stream" in received.splitlines()[-1] or b"failed mid-stream" in received[-300:]
+    rx.verified(response, body, received)
+    assert rx.entry(response.headers["x-request-id"]).outcome == "backend_error"
+
+
+def test_a_client_that_left_early_gets_the_hash_of_what_was_sent(rx: Receipts) -> None:
+    fake = rx.service.fakes["vllm"]
+    fake.stall_after = 3   # three events, then silence: the relay has sent exactly those when the client leaves
+    body = _chat(VLLM, True)
+    with rx.service.http() as client, client.stream("POST", f"/proxy/{rx.domain()}/v1/chat/completions",
+                                                     content=body, headers=IDENTITY) as response:
+        received = b""
+        for chunk in response.iter_raw():
+            received += chunk
+            if received.count(b"\n\n") >= 3:
+                break
+    request_id = response.headers["x-request-id"]
+    entry = rx.entry(request_id)
+    assert entry.outcome == "cancelled" and received.count(b"\n\n") == 3
+    rx.verified(response, body, received)
+
+
+def test_a_response_that_sent_no_bytes_has_no_receipt(rx: Receipts) -> None:
+    rx.service.fakes["vllm"].upstream_status = (503, "busy")
+    response, _ = rx.send(f"/proxy/{rx.domain()}/v1/chat/completions", _chat(VLLM, False))
+    assert response.status_code == 502   # the backend's 503, before any byte of an answer
+    request_id = response.headers["x-request-id"]
+    assert rx.entry(request_id).response_sha256 is None
+    missing = rx.fetch(request_id)
+    unknown = rx.fetch(uuid.uuid4().hex)
+    assert missing.status_code == unknown.status_code == 404
+    assert missing.json() == unknown.json() == {"error": {"message": "Receipt not found.", "type": "invalid_request_error",
+                                                          "param": None, "code": "receipt_not_found"}}
+
+
+# ---- who gets it --------------------------------------------------------------------------------------
+def test_only_the_key_that_made_the_request_gets_its_receipt(rx: Receipts) -> None:
+    response, _ = rx.send(f"/proxy/{rx.domain()}/v1/chat/completions", _chat(VLLM, False))
+    request_id = response.headers["x-request-id"]
+    rx.entry(request_id)
+    assert rx.fetch(request_id).status_code == 200
+    assert rx.fetch(request_id, domain="domain-a").status_code == 200   # the domain by name is the same domain
+    unknown = rx.fetch(uuid.uuid4().hex)
+    assert unknown.status_code == 404
+
+    def same_as_unknown(r: httpx.Response) -> bool:
+        return (r.status_code, r.content, r.headers["content-type"]) == \
+            (unknown.status_code, unknown.content, unknown.headers["content-type"])
+
+    for other in ("member_a_2", "admin_a", "superadmin", "member_b", "bound_b", "noscope_a"):
+        assert same_as_unknown(rx.fetch(request_id, other)), other
+        assert same_as_unknown(rx.fetch(request_id, other, domain=rx.domain("B"))), other
+    assert same_as_unknown(rx.fetch(request_id, domain=rx.domain("B")))      # the right key, another domain
+    assert same_as_unknown(rx.fetch(request_id, domain=str(uuid.uuid4())))  # ... an unknown one
+    assert same_as_unknown(rx.fetch(request_id[:-1]))                        # not the id
+    assert same_as_unknown(rx.fetch(request_id + ".json"))                   # not even an id's shape
+    assert rx.fetch(request_id, token=None).status_code == 401
+    assert rx.fetch(request_id, token="revoked_a").status_code == 401
+
+
+def test_a_receipt_fails_under_a_policy_trusting_another_root(rx: Receipts) -> None:
+    body = _chat(VLLM, False)
+    response, received = rx.send(f"/proxy/{rx.domain()}/v1/chat/completions", body)
+    rx.verified(response, body, received)
+    receipt = parse_receipt(rx.fetch(response.headers["x-request-id"]).content)
+    # The session's other simulated platform (the TLS one): genuine sim evidence, but not this enclave's root.
+    result = verify_receipt(receipt, request=body, response=received, policy=enclave_policy())
+    assert not result.ok and result.error.startswith("signature_and_evidence: evidence of the signing key refused")
+
+
+def test_signer_failure_is_a_503(rx: Receipts) -> None:
+    response, _ = rx.send(f"/proxy/{rx.domain()}/v1/chat/completions", _chat(VLLM, False))
+    ctx = rx.service.server.ctx
+    kept = ctx.signer
+
+    def broken():
+        raise ProviderError("no evidence device")
+
+    ctx.signer = SignerSource(broken)
+    try:
+        r = rx.fetch(response.headers["x-request-id"])
+    finally:
+        ctx.signer = kept
+    assert r.status_code == 503 and r.json()["error"]["code"] == "signer_unavailable"
+    assert "no evidence device" not in r.text
+
+
+def test_every_fetch_signs_the_same_statement(rx: Receipts) -> None:
+    response, _ = rx.send(f"/proxy/{rx.domain()}/v1/chat/completions", _chat(VLLM, False))
+    first, second = (parse_receipt(rx.fetch(response.headers["x-request-id"]).content) for _ in range(2))
+    assert first.statement == second.statement and first.key_id == second.key_id
+    assert first.key_id == rx.service.server.ctx.signer.get().identity.key_id
+
+
+# ---- the attested openai client fetches receipts --------------------------------------------------------
+def test_the_attested_openai_client_fetches_a_receipt(rx: Receipts) -> None:
+    client = openai_client(f"{rx.service.server.url}/proxy/{rx.domain()}/v1", rx.world.tokens["member_a"],
+                           enclave_policy(), max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model=VLLM, messages=[{"role": "user", "content": "hi"}])
+    completion = raw.parse()
+    receipt = client.receipt(completion._request_id)
+    result = verify_receipt(receipt, request=raw.http_request.content, response=raw.http_response.content,
+                            policy=rx.policy)
+    assert result.ok, result.error
+    with pytest.raises(openai.NotFoundError):
+        client.receipt(uuid.uuid4().hex)
+    with pytest.raises(ValueError):
+        client.receipt("../admin")
