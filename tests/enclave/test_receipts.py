@@ -4,12 +4,15 @@ policy of the app's simulated platform, and only the key that made the request c
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from attestation.atls.client import openai_client
+from attestation.atls.client import async_openai_client, openai_client
 from attestation.errors import ProviderError
 from attestation.policy import Policy, policy_from_yaml, sim_policy_yaml
 from attestation.receipt import parse_receipt, rfc3339_utc, verify_receipt
@@ -26,7 +29,7 @@ from enclave.signer import SignerSource
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 
-from tests.enclave.conftest import PAT_KEY, World
+from tests.enclave.conftest import PAT_KEY, World, sim_provider
 from tests.enclave.inference_support import Service, enclave_policy, start_service
 from tests.enclave.receipts_support import Entry, MemoryLedger, install_ledger
 from tests.fakes.ollama import FakeOllama
@@ -83,17 +86,11 @@ class Receipts:
 
 async def _second_key(store: Store, world: World) -> None:
     """Another key of member_a (same user, same domain): it must not get the first key's receipts."""
-    now = await store.latest_recorded_time()
     token = generate_token()
     pat = await store.create_pat(user_id=world.users["member_a"], name="second", token_hash=token_hash(PAT_KEY, token),
                                  last4=token[-4:], scopes=("models:read", "models:infer"),
-                                 expires_at=(now or _now()) + timedelta(days=30))
+                                 expires_at=datetime.now(UTC) + timedelta(days=30))
     world.tokens["member_a_2"], world.pat_ids["member_a_2"] = token, pat.id
-
-
-def _now():
-    from datetime import UTC, datetime
-    return datetime.now(UTC)
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +282,53 @@ def test_the_attested_openai_client_fetches_a_receipt(rx: Receipts) -> None:
         client.receipt(uuid.uuid4().hex)
     with pytest.raises(ValueError):
         client.receipt("../admin")
+
+
+def test_the_async_attested_openai_client_fetches_a_receipt(rx: Receipts) -> None:
+    async def run() -> tuple[Any, Any]:
+        client = async_openai_client(f"{rx.service.server.url}/proxy/{rx.domain()}/v1",
+                                     rx.world.tokens["member_a"], enclave_policy(), max_retries=0)
+        async with client:
+            raw = await client.chat.completions.with_raw_response.create(
+                model=VLLM, messages=[{"role": "user", "content": "hi"}], stream=True)
+            stream = raw.parse()
+            async for _ in stream:
+                pass
+            return raw, await client.receipt(raw.headers["x-request-id"])
+
+    raw, receipt = asyncio.run(run())
+    assert receipt.statement["stream"] is True and receipt.statement["request_id"] == raw.headers["x-request-id"]
+    assert verify_receipt(receipt, request=raw.http_request.content, response=None, policy=rx.policy).error \
+        .startswith("response_sha256: not given")
+
+
+# ---- cube-attest verify-receipt on a receipt the enclave made --------------------------------------------------
+def _cube_attest(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import sys; from attestation.cli import main; sys.exit(main())",
+                           "verify-receipt", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cube_attest_verify_receipt_exit_codes(rx: Receipts, tmp_path: Path) -> None:
+    body = b'{"model":"llama3.2:3b","messages":[{"role":"user","content":"hi"}]}'
+    response, received = rx.send(f"/proxy/{rx.domain()}/api/chat", body)
+    rx.verified(response, body, received)
+    files = {name: tmp_path / name for name in ("receipt.json", "request.json", "response.ndjson", "policy.yaml")}
+    files["receipt.json"].write_bytes(rx.fetch(response.headers["x-request-id"]).content)
+    files["request.json"].write_bytes(body)
+    files["response.ndjson"].write_bytes(received)
+    sim = SimPlatform.load_or_create(rx.service.server.settings.data_dir / "sim")
+    files["policy.yaml"].write_text(sim_policy_yaml(sim.fingerprint))
+    args = [str(files["receipt.json"]), "--request", str(files["request.json"]), "--response",
+            str(files["response.ndjson"]), "--policy", str(files["policy.yaml"]), "--json"]
+    ok = _cube_attest(*args)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["ok"] is True
+    files["response.ndjson"].write_bytes(received[:-2] + bytes([received[-2] ^ 1]) + received[-1:])
+    changed = _cube_attest(*args)
+    assert changed.returncode == 1 and json.loads(changed.stdout)["error"].startswith("response_sha256")
+    files["response.ndjson"].write_bytes(received)
+    files["policy.yaml"].write_text(sim_policy_yaml(sim_provider().fingerprint))   # the TLS platform's root
+    other = _cube_attest(*args)
+    assert other.returncode == 1 and json.loads(other.stdout)["error"].startswith("signature_and_evidence")
+    files["receipt.json"].write_text("{}")
+    assert _cube_attest(*args).returncode == 2
