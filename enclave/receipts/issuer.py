@@ -8,6 +8,7 @@ model or a time it did not record, it can only make a receipt unavailable.
 
 from __future__ import annotations
 
+from datetime import timezone
 from typing import Any
 
 from attestation.receipt import RECEIPT_PURPOSE, STATEMENT_VERSION, receipt_document, rfc3339_utc
@@ -25,7 +26,10 @@ def statement_of(entry: ReceiptEntry) -> dict[str, Any]:
     """The signed statement about ``entry`` (which must ``has_receipt``)."""
     if not has_receipt(entry):
         raise ValueError(f"request {entry.request_id} has no receipt: its response sent no bytes")
-    return {"v": STATEMENT_VERSION, "request_id": entry.request_id, "time": rfc3339_utc(entry.created_at),
+    created = entry.created_at
+    if created.tzinfo is None:   # SQLite hands back naive datetimes: the store's are all UTC
+        created = created.replace(tzinfo=timezone.utc)
+    return {"v": STATEMENT_VERSION, "request_id": entry.request_id, "time": rfc3339_utc(created),
             "domain_id": entry.domain_id, "model": entry.model, "backend": entry.backend, "route": entry.route,
             "stream": bool(entry.stream), "status": int(entry.status), "request_sha256": entry.request_sha256,
             "response_sha256": entry.response_sha256}

@@ -308,3 +308,14 @@ def test_cli_input_errors_exit_2(capsys, files: dict[str, Path], tmp_path: Path)
     # --policy is required: a receipt means nothing without saying which enclave is trusted
     assert main(["verify-receipt", str(files["receipt"]), "--request", str(files["request"]), "--response",
                  str(files["response"])]) == 2
+
+
+def test_the_statement_time_is_utc_with_microseconds() -> None:
+    from datetime import timedelta
+
+    later = Entry(created_at=datetime(2026, 3, 4, 6, 6, 7, 5, tzinfo=timezone(timedelta(hours=1))))
+    assert statement_of(later)["time"] == "2026-03-04T05:06:07.000005Z"
+    naive = Entry(created_at=datetime(2026, 3, 4, 5, 6, 7))   # as SQLite returns the store's UTC times
+    assert statement_of(naive)["time"] == "2026-03-04T05:06:07.000000Z"
+    with pytest.raises(ValueError, match="no receipt"):
+        statement_of(Entry(response_sha256=None))
