@@ -25,13 +25,14 @@ from attestation.errors import ProviderError
 from attestation.policy import Policy, policy_from_yaml, sim_policy_yaml
 from attestation.receipt import parse_receipt, rfc3339_utc, verify_receipt
 from attestation.sim import SimPlatform
+from enclave.receipts.source import ReceiptSource
 from enclave.signer import SignerSource
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
 
 from tests.enclave.conftest import PAT_KEY, World, sim_provider
 from tests.enclave.inference_support import Service, enclave_policy, start_service
-from tests.enclave.receipts_support import Entry, MemoryLedger, install_ledger
+from tests.enclave.receipts_support import install_ledger
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.vllm import BASE_MODEL, FakeVllm
 
@@ -42,7 +43,7 @@ IDENTITY = {"accept-encoding": "identity", "content-type": "application/json"}
 
 
 class Receipts:
-    def __init__(self, service: Service, ledger: MemoryLedger, policy: Policy) -> None:
+    def __init__(self, service: Service, ledger: ReceiptSource, policy: Policy) -> None:
         self.service, self.ledger, self.policy = service, ledger, policy
 
     @property
@@ -58,10 +59,10 @@ class Receipts:
                 client.stream("POST", path, content=body, headers=IDENTITY) as response:
             return response, b"".join(response.iter_raw())
 
-    def entry(self, request_id: str, within: float = 5.0) -> Entry:
+    def entry(self, request_id: str, within: float = 5.0) -> Any:
         """The ledger's entry (made as the answer ends: for a client that left, a moment after it did)."""
         deadline = time.monotonic() + within
-        while (found := self.ledger.entries.get(request_id)) is None:
+        while (found := self.service.server.run_async(self.ledger.find(request_id))) is None:
             assert time.monotonic() < deadline, f"no ledger entry for {request_id}"
             time.sleep(0.01)
         return found
@@ -101,7 +102,7 @@ def rx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receipts]:
     with FakeVllm() as vllm, FakeOllama() as ollama:
         with start_service(tmp, [({"name": "vllm", "kind": "vllm"}, vllm), ({"name": "ollama", "kind": "ollama"}, ollama)],
                            setup=_second_key) as service:
-            ledger = install_ledger(service.server.ctx)
+            ledger = install_ledger(service.server.ctx)   # after the merge: the real one, service.server.ctx.ledger
             yield Receipts(service, ledger, policy_from_yaml(sim_policy_yaml(sim.fingerprint)))
 
 
