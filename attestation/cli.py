@@ -10,6 +10,8 @@ Subcommands (a stable contract, relied on by scripts and other components):
         [--allow-origin O] [--allow-host H] [--allow-all-paths]
                                                          (local verifying proxy; attestation.proxy.command)
   sim-init [--dir DIR] / sim-fingerprint [--dir DIR]     (simulated platform root + ready policy)
+  verify-receipt RECEIPT --request F --response F --policy FILE [--at ISO8601] [--json]
+                                                         (a signed receipt of a response; attestation.receipt_cli)
 
 With --json exactly one JSON object is printed:
   {"ok", "platform", "product", "status", "claims", "checks": [{"name","ok","detail"}], "error"}
@@ -368,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", metavar="SECONDS", type=float, default=600.0,
                    help="longest silence from the enclave within a response (default 600)")
 
+    from .receipt_cli import add_parser as add_verify_receipt
+    add_verify_receipt(sub)
+
     for name, help_text in (("sim-init", "create (once) the simulated platform and print its policy"),
                             ("sim-fingerprint", "print the simulated platform's root fingerprint and policy")):
         p = sub.add_parser(name, help=help_text)
@@ -390,6 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_sim(args, create=False)
         if args.command == "verify-url":
             return _cmd_verify_url(args)
+        if args.command == "verify-receipt":
+            from .receipt_cli import verify_receipt_command
+
+            return verify_receipt_command(args)
         if args.command == "proxy":
             from .proxy.command import proxy_command
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -81,10 +82,12 @@ def _refused(error: str, **kwargs: Any) -> SignatureCheck:
 
 
 def verify_signed(*, purpose: str, message: bytes, signature: bytes, public_key_der: bytes, evidence: bytes | Evidence,
-                  policy: Policy, kds: Any = None, pcs: Any = None, verdicts: dict | None = None) -> SignatureCheck:
+                  policy: Policy, kds: Any = None, pcs: Any = None, verdicts: dict | None = None,
+                  at: datetime | None = None) -> SignatureCheck:
     """Check that ``signature`` over ``message`` (for ``purpose``) was made by the key ``public_key_der`` and that
     ``evidence`` binds that key and passes ``policy``. ``verdicts``: an optional cache (key id -> Verdict) for
-    a verifier checking many statements signed by the same few keys."""
+    a verifier checking many statements signed by the same few keys. ``at``: the time the evidence is
+    verified at (default now)."""
     from .verifier import verify_evidence   # late: the verifier pulls in every platform's parsers
 
     try:
@@ -110,7 +113,7 @@ def verify_signed(*, purpose: str, message: bytes, signature: bytes, public_key_
         if decoded.binding.get("scheme") != SIGNING_SCHEME or type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
             return _refused(f"evidence of the signing key: binding scheme must be {SIGNING_SCHEME!r}", key_id=kid)
         try:
-            verdict = verify_evidence(decoded, policy=policy, kds=kds, pcs=pcs,
+            verdict = verify_evidence(decoded, policy=policy, at=at, kds=kds, pcs=pcs,
                                       expected_report_data=signing_report_data(public_key_der, nonce))
         except AttestationError as e:
             return _refused(f"evidence of the signing key: {e}", key_id=kid)

@@ -420,3 +420,21 @@ def may_read_own_usage(principal: Principal, *, user_id: str | None = None,
                           "own usage.", "pat_id")
     return UsageScope(True, domain_id=principal.pat.domain_id, user_id=principal.user.id,
                       pat_id=None if manages else principal.pat.id)
+
+
+# ---- receipts (enclave.receipts) ---------------------------------------------------------------------------
+RECEIPT_NOT_FOUND = Decision(False, 404, "receipt_not_found", "Receipt not found.")
+
+
+def may_fetch_receipt(principal: Principal, domain_id: str | None, made_by_pat: str | None,
+                      made_in_domain: str | None) -> Decision:
+    """A request's receipt goes to the key that made the request, asked under the domain it was made in, and to
+    no one else: another key of the same user, another tenant and a superadmin all get the 404 an unknown
+    request id gets (``RECEIPT_NOT_FOUND``), so a receipt's existence is never revealed. ``domain_id``: the
+    domain the path names (None when unknown); ``made_by_pat``/``made_in_domain``: the ledger's record of the
+    request (None when there is none). Membership is not asked again: the receipt is the key's own past."""
+    if made_by_pat is None or made_in_domain is None or domain_id is None:
+        return RECEIPT_NOT_FOUND
+    if principal.pat.id != made_by_pat or domain_id != made_in_domain:
+        return RECEIPT_NOT_FOUND
+    return ALLOW

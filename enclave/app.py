@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from enclave.api import admin, inference, models, ollama, ops, usage
+from enclave.api import admin, inference, models, ollama, ops, receipts, usage
 from enclave.api.context import AppContext
 from enclave.api.ollama_errors import OllamaErrorShape
 from enclave.auth import Authenticator, Clock, LastUsedTracker, MonotonicClock
@@ -175,6 +175,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     app.include_router(models.router)
     app.include_router(inference.router)
     app.include_router(ollama.router)
+    app.include_router(receipts.router)
     app.include_router(admin.platform)
     app.include_router(admin.domain_admin)
     app.include_router(admin.me)

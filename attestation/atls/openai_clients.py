@@ -8,15 +8,20 @@ get a publicly trusted certificate for the name and would receive the PAT. These
 path before a connection is opened, at the client methods each of them calls to build its URL (the
 WebSocket query, the ``ws(s)://`` URL); they refuse ``websocket_base_url`` and any ``http_client`` that is
 not attested; copies (``copy``/``with_options``) are built as the same class, so they refuse the same.
+
+``receipt(request_id)`` fetches the signed receipt of a response the client got (``attestation.receipt``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import httpx
 import openai
 
 from ..errors import AttestationError
+from ..receipt import Receipt, parse_receipt
 from .client import AsyncAttestedClient, AttestedClient, NotAttestedError
 
 WEBSOCKET_REFUSAL = (
@@ -85,11 +90,27 @@ class _AttestedOnly:
         return prepared
 
 
+_REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def _receipt_route(request_id: str) -> str:
+    """Relative to the client's base URL (``https://<enclave>/proxy/<domain>/v1``)."""
+    if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
+        raise ValueError("request_id must be a response's x-request-id (letters, digits, - and _)")
+    return f"/receipts/{request_id}"
+
+
 class AttestedOpenAI(_AttestedOnly, openai.OpenAI):
     """``openai.OpenAI`` over an :class:`AttestedClient`; WebSocket features raise NotAttestedError."""
 
     _http_client_type = AttestedClient
     _openai_class = openai.OpenAI
+
+    def receipt(self, request_id: str) -> Receipt:
+        """The signed receipt of a response this key received, by its ``x-request-id`` (``completion._request_id``,
+        or ``stream.response.headers["x-request-id"]``); check it with ``attestation.receipt.verify_receipt``.
+        openai's ``NotFoundError`` when there is none for this key."""
+        return parse_receipt(self.get(_receipt_route(request_id), cast_to=httpx.Response).content)
 
 
 class AsyncAttestedOpenAI(_AttestedOnly, openai.AsyncOpenAI):
@@ -97,3 +118,8 @@ class AsyncAttestedOpenAI(_AttestedOnly, openai.AsyncOpenAI):
 
     _http_client_type = AsyncAttestedClient
     _openai_class = openai.AsyncOpenAI
+
+    async def receipt(self, request_id: str) -> Receipt:
+        """As :meth:`AttestedOpenAI.receipt`."""
+        response = await self.get(_receipt_route(request_id), cast_to=httpx.Response)
+        return parse_receipt(response.content)

@@ -6,6 +6,7 @@ scope ``models:infer``): unknown and forbidden models both get 404 ``model_not_f
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -64,8 +65,9 @@ async def _infer(request: Request, domain_ref: str, route: str) -> Response:
     domain = await ctx.auth.domain(domain_ref)
     check(may_infer_in_domain(principal, decided_domain_id(domain_ref, domain), domain))
     assert domain is not None
+    raw = await request.body()
     try:
-        body: ClientBody = parse_body(await request.body())
+        body: ClientBody = parse_body(raw)
     except BodyError as e:
         raise ApiError(400, e.message, code=e.code, param=e.param) from None
     card = ctx.registry.get(body.model)
@@ -76,7 +78,7 @@ async def _infer(request: Request, domain_ref: str, route: str) -> Response:
         raise model_not_found(body.model)
     record = InferenceRecord(domain_id=domain.id, user_id=principal.user.id, pat_id=principal.pat.id,
                              model=card.id, backend=card.backend, route=route, stream=body.stream,
-                             request_id=request_id_of(request))
+                             request_id=request_id_of(request), request_sha256=hashlib.sha256(raw).hexdigest())
     request.state.inference = record
     try:
         return await unless_client_leaves(request.receive, ctx.gateway.openai(route, record, body, domain.id))

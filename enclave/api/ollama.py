@@ -13,6 +13,8 @@ Errors use Ollama's shape ``{"error": "..."}`` (``enclave.api.ollama_errors``).
 
 from __future__ import annotations
 
+import hashlib
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -121,7 +123,8 @@ async def _infer(request: Request, domain_ref: str, route: str) -> Response:
     ctx, principal, domain, body, card = await _model_request(request, domain_ref, route, Scope.MODELS_INFER)
     record = InferenceRecord(domain_id=domain.id, user_id=principal.user.id, pat_id=principal.pat.id,
                              model=card.id, backend=card.backend, route=f"api/{route}", stream=body.stream,
-                             request_id=request_id_of(request))
+                             request_id=request_id_of(request),
+                             request_sha256=hashlib.sha256(await request.body()).hexdigest())   # read already: cached
     request.state.inference = record
     try:
         return await unless_client_leaves(request.receive, native.infer(ctx.gateway, route, record, body))

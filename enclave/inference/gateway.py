@@ -7,6 +7,7 @@ bytes and counts tokens.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -75,7 +76,8 @@ class Gateway:
             self.recorder.finish(record, NO_USAGE, outcome=CANCELLED, status=CLIENT_CLOSED, ttft=None)
             raise
         if stream and upstream.content_type.split(";")[0].strip() == fmt.media_type:
-            def finished(outcome: str, ttft: float | None) -> None:
+            def finished(outcome: str, ttft: float | None, sent_sha256: str) -> None:
+                record.response_sha256 = sent_sha256
                 self.recorder.finish(record, usage_of(editor, None), outcome=outcome, status=200, ttft=ttft)
 
             return StreamRelay(upstream, splitter=EventSplitter(fmt.terminators), editor=editor,
@@ -94,6 +96,7 @@ class Gateway:
         answer, usage = body, usage_of(None, body)
         if isinstance(editor, OpenAIStreamEditor) and editor.strip_tool_calls:
             answer, _ = edit_openai_body(body, strip_tool_calls=True)
+        record.response_sha256 = hashlib.sha256(answer).hexdigest()   # the exact body the Response sends
         self.recorder.finish(record, usage, outcome=COMPLETED, status=200,
                              ttft=time.perf_counter() - record.started)
         return Response(answer, status_code=200, media_type=upstream.content_type, headers=headers)

@@ -8,11 +8,14 @@
   forwarded, and the stream closes. So does an event that outgrows ``MAX_EVENT_BYTES`` without its end.
 * The stream's last event (``[DONE]``, Ollama's ``done: true`` line) ends the relay: nothing a backend sends
   after it reaches the client.
+* Every body chunk handed to ``send`` (the ending included) is hashed as it goes (SHA-256, for receipts), and
+  ``on_finish`` gets the digest of all of them: exactly what was sent, also when the client left early.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -38,7 +41,7 @@ COMPLETED, CANCELLED, BACKEND_ERROR, IDLE_TIMEOUT = "completed", "cancelled", "b
 class StreamRelay(Response):
     def __init__(self, upstream: UpstreamResponse, *, splitter: EventSplitter, editor: StreamEditor,
                  error_ending: Callable[[str, bytes], bytes], media_type: str, headers: Mapping[str, str],
-                 started: float, on_finish: Callable[[str, float | None], None]) -> None:
+                 started: float, on_finish: Callable[[str, float | None, str], None]) -> None:
         super().__init__(content=None, status_code=200, headers=dict(headers), media_type=media_type)
         # No length: the body is as long as the backend makes it (chunked transfer).
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
@@ -47,7 +50,8 @@ class StreamRelay(Response):
         self.editor = editor
         self.error_ending = error_ending
         self.started = started
-        self.on_finish = on_finish
+        self.on_finish = on_finish   # (outcome, time to first byte, SHA-256 hex of the body sent)
+        self.sent = hashlib.sha256()
 
     def _edited(self, events: list[bytes]) -> list[bytes]:
         """The events to forward, edited; none after the one that ends the stream (``editor.done``)."""
@@ -87,8 +91,9 @@ class StreamRelay(Response):
                     if edited:
                         if first is None:
                             first = time.perf_counter() - self.started
-                        await send({"type": "http.response.body", "body": edited[0] if len(edited) == 1
-                                    else b"".join(edited), "more_body": True})
+                        body = edited[0] if len(edited) == 1 else b"".join(edited)
+                        self.sent.update(body)
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
                     if self.editor.done:
                         # The stream's last event: whatever a backend sends after it is not relayed, only read
                         # (briefly, bounded) so the connection can be kept for the next request.
@@ -113,6 +118,7 @@ class StreamRelay(Response):
             # Slot freed and record made before the client sees the end, so whoever reads them next (the
             # client's next request, the ledger) finds them done.
             finished = True
+            self.sent.update(ending)   # hashed before the record is made: it is part of what the client gets
             await self._finish(outcome, first)
             await send({"type": "http.response.body", "body": ending, "more_body": False})
         except asyncio.CancelledError:
@@ -129,7 +135,7 @@ class StreamRelay(Response):
 
     async def _finish(self, outcome: str, first: float | None) -> None:
         await self.upstream.aclose()
-        self.on_finish(outcome, first)
+        self.on_finish(outcome, first, self.sent.hexdigest())
 
 
 def sse_error_ending(message: str, terminator: bytes) -> bytes:

@@ -131,6 +131,8 @@ ROUTES: dict[tuple[str, str], tuple[Rule, str, object]] = {
     ("GET", "/proxy/{domain_id}/api/tags"): (models_of_a, "/proxy/{A}/api/tags", None),
     ("GET", "/proxy/{domain_id}/api/ps"): (models_of_a, "/proxy/{A}/api/ps", None),
     ("GET", "/proxy/{domain_id}/api/version"): (models_of_a, "/proxy/{A}/api/version", None),
+    # Any key gets the same 404 for a request it did not make (tests/enclave/test_receipts.py: the maker's key).
+    ("GET", "/proxy/{domain_id}/v1/receipts/{request_id}"): (any_key, "/proxy/{A}/v1/receipts/%032x" % 7, None),
     **{(method, f"/proxy/{{domain_id}}/api/{action}"): (nobody, f"/proxy/{{A}}/api/{action}", {"model": "x:1b"})
        for action in ("pull", "push", "create", "copy", "delete")
        for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
