@@ -13,16 +13,16 @@ from typing import Any
 
 from attestation.receipt import RECEIPT_PURPOSE, STATEMENT_VERSION, receipt_document, rfc3339_utc
 from attestation.signing import canonical_json
-from enclave.receipts.source import ReceiptEntry
+from enclave.usage.entry import UsageEntry
 from enclave.signer import AttestedSigner
 
 
-def has_receipt(entry: ReceiptEntry) -> bool:
+def has_receipt(entry: UsageEntry) -> bool:
     """Whether the request's response got bytes to the client (a refusal before the backend gets none)."""
     return entry.request_sha256 is not None and entry.response_sha256 is not None
 
 
-def statement_of(entry: ReceiptEntry) -> dict[str, Any]:
+def statement_of(entry: UsageEntry) -> dict[str, Any]:
     """The signed statement about ``entry`` (which must ``has_receipt``)."""
     if not has_receipt(entry):
         raise ValueError(f"request {entry.request_id} has no receipt: its response sent no bytes")
@@ -35,7 +35,7 @@ def statement_of(entry: ReceiptEntry) -> dict[str, Any]:
             "response_sha256": entry.response_sha256}
 
 
-def issue_receipt(entry: ReceiptEntry, signer: AttestedSigner) -> dict[str, Any]:
+def issue_receipt(entry: UsageEntry, signer: AttestedSigner) -> dict[str, Any]:
     """The receipt document (JSON-ready): the statement, its signature, the key and the key's evidence."""
     statement = statement_of(entry)
     signature = signer.sign(RECEIPT_PURPOSE, canonical_json(statement))

@@ -26,7 +26,7 @@ from attestation.errors import ProviderError
 from attestation.policy import Policy, policy_from_yaml, sim_policy_yaml
 from attestation.receipt import parse_receipt, rfc3339_utc, verify_receipt
 from attestation.sim import SimPlatform
-from enclave.receipts.source import ReceiptSource
+from enclave.usage.ledger import Ledger
 from enclave.signer import SignerSource
 from enclave.store import Store
 from enclave.tokens import generate_token, token_hash
@@ -43,7 +43,7 @@ IDENTITY = {"accept-encoding": "identity", "content-type": "application/json"}
 
 
 class Receipts:
-    def __init__(self, service: Service, ledger: ReceiptSource, policy: Policy) -> None:
+    def __init__(self, service: Service, ledger: Ledger, policy: Policy) -> None:
         self.service, self.ledger, self.policy = service, ledger, policy
 
     @property
