@@ -378,3 +378,10 @@ def may_read_operations(principal: Principal) -> Decision:
     if principal.pat.domain_id is not None:
         return Decision(False, 403, "domain_bound_key", "A key bound to a domain cannot read operational details.")
     return may_manage_platform(principal)
+
+
+# ---- audit trail ---------------------------------------------------------------------------------------------
+def may_export_audit(principal: Principal) -> Decision:
+    """The audit export (every admin action on the platform): the platform operators only, as for platform
+    administration: a superadmin's unbound `manage` key."""
+    return may_manage_platform(principal)
