@@ -124,3 +124,33 @@ def test_unauthenticated_calls_are_counted_by_class_never_with_the_token(served,
         assert secret.encode() not in stored
         assert secret not in export.text
         assert secret[len("cube_pat_"):][:16] not in export.text
+
+
+def test_a_token_in_a_path_is_redacted(served) -> None:
+    server, world = served
+    token = world.tokens[SUPER]
+    with server.client(token) as client:
+        r = client.get(f"/pats/{token}")
+        assert r.status_code in (404, 422)
+        r2 = client.get(f"/admin/users/{token.upper()}")
+    (entry,) = [e for e in entries(server)[-2:] if e.get("action") == "GET /pats/{pat_id}"]
+    assert entry["target"] == {"pat_id": "[redacted]"} and entry["outcome"] == r.status_code
+    assert entries(server)[-1]["target"] == {"user_id": "[redacted]"} and entries(server)[-1]["outcome"] == r2.status_code
+    assert token not in json.dumps(entries(server))
+
+
+def test_an_entry_that_cannot_be_written_fails_the_response(served, monkeypatch) -> None:
+    server, world = served
+    trail = server.ctx.audit
+
+    async def unavailable(fields: dict) -> None:
+        trail.metrics.write_failures.inc()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trail, "record_admin", unavailable)
+    failures = trail.metrics.write_failures._value.get()
+    with server.client(world.tokens[SUPER]) as client:
+        r = client.get("/admin/users")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "audit_unavailable"
+    assert "x-request-id" in r.headers
+    assert trail.metrics.write_failures._value.get() == failures + 1
