@@ -55,7 +55,9 @@ async def request_principal(request: Request) -> Principal:
     principal = getattr(request.state, "principal", None)
     if isinstance(principal, Principal):
         return principal
-    return await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+    principal = await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+    request.state.principal = principal   # the actor of the audit trail's entry (enclave.audit.middleware)
+    return principal
 
 
 def check(decision: Decision) -> None:

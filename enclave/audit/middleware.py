@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import weakref
 from typing import Any
 
-from starlette.routing import Match
+from fastapi.routing import iter_route_contexts
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave.errors import envelope
@@ -64,21 +66,41 @@ def _redact(value: Any) -> str:
     return text if len(text) <= MAX_TARGET_CHARS else text[:MAX_TARGET_CHARS] + "..."
 
 
+_TABLES: "weakref.WeakKeyDictionary[Any, list[tuple[Any, frozenset[str], str]]]" = weakref.WeakKeyDictionary()
+
+
+def _route_table(app: Any) -> list[tuple[Any, frozenset[str], str]]:
+    """(path regex, methods, template) of every route of ``app``, compiled once per app."""
+    table = _TABLES.get(app)
+    if table is None:
+        table = []
+        for route in iter_route_contexts(getattr(app, "routes", ())):
+            path = route.path
+            if path:
+                table.append((compile_path(path)[0], frozenset(route.methods or ()), path))
+        _TABLES[app] = table
+    return table
+
+
 def _route_of(scope: Scope) -> tuple[str | None, dict[str, Any]]:
     """The matched route's template and path parameters; matched here when the request was answered before
-    routing (e.g. refused before its body was read)."""
+    routing (e.g. refused before its body was read). A path that matches with another method counts (405)."""
     route = scope.get("route")
     if route is not None and getattr(route, "path", None):
         return route.path, dict(scope.get("path_params") or {})
     app = scope.get("app")
-    for candidate in getattr(getattr(app, "router", None), "routes", ()):
-        path = getattr(candidate, "path", None)
-        if not path:
+    if app is None:
+        return None, {}
+    partial: tuple[str | None, dict[str, Any]] = (None, {})
+    for regex, methods, path in _route_table(app):
+        found = regex.match(scope.get("path", ""))
+        if found is None:
             continue
-        match, child = candidate.matches(scope)
-        if match in (Match.FULL, Match.PARTIAL):
-            return path, dict(child.get("path_params") or {})
-    return None, {}
+        if not methods or scope.get("method") in methods:
+            return path, found.groupdict()
+        if partial[0] is None:
+            partial = (path, found.groupdict())
+    return partial
 
 
 def _action(scope: Scope, template: str | None) -> str:

@@ -97,11 +97,11 @@ def test_unauthenticated_calls_are_counted_by_class_never_with_the_token(served,
     calls = [(None, "missing"), ("Bearer " + bogus, None), ("Basic abc", "malformed"), ("Bearer " + revoked_like, None)]
     for method, route in audited_routes(server.app):
         for header, _ in calls:
-            _, template, _ = ROUTES[(method, route)]
+            _, template, body = ROUTES[(method, route)]
             path = template.format(n=1, spare="-", **world.ids)
-            with server.client() as client:
+            with server.client() as client:   # with a body: refused before routing, on the headers alone
                 headers = {"Authorization": header} if header else {}
-                r = client.request(method, path, headers=headers)
+                r = client.request(method, path, headers=headers, json=body)
             assert r.status_code == 401, (method, path, r.status_code)
     server.run_async(server.ctx.audit.flush_refusals())
     refusals = [e for e in entries(server) if e["kind"] == "auth_refused"]
