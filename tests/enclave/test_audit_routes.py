@@ -15,8 +15,12 @@ from pathlib import Path
 import pytest
 from fastapi.routing import iter_route_contexts
 
+from attestation.policy import sim_policy_yaml
+from attestation.providers.sim import SimProvider
+from enclave.admin_cli import main as cube_admin
 from enclave.audit import is_audited
-from tests.enclave.conftest import EnclaveServer
+from tests.enclave.audit_support import verify
+from tests.enclave.conftest import EnclaveServer, sim_provider
 from tests.enclave.test_route_access import ROUTES, MatrixWorld, Who, everyone, matrix  # noqa: F401 (fixture)
 
 SUPER = Who("superadmin", None, "all")
@@ -154,3 +158,21 @@ def test_an_entry_that_cannot_be_written_fails_the_response(served, monkeypatch)
     assert r.status_code == 500 and r.json()["error"]["code"] == "audit_unavailable"
     assert "x-request-id" in r.headers
     assert trail.metrics.write_failures._value.get() == failures + 1
+
+
+def test_cube_admin_exports_over_attested_tls(served, tmp_path: Path, capsys) -> None:
+
+    server, world = served
+    policy = tmp_path / "sim-policy.yaml"
+    policy.write_text(sim_policy_yaml(sim_provider().fingerprint))
+    out = tmp_path / "audit.jsonl"
+    common = ["--url", server.url, "--policy", str(policy)]
+    assert cube_admin([*common, "--token", world.tokens[SUPER], "audit", "export", "-o", str(out)]) == 0
+    signer_platform = SimProvider(server.settings.attestation.sim_dir or server.settings.data_dir / "sim")
+    signer_policy = tmp_path / "signer-policy.yaml"   # this app signs with its own simulated platform's key
+    signer_policy.write_text(sim_policy_yaml(signer_platform.fingerprint))
+    status, report = verify(out, signer_policy)
+    assert status == 0 and report["last_seq"] == len(entries(server)), report
+    member = next(w for w in world.tokens if w.role == "member" and w.scopes == "all" and w.bound is None)
+    assert cube_admin([*common, "--token", world.tokens[member], "audit", "export"]) == 1
+    assert "403" in capsys.readouterr().err
