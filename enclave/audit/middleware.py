@@ -8,7 +8,8 @@ reads the matched route's template, so a router added later is audited without d
   actor (user id, PAT id), action (``METHOD template``), target (the path parameters, any that looks like a
   token redacted), outcome (the HTTP status), time, source (the TCP peer: behind the host's relay, the relay).
   It is written when the response starts, before the client sees the status; if it cannot be written the
-  client gets 500 ``audit_unavailable`` instead (the action itself may have taken effect).
+  client gets 500 ``audit_unavailable`` instead (the action itself may have taken effect). A handler that
+  fails (an exception, answered 500 by the outermost error handler) is recorded with outcome 500.
 * An authentication refusal, on any route, is counted by class (``enclave.audit.refusals``: bounded entries,
   never the token). So is an unauthenticated call of an audited route that got no refusal class (e.g. refused
   for its size before its key was checked: class ``unauthenticated``).
@@ -156,13 +157,14 @@ class AuditMiddleware:
             trail.count_refusal(refusal, _source(scope), _action(scope, template))
 
     async def _audited(self, scope: Scope, receive: Receive, send: Send, note: _RequestNote) -> None:
-        replaced = False
+        replaced = started = False
 
         async def send_recorded(message: Message) -> None:
-            nonlocal replaced
+            nonlocal replaced, started
             if replaced:
                 return
             if message["type"] == "http.response.start":
+                started = True
                 if not await self._record(scope, message["status"], note):
                     replaced = True
                     body = _json(_UNAVAILABLE)
@@ -173,7 +175,12 @@ class AuditMiddleware:
                     return
             await send(message)
 
-        await self.app(scope, receive, send_recorded)
+        try:
+            await self.app(scope, receive, send_recorded)
+        except Exception:
+            if not started:   # the outermost error handler answers 500 past this middleware: record that
+                await self._record(scope, 500, note)
+            raise
 
     async def _record(self, scope: Scope, status: int, note: _RequestNote) -> bool:
         """Write this request's entry (or count its refusal); False when an entry was due and failed."""

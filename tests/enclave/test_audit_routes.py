@@ -176,3 +176,17 @@ def test_cube_admin_exports_over_attested_tls(served, tmp_path: Path, capsys) ->
     member = next(w for w in world.tokens if w.role == "member" and w.scopes == "all" and w.bound is None)
     assert cube_admin([*common, "--token", world.tokens[member], "audit", "export"]) == 1
     assert "403" in capsys.readouterr().err
+
+
+def test_a_failing_handler_is_recorded_with_outcome_500(served, monkeypatch) -> None:
+    server, world = served
+
+    async def broken() -> list:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(server.ctx.store, "list_domains", broken)
+    with server.client(world.tokens[SUPER]) as client:
+        r = client.get("/admin/domains")
+    assert r.status_code == 500
+    last = entries(server)[-1]
+    assert last["action"] == "GET /admin/domains" and last["outcome"] == 500
