@@ -8,6 +8,7 @@ evidence are stored once per key (``audit_signing_keys``), each checkpoint names
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,8 @@ class Checkpointer:
         self.last_signed: int = 0   # the highest seq this process checkpointed
 
     async def _store_key(self) -> str:
-        identity = self.signer.get().identity
+        # The first get() may make the key and its evidence (a device call): off the event loop.
+        identity = (await asyncio.to_thread(self.signer.get)).identity
         async with self.chain.engine.connect() as conn:
             found = (await conn.execute(sa.select(audit_signing_keys.c.key_id)
                                         .where(audit_signing_keys.c.key_id == identity.key_id))).first()

@@ -15,7 +15,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from attestation.audit import EXPORT_FORMAT
+from attestation.audit import EXPORT_FORMAT, GENESIS
+from enclave.audit.chain import StoredEntry
 from enclave.audit.checkpoints import Checkpoint
 from enclave.audit.trail import AuditTrail
 from enclave.schema import audit_checkpoints, audit_signing_keys
@@ -35,6 +36,34 @@ def _checkpoint_line(cp: Checkpoint) -> bytes:
     return _line({"type": "checkpoint", "statement": cp.statement, "signature": _b64(cp.signature)})
 
 
+def _hex64(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _entry_line(stored: StoredEntry) -> bytes:
+    """An entry as stored; one the host made unreadable (not JSON, fields missing) is exported as a stand-in
+    that cannot match its hash, so that verify-audit reports it at its seq instead of refusing the file."""
+    entry, digest = stored.entry, stored.hash
+    if not (isinstance(entry.get("seq"), int) and _hex64(entry.get("prev")) and isinstance(entry.get("kind"), str)
+            and isinstance(entry.get("time"), str) and _hex64(digest)):
+        entry = {"v": 1, "seq": stored.seq, "prev": GENESIS, "time": "", "kind": "unreadable"}
+        digest = GENESIS
+    return _line({"type": "entry", "hash": digest, "entry": entry})
+
+
+def _stored_checkpoint_line(row: Any) -> bytes:
+    """A stored checkpoint; an unreadable one becomes a statement whose signature cannot verify (reported)."""
+    try:
+        statement = json.loads(row.statement)
+    except ValueError:
+        statement = None
+    if not (isinstance(statement, dict) and isinstance(statement.get("seq"), int) and _hex64(statement.get("hash"))
+            and _hex64(statement.get("key_id"))):
+        statement = {"v": 1, "seq": int(row.seq), "hash": GENESIS,
+                     "key_id": row.key_id if _hex64(row.key_id) else GENESIS, "unreadable": True}
+    return _line({"type": "checkpoint", "statement": statement, "signature": _b64(row.signature)})
+
+
 async def export_lines(trail: AuditTrail, *, since: int | None = None, until: int | None = None
                        ) -> AsyncIterator[bytes]:
     await trail.flush_refusals()
@@ -44,7 +73,7 @@ async def export_lines(trail: AuditTrail, *, since: int | None = None, until: in
     exported_last: int | None = None
     async for stored in trail.chain.entries(since=since, until=last):
         exported_last = stored.seq
-        yield _line({"type": "entry", "hash": stored.hash, "entry": stored.entry})
+        yield _entry_line(stored)
     low = since or 0
     engine = trail.chain.engine
     async with engine.connect() as conn:
@@ -66,10 +95,6 @@ async def export_lines(trail: AuditTrail, *, since: int | None = None, until: in
             yield _line({"type": "signing_key", "key_id": key.key_id, "public_key": _b64(key.public_key),
                          "evidence": _b64(key.evidence)})
     for row in checkpoints:
-        try:
-            statement = json.loads(row.statement)
-        except ValueError:
-            statement = {"malformed": row.statement[:200]}
-        yield _line({"type": "checkpoint", "statement": statement, "signature": _b64(row.signature)})
+        yield _stored_checkpoint_line(row)
     if fresh is not None:
         yield _checkpoint_line(fresh)

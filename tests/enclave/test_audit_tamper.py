@@ -199,3 +199,13 @@ def test_a_malformed_export_is_an_input_error(tmp_path: Path) -> None:
     bad.write_text('{"type": "entry"}\n')
     status, report = verify(bad, policy_file(tmp_path))
     assert status == 2 and report["ok"] is False
+
+
+def test_unreadable_rows_are_reported_at_their_seq(running) -> None:
+    """Garbage in an entry or a checkpoint row is a refused chain at that seq, not an unreadable export."""
+    _host_runs(running, ("UPDATE audit_entries SET entry = 'not json' WHERE seq = 2",),
+               ("UPDATE audit_entries SET hash = 'xyz' WHERE seq = 5",),
+               ("UPDATE audit_checkpoints SET statement = '{}'",))
+    report = _export_refused(running, at=2, says="edited")
+    assert 5 in [p["seq"] for p in report["problems"]]
+    assert any("checkpoint does not verify" in p["message"] for p in report["problems"])
