@@ -13,8 +13,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import sqlalchemy as sa
-
 from attestation.audit import EXPORT_FORMAT, GENESIS
 from enclave.audit.chain import StoredEntry
 from enclave.audit.checkpoints import Checkpoint

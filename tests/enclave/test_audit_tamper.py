@@ -13,7 +13,7 @@ from attestation.audit import entry_hash
 from attestation.signing import canonical_json
 from enclave.signer import AttestedSigner
 from tests.enclave.audit_support import (admin_calls, database, entries, export, foreign_policy_file, policy_file,
-                                         rewrite, rows, seeded, serve, set_head, signer, verify)
+                                         rewrite, rows, seeded, serve, set_head, verify)
 from tests.enclave.conftest import EnclaveServer, World, sim_provider
 
 
