@@ -12,6 +12,8 @@ Subcommands (a stable contract, relied on by scripts and other components):
   sim-init [--dir DIR] / sim-fingerprint [--dir DIR]     (simulated platform root + ready policy)
   verify-receipt RECEIPT --request F --response F --policy FILE [--at ISO8601] [--json]
                                                          (a signed receipt of a response; attestation.receipt_cli)
+  verify-audit EXPORT --policy FILE [--previous OLD_EXPORT] [--json]
+                                                         (audit trail export; attestation.audit)
 
 With --json exactly one JSON object is printed:
   {"ok", "platform", "product", "status", "claims", "checks": [{"name","ok","detail"}], "error"}
@@ -263,6 +265,46 @@ def _cmd_sim(args: argparse.Namespace, create: bool) -> int:
     return EXIT_OK
 
 
+MAX_AUDIT_EXPORT_BYTES = 1024 * 1024 * 1024
+
+
+def _cmd_verify_audit(args: argparse.Namespace) -> int:
+    """Exit 0 only when the export's chain, checkpoints and evidence all hold (and it extends --previous)."""
+    from .audit import AuditFormatError, parse_export, verify_export
+
+    def load(path: str, what: str):
+        try:
+            p = Path(path)
+            if p.stat().st_size > MAX_AUDIT_EXPORT_BYTES:
+                raise InputError(f"{what} {path}: larger than {MAX_AUDIT_EXPORT_BYTES} bytes")
+            data = p.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+        try:
+            return parse_export(data)
+        except AuditFormatError as exc:
+            raise InputError(f"{what} {path}: {exc}") from None
+
+    policy = _policy(args.policy)
+    export = load(args.export, "export")
+    previous = load(args.previous, "previous export") if args.previous else None
+    report = verify_export(export, policy, previous=previous)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    elif report.ok:
+        span = f"seq {report.first_seq}..{report.last_seq}"
+        notes = [f"starts after a recorded prune of seq 1..{report.pruned_through}"] if report.pruned_through else []
+        if report.partial:
+            notes.append(f"partial: nothing before seq {report.first_seq} was checked")
+        print(f"INTACT: {report.entries} entries ({span}), {report.checkpoints_verified} verified checkpoint(s), "
+              f"the last at seq {report.covered_seq}" + "".join(f"; {n}" for n in notes))
+    else:
+        print(f"TAMPERED or incomplete: {len(report.problems)} problem(s)")
+        for problem in report.problems:
+            print(f"  {problem}")
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
 def _cmd_verify_url(args: argparse.Namespace) -> int:
     try:
         from .atls.cli import verify_url_command
@@ -372,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .receipt_cli import add_parser as add_verify_receipt
     add_verify_receipt(sub)
+    p = sub.add_parser("verify-audit", help="verify an audit trail export (GET /admin/audit/export)")
+    p.add_argument("export", metavar="EXPORT", help="the export (JSON lines)")
+    p.add_argument("--policy", metavar="FILE", required=True, help="appraisal policy YAML for the checkpoints' keys")
+    p.add_argument("--previous", metavar="OLD_EXPORT", help="an older export this one must extend (detects "
+                   "truncation and rollback across restarts)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     for name, help_text in (("sim-init", "create (once) the simulated platform and print its policy"),
                             ("sim-fingerprint", "print the simulated platform's root fingerprint and policy")):
@@ -399,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .receipt_cli import verify_receipt_command
 
             return verify_receipt_command(args)
+        if args.command == "verify-audit":
+            return _cmd_verify_audit(args)
         if args.command == "proxy":
             from .proxy.command import proxy_command
 

@@ -438,3 +438,10 @@ def may_fetch_receipt(principal: Principal, domain_id: str | None, made_by_pat: 
     if principal.pat.id != made_by_pat or domain_id != made_in_domain:
         return RECEIPT_NOT_FOUND
     return ALLOW
+
+
+# ---- audit trail ---------------------------------------------------------------------------------------------
+def may_export_audit(principal: Principal) -> Decision:
+    """The audit export (every admin action on the platform): the platform operators only, as for platform
+    administration: a superadmin's unbound `manage` key."""
+    return may_manage_platform(principal)

@@ -120,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     _pat_target(a)
 
     _usage_parser(sub)
+    g = sub.add_parser("audit", help="the audit trail (superadmin)").add_subparsers(dest="action", required=True)
+    a = g.add_parser("export", help="the export as JSON lines, for `cube-attest verify-audit EXPORT --policy P`")
+    a.add_argument("--since", type=int, help="first seq")
+    a.add_argument("--until", type=int, help="last seq (default: the head)")
+    a.add_argument("-o", "--output", help="write to this file (default: standard output)")
     return p
 
 
@@ -255,6 +260,25 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _audit_export(api: Api, args: argparse.Namespace) -> int:
+    """The export's bytes exactly as the enclave sent them (the verifier recomputes hashes over its content)."""
+    params = {k: v for k, v in (("since", args.since), ("until", args.until)) if v is not None}
+    with api.client.stream("GET", "/admin/audit/export", params=params) as r:
+        if r.status_code >= 400:
+            r.read()
+            api._check(r)
+        out = open(args.output, "wb") if args.output else sys.stdout.buffer
+        try:
+            for chunk in r.iter_bytes():
+                out.write(chunk)
+        finally:
+            if args.output:
+                out.close()
+            else:
+                out.flush()
+    return 0
+
+
 def _pull(api: Api, args: argparse.Namespace, console: Console) -> int:
     lines = api.stream("POST", "/admin/models", {"backend": args.backend, "model": args.model})
     failed = None
@@ -329,6 +353,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         out = api.call("GET", "/users/me")
     elif g == "backends":
         out, columns = api.call("GET", "/admin/backends"), ("name", "kind", "up", "models", "error", "last_ok")
+    elif g == "audit":
+        return _audit_export(api, args)
     elif g == "models":
         if a == "pull":
             return _pull(api, args, console)

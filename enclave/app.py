@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from enclave.api import admin, inference, models, ollama, ops, receipts, usage
+from enclave.api import admin, audit as audit_api, inference, models, ollama, ops, receipts, usage
 from enclave.api.context import AppContext
 from enclave.api.ollama_errors import OllamaErrorShape
+from enclave.audit import AuditMiddleware, AuditTrail, note_refusal
 from enclave.auth import Authenticator, Clock, LastUsedTracker, MonotonicClock
 from enclave.config import ConfigError, Settings, load_server_secret
 from enclave.errors import ApiError, install_error_handlers
@@ -63,6 +64,14 @@ def _signer_source(settings: Settings, signer: AttestedSigner | None) -> SignerS
         return AttestedSigner(SimProvider(settings.attestation.sim_dir or settings.data_dir / "sim"))
 
     return SignerSource(simulated)
+
+
+def _auth_failure_hook(metrics: Metrics) -> Callable[[str], None]:
+    def failed(reason: str) -> None:
+        metrics.auth_failed(reason)
+        note_refusal(reason)   # the audit trail counts the class (enclave.audit.refusals), never the token
+
+    return failed
 
 
 DOCS_STATIC_URL = "/docs/static"
@@ -138,25 +147,30 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
         reg = registry if registry is not None else _default_registry(settings)
         tracker = LastUsedTracker(store, interval=settings.last_used_flush_seconds)
         auth = Authenticator(store, keys.pat_hmac_key(), tracker=tracker, cache=settings.auth_cache_enabled(), clock=now,
-                             on_failure=metrics.auth_failed)
+                             on_failure=_auth_failure_hook(metrics))
         gateway = Gateway(reg.backends(), metrics)
         ledger = Ledger(store.engine, keys.row_mac_key(), settings.usage, registry=metrics.registry,
                         on_integrity_failure=metrics.integrity_failed)
         gateway.recorder.sinks.append(ledger.record)
+        signers = _signer_source(settings, signer)
+        audit = AuditTrail(store.engine, keys.row_mac_key(), signers, settings.audit, clock=now,
+                           registry=metrics.registry)
         app.state.ctx = AppContext(settings=settings, store=store, auth=auth, tracker=tracker, registry=reg,
-                                   metrics=metrics, clock=now, gateway=gateway, signer=_signer_source(settings, signer),
-                                   ledger=ledger)
+                                   metrics=metrics, clock=now, gateway=gateway, signer=signers, ledger=ledger,
+                                   audit=audit)
         try:
             if manage_registry:
                 await reg.start()
             tracker.start()
             ledger.start()
+            audit.start()
             _freeze_startup_objects()
             log.info("enclave ready: %d backend(s) configured", len(settings.backends))
             yield
         finally:
             gc.unfreeze()  # what this app's lifespan froze may now be collected (tests build many apps)
             await tracker.stop()
+            await audit.stop()   # the refusals left and a last checkpoint, while the store is open
             await gateway.aclose()
             if manage_registry:
                 await reg.stop()
@@ -180,6 +194,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     app.include_router(admin.domain_admin)
     app.include_router(admin.me)
     app.include_router(usage.router)
+    app.include_router(audit_api.router)
     for router in extra_routers:
         app.include_router(router)
     # Innermost: the inference routes skip FastAPI's routing (see InferenceFastPath), nothing else.
@@ -187,6 +202,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     app.add_middleware(SizeLimitMiddleware, max_header_bytes=settings.limits.max_header_bytes,
                        max_body_bytes=settings.limits.max_body_bytes,
                        before_body=_gate_before_body(body_gates or {}))
+    app.add_middleware(AuditMiddleware)   # outside the size limits: sees refusals made before routing too
     app.add_middleware(OllamaErrorShape)   # outside the size limits, so their refusals get Ollama's shape too
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)   # outermost: every response, refusals included, carries one

@@ -190,7 +190,16 @@ class QuotaSettings(_Strict):
 
 
 class AuditSettings(_Strict):
-    """The tamper-evident audit trail (enclave.audit)."""
+    """The tamper-evident audit trail (enclave.audit, docs/audit.md)."""
+
+    checkpoint_seconds: float = Field(300.0, gt=0, le=86400, description="how often the chain head is signed "
+                                      "(when it moved); also at shutdown and at the end of every export")
+    retention_days: int | None = Field(None, ge=1, le=36500, description="entries older than this are pruned "
+                                       "(the prune is itself an entry); null: keep forever")
+    refusal_interval_seconds: float = Field(60.0, gt=0, le=3600, description="authentication refusals are "
+                                            "counted and written as one entry per class and source per interval")
+    refusal_max_sources: int = Field(64, ge=1, le=10000, description="distinct source addresses counted "
+                                     "separately per interval; the rest share one bucket (source \"*\")")
 
 
 class Settings(_Strict):

@@ -95,3 +95,43 @@ usage_records = sa.Table(
     sa.Index("ix_usage_records_user_id_created_at", "user_id", "created_at"),
     sa.Index("ix_usage_records_pat_id_created_at", "pat_id", "created_at"),
 )
+
+# ---- audit trail (enclave.audit) --------------------------------------------------------------------------
+# One hash chain of entries (attestation.audit says how hashes link); the head row is what appends lock (SELECT
+# ... FOR UPDATE) so that replicas on one PostgreSQL write one chain. ``entry`` is the canonical JSON the hash
+# covers; ``mac`` (enclave.row_mac, over seq and hash) lets any replica tell an entry an enclave wrote from one
+# the host wrote. Checkpoints are signed statements over a (seq, hash); their keys and evidence sit beside them.
+audit_head = sa.Table(
+    "audit_head", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+audit_entries = sa.Table(
+    "audit_entries", metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("time", Timestamp, nullable=False, index=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("entry", sa.Text, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    _mac(),
+)
+
+audit_signing_keys = sa.Table(
+    "audit_signing_keys", metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("public_key", sa.LargeBinary, nullable=False),
+    sa.Column("evidence", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+)
+
+audit_checkpoints = sa.Table(
+    "audit_checkpoints", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("seq", sa.BigInteger, nullable=False, index=True),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("statement", sa.Text, nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+)

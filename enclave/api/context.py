@@ -31,6 +31,7 @@ class AppContext:
     gateway: Gateway
     signer: SignerSource   # receipts and audit checkpoints (enclave.signer)
     ledger: Ledger         # the usage ledger (enclave.usage): a sink of gateway.recorder
+    audit: Any = None      # enclave.audit.AuditTrail (Any: enclave.audit imports this module's users)
 
 
 def ctx(request: Request) -> AppContext:
@@ -43,8 +44,11 @@ bearer_scheme = HTTPBearer(auto_error=False, scheme_name="PAT",
 
 async def authenticated(request: Request,
                         _: HTTPAuthorizationCredentials | None = Security(bearer_scheme)) -> Principal:
-    """FastAPI dependency: the Principal of the bearer PAT, or a 401 envelope."""
-    return await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+    """FastAPI dependency: the Principal of the bearer PAT, or a 401 envelope. Kept on the request's state,
+    where the audit trail reads the actor (enclave.audit.middleware)."""
+    principal = await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+    request.state.principal = principal
+    return principal
 
 
 async def request_principal(request: Request) -> Principal:
@@ -53,7 +57,9 @@ async def request_principal(request: Request) -> Principal:
     principal = getattr(request.state, "principal", None)
     if isinstance(principal, Principal):
         return principal
-    return await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+    principal = await request.app.state.ctx.auth.authenticate(request.headers.get("authorization"))
+    request.state.principal = principal   # the actor of the audit trail's entry (enclave.audit.middleware)
+    return principal
 
 
 def check(decision: Decision) -> None:

@@ -137,6 +137,7 @@ ROUTES: dict[tuple[str, str], tuple[Rule, str, object]] = {
        for action in ("pull", "push", "create", "copy", "delete")
        for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")},
     ("GET", "/admin/backends"): (platform, "/admin/backends", None),
+    ("GET", "/admin/audit/export"): (platform, "/admin/audit/export", None),
     ("GET", "/admin/models"): (platform, "/admin/models", None),
     ("POST", "/admin/models"): (platform, "/admin/models", {"backend": "nope", "model": "x:1b"}),
     ("DELETE", "/admin/models/{model:path}"): (platform, "/admin/models/no-such:1b", None),
