@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from enclave.api import admin, inference, models, ollama, ops
+from enclave.api import admin, inference, limits, models, ollama, ops
 from enclave.api.context import AppContext
 from enclave.api.ollama_errors import OllamaErrorShape
 from enclave.auth import Authenticator, Clock, LastUsedTracker, MonotonicClock
@@ -23,6 +23,7 @@ from enclave.inference.gateway import Gateway
 from enclave.limits import SizeLimitMiddleware
 from enclave.metrics import Metrics, MetricsMiddleware
 from enclave.platform_secrets import PlatformSecrets
+from enclave.quotas import open_quotas
 from enclave.registry import Registry
 from enclave.request_id import RequestIdMiddleware
 from enclave.signer import AttestedSigner, SignerSource
@@ -139,9 +140,14 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
         auth = Authenticator(store, keys.pat_hmac_key(), tracker=tracker, cache=settings.auth_cache_enabled(), clock=now,
                              on_failure=metrics.auth_failed)
         gateway = Gateway(reg.backends(), metrics)
+        quotas = open_quotas(settings.quotas, store.engine, keys.row_mac_key(), now,
+                             on_integrity_failure=metrics.integrity_failed)
+        gateway.recorder.sinks.append(quotas.sink)
         app.state.ctx = AppContext(settings=settings, store=store, auth=auth, tracker=tracker, registry=reg,
-                                   metrics=metrics, clock=now, gateway=gateway, signer=_signer_source(settings, signer))
+                                   metrics=metrics, clock=now, gateway=gateway, signer=_signer_source(settings, signer),
+                                   quotas=quotas)
         try:
+            await quotas.start()
             if manage_registry:
                 await reg.start()
             tracker.start()
@@ -152,6 +158,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
             gc.unfreeze()  # what this app's lifespan froze may now be collected (tests build many apps)
             await tracker.stop()
             await gateway.aclose()
+            await quotas.stop()
             if manage_registry:
                 await reg.stop()
             await store.close()
@@ -171,6 +178,9 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     app.include_router(admin.platform)
     app.include_router(admin.domain_admin)
     app.include_router(admin.me)
+    app.include_router(limits.platform)
+    app.include_router(limits.domain_admin)
+    app.include_router(limits.me)
     for router in extra_routers:
         app.include_router(router)
     # Innermost: the inference routes skip FastAPI's routing (see InferenceFastPath), nothing else.

@@ -14,6 +14,7 @@ from enclave.config import Settings
 from enclave.errors import ApiError
 from enclave.inference.gateway import Gateway
 from enclave.metrics import Metrics
+from enclave.quotas import Quotas
 from enclave.signer import SignerSource
 from enclave.store import Domain, Store, User, canonical_uuid
 
@@ -29,6 +30,7 @@ class AppContext:
     clock: Clock
     gateway: Gateway
     signer: SignerSource   # receipts and audit checkpoints (enclave.signer)
+    quotas: Quotas         # limits and budgets (enclave.quotas)
 
 
 def ctx(request: Request) -> AppContext:

@@ -1,0 +1,317 @@
+"""Counters shared by every replica on one database, kept off the hot path by leases.
+
+Each counter (a subject, a kind, a window) has a shared row holding the units **granted** so far: consumed
+units plus the unused leases replicas hold. A replica admits from its own lease in memory, with no round trip;
+when the lease cannot cover a request it syncs **at once**, under a row lock (``SELECT ... FOR UPDATE``):
+it gives back what it did not use, adds what it consumed beyond it, and takes a new lease of
+``remaining / live replicas`` (at least what the request needs, never more than remains). So a refusal is
+always made on fresh shared state, and the shared total never exceeds the limit. Every ``sync_seconds`` each
+replica writes its heartbeat and renews the leases of its active counters (an idle one gives its lease back),
+which is what lets a replica that starts later get its share.
+
+Concurrency is a counter without window whose units are slots: a replica holds ``in flight + lease`` slots;
+a request ending frees its slot into the lease. A replica whose heartbeat is older than ``dead_after`` is
+presumed dead: the next replica to sync removes its rows and gives back what they held.
+
+**Overshoot bound** (docs/limits.md): requests per minute and concurrency never exceed the limit across
+replicas: every admission is covered by units granted under the row lock, and grants never pass the limit.
+Token kinds are counted when a request ends (a request that starts within budget finishes), so the tokens
+counted can pass the limit by the tokens of the requests that were in flight when the last unit was granted,
+on all replicas together; a replica that goes into debt writes it at once (in the background), and until that
+write lands (milliseconds) another replica may be granted the units that debt used up. Two cases weaken this:
+a replica presumed dead while it still runs (a partition longer than ``dead_after``) may go on admitting
+from its lease (at most one lease more); a replica killed loses the counts it had not synced (at most one
+sync interval's), which only ever under-counts.
+
+Counters are not MAC'd: the host can reset them, as it can deny or allow service by other means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from enclave.schema import quota_counters, quota_replicas
+
+log = logging.getLogger("enclave.quotas")
+SHARED = ""   # the replica column of a counter's shared row
+
+#: How long a window's rows are kept after it ends, per kind (seconds), before any replica deletes them.
+_KEEP_AFTER = {"rpm": 120, "tpm": 120, "tokens_per_day": 2 * 86400, "tokens_per_month": 40 * 86400}
+
+
+class CountersUnavailable(Exception):
+    """The shared counters could not be reached when a decision needed them (the request is refused)."""
+
+
+@dataclass(eq=False)
+class Counter:
+    subject: str
+    kind: str
+    window_start: int
+    window_end: int
+    limit: int
+    grant: int = 0         # the lease taken at the last sync (window kinds)
+    spent: int = 0         # window kinds: units used since the last sync (the lease left is grant - spent)
+    held: int = 0          # concurrency: slots held (in flight + free)
+    in_flight: int = 0     # concurrency
+    used_elsewhere: int = 0   # at the last sync: units consumed (window) or in use (concurrency) elsewhere
+    active: bool = False   # admitted or consumed since the last sync
+    syncing: bool = False  # a sync is under way: admissions wait for it
+    waiting: int = 0       # admissions waiting for the lock (the counter is not dropped meanwhile)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def is_slots(self) -> bool:
+        return self.kind == "concurrent"
+
+    @property
+    def left(self) -> int:
+        """Units this replica may still hand out without asking the database."""
+        return self.held - self.in_flight if self.is_slots else self.grant - self.spent
+
+    @property
+    def used(self) -> int:
+        """The best estimate of the units used in this window (or in use) across replicas."""
+        return self.used_elsewhere + (self.in_flight if self.is_slots else self.spent)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.subject, self.kind, self.window_start)
+
+
+class SharedCounters:
+    def __init__(self, engine: AsyncEngine, *, sync_seconds: float, replica: str | None = None) -> None:
+        self.engine = engine
+        self.replica = replica or str(uuid.uuid4())
+        self.sync_seconds = sync_seconds
+        self.dead_after = 3 * sync_seconds + 2.0
+        self.counters: dict[tuple[str, str, int], Counter] = {}
+        self._sqlite = engine.dialect.name == "sqlite"
+        # SQLite has one writer and no row locks: serialize this process's counter transactions instead.
+        self._db_lock = asyncio.Lock()
+        self._debts: set[asyncio.Task[None]] = set()
+        self._last_gc = 0.0
+
+    # ---- the hot path ------------------------------------------------------------------------------------
+    def counter(self, subject: str, kind: str, window_start: int, window_end: int, limit: int) -> Counter:
+        key = (subject, kind, window_start)
+        c = self.counters.get(key)
+        if c is None:
+            c = self.counters[key] = Counter(subject, kind, window_start, window_end, limit)
+        else:
+            c.limit = limit
+        return c
+
+    def try_take(self, c: Counter, need: int) -> bool:
+        """Admit from the lease in memory, when it covers ``need`` (tokens: 0 units taken, 1 must be left)."""
+        if c.syncing or c.left < max(need, 1):
+            return False
+        self._take(c, need)
+        return True
+
+    def _take(self, c: Counter, need: int) -> None:
+        c.active = True
+        if c.is_slots:
+            c.in_flight += 1
+        else:
+            c.spent += need
+
+    async def take(self, c: Counter, need: int) -> bool:
+        """Admit, syncing at once when the lease does not cover it; False: refused on fresh shared state."""
+        if self.try_take(c, need):
+            return True
+        c.waiting += 1
+        try:
+            async with c.lock:
+                if c.left < max(need, 1):
+                    await self._sync(c, need=max(need, 1))
+                if c.left < max(need, 1):
+                    return False
+                self._take(c, need)
+                return True
+        finally:
+            c.waiting -= 1
+
+    def give_back(self, c: Counter, need: int) -> None:
+        """Undo ``take`` (another counter refused the request, or it ended: a slot is freed)."""
+        if c.is_slots:
+            c.in_flight -= 1
+        else:
+            c.spent -= need
+
+    def consume(self, c: Counter, units: int) -> None:
+        """Count units after the fact (tokens at a request's end). Beyond the lease, the debt is written at once."""
+        if units <= 0:
+            return
+        c.spent += units
+        c.active = True
+        if c.left < 0:
+            task = asyncio.get_running_loop().create_task(self._settle_debt(c))
+            self._debts.add(task)
+            task.add_done_callback(self._debts.discard)
+
+    async def _settle_debt(self, c: Counter) -> None:
+        try:
+            async with c.lock:
+                if c.left < 0:
+                    await self._sync(c, need=0)
+        except CountersUnavailable:
+            pass   # logged; the periodic sync writes it
+
+    async def sync_now(self, c: Counter) -> None:
+        """A fresh view of ``c`` (for reading usage): its lease renewed when it is in use, else given back."""
+        async with c.lock:
+            await self._sync(c, need=0, renew=c.active)
+
+    # ---- syncing -----------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        if self._sqlite:
+            async with self._db_lock, self.engine.begin() as conn:
+                yield conn
+        else:
+            async with self.engine.begin() as conn:
+                yield conn
+
+    def _insert(self) -> Any:
+        if self._sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        return insert(quota_counters)
+
+    async def _row(self, conn: AsyncConnection, c: Counter, replica: str) -> Any:
+        t = quota_counters.c
+        stmt = (sa.select(t.held, t.in_use).where((t.subject == c.subject) & (t.kind == c.kind)
+                                                  & (t.window_start == c.window_start) & (t.replica == replica))
+                .with_for_update())
+        return (await conn.execute(stmt)).first()
+
+    async def _live_replicas(self, conn: AsyncConnection) -> int:
+        since = time.time() - self.dead_after
+        stmt = sa.select(sa.func.count()).select_from(quota_replicas).where(quota_replicas.c.beat_at >= since)
+        return max(1, int((await conn.execute(stmt)).scalar_one()))
+
+    async def _sync(self, c: Counter, *, need: int, renew: bool = True) -> None:
+        """Give back the unused lease, add what was used beyond it, take a new one (``need`` at least when
+        that much remains; none when ``renew`` is False). Run under ``c.lock``."""
+        c.syncing = True
+        try:
+            carried = c.in_flight if c.is_slots else c.spent
+            try:
+                async with self._transaction() as conn:
+                    t = quota_counters.c
+                    await conn.execute(self._insert().values(
+                        subject=c.subject, kind=c.kind, window_start=c.window_start, replica=SHARED, held=0,
+                        in_use=0).on_conflict_do_nothing())
+                    shared = int((await self._row(conn, c, SHARED)).held)
+                    mine = await self._row(conn, c, self.replica)
+                    live = await self._live_replicas(conn)
+                    others = (await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.held), 0),
+                                                           sa.func.coalesce(sa.func.sum(t.in_use), 0)).where(
+                        (t.subject == c.subject) & (t.kind == c.kind) & (t.window_start == c.window_start)
+                        & (t.replica != SHARED) & (t.replica != self.replica)))).one()
+                    base = shared - (int(mine.held) if mine is not None else 0) + carried
+                    avail = c.limit - base
+                    grant = 0
+                    if renew and avail >= max(need, 1):
+                        grant = min(avail, max(need, avail // live))
+                    total = base + grant
+                    held = carried + grant if c.is_slots else grant
+                    await conn.execute(quota_counters.update().where(
+                        (t.subject == c.subject) & (t.kind == c.kind) & (t.window_start == c.window_start)
+                        & (t.replica == SHARED)).values(held=total))
+                    values = {"held": held, "in_use": carried if c.is_slots else 0}
+                    await conn.execute(self._insert().values(
+                        subject=c.subject, kind=c.kind, window_start=c.window_start, replica=self.replica,
+                        **values).on_conflict_do_update(index_elements=["subject", "kind", "window_start",
+                                                                        "replica"], set_=values))
+            except sa.exc.SQLAlchemyError as e:
+                log.warning("quota counters: sync of %s/%s failed: %s", c.subject, c.kind, type(e).__name__)
+                raise CountersUnavailable(str(e)) from None
+            except OSError as e:
+                log.warning("quota counters: sync of %s/%s failed: %s", c.subject, c.kind, type(e).__name__)
+                raise CountersUnavailable(str(e)) from None
+            if c.is_slots:
+                c.held = carried + grant
+                c.used_elsewhere = int(others[1])
+            else:
+                c.grant = grant
+                c.spent -= carried
+                c.used_elsewhere = total - int(others[0]) - grant
+        finally:
+            c.syncing = False
+
+    async def heartbeat(self) -> None:
+        """Write this replica's heartbeat; presume dead (and reclaim) replicas silent for ``dead_after``."""
+        now = time.time()
+        async with self._transaction() as conn:
+            updated = await conn.execute(quota_replicas.update().where(quota_replicas.c.replica == self.replica)
+                                         .values(beat_at=now))
+            if updated.rowcount == 0:
+                await conn.execute(quota_replicas.insert().values(replica=self.replica, beat_at=now))
+            dead = [r.replica for r in (await conn.execute(sa.select(quota_replicas.c.replica).where(
+                (quota_replicas.c.beat_at < now - self.dead_after) & (quota_replicas.c.replica != self.replica)
+            ))).all()]
+        for replica in dead:
+            await self._reclaim(replica)
+
+    async def _reclaim(self, replica: str) -> None:
+        """Give back everything a dead replica's rows held, and forget it (idempotent across replicas)."""
+        t = quota_counters.c
+        async with self._transaction() as conn:
+            gone = await conn.execute(quota_replicas.delete().where(
+                (quota_replicas.c.replica == replica) & (quota_replicas.c.beat_at < time.time() - self.dead_after)))
+            if gone.rowcount == 0:
+                return   # it came back, or another replica reclaimed it first
+            rows = (await conn.execute(quota_counters.select().where(t.replica == replica).with_for_update())).all()
+            for row in rows:
+                where = ((t.subject == row.subject) & (t.kind == row.kind) & (t.window_start == row.window_start))
+                await conn.execute(quota_counters.update().where(where & (t.replica == SHARED))
+                                   .values(held=t.held - row.held))
+                await conn.execute(quota_counters.delete().where(where & (t.replica == replica)))
+        log.warning("quota counters: replica %s stopped beating; reclaimed %d counter row(s)", replica, len(rows))
+
+    async def sync_all(self, now: float, *, final: bool = False) -> None:
+        """The periodic sync: renew active counters' leases, give back idle ones', drop ended windows."""
+        for key, c in list(self.counters.items()):
+            if not c.is_slots and c.window_end <= now:
+                del self.counters[key]
+                continue
+            async with c.lock:
+                renew = c.active and not final
+                if renew or c.left != 0 or (not c.is_slots and c.spent):
+                    await self._sync(c, need=0, renew=renew)
+                c.active = False
+                if not renew and not c.waiting and c.left == 0 and (c.in_flight == 0 if c.is_slots
+                                                                    else c.spent == 0):
+                    self.counters.pop(key, None)
+        if final or now - self._last_gc > 60:
+            self._last_gc = now
+            await self._collect(now)
+
+    async def _collect(self, now: float) -> None:
+        """Delete the rows of windows that ended a while ago."""
+        t = quota_counters.c
+        async with self._transaction() as conn:
+            for kind, keep in _KEEP_AFTER.items():
+                await conn.execute(quota_counters.delete().where((t.kind == kind) & (t.window_start < now - keep)))
+
+    async def leave(self) -> None:
+        """Clean shutdown: give every lease back and remove this replica's heartbeat."""
+        for task in list(self._debts):
+            with contextlib.suppress(Exception):
+                await task
+        await self.sync_all(time.time(), final=True)
+        async with self._transaction() as conn:
+            await conn.execute(quota_replicas.delete().where(quota_replicas.c.replica == self.replica))
