@@ -27,6 +27,7 @@ from enclave.schema import quota_replicas
 from enclave.store import Pat, Store, User
 
 from tests.enclave.conftest import ROW_KEY, FakeClock
+from tests.enclave.test_store import store  # noqa: F401  (the store on SQLite and on PostgreSQL)
 
 
 def at(text: str) -> datetime:
@@ -78,19 +79,6 @@ def test_the_ceiling_binds_domain_admins_not_the_platform() -> None:
 
 
 # ---- the shared counters on a real database ---------------------------------------------------------------
-@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
-async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        s = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}", row_key=ROW_KEY)
-    else:
-        url, schema = request.getfixturevalue("pg_schema_url")
-        s = await Store.open(url, schema=schema, row_key=ROW_KEY)
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 @pytest_asyncio.fixture
 async def pg_store(pg_schema_url: tuple[str, str]) -> AsyncIterator[Store]:
     """Replicas running at once share a PostgreSQL (SQLite serves one process)."""
