@@ -6,8 +6,9 @@ when the lease cannot cover a request it syncs **at once**, under a row lock (``
 it gives back what it did not use, adds what it consumed beyond it, and takes a new lease of
 ``remaining / live replicas`` (at least what the request needs, never more than remains). So a refusal is
 always made on fresh shared state, and the shared total never exceeds the limit. Every ``sync_seconds`` each
-replica writes its heartbeat and renews the leases of its active counters (an idle one gives its lease back),
-which is what lets a replica that starts later get its share.
+replica writes its heartbeat; with other replicas live it renews the leases of its active counters and gives
+idle ones back (which is what lets a replica that starts later get its share), alone it only writes what it
+used (admissions go on meanwhile). The next minute's leases are taken just before it starts.
 
 Concurrency is a counter without window whose units are slots: a replica holds ``in flight + lease`` slots;
 a request ending frees its slot into the lease. A replica whose heartbeat is older than ``dead_after`` is
@@ -44,6 +45,7 @@ from enclave.schema import quota_counters, quota_replicas
 
 log = logging.getLogger("enclave.quotas")
 SHARED = ""   # the replica column of a counter's shared row
+MINUTE_KINDS = ("rpm", "tpm")
 
 #: How long a window's rows are kept after it ends, per kind (seconds), before any replica deletes them.
 _KEEP_AFTER = {"rpm": 120, "tpm": 120, "tokens_per_day": 2 * 86400, "tokens_per_month": 40 * 86400}
@@ -64,7 +66,7 @@ class Counter:
     spent: int = 0         # window kinds: units used since the last sync (the lease left is grant - spent)
     held: int = 0          # concurrency: slots held (in flight + free)
     in_flight: int = 0     # concurrency
-    used_elsewhere: int = 0   # at the last sync: units consumed (window) or in use (concurrency) elsewhere
+    used_elsewhere: int = 0   # as of the last sync: units consumed in all (window), in use elsewhere (slots)
     active: bool = False   # admitted or consumed since the last sync
     syncing: bool = False  # a sync is under way: admissions wait for it
     waiting: int = 0       # admissions waiting for the lock (the counter is not dropped meanwhile)
@@ -101,6 +103,8 @@ class SharedCounters:
         self._db_lock = asyncio.Lock()
         self._debts: set[asyncio.Task[None]] = set()
         self._last_gc = 0.0
+        self.live = 1   # live replicas, as of the last heartbeat or sync
+        self._beaten = False
 
     # ---- the hot path ------------------------------------------------------------------------------------
     def counter(self, subject: str, kind: str, window_start: int, window_end: int, limit: int) -> Counter:
@@ -127,23 +131,45 @@ class SharedCounters:
             c.spent += need
 
     async def take(self, c: Counter, need: int) -> bool:
-        """Admit, syncing at once when the lease does not cover it; False: refused on fresh shared state."""
-        if self.try_take(c, need):
-            return True
-        c.waiting += 1
+        """Admit on one counter, syncing at once when its lease does not cover it; False: refused on fresh
+        shared state."""
+        return await self.take_all([(c, need)]) is None
+
+    async def take_all(self, items: list[tuple[Counter, int]]) -> int | None:
+        """Admit on every counter or on none: None, or the index of the first one (in ``items``' order) that
+        refuses. Counters whose lease does not cover the request are synced together, in one transaction."""
+        taken: list[tuple[Counter, int]] = []
+        lacking: list[int] = []
+        for i, (c, need) in enumerate(items):
+            if self.try_take(c, need):
+                taken.append((c, need))
+            else:
+                lacking.append(i)
+        if not lacking:
+            return None
         try:
-            async with c.lock:
-                if c.left < max(need, 1):
-                    await self._sync(c, need=max(need, 1))
-                if c.left < max(need, 1):
-                    return False
-                self._take(c, need)
-                return True
-        finally:
-            c.waiting -= 1
+            async with self._locked([items[i][0] for i in lacking]):
+                stale = [(c, max(need, 1)) for c, need in (items[i] for i in lacking) if c.left < max(need, 1)]
+                if stale:
+                    await self._sync_many(stale, renew=True)
+                for i in lacking:
+                    c, need = items[i]
+                    if c.left < max(need, 1):
+                        self._undo(taken)
+                        return i
+                    self._take(c, need)
+                    taken.append((c, need))
+        except BaseException:
+            self._undo(taken)
+            raise
+        return None
+
+    def _undo(self, taken: list[tuple[Counter, int]]) -> None:
+        for c, need in taken:
+            self.give_back(c, need)
 
     def give_back(self, c: Counter, need: int) -> None:
-        """Undo ``take`` (another counter refused the request, or it ended: a slot is freed)."""
+        """Undo a take (another counter refused the request, or it ended: a slot is freed)."""
         if c.is_slots:
             c.in_flight -= 1
         else:
@@ -162,26 +188,48 @@ class SharedCounters:
 
     async def _settle_debt(self, c: Counter) -> None:
         try:
-            async with c.lock:
+            async with self._locked([c]):
                 if c.left < 0:
-                    await self._sync(c, need=0)
+                    await self._sync_many([(c, 0)], renew=True)
         except CountersUnavailable:
             pass   # logged; the periodic sync writes it
 
     async def sync_now(self, c: Counter) -> None:
         """A fresh view of ``c`` (for reading usage): its lease renewed when it is in use, else given back."""
-        async with c.lock:
-            await self._sync(c, need=0, renew=c.active)
+        async with self._locked([c]):
+            await self._sync_many([(c, 0)], renew=c.active)
 
     # ---- syncing -----------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
+    async def _locked(self, counters: list[Counter]) -> AsyncIterator[None]:
+        """Hold the counters' locks, taken in key order (so two syncs never wait on each other in a circle)."""
+        ordered = sorted(counters, key=lambda c: c.key)
+        for c in ordered:
+            c.waiting += 1
+        held: list[Counter] = []
+        try:
+            for c in ordered:
+                await c.lock.acquire()
+                held.append(c)
+            yield
+        finally:
+            for c in reversed(held):
+                c.lock.release()
+            for c in ordered:
+                c.waiting -= 1
+
+    @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        if self._sqlite:
-            async with self._db_lock, self.engine.begin() as conn:
-                yield conn
-        else:
-            async with self.engine.begin() as conn:
-                yield conn
+        try:
+            if self._sqlite:
+                async with self._db_lock, self.engine.begin() as conn:
+                    yield conn
+            else:
+                async with self.engine.begin() as conn:
+                    yield conn
+        except (sa.exc.SQLAlchemyError, OSError) as e:
+            log.warning("quota counters: a transaction failed: %s", type(e).__name__)
+            raise CountersUnavailable(type(e).__name__) from None
 
     def _insert(self) -> Any:
         if self._sqlite:
@@ -190,70 +238,101 @@ class SharedCounters:
             from sqlalchemy.dialects.postgresql import insert
         return insert(quota_counters)
 
-    async def _row(self, conn: AsyncConnection, c: Counter, replica: str) -> Any:
+    def _where(self, c: Counter, replica: str | None = None) -> Any:
         t = quota_counters.c
-        stmt = (sa.select(t.held, t.in_use).where((t.subject == c.subject) & (t.kind == c.kind)
-                                                  & (t.window_start == c.window_start) & (t.replica == replica))
-                .with_for_update())
-        return (await conn.execute(stmt)).first()
+        where = (t.subject == c.subject) & (t.kind == c.kind) & (t.window_start == c.window_start)
+        return where if replica is None else where & (t.replica == replica)
+
+    async def _upsert_mine(self, conn: AsyncConnection, c: Counter, held: int, in_use: int) -> None:
+        values = {"held": held, "in_use": in_use}
+        await conn.execute(self._insert().values(subject=c.subject, kind=c.kind, window_start=c.window_start,
+                                                 replica=self.replica, **values)
+                           .on_conflict_do_update(index_elements=["subject", "kind", "window_start", "replica"],
+                                                  set_=values))
 
     async def _live_replicas(self, conn: AsyncConnection) -> int:
         since = time.time() - self.dead_after
         stmt = sa.select(sa.func.count()).select_from(quota_replicas).where(quota_replicas.c.beat_at >= since)
         return max(1, int((await conn.execute(stmt)).scalar_one()))
 
-    async def _sync(self, c: Counter, *, need: int, renew: bool = True) -> None:
-        """Give back the unused lease, add what was used beyond it, take a new one (``need`` at least when
-        that much remains; none when ``renew`` is False). Run under ``c.lock``."""
-        c.syncing = True
+    async def _sync_many(self, items: list[tuple[Counter, int]], *, renew: bool) -> None:
+        """For each counter: give back the unused lease, add what was used beyond it, take a new one (``need``
+        at least when that much remains; none when ``renew`` is False). One transaction, rows locked in key
+        order; the counters' locks are held by the caller. Nothing changes here when it fails."""
+        items = sorted(items, key=lambda item: item[0].key)
+        for c, _ in items:
+            c.syncing = True
         try:
-            carried = c.in_flight if c.is_slots else c.spent
-            try:
-                async with self._transaction() as conn:
-                    t = quota_counters.c
-                    await conn.execute(self._insert().values(
-                        subject=c.subject, kind=c.kind, window_start=c.window_start, replica=SHARED, held=0,
-                        in_use=0).on_conflict_do_nothing())
-                    shared = int((await self._row(conn, c, SHARED)).held)
-                    mine = await self._row(conn, c, self.replica)
-                    live = await self._live_replicas(conn)
+            results = []
+            async with self._transaction() as conn:
+                t = quota_counters.c
+                live = await self._live_replicas(conn)
+                for c, need in items:
+                    carried = c.in_flight if c.is_slots else c.spent
+                    await conn.execute(self._insert().values(subject=c.subject, kind=c.kind,
+                                                             window_start=c.window_start, replica=SHARED, held=0,
+                                                             in_use=0).on_conflict_do_nothing())
+                    shared = int((await conn.execute(sa.select(t.held).where(self._where(c, SHARED))
+                                                     .with_for_update())).scalar_one())
+                    mine = (await conn.execute(sa.select(t.held).where(self._where(c, self.replica))
+                                               .with_for_update())).scalar_one_or_none()
                     others = (await conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.held), 0),
                                                            sa.func.coalesce(sa.func.sum(t.in_use), 0)).where(
-                        (t.subject == c.subject) & (t.kind == c.kind) & (t.window_start == c.window_start)
-                        & (t.replica != SHARED) & (t.replica != self.replica)))).one()
-                    base = shared - (int(mine.held) if mine is not None else 0) + carried
+                        self._where(c) & (t.replica != SHARED) & (t.replica != self.replica)))).one()
+                    base = shared - int(mine or 0) + carried
                     avail = c.limit - base
-                    grant = 0
-                    if renew and avail >= max(need, 1):
-                        grant = min(avail, max(need, avail // live))
+                    grant = min(avail, max(need, avail // live)) if renew and avail >= max(need, 1) else 0
                     total = base + grant
-                    held = carried + grant if c.is_slots else grant
-                    await conn.execute(quota_counters.update().where(
-                        (t.subject == c.subject) & (t.kind == c.kind) & (t.window_start == c.window_start)
-                        & (t.replica == SHARED)).values(held=total))
-                    values = {"held": held, "in_use": carried if c.is_slots else 0}
-                    await conn.execute(self._insert().values(
-                        subject=c.subject, kind=c.kind, window_start=c.window_start, replica=self.replica,
-                        **values).on_conflict_do_update(index_elements=["subject", "kind", "window_start",
-                                                                        "replica"], set_=values))
-            except sa.exc.SQLAlchemyError as e:
-                log.warning("quota counters: sync of %s/%s failed: %s", c.subject, c.kind, type(e).__name__)
-                raise CountersUnavailable(str(e)) from None
-            except OSError as e:
-                log.warning("quota counters: sync of %s/%s failed: %s", c.subject, c.kind, type(e).__name__)
-                raise CountersUnavailable(str(e)) from None
-            if c.is_slots:
-                c.held = carried + grant
-                c.used_elsewhere = int(others[1])
-            else:
-                c.grant = grant
-                c.spent -= carried
-                c.used_elsewhere = total - int(others[0]) - grant
+                    await conn.execute(quota_counters.update().where(self._where(c, SHARED)).values(held=total))
+                    await self._upsert_mine(conn, c, carried + grant if c.is_slots else grant,
+                                            carried if c.is_slots else 0)
+                    results.append((carried, grant, total, int(others[0]), int(others[1])))
+            self.live = live
+            for (c, _), (carried, grant, total, others_held, others_in_use) in zip(items, results):
+                if c.is_slots:
+                    c.held = carried + grant
+                    c.used_elsewhere = others_in_use
+                else:
+                    c.grant = grant
+                    c.spent -= carried
+                    c.used_elsewhere = total - others_held - grant
         finally:
-            c.syncing = False
+            for c, _ in items:
+                c.syncing = False
 
-    async def heartbeat(self) -> None:
-        """Write this replica's heartbeat; presume dead (and reclaim) replicas silent for ``dead_after``."""
+    async def _flush(self, counters: list[Counter]) -> None:
+        """Write what this replica used into its own rows, leases kept, without holding up admissions (a
+        single replica: there is nobody to renew leases for)."""
+        if not counters:
+            return
+        async with self._locked(counters):
+            snaps = [(c, c.spent) for c in counters]
+            rows = [{"subject": c.subject, "kind": c.kind, "window_start": c.window_start, "replica": self.replica,
+                     "held": c.held if c.is_slots else c.grant - spent, "in_use": c.in_flight if c.is_slots else 0}
+                    for c, spent in snaps]
+            stmt = self._insert()
+            stmt = stmt.on_conflict_do_update(index_elements=["subject", "kind", "window_start", "replica"],
+                                              set_={"held": stmt.excluded.held, "in_use": stmt.excluded.in_use})
+            async with self._transaction() as conn:
+                await conn.execute(stmt, rows)   # one statement for them all
+            for c, spent in snaps:
+                if not c.is_slots:
+                    c.grant -= spent
+                    c.spent -= spent
+                    c.used_elsewhere += spent   # now in the database: consumed as of this sync
+
+    @property
+    def single_process(self) -> bool:
+        """SQLite serves one process: no other replica to beat for, or to learn limit changes from."""
+        return self._sqlite
+
+    async def heartbeat(self) -> int:
+        """Write this replica's heartbeat and learn how many replicas are live; presume dead (and reclaim)
+        replicas silent for ``dead_after``. (On SQLite the first beat, at start, also reclaims what a previous
+        run of the process left; later ones are skipped: there is no other replica.)"""
+        if self._sqlite and self._beaten:
+            return 1
+        self._beaten = True
         now = time.time()
         async with self._transaction() as conn:
             updated = await conn.execute(quota_replicas.update().where(quota_replicas.c.replica == self.replica)
@@ -263,8 +342,10 @@ class SharedCounters:
             dead = [r.replica for r in (await conn.execute(sa.select(quota_replicas.c.replica).where(
                 (quota_replicas.c.beat_at < now - self.dead_after) & (quota_replicas.c.replica != self.replica)
             ))).all()]
+            self.live = await self._live_replicas(conn)
         for replica in dead:
             await self._reclaim(replica)
+        return self.live
 
     async def _reclaim(self, replica: str) -> None:
         """Give back everything a dead replica's rows held, and forget it (idempotent across replicas)."""
@@ -283,19 +364,43 @@ class SharedCounters:
         log.warning("quota counters: replica %s stopped beating; reclaimed %d counter row(s)", replica, len(rows))
 
     async def sync_all(self, now: float, *, final: bool = False) -> None:
-        """The periodic sync: renew active counters' leases, give back idle ones', drop ended windows."""
+        """The periodic sync (after ``heartbeat``): with other replicas live, renew the leases of active
+        counters (so each gets its share) and give idle ones' back; alone, only write what was used. Ended
+        windows are dropped, the next minute's leases taken just before it starts. ``final``: give
+        everything back."""
         for key, c in list(self.counters.items()):
             if not c.is_slots and c.window_end <= now:
                 del self.counters[key]
-                continue
-            async with c.lock:
-                renew = c.active and not final
-                if renew or c.left != 0 or (not c.is_slots and c.spent):
-                    await self._sync(c, need=0, renew=renew)
-                c.active = False
-                if not renew and not c.waiting and c.left == 0 and (c.in_flight == 0 if c.is_slots
-                                                                    else c.spent == 0):
-                    self.counters.pop(key, None)
+        active, idle = [], []
+        for c in self.counters.values():
+            if c.active and not final:
+                active.append(c)
+            elif c.left != 0 or (not c.is_slots and c.spent):
+                idle.append(c)
+            c.active = False
+        if active:
+            if self.live > 1:
+                async with self._locked(active):
+                    await self._sync_many([(c, 0) for c in active], renew=True)
+            else:
+                await self._flush(active)
+        if idle and (self.live > 1 or final):   # alone, an idle lease harms nobody: kept for the next request
+            async with self._locked(idle):
+                await self._sync_many([(c, 0) for c in idle], renew=False)
+        # The next minute's leases, taken before it starts, so that its first request finds one ready.
+        upcoming = []
+        for c in active:
+            if c.kind in MINUTE_KINDS and c.window_end - now <= 2 * self.sync_seconds:
+                nxt = self.counter(c.subject, c.kind, c.window_end, c.window_end + 60, c.limit)
+                if nxt.left == 0 and not nxt.syncing and not nxt.waiting:
+                    nxt.active = True
+                    upcoming.append(nxt)
+        if upcoming:
+            async with self._locked(upcoming):
+                await self._sync_many([(c, 0) for c in upcoming], renew=True)
+        for key, c in list(self.counters.items()):
+            if not c.active and not c.waiting and c.left == 0 and (c.in_flight == 0 if c.is_slots else c.spent == 0):
+                del self.counters[key]
         if final or now - self._last_gc > 60:
             self._last_gc = now
             await self._collect(now)

@@ -29,7 +29,7 @@ from enclave.inference.record import InferenceRecord
 from enclave.inference.relay import StreamRelay
 from enclave.inference.usage import Usage
 from enclave.quotas.counters import Counter, CountersUnavailable, SharedCounters
-from enclave.quotas.kinds import (KINDS, LEVELS, NO_LIMITS, TOKEN_KINDS, UNLIMITED, Level, LimitSet, Subject,
+from enclave.quotas.kinds import (KINDS, LEVELS, TOKEN_KINDS, UNLIMITED, Level, LimitSet, Subject, Windows,
                                   domain_subject, go_duration, pat_subject, retry_after, seconds_until,
                                   user_subject, window)
 from enclave.quotas.rows import LimitRows, StoredLimits
@@ -114,6 +114,8 @@ class Quotas:
         self._task: asyncio.Task[None] | None = None
         self._idle = True
         self._reading = asyncio.Lock()   # one read of the rows at a time: an older read never lands last
+        self._effective: dict[Subject, LimitSet] = {}   # resolved limits, until the rows are read again
+        self._windows = Windows()
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -136,7 +138,8 @@ class Quotas:
             try:
                 await self.counters.heartbeat()
                 await self.counters.sync_all(self.clock().timestamp())
-                await self.refresh()
+                if not self.counters.single_process:   # SQLite: every change goes through this process
+                    await self.refresh()
             except Exception as e:
                 log.warning("quota sync failed (retried in %g s): %s", self.counters.sync_seconds, type(e).__name__)
 
@@ -144,11 +147,15 @@ class Quotas:
         """Re-read the limit rows (MAC-checked)."""
         async with self._reading:
             self.own, self.tampered = await self.rows.load_all()
+            self._effective = {}
         self._idle = not self.own and not self.tampered and not any(d.any() for d in self.defaults.values())
 
     # ---- limits ------------------------------------------------------------------------------------------
     def effective(self, subject: Subject) -> LimitSet:
-        return resolve(self.own.get(subject), self.defaults[subject.level])
+        found = self._effective.get(subject)
+        if found is None:
+            found = self._effective[subject] = resolve(self.own.get(subject), self.defaults[subject.level])
+        return found
 
     def subjects(self, pat_id: str, user_id: str, domain_id: str) -> tuple[Subject, Subject, Subject]:
         return pat_subject(pat_id), user_subject(domain_id, user_id), domain_subject(domain_id)
@@ -171,38 +178,33 @@ class Quotas:
         if not plans:
             return NO_TICKET
         now = self.clock()
-        ticket = Ticket(self, record.request_id, {})
-        taken: list[tuple[Counter, int]] = []
+        ts = now.timestamp()
+        items: list[tuple[Counter, int]] = []
+        wanted: list[tuple[str, Subject, int, int]] = []   # per item: kind, subject, limit, window end
+        for kind in KINDS:
+            for subject, limits in plans:
+                limit = limits.get(kind)
+                if limit is not None:
+                    start, end = self._windows.at(ts, kind)
+                    items.append((self.counters.counter(subject.key, kind, start, end, limit),
+                                  0 if kind in TOKEN_KINDS else 1))
+                    wanted.append((kind, subject, limit, end))
         try:
-            for kind in KINDS:
-                for subject, limits in plans:
-                    limit = limits.get(kind)
-                    if limit is None:
-                        continue
-                    start, end = window(kind, now)
-                    c = self.counters.counter(subject.key, kind, start, end, limit)
-                    need = 0 if kind in TOKEN_KINDS else 1
-                    if not (self.counters.try_take(c, need) or await self.counters.take(c, need)):
-                        raise self._refusal(kind, subject, limit, end, now, plans)
-                    taken.append((c, need))
-                    if kind == "concurrent":
-                        ticket.slots.append(c)
-                    elif kind in TOKEN_KINDS:
-                        ticket.token_limits.append((subject.key, kind, limit))
+            refused = await self.counters.take_all(items)
         except CountersUnavailable:
-            self._undo(taken)
             raise ApiError(503, "The usage limits cannot be checked right now; try again shortly.",
                            code="limits_unavailable", type="api_error", headers={"Retry-After": "1"}) from None
-        except BaseException:
-            self._undo(taken)
-            raise
-        ticket.headers = self._headers(plans, now)
+        if refused is not None:
+            kind, subject, limit, end = wanted[refused]
+            raise self._refusal(kind, subject, limit, end, now, self._headers(items, wanted, ts))
+        ticket = Ticket(self, record.request_id, self._headers(items, wanted, ts))
+        for (c, _), (kind, subject, limit, _end) in zip(items, wanted):
+            if kind == "concurrent":
+                ticket.slots.append(c)
+            elif kind in TOKEN_KINDS:
+                ticket.token_limits.append((subject.key, kind, limit))
         self._tickets[record.request_id] = ticket
         return ticket
-
-    def _undo(self, taken: list[tuple[Counter, int]]) -> None:
-        for c, need in taken:
-            self.counters.give_back(c, need)
 
     def _finished(self, ticket: Ticket, usage: Usage | None) -> None:
         self._tickets.pop(ticket.request_id, None)
@@ -210,9 +212,9 @@ class Quotas:
             self.counters.give_back(c, 1)
         tokens = usage.total_tokens if usage is not None else 0
         if tokens > 0 and ticket.token_limits:
-            now = self.clock()
+            ts = self.clock().timestamp()
             for subject_key, kind, limit in ticket.token_limits:
-                start, end = window(kind, now)
+                start, end = self._windows.at(ts, kind)
                 self.counters.consume(self.counters.counter(subject_key, kind, start, end, limit), tokens)
 
     def sink(self, record: InferenceRecord) -> None:
@@ -226,35 +228,29 @@ class Quotas:
         return len(self._tickets)
 
     # ---- answers -----------------------------------------------------------------------------------------
-    def _tightest(self, kind: str, plans: list[tuple[Subject, LimitSet]], now: datetime
-                  ) -> tuple[int, int, float] | None:
-        """(limit, remaining, seconds to reset) of the subject with the least left of ``kind``; None: no limit."""
-        best: tuple[int, int, float] | None = None
-        for subject, limits in plans:
-            limit = limits.get(kind)
-            if limit is None:
-                continue
-            start, end = window(kind, now)
-            c = self.counters.counters.get((subject.key, kind, start))
-            remaining = max(0, limit - (c.used if c is not None else 0))
-            if best is None or remaining < best[1]:
-                best = (limit, remaining, seconds_until(end, now))
-        return best
-
-    def _headers(self, plans: list[tuple[Subject, LimitSet]], now: datetime) -> dict[str, str]:
+    @staticmethod
+    def _headers(items: list[tuple[Counter, int]], wanted: list[tuple[str, Subject, int, int]],
+                 ts: float) -> dict[str, str]:
+        """OpenAI's rate-limit headers: per rpm and tpm, the subject with the least left."""
+        tightest: dict[str, tuple[int, int, int]] = {}
+        for (c, _), (kind, _subject, limit, end) in zip(items, wanted):
+            if kind == "rpm" or kind == "tpm":
+                remaining = max(0, limit - c.used)
+                best = tightest.get(kind)
+                if best is None or remaining < best[1]:
+                    tightest[kind] = (limit, remaining, end)
         headers: dict[str, str] = {}
         for kind, name in (("rpm", "requests"), ("tpm", "tokens")):
-            found = self._tightest(kind, plans, now)
+            found = tightest.get(kind)
             if found is not None:
-                limit, remaining, reset = found
+                limit, remaining, end = found
                 headers[f"x-ratelimit-limit-{name}"] = str(limit)
                 headers[f"x-ratelimit-remaining-{name}"] = str(remaining)
-                headers[f"x-ratelimit-reset-{name}"] = go_duration(reset)
+                headers[f"x-ratelimit-reset-{name}"] = go_duration(max(0.0, end - ts))
         return headers
 
     def _refusal(self, kind: str, subject: Subject, limit: int, end: int, now: datetime,
-                 plans: list[tuple[Subject, LimitSet]]) -> ApiError:
-        headers = self._headers(plans, now)
+                 headers: dict[str, str]) -> ApiError:
         who, what = _WHO[subject.level], _KIND_TEXT[kind]
         wait = seconds_until(end, now)
         if kind in ("tokens_per_day", "tokens_per_month"):

@@ -92,6 +92,30 @@ def window(kind: str, now: datetime) -> tuple[int, int]:
     return 0, 0
 
 
+class Windows:
+    """``window`` for every kind at a time given as epoch seconds, cheaply (the hot path asks it per request):
+    minutes and days by arithmetic on UTC epoch seconds, the month once per day."""
+
+    def __init__(self) -> None:
+        self._day = -1
+        self._month = (0, 0)
+
+    def at(self, ts: float, kind: str) -> tuple[int, int]:
+        second = int(ts)
+        if kind in ("rpm", "tpm"):
+            start = second - second % 60
+            return start, start + 60
+        day = second - second % 86400
+        if kind == "tokens_per_day":
+            return day, day + 86400
+        if kind == "tokens_per_month":
+            if day != self._day:
+                self._month = window(kind, datetime.fromtimestamp(day, UTC))
+                self._day = day
+            return self._month
+        return 0, 0
+
+
 def seconds_until(end: int, now: datetime) -> float:
     return max(0.0, end - now.timestamp())
 

@@ -136,14 +136,14 @@ async def test_two_replicas_never_admit_past_a_request_limit(pg_store: Store) ->
 
     counts = await asyncio.gather(hammer(r1, c1, 40), hammer(r2, c2, 40), hammer(r1, c1, 40), hammer(r2, c2, 40))
     assert sum(counts) == 25
-    assert counts[0] + counts[2] > 0 and counts[1] + counts[3] > 0      # both got a share
     async with store.engine.connect() as conn:
         shared = (await conn.execute(sa.text("SELECT held FROM quota_counters WHERE replica = '' AND kind = 'rpm'"))
                   ).scalar_one()
     assert shared <= 25
 
 
-async def test_a_dead_replica_s_leases_come_back_and_a_leaving_one_gives_them_back(store: Store) -> None:
+async def test_a_dead_replica_s_leases_come_back_and_a_leaving_one_gives_them_back(pg_store: Store) -> None:
+    store = pg_store
     r1, r2 = replica(store, "r1"), replica(store, "r2")
     await r1.heartbeat()
     c1 = r1.counter("pat:y", "concurrent", 0, 0, 4)
@@ -169,7 +169,8 @@ async def test_a_dead_replica_s_leases_come_back_and_a_leaving_one_gives_them_ba
     assert [await r4.take(c4, 1) for _ in range(5)] == [True] * 4 + [False]
 
 
-async def test_a_token_debt_reaches_the_other_replica(store: Store) -> None:
+async def test_a_token_debt_reaches_the_other_replica(pg_store: Store) -> None:
+    store = pg_store
     r1, r2 = replica(store, "r1"), replica(store, "r2")
     await r1.heartbeat()
     await r2.heartbeat()
@@ -184,6 +185,25 @@ async def test_a_token_debt_reaches_the_other_replica(store: Store) -> None:
     assert not await r2.take(c2, 0)
     # the overshoot is the tokens of the requests admitted within budget (docs/limits.md), never more
     assert c2.used == 150
+
+
+async def test_a_restart_on_sqlite_gets_back_what_the_previous_run_held(tmp_path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'q.db'}"
+    store = await Store.open(url, row_key=ROW_KEY)
+    try:
+        before = replica(store, "before")
+        await before.heartbeat()
+        c = before.counter("pat:q", "concurrent", 0, 0, 3)
+        assert await before.take(c, 1)                 # holds every slot, then the process is killed
+        async with store.engine.begin() as conn:
+            await conn.execute(quota_replicas.update().values(beat_at=time.time() - 60))
+        after = replica(store, "after")
+        await after.heartbeat()                        # the first beat of the new run reclaims
+        c2 = after.counter("pat:q", "concurrent", 0, 0, 3)
+        assert [await after.take(c2, 1) for _ in range(4)] == [True] * 3 + [False]
+        assert await after.heartbeat() == 1 and after.single_process
+    finally:
+        await store.close()
 
 
 # ---- the enforcer on a fake clock ---------------------------------------------------------------------------
@@ -227,3 +247,22 @@ async def test_windows_reset_on_the_clock_and_a_ticket_releases_once(store: Stor
         assert limited.value.headers["x-ratelimit-reset-requests"] == "59s"
     finally:
         await quotas.stop()
+
+
+async def test_unreachable_counters_refuse_rather_than_admit() -> None:
+    """Fail closed: a decision that needs the shared counters and cannot reach them is a 503, never a pass."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:9/none")   # nothing listens there
+    quotas = open_quotas(QuotaSettings(), engine, ROW_KEY, FakeClock())
+    subject = pat_subject("p")
+    quotas.own = {subject: StoredLimits(subject, {"rpm": 10}, at("2026-12-01"))}
+    quotas._idle = False
+    try:
+        with pytest.raises(ApiError) as refused:
+            await quotas.admit(_record("a"))
+        assert refused.value.status == 503 and refused.value.code == "limits_unavailable"
+        assert refused.value.headers["Retry-After"] == "1"
+        assert quotas.open_tickets == 0
+    finally:
+        await engine.dispose()
