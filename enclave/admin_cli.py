@@ -183,7 +183,7 @@ def _limits_rows(doc: dict) -> list[dict]:
 def _limits(api: "Api", args: argparse.Namespace, console: Console) -> int:
     if args.action == "show" and args.mine:
         out: Any = api.call("GET", "/users/me/limits", params={"domain": args.domain})
-        docs = out["subjects"]
+        docs = [subject for entry in out for subject in entry["subjects"]]
     elif args.action == "set":
         body = {kind: getattr(args, kind) for kind in LIMIT_KINDS if getattr(args, kind) is not None}
         out = api.call("PUT", _limits_path(args), body)

@@ -5,7 +5,8 @@
 * a domain's admins: their members' limits there, ``/domains/{domain_id}/members/{user_id}/limits``, and the
   keys bound to the domain, ``/domains/{domain_id}/pats/{pat_id}/limits``, within the ceiling (which they may
   read at ``GET /domains/{domain_id}/limits``);
-* any key: what binds it in a domain and how much of it is used, ``GET /users/me/limits?domain=D``.
+* any key: what binds it in a domain and how much of it is used, ``GET /users/me/limits?domain=D`` (without
+  ``domain``: the key's own domain, else every domain its owner is a member of).
 
 ``PUT`` replaces the subject's limits: per kind a number (0 or more), ``"unlimited"``, or absent/null for the
 platform default of the subject's level. ``DELETE`` removes them (the defaults apply again).
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from enclave.access import (Principal, limits_within_ceiling, may_manage_any_pat_limits, may_manage_domain_ceiling,
                             may_manage_domain_pat_limits, may_manage_member_limits, may_read_domain_ceiling,
-                            may_read_own_limits)
+                            may_read_own_limits, visible_roles)
 from enclave.api.context import AppContext, authenticated, check, decided_domain_id, find_domain, find_user
 from enclave.api.schemas import ERROR_RESPONSES, DomainRef, PatId, UserRef
 from enclave.errors import ApiError
@@ -223,19 +224,27 @@ _within_ceiling_routes("/pats/{pat_id}/limits", _domain_pat_subject, "domain-bou
 
 
 # ---- any key: what binds it ------------------------------------------------------------------------------
-@me.get("/users/me/limits", response_model=MyLimitsOut,
-        summary="The limits binding this key in a domain (key, user in the domain, domain) and their usage")
+@me.get("/users/me/limits", response_model=list[MyLimitsOut],
+        summary="The limits binding this key (key, user in the domain, domain) and their usage, per domain")
 async def my_limits(request: Request, principal: Principal = Depends(authenticated),
                     domain: str | None = Query(None, max_length=100,
-                                               description="domain id or name (default: the key's own domain)")
-                    ) -> MyLimitsOut:
-    ref = domain or principal.pat.domain_id
-    if ref is None:
-        raise ApiError(400, "Name the domain: `?domain=ID_OR_NAME` (this key is bound to none).",
-                       code="domain_required", param="domain")
-    decided, found = await _domain(request, ref)
-    check(may_read_own_limits(principal, decided, found))
-    assert found is not None
+                                               description="domain id or name (default: the key's own domain, "
+                                                           "else every domain the key's owner is a member of)")
+                    ) -> list[MyLimitsOut]:
     ctx = _ctx(request)
-    subjects = ctx.quotas.subjects(principal.pat.id, principal.user.id, found.id)
-    return MyLimitsOut(domain_id=found.id, subjects=[await _render(ctx, s, with_usage=True) for s in subjects])
+    found: list[Domain] = []
+    if domain is not None or principal.pat.domain_id is not None:
+        decided, one = await _domain(request, domain or principal.pat.domain_id or "")
+        check(may_read_own_limits(principal, decided, one))
+        assert one is not None
+        found = [one]
+    else:
+        for domain_id in sorted(visible_roles(principal)):
+            one = await ctx.store.get_domain(domain_id)
+            if one is not None and may_read_own_limits(principal, domain_id, one):
+                found.append(one)
+    out = []
+    for one in found:
+        subjects = ctx.quotas.subjects(principal.pat.id, principal.user.id, one.id)
+        out.append(MyLimitsOut(domain_id=one.id, subjects=[await _render(ctx, s, with_usage=True) for s in subjects]))
+    return out

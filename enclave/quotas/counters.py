@@ -102,7 +102,8 @@ class SharedCounters:
         # SQLite has one writer and no row locks: serialize this process's counter transactions instead.
         self._db_lock = asyncio.Lock()
         self._debts: set[asyncio.Task[None]] = set()
-        self._last_gc = 0.0
+        self._last_gc = time.time()
+        self._wrote = False   # counter rows written since the last collection (else there is nothing to collect)
         self.live = 1   # live replicas, as of the last heartbeat or sync
         self._beaten = False
 
@@ -287,7 +288,7 @@ class SharedCounters:
                     await self._upsert_mine(conn, c, carried + grant if c.is_slots else grant,
                                             carried if c.is_slots else 0)
                     results.append((carried, grant, total, int(others[0]), int(others[1])))
-            self.live = live
+            self.live, self._wrote = live, True
             for (c, _), (carried, grant, total, others_held, others_in_use) in zip(items, results):
                 if c.is_slots:
                     c.held = carried + grant
@@ -401,8 +402,8 @@ class SharedCounters:
         for key, c in list(self.counters.items()):
             if not c.active and not c.waiting and c.left == 0 and (c.in_flight == 0 if c.is_slots else c.spent == 0):
                 del self.counters[key]
-        if final or now - self._last_gc > 60:
-            self._last_gc = now
+        if self._wrote and (final or now - self._last_gc > 60):
+            self._last_gc, self._wrote = now, False
             await self._collect(now)
 
     async def _collect(self, now: float) -> None:

@@ -93,8 +93,12 @@ def test_a_user_reads_what_binds_it_and_how_much_is_used(svc: Service) -> None:
     assert r.status_code == 200
     tokens = r.json()["usage"]["total_tokens"]
     with svc.server.client(t.token) as c:
-        mine = c.get("/users/me/limits").json()           # a bound key: its own domain
+        [mine] = c.get("/users/me/limits").json()         # a bound key: its own domain
     assert mine["domain_id"] == t.domain_id
+    with svc.server.client(svc.world.tokens["bound_b"]) as c:   # member of A and B, key bound to B: B only
+        assert [e["domain_id"] for e in c.get("/users/me/limits").json()] == [svc.world.domains["B"]]
+    with svc.server.client(svc.world.tokens["admin_a"]) as c:   # unbound: every domain of its owner
+        assert [e["domain_id"] for e in c.get("/users/me/limits").json()] == [svc.world.domains["A"]]
     assert [s["subject"]["level"] for s in mine["subjects"]] == ["pat", "user", "domain"]
     domain = mine["subjects"][2]
     assert domain["usage"]["rpm"]["used"] == 1 and domain["usage"]["tokens_per_month"]["used"] == tokens
@@ -175,5 +179,5 @@ def test_cube_admin_limits(svc: Service, tmp_path, capsys) -> None:
     code, out, _ = cli("--json", "limits", "show", "--domain", t.domain_id, "--member", t.user_id)
     assert json.loads(out)["own"]["rpm"] is None
     code, out, _ = cli("--json", "limits", "show", "--mine", "--domain", svc.world.domains["A"], who="member_a")
-    assert code == 0 and len(json.loads(out)["subjects"]) == 3
+    assert code == 0 and len(json.loads(out)[0]["subjects"]) == 3
     assert cli("limits", "set", "--rpm", "1")[0] == 1           # nothing named

@@ -307,7 +307,8 @@ def test_platform_defaults_from_the_settings_bind_every_key(tmp_path) -> None:
             assert infer(svc, t, model=VLLM).status_code == 200
             with svc.server.client(t.token) as c:
                 mine = c.get("/users/me/limits").json()
-            levels = {s["subject"]["level"]: s for s in mine["subjects"]}
+            assert [entry["domain_id"] for entry in mine] == [t.domain_id]     # a bound key: its own domain
+            levels = {s["subject"]["level"]: s for s in mine[0]["subjects"]}
             assert levels["pat"]["effective"]["rpm"] is None and levels["pat"]["own"]["rpm"] == "unlimited"
             assert levels["domain"]["effective"]["concurrent"] == 50
             assert levels["domain"]["usage"]["concurrent"]["used"] == 0
