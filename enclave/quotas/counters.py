@@ -340,23 +340,27 @@ class SharedCounters:
                                          .values(beat_at=now))
             if updated.rowcount == 0:
                 await conn.execute(quota_replicas.insert().values(replica=self.replica, beat_at=now))
+            # SQLite serves one process: any other replica is a previous run of it, however recent its beat.
+            silent_since = now if self._sqlite else now - self.dead_after
             dead = [r.replica for r in (await conn.execute(sa.select(quota_replicas.c.replica).where(
-                (quota_replicas.c.beat_at < now - self.dead_after) & (quota_replicas.c.replica != self.replica)
+                (quota_replicas.c.beat_at < silent_since) & (quota_replicas.c.replica != self.replica)
             ))).all()]
-            self.live = await self._live_replicas(conn)
+            self.live = 1 if self._sqlite else await self._live_replicas(conn)
         for replica in dead:
-            await self._reclaim(replica)
+            await self._reclaim(replica, silent_since)
         return self.live
 
-    async def _reclaim(self, replica: str) -> None:
-        """Give back everything a dead replica's rows held, and forget it (idempotent across replicas)."""
+    async def _reclaim(self, replica: str, silent_since: float) -> None:
+        """Give back everything a dead replica's rows held, and forget it (idempotent across replicas). The
+        shared rows are locked in key order, as ``_sync_many`` locks them."""
         t = quota_counters.c
         async with self._transaction() as conn:
             gone = await conn.execute(quota_replicas.delete().where(
-                (quota_replicas.c.replica == replica) & (quota_replicas.c.beat_at < time.time() - self.dead_after)))
+                (quota_replicas.c.replica == replica) & (quota_replicas.c.beat_at < silent_since)))
             if gone.rowcount == 0:
                 return   # it came back, or another replica reclaimed it first
-            rows = (await conn.execute(quota_counters.select().where(t.replica == replica).with_for_update())).all()
+            rows = (await conn.execute(quota_counters.select().where(t.replica == replica)
+                                       .order_by(t.subject, t.kind, t.window_start).with_for_update())).all()
             for row in rows:
                 where = ((t.subject == row.subject) & (t.kind == row.kind) & (t.window_start == row.window_start))
                 await conn.execute(quota_counters.update().where(where & (t.replica == SHARED))

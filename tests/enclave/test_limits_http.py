@@ -187,6 +187,19 @@ def test_concurrency_refuses_beyond_the_limit_and_comes_back_on_every_ending(svc
         assert r.status_code >= 500 and in_flight(svc, t) == 0
     finally:
         fake.answering = True
+    # an unexpected exception on the way to the backend
+    gateway = svc.server.ctx.gateway
+    original = gateway.openai
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    gateway.openai = broken
+    try:
+        r = infer(svc, t, model=VLLM)
+        assert r.status_code == 500 and in_flight(svc, t) == 0
+    finally:
+        gateway.openai = original
     # completion, streamed and not
     assert infer(svc, t, model=VLLM, stream=True).status_code == 200 and in_flight(svc, t) == 0
     assert infer(svc, t, model=VLLM).status_code == 200 and in_flight(svc, t) == 0
