@@ -141,7 +141,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
                              on_failure=metrics.auth_failed)
         gateway = Gateway(reg.backends(), metrics)
         quotas = open_quotas(settings.quotas, store.engine, keys.row_mac_key(), now,
-                             on_integrity_failure=metrics.integrity_failed)
+                             on_integrity_failure=metrics.integrity_failed, on_refusal=metrics.quota_refused)
         gateway.recorder.sinks.append(quotas.sink)
         app.state.ctx = AppContext(settings=settings, store=store, auth=auth, tracker=tracker, registry=reg,
                                    metrics=metrics, clock=now, gateway=gateway, signer=_signer_source(settings, signer),

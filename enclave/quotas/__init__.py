@@ -17,10 +17,12 @@ from enclave.quotas.rows import LimitRows
 
 
 def open_quotas(settings: QuotaSettings, engine: Any, row_key: bytes, clock: Any, *,
-                on_integrity_failure: Any = None, replica: str | None = None) -> Quotas:
-    """The enforcer over the store's engine (``start()`` it in the lifespan, ``stop()`` it at the end)."""
+                on_integrity_failure: Any = None, on_refusal: Any = None, replica: str | None = None) -> Quotas:
+    """The enforcer over the store's engine (``start()`` it in the lifespan, ``stop()`` it at the end).
+    ``on_refusal(kind, level)``: told of every refusal (the metric cube_quota_refusals_total)."""
     return Quotas(settings, LimitRows(engine, row_key, on_integrity_failure=on_integrity_failure),
-                  SharedCounters(engine, sync_seconds=settings.sync_seconds, replica=replica), clock)
+                  SharedCounters(engine, sync_seconds=settings.sync_seconds, replica=replica), clock,
+                  on_refusal=on_refusal)
 
 
 __all__ = ["NO_TICKET", "Quotas", "Ticket", "open_quotas"]

@@ -101,8 +101,9 @@ NO_TICKET = Ticket(None, "", {})
 
 class Quotas:
     def __init__(self, settings: QuotaSettings, rows: LimitRows, counters: SharedCounters,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime], *, on_refusal: Callable[[str, str], None] | None = None) -> None:
         self.settings = settings
+        self.on_refusal = on_refusal
         self.rows = rows
         self.counters = counters
         self.clock = clock
@@ -196,6 +197,8 @@ class Quotas:
                            code="limits_unavailable", type="api_error", headers={"Retry-After": "1"}) from None
         if refused is not None:
             kind, subject, limit, end = wanted[refused]
+            if self.on_refusal is not None:
+                self.on_refusal(kind, subject.level)
             raise self._refusal(kind, subject, limit, end, now, self._headers(items, wanted, ts))
         ticket = Ticket(self, record.request_id, self._headers(items, wanted, ts))
         for (c, _), (kind, subject, limit, _end) in zip(items, wanted):

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.enclave.inference_support import Service, sse_json, start_service
+from tests.enclave.inference_support import Service, sample, sse_json, start_service
 from tests.enclave.limits_support import (CHAT, RATE_HEADERS, Tenant, error_of, fake_clock, infer, new_key,
                                           new_member, new_tenant, put_limits)
 from tests.fakes.ollama import FakeOllama
@@ -83,6 +83,7 @@ def test_rpm_refuses_the_request_after_the_limit_and_the_next_minute_admits_agai
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert "x-should-retry" not in refused.headers        # a rate limit is worth retrying
     assert backend_calls(svc) - before == 3                # refused before the backend
+    assert sample(svc.metrics_text(), "cube_quota_refusals_total", kind="rpm", level="pat") >= 1
     fake_clock(svc).advance(seconds=60)
     assert infer(svc, t, model=VLLM).status_code == 200
 
