@@ -394,8 +394,10 @@ class SharedCounters:
                 await self._sync_many([(c, 0) for c in idle], renew=False)
         # The next minute's leases, taken before it starts, so that its first request finds one ready.
         upcoming = []
-        for c in active:
-            if c.kind in MINUTE_KINDS and c.window_end - now <= 2 * self.sync_seconds:
+        in_use = {id(c) for c in active}
+        for c in list(self.counters.values()):   # in use this minute: active, or holding a lease
+            soon = c.window_end - now <= 2 * self.sync_seconds
+            if c.kind in MINUTE_KINDS and soon and (id(c) in in_use or c.grant > 0):
                 nxt = self.counter(c.subject, c.kind, c.window_end, c.window_end + 60, c.limit)
                 if nxt.left == 0 and not nxt.syncing and not nxt.waiting:
                     nxt.active = True

@@ -187,6 +187,19 @@ async def test_a_token_debt_reaches_the_other_replica(pg_store: Store) -> None:
     assert c2.used == 150
 
 
+async def test_the_next_minute_s_lease_is_taken_before_it_starts(store: Store) -> None:
+    one = replica(store, "r1")
+    await one.heartbeat()
+    start, end = MINUTE
+    c = one.counter("pat:n", "rpm", start, end, 5)
+    assert await one.take(c, 1)
+    await one.sync_all(end - 0.3)                  # the last sync of the minute (within 2 sync intervals)
+    nxt = one.counters[("pat:n", "rpm", end)]
+    assert nxt.left == 5 and one.try_take(nxt, 1)  # no round trip for the next minute's first request
+    await one.sync_all(end + 0.5)
+    assert ("pat:n", "rpm", start) not in one.counters     # the ended minute is dropped
+
+
 async def test_a_restart_on_sqlite_gets_back_what_the_previous_run_held(tmp_path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'q.db'}"
     store = await Store.open(url, row_key=ROW_KEY)
