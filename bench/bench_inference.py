@@ -448,7 +448,8 @@ def _limits_report(by: dict, one: int, many: int) -> None:
     for streams in (one, many):
         a, b = by[("enclave", streams)], by[("limits", streams)]
         print(f"limits/enclave TTFT at {streams} streams: p50 {b.ttft_p50 / a.ttft_p50:.3f} "
-              f"({b.ttft_p50 - a.ttft_p50:+.3f} ms), p99 {b.ttft_p99 / a.ttft_p99:.3f} ({b.ttft_p99 - a.ttft_p99:+.3f} ms)")
+              f"({b.ttft_p50 - a.ttft_p50:+.3f} ms), p99 {b.ttft_p99 / a.ttft_p99:.3f} "
+              f"({b.ttft_p99 - a.ttft_p99:+.3f} ms)")
 
 
 def main_bench(args: argparse.Namespace) -> int:

@@ -80,7 +80,8 @@ async def _infer(request: Request, domain_ref: str, route: str) -> Response:
     request.state.inference = record
     ticket = await ctx.quotas.admit(record)   # limits and budgets (enclave.quotas): 429 when one is reached
     try:
-        return ticket.headed(await unless_client_leaves(request.receive, ctx.gateway.openai(route, record, body, domain.id)))
+        answer = await unless_client_leaves(request.receive, ctx.gateway.openai(route, record, body, domain.id))
+        return ticket.headed(answer)
     except UpstreamFailure as failure:
         raise ticket.headed_error(failure_error(failure)) from None
     except ClientGone:

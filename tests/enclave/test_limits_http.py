@@ -247,7 +247,8 @@ def test_openai_python_retries_a_rate_limit_but_not_a_spent_budget(svc: Service)
     sent: list[str] = []
 
     def client() -> openai.OpenAI:
-        http = httpx.Client(verify=svc.server.client_ssl(), event_hooks={"request": [lambda r: sent.append(r.url.path)]})
+        http = httpx.Client(verify=svc.server.client_ssl(),
+                            event_hooks={"request": [lambda r: sent.append(r.url.path)]})
         return openai.OpenAI(base_url=f"{svc.server.url}/proxy/{t.domain_id}/v1", api_key=t.token, max_retries=2,
                              http_client=http)
 
