@@ -94,21 +94,26 @@ def replica(store: Store, name: str) -> SharedCounters:
     return SharedCounters(store.engine, sync_seconds=0.2, replica=name)
 
 
-#: The current windows (rows of windows long over are collected by a leaving replica).
-MINUTE = window("rpm", datetime.now(UTC))
-DAY = window("tokens_per_day", datetime.now(UTC))
+def minute() -> tuple[int, int]:
+    """The current minute (a leaving replica collects the rows of windows long over: never use a stale one)."""
+    return window("rpm", datetime.now(UTC))
+
+
+def day() -> tuple[int, int]:
+    return window("tokens_per_day", datetime.now(UTC))
 
 
 async def test_one_replica_refuses_at_exactly_the_limit(store: Store) -> None:
+    win = minute()                                 # one window for the whole test
     one = replica(store, "r1")
     await one.heartbeat()
-    rpm = one.counter("pat:x", "rpm", *MINUTE, 5)
+    rpm = one.counter("pat:x", "rpm", *win, 5)
     assert [await one.take(rpm, 1) for _ in range(6)] == [True] * 5 + [False]
     slots = one.counter("pat:x", "concurrent", 0, 0, 2)
     assert [await one.take(slots, 1) for _ in range(3)] == [True, True, False]
     one.give_back(slots, 1)
     assert await one.take(slots, 1)
-    tokens = one.counter("pat:x", "tpm", *MINUTE, 100)
+    tokens = one.counter("pat:x", "tpm", *win, 100)
     assert await one.take(tokens, 0)
     one.consume(tokens, 99)
     assert await one.take(tokens, 0)                   # one token left: admitted
@@ -119,11 +124,12 @@ async def test_one_replica_refuses_at_exactly_the_limit(store: Store) -> None:
 
 
 async def test_two_replicas_never_admit_past_a_request_limit(pg_store: Store) -> None:
+    win = minute()                                 # one window for the whole test
     store = pg_store
     r1, r2 = replica(store, "r1"), replica(store, "r2")
     await r1.heartbeat()
     await r2.heartbeat()
-    c1, c2 = r1.counter("domain:d", "rpm", *MINUTE, 25), r2.counter("domain:d", "rpm", *MINUTE, 25)
+    c1, c2 = r1.counter("domain:d", "rpm", *win, 25), r2.counter("domain:d", "rpm", *win, 25)
 
     async def hammer(r: SharedCounters, c, n: int) -> int:
         admitted = 0
@@ -143,6 +149,7 @@ async def test_two_replicas_never_admit_past_a_request_limit(pg_store: Store) ->
 
 
 async def test_a_dead_replica_s_leases_come_back_and_a_leaving_one_gives_them_back(pg_store: Store) -> None:
+    win = minute()                                 # one window for the whole test
     store = pg_store
     r1, r2 = replica(store, "r1"), replica(store, "r2")
     await r1.heartbeat()
@@ -159,23 +166,24 @@ async def test_a_dead_replica_s_leases_come_back_and_a_leaving_one_gives_them_ba
 
     r3 = replica(store, "r3")
     await r3.heartbeat()                           # live now: r2, r3
-    c3 = r3.counter("pat:z", "rpm", *MINUTE, 10)
+    c3 = r3.counter("pat:z", "rpm", *win, 10)
     assert await r3.take(c3, 1)                    # r3's lease: half of the minute
     r4 = replica(store, "r4")
     await r4.heartbeat()
-    c4 = r4.counter("pat:z", "rpm", *MINUTE, 10)
+    c4 = r4.counter("pat:z", "rpm", *win, 10)
     assert [await r4.take(c4, 1) for _ in range(6)] == [True] * 5 + [False]    # the other half
     await r3.leave()                               # r3 gives back the 4 it did not use
     assert [await r4.take(c4, 1) for _ in range(5)] == [True] * 4 + [False]
 
 
 async def test_a_token_debt_reaches_the_other_replica(pg_store: Store) -> None:
+    win_day = day()
     store = pg_store
     r1, r2 = replica(store, "r1"), replica(store, "r2")
     await r1.heartbeat()
     await r2.heartbeat()
-    c1, c2 = (r1.counter("user:d:u", "tokens_per_day", *DAY, 100),
-              r2.counter("user:d:u", "tokens_per_day", *DAY, 100))
+    c1, c2 = (r1.counter("user:d:u", "tokens_per_day", *win_day, 100),
+              r2.counter("user:d:u", "tokens_per_day", *win_day, 100))
     assert await r1.take(c1, 0) and await r2.take(c2, 0)     # both within budget: both finish
     r1.consume(c1, 120)                            # a long answer: beyond r1's lease, written at once
     await asyncio.gather(*r1._debts)
@@ -188,9 +196,10 @@ async def test_a_token_debt_reaches_the_other_replica(pg_store: Store) -> None:
 
 
 async def test_the_next_minute_s_lease_is_taken_before_it_starts(store: Store) -> None:
+    win = minute()                                 # one window for the whole test
     one = replica(store, "r1")
     await one.heartbeat()
-    start, end = MINUTE
+    start, end = win
     c = one.counter("pat:n", "rpm", start, end, 5)
     assert await one.take(c, 1)
     await one.sync_all(end - 0.3)                  # the last sync of the minute (within 2 sync intervals)
