@@ -7,6 +7,8 @@ event's token different, each stamped with the backend's monotonic clock):
 * enclave: ``cube-enclave serve --simulate`` in its own process, attested TLS (its key attested once with
   the attested client and the simulated platform's policy before the run; the load generator then trusts the
   certificate the simulated platform publishes), a member's PAT, the access check on ``model``;
+* limits: the same enclave with limits and budgets configured (``quotas.defaults``: every kind on every
+  level, high enough never to refuse), to price their bookkeeping against ``enclave`` (issue 11);
 * litellm: LiteLLM proxy (``litellm[proxy]``, one worker, in its own venv ``.venv-litellm``, installed here
   on first use) with the backend as an openai-compatible model, its master key, plain HTTP.
 
@@ -18,9 +20,10 @@ per 1,000 relayed events and the enclave/LiteLLM ratio, and the enclave's RSS gr
 streams (one event a second) are open at once.
 
 Goals (issue 9): added TTFT p50 < 1 ms at 1 stream and p99 < 5 ms at 64; CPU per 1,000 events <= 0.3 x
-LiteLLM's; 1,000 open streams with < 300 MB RSS growth.
+LiteLLM's; 1,000 open streams with < 300 MB RSS growth. Issue 11: limits on add at most 5% gateway CPU per
+request and no TTFT beyond noise (printed: the limits/enclave ratios).
 
-    python bench/bench_inference.py [--quick] [--paths direct,enclave,litellm] [--interval-ms 10]
+    python bench/bench_inference.py [--quick] [--paths direct,enclave,limits,litellm] [--interval-ms 10]
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ GOAL_TTFT_P50_1_MS = 1.0
 GOAL_TTFT_P99_64_MS = 5.0
 GOAL_CPU_RATIO = 0.3
 GOAL_RSS_MB = 300.0
+GOAL_LIMITS_CPU_RATIO = 1.05
+#: Limits for the ``limits`` path: every kind at every level, never reached by the run.
+BENCH_LIMITS = {"rpm": 10**7, "tpm": 10**12, "concurrent": 10**5, "tokens_per_day": 10**15,
+                "tokens_per_month": 10**15}
 
 
 # --- processes ----------------------------------------------------------------------------------------
@@ -176,7 +183,8 @@ def _enclave_backend(backend_url: str, streams: int) -> dict:
     return entry
 
 
-def start_enclave(tmp: Path, backend_port: int, args: argparse.Namespace) -> tuple[subprocess.Popen, Gateway]:
+def start_enclave(tmp: Path, backend_port: int, args: argparse.Namespace, *, name: str = "enclave",
+                  quotas: dict | None = None) -> tuple[subprocess.Popen, Gateway]:
     from cryptography import x509
 
     from attestation.atls.binding import spki_der_of, spki_sha256
@@ -185,9 +193,12 @@ def start_enclave(tmp: Path, backend_port: int, args: argparse.Namespace) -> tup
     from enclave.backends import BackendConfig
     from enclave.config import Settings
 
-    data_dir, log, port = tmp / "enclave", tmp / "enclave.log", free_port()
+    data_dir, log, port = tmp / name, tmp / f"{name}.log", free_port()
     backend = _enclave_backend(f"http://127.0.0.1:{backend_port}", args.hold_streams)
-    settings = Settings(data_dir=data_dir, simulate=True, backends=[BackendConfig(**backend)])
+    # Simulation takes its root secret from the configuration (the platform secrets are sealed otherwise,
+    # which bootstrapping the store from here cannot open).
+    secret = secrets.token_urlsafe(48)
+    settings = Settings(data_dir=data_dir, simulate=True, backends=[BackendConfig(**backend)], server_secret=secret)
     domain_id, token = asyncio.run(bootstrap(settings))   # a plain member with models:read + models:infer
     config = {
         "listen": {"host": "127.0.0.1", "port": port},
@@ -195,8 +206,12 @@ def start_enclave(tmp: Path, backend_port: int, args: argparse.Namespace) -> tup
         "limits": {"max_connections": args.hold_streams + 200},
         "attestation": {"rotate_every_seconds": 24 * 3600, "kds_url": None, "pcs_url": None},
         "log_level": "INFO",   # as deployed: one JSON access line per request
+        "server_secret": secret,
     }
-    config_path = tmp / "enclave.yaml"
+    if quotas is not None:
+        config["quotas"] = quotas
+    config_path = tmp / f"{name}.yaml"
+    config_path.touch(mode=0o600)   # it holds the simulation's secret: owner-only, as the enclave requires
     config_path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_ENCLAVE__")}
     proc = spawn([sys.executable, "-m", "enclave.main", "serve", "--simulate", "--config", str(config_path),
@@ -217,7 +232,7 @@ def start_enclave(tmp: Path, backend_port: int, args: argparse.Namespace) -> tup
     published = spki_sha256(spki_der_of(x509.load_pem_x509_certificate(cert_file.read_bytes())))
     if published != pinned:
         raise SystemExit("the published certificate is not the attested key: refusing to trust it")
-    return proc, Gateway("enclave", port, f"/proxy/{domain_id}/v1/chat/completions",
+    return proc, Gateway(name, port, f"/proxy/{domain_id}/v1/chat/completions",
                          [f"Authorization: Bearer {token}"], proc.pid, cert_file)
 
 
@@ -292,6 +307,10 @@ class Phase:
     @property
     def cpu_per_1000(self) -> float:
         return self.cpu_s / self.events * 1000 if self.events else float("nan")
+
+    @property
+    def cpu_per_request(self) -> float:
+        return self.cpu_s / self.completed if self.completed else float("nan")
 
 
 def run_phase(gateway: Gateway, concurrency: int, requests: int, args: argparse.Namespace,
@@ -383,11 +402,11 @@ def report(phases: list[Phase], holds: dict[str, Hold], args: argparse.Namespace
     one, many = args.streams_low, args.streams_high
     base1, base64 = by[("direct", one)], by[("direct", many)]
     print()
-    for name in ("enclave", "litellm"):
+    for name in ("enclave", "limits", "litellm"):
         if (name, one) not in by:
             continue
         p1, p64 = by[(name, one)], by[(name, many)]
-        label = name if name == "enclave" else f"litellm {litellm}"
+        label = f"litellm {litellm}" if name == "litellm" else name
         add_p50_1 = p1.ttft_p50 - base1.ttft_p50
         add_p99_64 = p64.ttft_p99 - base64.ttft_p99
         goal = name == "enclave"   # the goals are set for 1 and 64 streams
@@ -407,6 +426,8 @@ def report(phases: list[Phase], holds: dict[str, Hold], args: argparse.Namespace
         ratio = by[("enclave", many)].cpu_per_1000 / by[("litellm", many)].cpu_per_1000
         print(f"CPU per 1,000 events enclave/litellm = {ratio:.3f}  (goal <= {GOAL_CPU_RATIO:g}): "
               f"{_verdict(ratio <= GOAL_CPU_RATIO)}")
+    if ("enclave", many) in by and ("limits", many) in by:
+        _limits_report(by, one, many)
     for name, h in holds.items():
         growth = h.rss_peak - h.rss_before
         verdict = (_verdict(growth < GOAL_RSS_MB and h.flowing == h.streams) if h.streams >= 1000
@@ -417,11 +438,25 @@ def report(phases: list[Phase], holds: dict[str, Hold], args: argparse.Namespace
               f"{h.rss_after:.0f} MB after they closed" + (f"; {h.errors} errors, first: {h.first_error}" if h.errors else ""))
 
 
+def _limits_report(by: dict, one: int, many: int) -> None:
+    """Limits on against off: gateway CPU per request and TTFT (issue 11's goal: <= 5% CPU, no added TTFT)."""
+    off, on = by[("enclave", many)], by[("limits", many)]
+    ratio = on.cpu_per_request / off.cpu_per_request
+    print(f"limits/enclave gateway CPU per request at {many} streams = {ratio:.3f} "
+          f"({on.cpu_per_request * 1000:.2f} vs {off.cpu_per_request * 1000:.2f} ms; goal <= "
+          f"{GOAL_LIMITS_CPU_RATIO:g}): {_verdict(ratio <= GOAL_LIMITS_CPU_RATIO)}")
+    for streams in (one, many):
+        a, b = by[("enclave", streams)], by[("limits", streams)]
+        print(f"limits/enclave TTFT at {streams} streams: p50 {b.ttft_p50 / a.ttft_p50:.3f} "
+              f"({b.ttft_p50 - a.ttft_p50:+.3f} ms), p99 {b.ttft_p99 / a.ttft_p99:.3f} "
+              f"({b.ttft_p99 - a.ttft_p99:+.3f} ms)")
+
+
 def main_bench(args: argparse.Namespace) -> int:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = set(paths) - {"direct", "enclave", "litellm"}
+    unknown = set(paths) - {"direct", "enclave", "limits", "litellm"}
     if unknown or "direct" not in paths:
-        raise SystemExit(f"--paths takes direct (always: the baseline), enclave, litellm; got {args.paths!r}")
+        raise SystemExit(f"--paths takes direct (always: the baseline), enclave, limits, litellm; got {args.paths!r}")
     procs: list[subprocess.Popen] = []
     phases: list[Phase] = []
     holds: dict[str, Hold] = {}
@@ -434,6 +469,12 @@ def main_bench(args: argparse.Namespace) -> int:
             gateways = [Gateway("direct", backend_port, "/v1/chat/completions", [])]
             if "enclave" in paths:
                 proc, gateway = start_enclave(tmp, backend_port, args)
+                procs.append(proc)
+                gateways.append(gateway)
+            if "limits" in paths:
+                levels = {level: BENCH_LIMITS for level in ("pat", "user", "domain")}
+                proc, gateway = start_enclave(tmp, backend_port, args, name="limits",
+                                              quotas={"defaults": levels})
                 procs.append(proc)
                 gateways.append(gateway)
             if "litellm" in paths:
@@ -480,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="a short smoke run: 2 ms pace, few streams, 50 held streams")
-    parser.add_argument("--paths", default="direct,enclave,litellm")
+    parser.add_argument("--paths", default="direct,enclave,limits,litellm")
     parser.add_argument("--events", type=int, default=256, help="events per response")
     parser.add_argument("--interval-ms", type=float, default=10.0, help="the backend's pace between events")
     parser.add_argument("--slow-interval-ms", type=float, default=1000.0, help="pace of the held streams")

@@ -73,15 +73,23 @@ def _lacks(scope: Scope) -> Decision:
     return Decision(False, 403, "insufficient_scope", f"This API key lacks the `{scope}` scope.")
 
 
-def domain_access(principal: Principal, domain_id: str, domain: Domain | None, scope: Scope) -> Decision:
-    """May this principal act in the domain with this scope? Unknown domains look like foreign ones to
-    non-superadmins (403), so domain ids and names cannot be probed."""
+def domain_membership(principal: Principal, domain_id: str, domain: Domain | None) -> Decision:
+    """The part of ``domain_access`` that needs no scope: the key's binding and the owner's membership."""
     if principal.pat.domain_id is not None and principal.pat.domain_id != domain_id:
         return Decision(False, 403, "not_a_member", "This API key is bound to another domain.")
     if not principal.is_superadmin and (domain is None or principal.role_in(domain_id) is None):
         return Decision(False, 403, "not_a_member", "You are not a member of this domain.")
     if domain is None:
         return Decision(False, 404, "domain_not_found", "Domain not found.")
+    return ALLOW
+
+
+def domain_access(principal: Principal, domain_id: str, domain: Domain | None, scope: Scope) -> Decision:
+    """May this principal act in the domain with this scope? Unknown domains look like foreign ones to
+    non-superadmins (403), so domain ids and names cannot be probed."""
+    gate = domain_membership(principal, domain_id, domain)
+    if not gate:
+        return gate
     if not principal.has_scope(scope):
         return _lacks(scope)
     return ALLOW
@@ -445,3 +453,67 @@ def may_export_audit(principal: Principal) -> Decision:
     """The audit export (every admin action on the platform): the platform operators only, as for platform
     administration: a superadmin's unbound `manage` key."""
     return may_manage_platform(principal)
+
+
+# ---- limits and budgets (enclave.quotas) -------------------------------------------------------------------
+def may_manage_domain_ceiling(principal: Principal) -> Decision:
+    """A domain's own limits (its ceiling): set, clear and read by the platform (an unbound superadmin key)."""
+    return may_manage_platform(principal)
+
+
+def may_read_domain_ceiling(principal: Principal, domain_id: str, domain: Domain | None) -> Decision:
+    """A domain's admins may read the ceiling they set their members' and keys' limits under."""
+    return may_manage_domain(principal, domain_id, domain)
+
+
+def may_manage_member_limits(principal: Principal, domain_id: str, domain: Domain | None,
+                             is_member: bool) -> Decision:
+    """A member's limits in a domain: that domain's managers; anyone who is not a member looks unknown (404)."""
+    gate = may_manage_domain(principal, domain_id, domain)
+    if not gate:
+        return gate
+    return ALLOW if is_member else _MEMBER_NOT_FOUND
+
+
+def may_manage_domain_pat_limits(principal: Principal, domain_id: str, domain: Domain | None,
+                                 pat: Pat | None) -> Decision:
+    """A domain-bound key's limits: that domain's managers; a key not bound to it looks unknown (404)."""
+    gate = may_manage_domain(principal, domain_id, domain)
+    if not gate:
+        return gate
+    return ALLOW if pat is not None and pat.domain_id == domain_id else _PAT_NOT_FOUND
+
+
+def may_manage_any_pat_limits(principal: Principal, pat: Pat | None) -> Decision:
+    """Any key's limits, bound or not: the platform only."""
+    gate = may_manage_platform(principal)
+    if not gate:
+        return gate
+    return ALLOW if pat is not None else _PAT_NOT_FOUND
+
+
+def limits_within_ceiling(principal: Principal, requested: Mapping[str, int | None],
+                          ceiling: Mapping[str, int | None]) -> Decision:
+    """A domain admin sets limits within the domain's ceiling: for every kind the ceiling limits, an explicit
+    value must not exceed it, and "unlimited" (-1) is refused. Values left to the platform default (None) are
+    not the admin's choice, and the domain's own counter still caps the whole domain. The platform (an
+    unbound superadmin key) sets any value: it sets the ceiling itself."""
+    if may_manage_platform(principal):
+        return ALLOW
+    for kind, cap in ceiling.items():
+        value = requested.get(kind)
+        if cap is None or value is None:
+            continue
+        if value < 0:
+            return Decision(False, 403, "above_domain_ceiling",
+                            f"`{kind}` cannot be unlimited: the domain's ceiling is {cap}.", kind)
+        if value > cap:
+            return Decision(False, 403, "above_domain_ceiling",
+                            f"`{kind}` may be at most {cap}, the domain's ceiling.", kind)
+    return ALLOW
+
+
+def may_read_own_limits(principal: Principal, domain_id: str, domain: Domain | None) -> Decision:
+    """``GET /users/me/limits``: any key of a member (within its binding), whatever its scopes, may read what
+    binds it there."""
+    return domain_membership(principal, domain_id, domain)

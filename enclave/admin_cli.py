@@ -125,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--since", type=int, help="first seq")
     a.add_argument("--until", type=int, help="last seq (default: the head)")
     a.add_argument("-o", "--output", help="write to this file (default: standard output)")
+    _limits_parser(sub)
     return p
 
 
@@ -151,6 +152,89 @@ def _usage_parser(sub: Any) -> None:
     a.add_argument("--pat", help="only this key (id)")
     a.add_argument("--limit", type=int, help="without --group-by: at most this many records (default 100)")
     a.add_argument("--csv", action="store_true", help="print CSV (header line first)")
+
+
+LIMIT_KINDS = ("rpm", "tpm", "concurrent", "tokens_per_day", "tokens_per_month")
+
+
+def _limit_value(text: str) -> int | str:
+    if text == "unlimited":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a whole number (0 or more) or 'unlimited'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a whole number (0 or more) or 'unlimited'")
+    return value
+
+
+def _limits_parser(sub: Any) -> None:
+    """``cube-admin limits show|set|clear``: a domain's ceiling (--domain), a member's (--domain --member), a
+    domain-bound key's (--domain --pat), any key's (--pat, superadmin), or what binds you (show --mine)."""
+    g = sub.add_parser("limits", help="limits and budgets (docs/limits.md)").add_subparsers(dest="action",
+                                                                                          required=True)
+    for action, text in (("show", "limits and current usage"), ("set", "replace the limits (kinds not given: "
+                                                                    "the platform default)"),
+                         ("clear", "remove the limits (the platform defaults apply)")):
+        a = g.add_parser(action, help=text)
+        a.add_argument("--domain", help="domain id or name")
+        who = a.add_mutually_exclusive_group()
+        who.add_argument("--member", help="with --domain: a member (id or name)")
+        who.add_argument("--pat", help="a key id (with --domain: a key bound to it)")
+        if action == "show":
+            who.add_argument("--mine", action="store_true", help="what binds this token in --domain (or its own)")
+        if action == "set":
+            for kind in LIMIT_KINDS:
+                a.add_argument(f"--{kind.replace('_', '-')}", dest=kind, type=_limit_value, metavar="N",
+                               help=f"{kind}: a number or 'unlimited'")
+
+
+def _limits_path(args: argparse.Namespace) -> str:
+    domain, member, pat = args.domain, args.member, args.pat
+    if member and not domain:
+        raise CliError("--member needs --domain")
+    if domain and member:
+        return f"/domains/{_seg(domain)}/members/{_seg(member)}/limits"
+    if domain and pat:
+        return f"/domains/{_seg(domain)}/pats/{_seg(pat)}/limits"
+    if pat:
+        return f"/admin/pats/{_seg(pat)}/limits"
+    if domain:
+        # a domain's admins read its ceiling there; the platform sets it under /admin
+        return f"/{'domains' if args.action == 'show' else 'admin/domains'}/{_seg(domain)}/limits"
+    raise CliError("name what the limits are of: --domain D [--member U | --pat P], or --pat P")
+
+
+def _limits_rows(doc: dict) -> list[dict]:
+    usage = doc.get("usage") or {}
+    return [{"subject": f"{doc['subject']['level']}", "kind": kind, "own": doc["own"].get(kind),
+             "effective": doc["effective"].get(kind), "used": usage.get(kind, {}).get("used"),
+             "resets_in_seconds": usage.get(kind, {}).get("resets_in_seconds")} for kind in LIMIT_KINDS]
+
+
+def _limits(api: "Api", args: argparse.Namespace, console: Console) -> int:
+    if args.action == "show" and args.mine:
+        out: Any = api.call("GET", "/users/me/limits", params={"domain": args.domain})
+        docs = [subject for entry in out for subject in entry["subjects"]]
+    elif args.action == "set":
+        body = {kind: getattr(args, kind) for kind in LIMIT_KINDS if getattr(args, kind) is not None}
+        out = api.call("PUT", _limits_path(args), body)
+        docs = [out]
+    elif args.action == "clear":
+        api.call("DELETE", _limits_path(args))
+        out, docs = {"cleared": _limits_path(args)}, []
+    else:
+        out = api.call("GET", _limits_path(args))
+        docs = [out]
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif docs:
+        _table(console, [row for doc in docs for row in _limits_rows(doc)],
+               ("subject", "kind", "own", "effective", "used", "resets_in_seconds"))
+    else:
+        console.print_json(json.dumps(out))
+    return 0
 
 
 def _pat_target(a: argparse.ArgumentParser) -> None:
@@ -349,6 +433,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     columns: Sequence[str] = ()
     if g == "usage":
         return _usage(api, args, console)
+    if g == "limits":
+        return _limits(api, args, console)
     if g == "whoami":
         out = api.call("GET", "/users/me")
     elif g == "backends":

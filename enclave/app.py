@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.types import Scope
 
-from enclave.api import admin, audit as audit_api, inference, models, ollama, ops, receipts, usage
+from enclave.api import admin, audit as audit_api, inference, limits, models, ollama, ops, receipts, usage
 from enclave.api.context import AppContext
 from enclave.api.ollama_errors import OllamaErrorShape
 from enclave.audit import AuditMiddleware, AuditTrail, note_refusal
@@ -24,6 +24,7 @@ from enclave.inference.gateway import Gateway
 from enclave.limits import SizeLimitMiddleware
 from enclave.metrics import Metrics, MetricsMiddleware
 from enclave.platform_secrets import PlatformSecrets
+from enclave.quotas import open_quotas
 from enclave.registry import Registry
 from enclave.request_id import RequestIdMiddleware
 from enclave.signer import AttestedSigner, SignerSource
@@ -149,6 +150,9 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
         auth = Authenticator(store, keys.pat_hmac_key(), tracker=tracker, cache=settings.auth_cache_enabled(), clock=now,
                              on_failure=_auth_failure_hook(metrics))
         gateway = Gateway(reg.backends(), metrics)
+        quotas = open_quotas(settings.quotas, store.engine, keys.row_mac_key(), now,
+                             on_integrity_failure=metrics.integrity_failed, on_refusal=metrics.quota_refused)
+        gateway.recorder.sinks.append(quotas.sink)
         ledger = Ledger(store.engine, keys.row_mac_key(), settings.usage, registry=metrics.registry,
                         on_integrity_failure=metrics.integrity_failed)
         gateway.recorder.sinks.append(ledger.record)
@@ -156,9 +160,10 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
         audit = AuditTrail(store.engine, keys.row_mac_key(), signers, settings.audit, clock=now,
                            registry=metrics.registry)
         app.state.ctx = AppContext(settings=settings, store=store, auth=auth, tracker=tracker, registry=reg,
-                                   metrics=metrics, clock=now, gateway=gateway, signer=signers, ledger=ledger,
-                                   audit=audit)
+                                   metrics=metrics, clock=now, gateway=gateway, signer=signers, quotas=quotas,
+                                   ledger=ledger, audit=audit)
         try:
+            await quotas.start()
             if manage_registry:
                 await reg.start()
             tracker.start()
@@ -172,6 +177,7 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
             await tracker.stop()
             await audit.stop()   # the refusals left and a last checkpoint, while the store is open
             await gateway.aclose()
+            await quotas.stop()
             if manage_registry:
                 await reg.stop()
             await ledger.stop()   # after the last request has finished (its record made), before the store closes
@@ -195,6 +201,9 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
     app.include_router(admin.me)
     app.include_router(usage.router)
     app.include_router(audit_api.router)
+    app.include_router(limits.platform)
+    app.include_router(limits.domain_admin)
+    app.include_router(limits.me)
     for router in extra_routers:
         app.include_router(router)
     # Innermost: the inference routes skip FastAPI's routing (see InferenceFastPath), nothing else.

@@ -182,8 +182,31 @@ class UsageSettings(_Strict):
 # -- usage limits and budgets -------------------------------------------------------------------------------------
 
 
+class LimitValues(_Strict):
+    """One subject level's limits; null (the default) = no limit of that kind. Windows are fixed UTC windows:
+    the minute, the calendar day, the calendar month (docs/limits.md)."""
+
+    rpm: int | None = Field(None, ge=0, description="requests per minute")
+    tpm: int | None = Field(None, ge=0, description="tokens per minute")
+    concurrent: int | None = Field(None, ge=0, description="requests in flight at once")
+    tokens_per_day: int | None = Field(None, ge=0)
+    tokens_per_month: int | None = Field(None, ge=0)
+
+
+class QuotaDefaults(_Strict):
+    """What applies to every PAT, every user in a domain and every domain without a limit row of its own."""
+
+    pat: LimitValues = Field(default_factory=LimitValues)
+    user: LimitValues = Field(default_factory=LimitValues)
+    domain: LimitValues = Field(default_factory=LimitValues)
+
+
 class QuotaSettings(_Strict):
     """Per-PAT, per-user-in-domain and per-domain limits and budgets (enclave.quotas): platform defaults."""
+
+    defaults: QuotaDefaults = Field(default_factory=QuotaDefaults)
+    sync_seconds: float = Field(1.0, gt=0, le=60, description="how often a replica syncs its counters and "
+                                                            "limit rows with the shared database")
 
 
 # -- audit trail ----------------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ class Metrics:
         self.integrity_failures = Counter("cube_store_integrity_failures_total", "Store rows refused because their "
                                           "MAC did not match (edited, swapped or inserted outside the enclave)",
                                           ["table"], registry=self.registry)
+        self.quota_refusals = Counter("cube_quota_refusals_total", "Inference requests refused by a limit or budget "
+                                      "(enclave.quotas), by kind and subject level (pat | user | domain)",
+                                      ["kind", "level"], registry=self.registry)
         self.backend_up = Gauge("cube_backend_up", "1 if the backend answered its last discovery", ["backend", "kind"],
                                 registry=self.registry)
         self.models = Gauge("cube_registry_models", "Routable models in the registry", registry=self.registry)
@@ -65,6 +68,9 @@ class Metrics:
 
     def integrity_failed(self, table: str) -> None:
         self.integrity_failures.labels(table=table).inc()
+
+    def quota_refused(self, kind: str, level: str) -> None:
+        self.quota_refusals.labels(kind=kind, level=level).inc()
 
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.labels(reason=reason).inc()

@@ -135,3 +135,42 @@ audit_checkpoints = sa.Table(
     sa.Column("signature", sa.LargeBinary, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
 )
+
+# ---- limits and budgets (enclave.quotas) ------------------------------------------------------------------
+# One row per subject that has limits of its own: ("pat", "", pat id), ("user", domain id, user id) or
+# ("domain", domain id, ""). A limit column: NULL = the platform default of that level, -1 = explicitly
+# unlimited, n >= 0 = the limit. MAC'd (enclave.row_mac, table "quota_limits"): a host-edited row is refused.
+quota_limits = sa.Table(
+    "quota_limits", metadata,
+    sa.Column("subject_kind", sa.String(8), primary_key=True),
+    sa.Column("domain_id", sa.String(36), primary_key=True),
+    sa.Column("subject_id", sa.String(36), primary_key=True),
+    sa.Column("rpm", sa.BigInteger, nullable=True),
+    sa.Column("tpm", sa.BigInteger, nullable=True),
+    sa.Column("concurrent", sa.BigInteger, nullable=True),
+    sa.Column("tokens_per_day", sa.BigInteger, nullable=True),
+    sa.Column("tokens_per_month", sa.BigInteger, nullable=True),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    _mac(),
+)
+
+# Shared counters (not MAC'd: the host can reset them, as it can deny or allow service by other means).
+# replica "" is a counter's shared total of units granted; a replica's own row holds what it would give back
+# if it died (``held``) and, for concurrency, its requests in flight (``in_use``). window_start: UTC epoch
+# seconds of the window's start (0 for concurrency).
+quota_counters = sa.Table(
+    "quota_counters", metadata,
+    sa.Column("subject", sa.String(80), primary_key=True),
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("window_start", sa.BigInteger, primary_key=True),
+    sa.Column("replica", sa.String(36), primary_key=True),
+    sa.Column("held", sa.BigInteger, nullable=False),
+    sa.Column("in_use", sa.BigInteger, nullable=False, default=0),
+)
+
+# One heartbeat row per live replica: its counters' leases are reclaimed when it stops beating.
+quota_replicas = sa.Table(
+    "quota_replicas", metadata,
+    sa.Column("replica", sa.String(36), primary_key=True),
+    sa.Column("beat_at", sa.Float, nullable=False),
+)

@@ -14,6 +14,7 @@ from enclave.config import Settings
 from enclave.errors import ApiError
 from enclave.inference.gateway import Gateway
 from enclave.metrics import Metrics
+from enclave.quotas import Quotas
 from enclave.signer import SignerSource
 from enclave.store import Domain, Store, User, canonical_uuid
 from enclave.usage import Ledger
@@ -30,6 +31,7 @@ class AppContext:
     clock: Clock
     gateway: Gateway
     signer: SignerSource   # receipts and audit checkpoints (enclave.signer)
+    quotas: Quotas         # limits and budgets (enclave.quotas)
     ledger: Ledger         # the usage ledger (enclave.usage): a sink of gateway.recorder
     audit: Any = None      # enclave.audit.AuditTrail (Any: enclave.audit imports this module's users)
 

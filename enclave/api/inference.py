@@ -80,12 +80,16 @@ async def _infer(request: Request, domain_ref: str, route: str) -> Response:
                              model=card.id, backend=card.backend, route=route, stream=body.stream,
                              request_id=request_id_of(request), request_sha256=hashlib.sha256(raw).hexdigest())
     request.state.inference = record
+    ticket = await ctx.quotas.admit(record)   # limits and budgets (enclave.quotas): 429 when one is reached
     try:
-        return await unless_client_leaves(request.receive, ctx.gateway.openai(route, record, body, domain.id))
+        answer = await unless_client_leaves(request.receive, ctx.gateway.openai(route, record, body, domain.id))
+        return ticket.headed(answer)
     except UpstreamFailure as failure:
-        raise failure_error(failure) from None
+        raise ticket.headed_error(failure_error(failure)) from None
     except ClientGone:
         return client_gone()
+    finally:
+        ticket.settle()
 
 
 def client_gone() -> Response:

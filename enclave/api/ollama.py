@@ -126,12 +126,16 @@ async def _infer(request: Request, domain_ref: str, route: str) -> Response:
                              request_id=request_id_of(request),
                              request_sha256=hashlib.sha256(await request.body()).hexdigest())   # read already: cached
     request.state.inference = record
+    ticket = await ctx.quotas.admit(record)   # limits and budgets (enclave.quotas): 429 when one is reached
     try:
-        return await unless_client_leaves(request.receive, native.infer(ctx.gateway, route, record, body))
+        answer = await unless_client_leaves(request.receive, native.infer(ctx.gateway, route, record, body))
+        return ticket.headed(answer)
     except UpstreamFailure as failure:
-        raise failure_error(failure) from None
+        raise ticket.headed_error(failure_error(failure)) from None
     except ClientGone:
         return client_gone()
+    finally:
+        ticket.settle()
 
 
 @router.post("/proxy/{domain_id}/api/chat", responses={**_RESPONSES, **_answer(

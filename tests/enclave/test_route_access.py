@@ -172,6 +172,19 @@ ROUTES: dict[tuple[str, str], tuple[Rule, str, object]] = {
     ("GET", "/domains/{domain_id}/usage"): (admin_of_a, "/domains/{A}/usage", None),
     ("GET", "/users/me/usage"): (any_key, "/users/me/usage", None),   # a key sees its own requests at least
     ("DELETE", "/pats/{pat_id}"): (key_bound_to_a, "/pats/{target_key}", None),
+    # limits and budgets (enclave.api.limits)
+    **{(method, "/admin/domains/{domain_id}/limits"): (platform, "/admin/domains/{A}/limits", body)
+       for method, body in (("GET", None), ("PUT", {}), ("DELETE", None))},
+    **{(method, "/admin/pats/{pat_id}/limits"): (platform, "/admin/pats/{target_key}/limits", body)
+       for method, body in (("GET", None), ("PUT", {}), ("DELETE", None))},
+    ("GET", "/domains/{domain_id}/limits"): (admin_of_a, "/domains/{A}/limits", None),
+    **{(method, "/domains/{domain_id}/members/{user_id}/limits"): (admin_of_a, "/domains/{A}/members/{target}/limits",
+                                                                   body)
+       for method, body in (("GET", None), ("PUT", {}), ("DELETE", None))},
+    **{(method, "/domains/{domain_id}/pats/{pat_id}/limits"): (admin_of_a, "/domains/{A}/pats/{target_key}/limits",
+                                                               body)
+       for method, body in (("GET", None), ("PUT", {}), ("DELETE", None))},
+    ("GET", "/users/me/limits"): (in_domain_a, "/users/me/limits?domain={A}", None),
 }
 
 
