@@ -258,7 +258,8 @@ def test_ollama_error_line_inside_the_200_stream(fake_ollama, ollama_client):
     response = ollama_client.post("/api/chat", json={"model": OLLAMA_MODEL, "messages": CHAT})
     lines = ndjson(response.text)
     assert response.status_code == 200 and len(lines) == 3 and list(lines[-1]) == ["error"]
-    assert fake_ollama.streams_errored == 1 and fake_ollama.streams_finished == 0
+    wait_for(lambda: fake_ollama.streams_errored == 1, timeout=10)   # counted after the last line is written
+    assert fake_ollama.streams_finished == 0
     fake_ollama.upstream_status = (500, "out of memory")
     failed = ollama_client.post("/api/chat", json={"model": OLLAMA_MODEL, "messages": CHAT})
     assert failed.status_code == 500 and failed.json() == {"error": "out of memory"}
