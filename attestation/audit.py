@@ -109,6 +109,10 @@ def _optional_seq(value: Any, what: str) -> int | None:
     return value
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_export(data: bytes) -> AuditExport:
     """Read an export strictly (typed AuditFormatError for anything malformed)."""
     try:
@@ -121,9 +125,11 @@ def parse_export(data: bytes) -> AuditExport:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-        except ValueError:
-            raise AuditFormatError(f"line {number}: not JSON") from None
+            item = json.loads(line, parse_constant=_no_constant)
+            canonical_json(item)   # what is hashed and signed must have one byte form: no lone surrogate
+        except (ValueError, RecursionError):
+            raise AuditFormatError(f"line {number}: not JSON (or NaN, Infinity, a lone surrogate, too deep)") \
+                from None
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
             raise AuditFormatError(f"line {number}: not an object with a type")
         kind = item["type"]
@@ -282,7 +288,7 @@ def _extends(export: AuditExport, hashes: dict[int, str], previous: AuditExport,
             return
     old_last = max(old)
     first, last = export.entries[0].seq, export.entries[-1].seq
-    if export.until is None and last < old_last:
+    if last < old_last:   # whatever the (unsigned) header's until says: this export does not extend the old one
         problem(AuditProblem(last, f"the export ends before the previous one did (seq {old_last}): entries were "
                                    "truncated or the database was rolled back"))
     elif first == old_last + 1 and export.entries[0].entry["prev"] != old[old_last]:
@@ -298,6 +304,11 @@ def verify_export(export: AuditExport, policy: Policy, *, previous: AuditExport 
     if not export.entries:
         report.problems.append(AuditProblem(None, "the export holds no entry"))
         return report
+    gaps = policy.measurement_gaps()
+    if gaps and not policy.allow_unmeasured:   # as verify-receipt: any image on genuine hardware could have signed
+        report.problems.append(AuditProblem(None, "the policy does not pin the boot chain (" + "; ".join(
+            f"{p}: {why}" for p, why in gaps.items()) + "): any image on genuine hardware could have signed the "
+            "checkpoints; list the measurements, or set allow_unmeasured: true to accept that"))
     report.entries = len(export.entries)
     report.first_seq, report.last_seq = export.entries[0].seq, export.entries[-1].seq
     hashes = _chain(export, report)

@@ -167,3 +167,42 @@ def test_the_command_exit_codes(key: Key, sim_platform, tmp_path: Path, capsys) 
     assert main(["verify-audit", str(good), "--policy", str(policy), "--previous", str(bad), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["ok"] is False
     assert main(["verify-audit", str(tmp_path / "missing"), "--policy", str(policy)]) == 2
+
+
+# -- found in review (revaudit): each an attack that worked before its fix -------------------------------------
+
+def test_an_unmeasured_policy_is_refused_unless_allowed(key: Key, sim_platform) -> None:
+    """As verify-receipt: a policy pinning no boot chain would accept checkpoints signed by any image."""
+    from attestation.policy import policy_from_yaml
+
+    strict = "".join(line + "\n" for line in sim_policy_yaml(sim_platform.fingerprint).splitlines()
+                     if not line.startswith("allow_unmeasured"))
+    found = problems(export_of(signed(key, chain(3))), policy_from_yaml(strict))
+    assert len(found) == 1 and "does not pin the boot chain" in found[0] and "allow_unmeasured" in found[0], found
+    assert problems(export_of(signed(key, chain(3))), policy_from_yaml(sim_policy_yaml(sim_platform.fingerprint))) == []
+
+
+_GENESIS_ENTRY = '{"type":"entry","hash":"%s","entry":{"v":1,"seq":1,"prev":"%s","time":"t","kind":"admin","x":%%s}}' \
+    % (GENESIS, GENESIS)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", '"\\ud800"', "[" * 100_000 + "]" * 100_000])
+def test_json_without_one_byte_form_is_a_format_error(value: str, sim_platform, tmp_path: Path, capsys) -> None:
+    """NaN, Infinity, a lone surrogate (no canonical byte form to hash) and nesting too deep for the parser were
+    'internal error' crashes; they are typed format errors (exit 2, saying which line)."""
+    data = (json.dumps({"type": "export", "format": EXPORT_FORMAT}) + "\n" + _GENESIS_ENTRY % value + "\n").encode()
+    with pytest.raises(AuditFormatError, match="line 2"):
+        parse_export(data)
+    path, policy = tmp_path / "x.jsonl", tmp_path / "policy.yaml"
+    path.write_bytes(data)
+    policy.write_text(sim_policy_yaml(sim_platform.fingerprint))
+    assert main(["verify-audit", str(path), "--policy", str(policy)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "internal error" not in err, err
+
+
+def test_an_older_export_relabelled_until_does_not_pass_as_extending_the_previous(key: Key, sim_policy: Policy) -> None:
+    """The header is not signed: an older export given ``until`` passed --previous as if it were the newer one."""
+    long = export_of(signed(key, chain(6)))
+    replayed = export_of(signed(key, chain(4)), until=4)
+    assert any("ends before the previous one" in p for p in problems(replayed, sim_policy, previous=long))
