@@ -209,3 +209,27 @@ def test_unreadable_rows_are_reported_at_their_seq(running) -> None:
     report = _export_refused(running, at=2, says="edited")
     assert 5 in [p["seq"] for p in report["problems"]]
     assert any("checkpoint does not verify" in p["message"] for p in report["problems"])
+
+
+# -- found in review (revaudit): each an attack that worked before its fix -------------------------------------
+
+def test_a_database_holding_entries_back_from_the_export_is_found(running, monkeypatch) -> None:
+    """The host's database server answers the export's range read short of the head it has just shown (a
+    modified server, or a delete timed between the two queries). The export used to end on a fresh checkpoint
+    over the last entry read, so a truncated export verified."""
+    server, world, tmp = running
+    chain = server.ctx.audit.chain
+    read = chain.entries
+    head = len(entries(server))
+
+    async def held_back(since=None, until=None, batch=500):
+        async for stored in read(since, until, batch):
+            if stored.seq <= head - 3:
+                yield stored
+
+    monkeypatch.setattr(chain, "entries", held_back)
+    report = _export_refused(running, at=head - 2, says="held entries back")
+    assert report["covered_seq"] is None or report["covered_seq"] < head - 2
+    monkeypatch.undo()
+    assert server.ctx.audit.metrics.tampering._value.get() >= 1
+    assert any(e["kind"] == "tamper" and "held entries back" in e["detail"] for e in entries(server))
