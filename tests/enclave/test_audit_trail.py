@@ -125,3 +125,36 @@ def test_two_replicas_on_postgresql_keep_one_chain(tmp_path: Path, pg_schema_url
     finally:
         for r in replicas:
             r.stop()
+
+
+# -- found in review (revaudit): each an attack that worked before its fix -------------------------------------
+
+def test_a_gap_the_host_made_at_the_start_is_not_laundered_by_the_next_prune(tmp_path: Path) -> None:
+    """The host deletes the oldest entries; the next prune used to record ``from`` as the first row left, so
+    the pruned export verified as if nothing had been taken."""
+    clock = FakeClock()
+    settings, world = seeded(tmp_path / "enclave", audit={"retention_days": 1})
+    policy = policy_file(tmp_path)
+    server = serve(settings, clock=clock)
+    try:
+        admin_calls(server, world)
+        clock.advance(days=2)
+        admin_calls(server, world, n=1)
+        with database(settings) as db:
+            db.execute("DELETE FROM audit_entries WHERE seq <= 2")
+        server.run_async(server.ctx.audit.maintain())
+        left = entries(server)
+        assert any(e["kind"] == "prune" and e["from"] == 3 for e in left)
+        status, report = verify(export(server, world, tmp_path / "laundered.jsonl"), policy)
+        assert status == 1 and any("before seq 3 were deleted without a recorded prune" in p["message"]
+                                   for p in report["problems"]), report
+        # a second, genuine prune follows the first one's record: no tampering reported
+        before = entries(server)[-1]["seq"]
+        clock.advance(days=2)
+        admin_calls(server, world, n=1)
+        server.run_async(server.ctx.audit.maintain())
+        assert not [e for e in entries(server) if e["kind"] == "tamper" and e["seq"] > before]
+        assert [e["from"] for e in entries(server) if e["kind"] == "prune"][-1] == next(
+            e["through"] for e in left if e["kind"] == "prune") + 1
+    finally:
+        server.stop()
