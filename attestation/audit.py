@@ -113,6 +113,15 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers differ on a repeated key (Python keeps the last, others the first): an auditor's other tool
+    # would read another entry than the one verified.
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key appears twice in one object")
+    return found
+
+
 def parse_export(data: bytes) -> AuditExport:
     """Read an export strictly (typed AuditFormatError for anything malformed)."""
     try:
@@ -121,15 +130,17 @@ def parse_export(data: bytes) -> AuditExport:
         raise AuditFormatError("the export is not UTF-8 text") from None
     export = AuditExport()
     header_seen = False
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (JSON lines): str.splitlines would also cut at U+2028, U+0085, ... which JSON
+    # text may hold unescaped, e.g. in a path parameter an entry records.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line, parse_constant=_no_constant)
+            item = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
             canonical_json(item)   # what is hashed and signed must have one byte form: no lone surrogate
         except (ValueError, RecursionError):
-            raise AuditFormatError(f"line {number}: not JSON (or NaN, Infinity, a lone surrogate, too deep)") \
-                from None
+            raise AuditFormatError(f"line {number}: not JSON (or NaN, Infinity, a lone surrogate, a repeated "
+                                   "key, too deep)") from None
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
             raise AuditFormatError(f"line {number}: not an object with a type")
         kind = item["type"]

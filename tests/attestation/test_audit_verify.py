@@ -206,3 +206,25 @@ def test_an_older_export_relabelled_until_does_not_pass_as_extending_the_previou
     long = export_of(signed(key, chain(6)))
     replayed = export_of(signed(key, chain(4)), until=4)
     assert any("ends before the previous one" in p for p in problems(replayed, sim_policy, previous=long))
+
+
+def test_line_separators_inside_strings_do_not_break_lines(key: Key, sim_policy: Policy) -> None:
+    """U+2028, U+2029 and U+0085 are legal unescaped in JSON strings (and an entry's target holds whatever a
+    caller put in a path): the reader split lines at them, so one refused admin call made every later export
+    unreadable."""
+    lines = signed(key, chain(3, extra={"target": {"user_id": "a\u2028b\u2029c\x85d"}}))
+    data = "".join(json.dumps(x, ensure_ascii=False) + "\r\n" for x in
+                   [{"type": "export", "format": EXPORT_FORMAT}, *lines]).encode()
+    assert "\u2028".encode() in data
+    assert problems(data, sim_policy) == []
+
+
+def test_a_repeated_key_is_a_format_error(key: Key, sim_policy: Policy) -> None:
+    """Python keeps a repeated key's last value, other parsers the first: an auditor's other tool would read
+    another entry than the one verified (outcome 500 shown, 200 hashed)."""
+    lines = signed(key, chain(2))
+    text = json.dumps(lines[1]).replace('"outcome": 200', '"outcome": 500, "outcome": 200')
+    data = export_of(lines).decode().replace(json.dumps(lines[1]), text).encode()
+    assert b'"outcome": 500' in data
+    with pytest.raises(AuditFormatError, match="line 3"):
+        parse_export(data)

@@ -233,3 +233,14 @@ def test_a_database_holding_entries_back_from_the_export_is_found(running, monke
     monkeypatch.undo()
     assert server.ctx.audit.metrics.tampering._value.get() >= 1
     assert any(e["kind"] == "tamper" and "held entries back" in e["detail"] for e in entries(server))
+
+
+def test_a_line_separator_in_a_path_leaves_the_export_verifiable(running) -> None:
+    """A refused admin call whose path holds U+2028 (unescaped in the export's JSON) made every later export
+    unreadable to verify-audit (exit 2): any key holder could deny the auditor a verifiable trail."""
+    server, world, tmp = running
+    with server.client(world.tokens["admin_a"]) as client:
+        assert client.get("/admin/users/a%E2%80%A8b%C2%85c").status_code == 403
+    status, report = verify(export(server, world, tmp / "separators.jsonl"), policy_file(tmp))
+    assert status == 0, report
+    assert any(e.get("target") == {"user_id": "a\u2028b\x85c"} for e in entries(server))
