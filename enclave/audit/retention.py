@@ -32,14 +32,20 @@ class Pruned:
     seq: int          # the prune entry's own seq
 
 
-async def _recorded_start(chain: AuditChain, conn: AsyncConnection, first: int) -> bool:
-    """Whether the chain's first stored entry follows the latest prune (which is never pruned by itself)."""
+async def pruned_through(chain: AuditChain, conn: AsyncConnection) -> int | None:
+    """``through`` of the latest prune entry (never pruned by itself) if an enclave wrote it; else None."""
     row = (await conn.execute(audit_entries.select().where(audit_entries.c.kind == "prune")
                               .order_by(audit_entries.c.seq.desc()).limit(1))).first()
     if row is None:
-        return False
+        return None
     last = chain.stored(row)
-    return last.genuine and last.entry.get("kind") == "prune" and last.entry.get("through") == first - 1
+    through = last.entry.get("through")
+    return through if last.genuine and last.entry.get("kind") == "prune" and type(through) is int else None
+
+
+async def _recorded_start(chain: AuditChain, conn: AsyncConnection, first: int) -> bool:
+    """Whether the chain's first stored entry follows the latest prune."""
+    return await pruned_through(chain, conn) == first - 1
 
 
 async def prune_before(chain: AuditChain, cutoff: datetime) -> Pruned | None:

@@ -161,3 +161,27 @@ def test_a_gap_the_host_made_at_the_start_is_not_laundered_by_the_next_prune(ret
     assert not [e for e in entries(server) if e["kind"] == "tamper" and e["seq"] > before]
     assert [e["from"] for e in entries(server) if e["kind"] == "prune"][-1] == next(
         e["through"] for e in left if e["kind"] == "prune") + 1
+
+
+def test_an_export_raced_by_a_prune_is_not_reported_as_tampering(retaining, tmp_path: Path, monkeypatch) -> None:
+    """The export's check for a read cut short (test_audit_tamper) must not take a prune by another replica,
+    made while an export with ``until`` read old entries, for the host's doing."""
+    server, world, clock, policy = retaining
+    trail = server.ctx.audit
+    clock.advance(days=2)
+    admin_calls(server, world, n=1)
+    read = trail.chain.entries
+
+    async def pruned_meanwhile(since=None, until=None, batch=500):
+        async for stored in read(since, 2, batch):
+            yield stored
+        assert await trail.prune() is not None
+        async for stored in read(3, until, batch):
+            yield stored
+
+    monkeypatch.setattr(trail.chain, "entries", pruned_meanwhile)
+    status, report = verify(export(server, world, tmp_path / "raced.jsonl", until=5), policy)
+    monkeypatch.undo()
+    assert status == 1 and report["last_seq"] == 2, report   # not signed: the read ended short
+    assert not [e for e in entries(server) if e["kind"] == "tamper"]
+    assert trail.metrics.tampering._value.get() == 0
