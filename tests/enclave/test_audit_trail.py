@@ -185,3 +185,49 @@ def test_an_export_raced_by_a_prune_is_not_reported_as_tampering(retaining, tmp_
     assert status == 1 and report["last_seq"] == 2, report   # not signed: the read ended short
     assert not [e for e in entries(server) if e["kind"] == "tamper"]
     assert trail.metrics.tampering._value.get() == 0
+
+
+def test_two_replicas_append_checkpoint_and_export_concurrently(tmp_path: Path, pg_schema_url: tuple[str, str]
+                                                                 ) -> None:
+    """Appends, periodic checkpoints and exports at once on both replicas: one chain, no false tampering."""
+    url, schema = pg_schema_url
+    settings, world = seeded(tmp_path / "enclave", database_url=url, database_schema=schema)
+    second = make_settings(tmp_path / "replica-2", database_url=url, database_schema=schema)
+    replicas = [EnclaveServer(s, signer=AttestedSigner(sim_provider())).start() for s in (settings, second)]
+    try:
+        errors: list[BaseException] = []
+
+        def run(work) -> None:
+            try:
+                work()
+            except BaseException as e:   # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+
+        def checkpoints(server: EnclaveServer) -> None:
+            for _ in range(10):
+                server.run_async(server.ctx.audit.maintain())
+
+        def exports(server: EnclaveServer, name: str) -> None:
+            for i in range(3):
+                export(server, world, tmp_path / f"{name}-{i}.jsonl")
+
+        work = [lambda r=r: admin_calls(r, world, n=5) for r in replicas]
+        work += [lambda r=r: checkpoints(r) for r in replicas]
+        work += [lambda r=r, i=i: exports(r, f"replica{i}") for i, r in enumerate(replicas)]
+        threads = [threading.Thread(target=run, args=(w,)) for w in work]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        policy = policy_file(tmp_path)
+        for path in sorted(tmp_path.glob("replica*.jsonl")):
+            status, report = verify(path, policy)
+            assert status == 0, (path.name, report)
+        status, report = verify(export(replicas[1], world, tmp_path / "last.jsonl"), policy,
+                                previous=tmp_path / "replica0-2.jsonl")
+        assert status == 0, report
+        assert not [e for e in entries(replicas[0]) if e["kind"] == "tamper"]
+    finally:
+        for r in replicas:
+            r.stop()
