@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from attestation.audit import EXPORT_FORMAT, GENESIS
+from attestation.signing import canonical_json
 from enclave.audit.chain import StoredEntry
 from enclave.audit.checkpoints import Checkpoint
 from enclave.audit.retention import pruned_through
@@ -54,7 +55,8 @@ def _stored_checkpoint_line(row: Any) -> bytes:
     """A stored checkpoint; an unreadable one becomes a statement whose signature cannot verify (reported)."""
     try:
         statement = json.loads(row.statement)
-    except ValueError:
+        canonical_json(statement)   # NaN, a lone surrogate: verify-audit would refuse the whole file
+    except (ValueError, TypeError, RecursionError):
         statement = None
     if not (isinstance(statement, dict) and isinstance(statement.get("seq"), int) and _hex64(statement.get("hash"))
             and _hex64(statement.get("key_id"))):

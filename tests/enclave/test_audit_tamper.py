@@ -244,3 +244,23 @@ def test_a_line_separator_in_a_path_leaves_the_export_verifiable(running) -> Non
     status, report = verify(export(server, world, tmp / "separators.jsonl"), policy_file(tmp))
     assert status == 0, report
     assert any(e.get("target") == {"user_id": "a\u2028b\x85c"} for e in entries(server))
+
+
+def test_rows_without_a_canonical_form_are_reported_at_their_seq(running) -> None:
+    """NaN or a lone surrogate in a row's JSON (valid to Python's parser, with no byte form to hash) broke the
+    export's stream midway, instead of being reported where it is like any other unreadable row."""
+    server, world, tmp = running
+    with database(server.settings) as db:
+        text = db.execute("SELECT entry FROM audit_entries WHERE seq = 2").fetchone()[0]
+        db.execute("UPDATE audit_entries SET entry = ? WHERE seq = 2", (text[:-1] + ',"x":NaN}',))
+        db.execute("UPDATE audit_entries SET entry = ? WHERE seq = 3", (text[:-1] + ',"x":"\\ud800"}',))
+        statement = db.execute("SELECT statement FROM audit_checkpoints LIMIT 1").fetchone()[0]
+        db.execute("UPDATE audit_checkpoints SET statement = ?", (statement[:-1] + ',"x":Infinity}',))
+    report = _export_refused(running, at=2, says="edited")
+    assert 3 in [p["seq"] for p in report["problems"] if "edited" in p["message"]]
+    assert any("checkpoint does not verify" in p["message"] for p in report["problems"])
+    with database(server.settings) as db:   # the last entry so edited is found at the next append, too
+        db.execute("UPDATE audit_entries SET entry = ? WHERE seq = (SELECT max(seq) FROM audit_entries)",
+                   ('{"seq": NaN}',))
+    admin_calls(server, world, n=1)
+    assert any(e.get("kind") == "tamper" and "not written by an enclave" in e["detail"] for e in entries(server))
