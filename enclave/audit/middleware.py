@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import weakref
 from typing import Any
 
@@ -27,7 +28,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave.errors import envelope
-from enclave.tokens import PAT_PREFIX
+from enclave.tokens import CHECKSUM_LENGTH, PAT_PREFIX, SECRET_LENGTH, checksum
 
 log = logging.getLogger("enclave.audit")
 
@@ -60,9 +61,26 @@ def note_refusal(reason: str) -> None:
         note.refusal = reason
 
 
+_PAT_BODY = SECRET_LENGTH + CHECKSUM_LENGTH
+_BASE62_RUN = re.compile(rf"[0-9A-Za-z]{{{_PAT_BODY},}}")
+
+
+def _holds_pat(text: str) -> bool:
+    """A PAT in ``text``, or what follows its prefix (the prefix is public: the rest is the whole secret), found
+    by its checksum where a kept character begins it (the value is cut at MAX_TARGET_CHARS)."""
+    if PAT_PREFIX in text.lower():
+        return True
+    for run in _BASE62_RUN.finditer(text[:MAX_TARGET_CHARS + _PAT_BODY]):
+        chars = run.group()
+        for i in range(len(chars) - _PAT_BODY + 1):
+            if checksum(PAT_PREFIX + chars[i:i + SECRET_LENGTH]) == chars[i + SECRET_LENGTH:i + _PAT_BODY]:
+                return True
+    return False
+
+
 def _redact(value: Any) -> str:
     text = str(value)
-    if PAT_PREFIX in text.lower():
+    if _holds_pat(text):
         return REDACTED
     return text if len(text) <= MAX_TARGET_CHARS else text[:MAX_TARGET_CHARS] + "..."
 
