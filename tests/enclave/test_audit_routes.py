@@ -207,3 +207,31 @@ def test_a_token_without_its_prefix_in_a_path_is_redacted(served) -> None:
         client.get(f"/admin/users/{off}")
         assert entries(server)[-1]["target"] == {"user_id": off}
     assert secret not in json.dumps(entries(server))
+
+
+def test_a_later_route_named_like_a_public_one_is_audited(tmp_path: Path) -> None:
+    """The rule spared every path *starting* with /health, /ready, /metrics, /docs ...: a route added later as
+    /metrics-settings or /readyz was silently not audited."""
+    from fastapi import APIRouter, Depends
+
+    from enclave.api.context import authenticated
+    from tests.enclave.audit_support import seeded, signer
+
+    router = APIRouter()
+
+    @router.post("/metrics-settings")
+    async def change(principal=Depends(authenticated)) -> dict:
+        return {"changed": True}
+
+    assert is_audited("/metrics-settings") and is_audited("/readyz") and is_audited("/healthcheck/{x}")
+    assert not {p for p in ("/health", "/ready", "/metrics", "/docs", "/docs/static", "/openapi.json", "/redoc")
+                if is_audited(p)}
+    settings, world = seeded(tmp_path / "enclave")
+    server = EnclaveServer(settings, signer=signer(), extra_routers=[router]).start()
+    try:
+        with server.client(world.tokens["superadmin"]) as client:
+            assert client.post("/metrics-settings").status_code == 200
+        last = entries(server)[-1]
+        assert last["kind"] == "admin" and last["action"] == "POST /metrics-settings" and last["outcome"] == 200
+    finally:
+        server.stop()
