@@ -197,6 +197,7 @@ class AuditReport:
     entries: int = 0
     checkpoints_verified: int = 0
     covered_seq: int | None = None     # the highest seq a verified checkpoint vouches for
+    signed_at: str | None = None       # the latest time a verified checkpoint over it states: how fresh it is
     partial: bool = False              # starts at ``since``: nothing before it was checked
     pruned_through: int | None = None  # the chain starts after this recorded prune
 
@@ -209,6 +210,7 @@ class AuditReport:
                 "problems": [{"seq": p.seq, "message": p.message} for p in self.problems],
                 "first_seq": self.first_seq, "last_seq": self.last_seq, "entries": self.entries,
                 "checkpoints_verified": self.checkpoints_verified, "covered_seq": self.covered_seq,
+                "signed_at": self.signed_at,
                 "partial": self.partial, "pruned_through": self.pruned_through}
 
 
@@ -279,7 +281,11 @@ def _checkpoints(export: AuditExport, hashes: dict[int, str], report: AuditRepor
                 problem(AuditProblem(seq, "the signed checkpoint names another hash for this entry: the entry "
                                           "(or one before it) was changed after it was signed"))
             else:
-                report.covered_seq = max(report.covered_seq or 0, seq)
+                when = cp.statement.get("time") if isinstance(cp.statement.get("time"), str) else None
+                if seq > (report.covered_seq or 0):
+                    report.covered_seq, report.signed_at = seq, when
+                elif seq == report.covered_seq and when is not None and when > (report.signed_at or ""):
+                    report.signed_at = when
     last = export.entries[-1].seq
     if report.covered_seq != last:
         after = f"after seq {report.covered_seq}" if report.covered_seq else "in the export"

@@ -228,3 +228,23 @@ def test_a_repeated_key_is_a_format_error(key: Key, sim_policy: Policy) -> None:
     assert b'"outcome": 500' in data
     with pytest.raises(AuditFormatError, match="line 3"):
         parse_export(data)
+
+
+def test_the_report_says_when_the_covering_checkpoint_was_signed(key: Key, sim_policy: Policy, sim_platform,
+                                                                 tmp_path: Path, capsys) -> None:
+    """An older export replayed as a new one verifies on its own; the signed time of its last checkpoint is what
+    tells the auditor (without --previous) how fresh it is."""
+    entries = chain(3)
+    later = key.checkpoint(3, entries[-1]["hash"])
+    later["statement"]["time"] = "2026-12-02T00:00:00.000000Z"
+    statement = later["statement"]
+    later["signature"] = base64.b64encode(key.private.sign(
+        signed_message(CHECKPOINT_PURPOSE, canonical_json(statement)), ec.ECDSA(hashes.SHA256()))).decode()
+    lines = [*signed(key, entries), later]
+    report = verify_export(parse_export(export_of(lines)), sim_policy)
+    assert report.ok and report.signed_at == "2026-12-02T00:00:00.000000Z"
+    path, policy = tmp_path / "x.jsonl", tmp_path / "policy.yaml"
+    path.write_bytes(export_of(lines))
+    policy.write_text(sim_policy_yaml(sim_platform.fingerprint))
+    assert main(["verify-audit", str(path), "--policy", str(policy)]) == 0
+    assert "signed at 2026-12-02T00:00:00.000000Z" in capsys.readouterr().out
