@@ -109,6 +109,19 @@ def _optional_seq(value: Any, what: str) -> int | None:
     return value
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers differ on a repeated key (Python keeps the last, others the first): an auditor's other tool
+    # would read another entry than the one verified.
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key appears twice in one object")
+    return found
+
+
 def parse_export(data: bytes) -> AuditExport:
     """Read an export strictly (typed AuditFormatError for anything malformed)."""
     try:
@@ -117,13 +130,17 @@ def parse_export(data: bytes) -> AuditExport:
         raise AuditFormatError("the export is not UTF-8 text") from None
     export = AuditExport()
     header_seen = False
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (JSON lines): str.splitlines would also cut at U+2028, U+0085, ... which JSON
+    # text may hold unescaped, e.g. in a path parameter an entry records.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-        except ValueError:
-            raise AuditFormatError(f"line {number}: not JSON") from None
+            item = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+            canonical_json(item)   # what is hashed and signed must have one byte form: no lone surrogate
+        except (ValueError, RecursionError):
+            raise AuditFormatError(f"line {number}: not JSON (or NaN, Infinity, a lone surrogate, a repeated "
+                                   "key, too deep)") from None
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
             raise AuditFormatError(f"line {number}: not an object with a type")
         kind = item["type"]
@@ -180,6 +197,7 @@ class AuditReport:
     entries: int = 0
     checkpoints_verified: int = 0
     covered_seq: int | None = None     # the highest seq a verified checkpoint vouches for
+    signed_at: str | None = None       # the latest time a verified checkpoint over it states: how fresh it is
     partial: bool = False              # starts at ``since``: nothing before it was checked
     pruned_through: int | None = None  # the chain starts after this recorded prune
 
@@ -192,6 +210,7 @@ class AuditReport:
                 "problems": [{"seq": p.seq, "message": p.message} for p in self.problems],
                 "first_seq": self.first_seq, "last_seq": self.last_seq, "entries": self.entries,
                 "checkpoints_verified": self.checkpoints_verified, "covered_seq": self.covered_seq,
+                "signed_at": self.signed_at,
                 "partial": self.partial, "pruned_through": self.pruned_through}
 
 
@@ -262,7 +281,11 @@ def _checkpoints(export: AuditExport, hashes: dict[int, str], report: AuditRepor
                 problem(AuditProblem(seq, "the signed checkpoint names another hash for this entry: the entry "
                                           "(or one before it) was changed after it was signed"))
             else:
-                report.covered_seq = max(report.covered_seq or 0, seq)
+                when = cp.statement.get("time") if isinstance(cp.statement.get("time"), str) else None
+                if seq > (report.covered_seq or 0):
+                    report.covered_seq, report.signed_at = seq, when
+                elif seq == report.covered_seq and when is not None and when > (report.signed_at or ""):
+                    report.signed_at = when
     last = export.entries[-1].seq
     if report.covered_seq != last:
         after = f"after seq {report.covered_seq}" if report.covered_seq else "in the export"
@@ -282,7 +305,7 @@ def _extends(export: AuditExport, hashes: dict[int, str], previous: AuditExport,
             return
     old_last = max(old)
     first, last = export.entries[0].seq, export.entries[-1].seq
-    if export.until is None and last < old_last:
+    if last < old_last:   # whatever the (unsigned) header's until says: this export does not extend the old one
         problem(AuditProblem(last, f"the export ends before the previous one did (seq {old_last}): entries were "
                                    "truncated or the database was rolled back"))
     elif first == old_last + 1 and export.entries[0].entry["prev"] != old[old_last]:
@@ -298,6 +321,11 @@ def verify_export(export: AuditExport, policy: Policy, *, previous: AuditExport 
     if not export.entries:
         report.problems.append(AuditProblem(None, "the export holds no entry"))
         return report
+    gaps = policy.measurement_gaps()
+    if gaps and not policy.allow_unmeasured:   # as verify-receipt: any image on genuine hardware could have signed
+        report.problems.append(AuditProblem(None, "the policy does not pin the boot chain (" + "; ".join(
+            f"{p}: {why}" for p, why in gaps.items()) + "): any image on genuine hardware could have signed the "
+            "checkpoints; list the measurements, or set allow_unmeasured: true to accept that"))
     report.entries = len(export.entries)
     report.first_seq, report.last_seq = export.entries[0].seq, export.entries[-1].seq
     hashes = _chain(export, report)

@@ -297,7 +297,8 @@ def _cmd_verify_audit(args: argparse.Namespace) -> int:
         if report.partial:
             notes.append(f"partial: nothing before seq {report.first_seq} was checked")
         print(f"INTACT: {report.entries} entries ({span}), {report.checkpoints_verified} verified checkpoint(s), "
-              f"the last at seq {report.covered_seq}" + "".join(f"; {n}" for n in notes))
+              f"the last at seq {report.covered_seq}, signed at {report.signed_at or '?'}"
+              + "".join(f"; {n}" for n in notes))
     else:
         print(f"TAMPERED or incomplete: {len(report.problems)} problem(s)")
         for problem in report.problems:

@@ -91,7 +91,8 @@ class AuditChain:
     def stored(self, row: Any) -> StoredEntry:
         try:
             entry = json.loads(row.entry)
-        except ValueError:
+            canonical_json(entry)   # NaN, a lone surrogate: no byte form to hash (unreadable, as not JSON)
+        except (ValueError, TypeError, RecursionError):
             entry = {}
         genuine = (isinstance(entry, dict) and entry.get("seq") == row.seq and entry_hash(entry) == row.hash
                    and self.mac.valid(MAC_TABLE, (row.seq, row.hash), row.mac))

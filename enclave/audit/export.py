@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from attestation.audit import EXPORT_FORMAT, GENESIS
+from attestation.signing import canonical_json
 from enclave.audit.chain import StoredEntry
 from enclave.audit.checkpoints import Checkpoint
+from enclave.audit.retention import pruned_through
 from enclave.audit.trail import AuditTrail
 from enclave.schema import audit_checkpoints, audit_signing_keys
 
@@ -53,7 +55,8 @@ def _stored_checkpoint_line(row: Any) -> bytes:
     """A stored checkpoint; an unreadable one becomes a statement whose signature cannot verify (reported)."""
     try:
         statement = json.loads(row.statement)
-    except ValueError:
+        canonical_json(statement)   # NaN, a lone surrogate: verify-audit would refuse the whole file
+    except (ValueError, TypeError, RecursionError):
         statement = None
     if not (isinstance(statement, dict) and isinstance(statement.get("seq"), int) and _hex64(statement.get("hash"))
             and _hex64(statement.get("key_id"))):
@@ -72,6 +75,21 @@ async def export_lines(trail: AuditTrail, *, since: int | None = None, until: in
     async for stored in trail.chain.entries(since=since, until=last):
         exported_last = stored.seq
         yield _entry_line(stored)
+    if exported_last is not None and exported_last < last:
+        async with trail.chain.engine.connect() as conn:
+            raced = (await pruned_through(trail.chain, conn) or 0) > exported_last
+        if raced:   # another replica's prune removed them meanwhile (an export with until, into old entries)
+            log.warning("audit: entries %d..%d were pruned while the export read them", exported_last + 1, last)
+        else:
+            # The database answered the read short of the head it had just shown (the host's server can answer
+            # each query as it likes): signing the end read would vouch for a truncated export. Say so in the
+            # database, and end the export on a stand-in that verify-audit refuses at the first seq held back.
+            detail = (f"the export read entries only up to seq {exported_last}, but the head is at seq {last}: "
+                      "the database held entries back")
+            await trail.chain.report_tamper(detail)
+            yield _line({"type": "entry", "hash": GENESIS, "entry": {
+                "v": 1, "seq": exported_last + 1, "prev": GENESIS, "time": "", "kind": "tamper", "detail": detail}})
+        exported_last = None   # nothing is signed over a short read
     low = since or 0
     engine = trail.chain.engine
     async with engine.connect() as conn:

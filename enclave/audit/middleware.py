@@ -1,8 +1,9 @@
 """Which requests the audit trail records, and the ASGI middleware that records them.
 
-Audited: every route whose path template is not under one of ``NOT_AUDITED`` (inference and models under
-``/proxy/``, the public and operational routes, attestation under ``/.well-known/``, the join routes). The rule
-reads the matched route's template, so a router added later is audited without doing anything.
+Audited: every route whose path template is not one of ``NOT_AUDITED_PATHS`` (the public and operational
+routes) nor under one of ``NOT_AUDITED`` (inference and models under ``/proxy/``, attestation under
+``/.well-known/``, the join routes). The rule reads the matched route's template, so a router added later is
+audited without doing anything.
 
 * An authenticated call of an audited route (allowed or refused: 403, 404, 409, ...) is one ``admin`` entry:
   actor (user id, PAT id), action (``METHOD template``), target (the path parameters, any that looks like a
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import weakref
 from typing import Any
 
@@ -27,20 +29,21 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from enclave.errors import envelope
-from enclave.tokens import PAT_PREFIX
+from enclave.tokens import CHECKSUM_LENGTH, PAT_PREFIX, SECRET_LENGTH, checksum
 
 log = logging.getLogger("enclave.audit")
 
-NOT_AUDITED = ("/proxy/", "/health", "/ready", "/docs", "/redoc", "/openapi.json", "/metrics", "/.well-known/",
-               "/internal/join/")
+# Whole names, or prefixes ending in "/": a later route such as ``/metrics-settings`` or ``/readyz`` is audited.
+NOT_AUDITED_PATHS = frozenset({"/health", "/ready", "/docs", "/redoc", "/openapi.json", "/metrics"})
+NOT_AUDITED = ("/proxy/", "/docs/", "/.well-known/", "/internal/join/")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 MAX_TARGET_CHARS = 200
 REDACTED = "[redacted]"
 
 
 def is_audited(template: str) -> bool:
-    """Whether calls of the route with this path template are admin entries."""
-    return not template.startswith(NOT_AUDITED)
+    """Whether calls of the route with this path template (or of this path) are admin entries."""
+    return not (template in NOT_AUDITED_PATHS or template.startswith(NOT_AUDITED))
 
 
 class _RequestNote:
@@ -60,9 +63,26 @@ def note_refusal(reason: str) -> None:
         note.refusal = reason
 
 
+_PAT_BODY = SECRET_LENGTH + CHECKSUM_LENGTH
+_BASE62_RUN = re.compile(rf"[0-9A-Za-z]{{{_PAT_BODY},}}")
+
+
+def _holds_pat(text: str) -> bool:
+    """A PAT in ``text``, or what follows its prefix (the prefix is public: the rest is the whole secret), found
+    by its checksum where a kept character begins it (the value is cut at MAX_TARGET_CHARS)."""
+    if PAT_PREFIX in text.lower():
+        return True
+    for run in _BASE62_RUN.finditer(text[:MAX_TARGET_CHARS + _PAT_BODY]):
+        chars = run.group()
+        for i in range(len(chars) - _PAT_BODY + 1):
+            if checksum(PAT_PREFIX + chars[i:i + SECRET_LENGTH]) == chars[i + SECRET_LENGTH:i + _PAT_BODY]:
+                return True
+    return False
+
+
 def _redact(value: Any) -> str:
     text = str(value)
-    if PAT_PREFIX in text.lower():
+    if _holds_pat(text):
         return REDACTED
     return text if len(text) <= MAX_TARGET_CHARS else text[:MAX_TARGET_CHARS] + "..."
 
@@ -139,7 +159,7 @@ class AuditMiddleware:
         note = _RequestNote()
         token = _current.set(note)
         try:
-            if scope["path"].startswith(NOT_AUDITED):
+            if not is_audited(scope["path"]):
                 try:
                     await self.app(scope, receive, send)
                 finally:

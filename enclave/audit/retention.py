@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from enclave.audit.chain import AuditChain, rfc3339
 from enclave.schema import audit_checkpoints, audit_entries, audit_signing_keys
@@ -29,6 +30,22 @@ class Pruned:
     through: int
     anchor: str
     seq: int          # the prune entry's own seq
+
+
+async def pruned_through(chain: AuditChain, conn: AsyncConnection) -> int | None:
+    """``through`` of the latest prune entry (never pruned by itself) if an enclave wrote it; else None."""
+    row = (await conn.execute(audit_entries.select().where(audit_entries.c.kind == "prune")
+                              .order_by(audit_entries.c.seq.desc()).limit(1))).first()
+    if row is None:
+        return None
+    last = chain.stored(row)
+    through = last.entry.get("through")
+    return through if last.genuine and last.entry.get("kind") == "prune" and type(through) is int else None
+
+
+async def _recorded_start(chain: AuditChain, conn: AsyncConnection, first: int) -> bool:
+    """Whether the chain's first stored entry follows the latest prune."""
+    return await pruned_through(chain, conn) == first - 1
 
 
 async def prune_before(chain: AuditChain, cutoff: datetime) -> Pruned | None:
@@ -47,13 +64,17 @@ async def prune_before(chain: AuditChain, cutoff: datetime) -> Pruned | None:
             await tx.append("tamper", {"detail": f"entry {newest_old.seq}: its time column was changed (prune "
                                                  "refused)"})
             return None
-        first = (await conn.execute(sa.select(sa.func.min(audit_entries.c.seq)))).scalar()
+        first = int((await conn.execute(sa.select(sa.func.min(audit_entries.c.seq)))).scalar())
+        if first != 1 and not await _recorded_start(chain, conn, first):
+            # Without this the prune entry's ``from`` would launder a gap the host made at the start.
+            await tx.append("tamper", {"detail": f"the entries before seq {first} were deleted without a recorded "
+                                                 "prune"})
         through, anchor = stored.seq, stored.hash
-        seq, _ = await tx.append("prune", {"from": int(first), "through": through, "anchor": anchor,
+        seq, _ = await tx.append("prune", {"from": first, "through": through, "anchor": anchor,
                                            "before": rfc3339(cutoff)})
         await conn.execute(audit_entries.delete().where(audit_entries.c.seq <= through))
         await conn.execute(audit_checkpoints.delete().where(audit_checkpoints.c.seq <= through))
         await conn.execute(audit_signing_keys.delete().where(
             audit_signing_keys.c.key_id.not_in(sa.select(audit_checkpoints.c.key_id))))
     log.info("audit: pruned entries %d..%d (older than %s)", first, through, rfc3339(cutoff))
-    return Pruned(first=int(first), through=through, anchor=anchor, seq=seq)
+    return Pruned(first=first, through=through, anchor=anchor, seq=seq)

@@ -167,3 +167,84 @@ def test_the_command_exit_codes(key: Key, sim_platform, tmp_path: Path, capsys) 
     assert main(["verify-audit", str(good), "--policy", str(policy), "--previous", str(bad), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["ok"] is False
     assert main(["verify-audit", str(tmp_path / "missing"), "--policy", str(policy)]) == 2
+
+
+# -- found in review (revaudit): each an attack that worked before its fix -------------------------------------
+
+def test_an_unmeasured_policy_is_refused_unless_allowed(key: Key, sim_platform) -> None:
+    """As verify-receipt: a policy pinning no boot chain would accept checkpoints signed by any image."""
+    from attestation.policy import policy_from_yaml
+
+    strict = "".join(line + "\n" for line in sim_policy_yaml(sim_platform.fingerprint).splitlines()
+                     if not line.startswith("allow_unmeasured"))
+    found = problems(export_of(signed(key, chain(3))), policy_from_yaml(strict))
+    assert len(found) == 1 and "does not pin the boot chain" in found[0] and "allow_unmeasured" in found[0], found
+    assert problems(export_of(signed(key, chain(3))), policy_from_yaml(sim_policy_yaml(sim_platform.fingerprint))) == []
+
+
+_GENESIS_ENTRY = '{"type":"entry","hash":"%s","entry":{"v":1,"seq":1,"prev":"%s","time":"t","kind":"admin","x":%%s}}' \
+    % (GENESIS, GENESIS)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", '"\\ud800"', "[" * 100_000 + "]" * 100_000])
+def test_json_without_one_byte_form_is_a_format_error(value: str, sim_platform, tmp_path: Path, capsys) -> None:
+    """NaN, Infinity, a lone surrogate (no canonical byte form to hash) and nesting too deep for the parser were
+    'internal error' crashes; they are typed format errors (exit 2, saying which line)."""
+    data = (json.dumps({"type": "export", "format": EXPORT_FORMAT}) + "\n" + _GENESIS_ENTRY % value + "\n").encode()
+    with pytest.raises(AuditFormatError, match="line 2"):
+        parse_export(data)
+    path, policy = tmp_path / "x.jsonl", tmp_path / "policy.yaml"
+    path.write_bytes(data)
+    policy.write_text(sim_policy_yaml(sim_platform.fingerprint))
+    assert main(["verify-audit", str(path), "--policy", str(policy)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "internal error" not in err, err
+
+
+def test_an_older_export_relabelled_until_does_not_pass_as_extending_the_previous(key: Key, sim_policy: Policy) -> None:
+    """The header is not signed: an older export given ``until`` passed --previous as if it were the newer one."""
+    long = export_of(signed(key, chain(6)))
+    replayed = export_of(signed(key, chain(4)), until=4)
+    assert any("ends before the previous one" in p for p in problems(replayed, sim_policy, previous=long))
+
+
+def test_line_separators_inside_strings_do_not_break_lines(key: Key, sim_policy: Policy) -> None:
+    """U+2028, U+2029 and U+0085 are legal unescaped in JSON strings (and an entry's target holds whatever a
+    caller put in a path): the reader split lines at them, so one refused admin call made every later export
+    unreadable."""
+    lines = signed(key, chain(3, extra={"target": {"user_id": "a\u2028b\u2029c\x85d"}}))
+    data = "".join(json.dumps(x, ensure_ascii=False) + "\r\n" for x in
+                   [{"type": "export", "format": EXPORT_FORMAT}, *lines]).encode()
+    assert "\u2028".encode() in data
+    assert problems(data, sim_policy) == []
+
+
+def test_a_repeated_key_is_a_format_error(key: Key, sim_policy: Policy) -> None:
+    """Python keeps a repeated key's last value, other parsers the first: an auditor's other tool would read
+    another entry than the one verified (outcome 500 shown, 200 hashed)."""
+    lines = signed(key, chain(2))
+    text = json.dumps(lines[1]).replace('"outcome": 200', '"outcome": 500, "outcome": 200')
+    data = export_of(lines).decode().replace(json.dumps(lines[1]), text).encode()
+    assert b'"outcome": 500' in data
+    with pytest.raises(AuditFormatError, match="line 3"):
+        parse_export(data)
+
+
+def test_the_report_says_when_the_covering_checkpoint_was_signed(key: Key, sim_policy: Policy, sim_platform,
+                                                                 tmp_path: Path, capsys) -> None:
+    """An older export replayed as a new one verifies on its own; the signed time of its last checkpoint is what
+    tells the auditor (without --previous) how fresh it is."""
+    entries = chain(3)
+    later = key.checkpoint(3, entries[-1]["hash"])
+    later["statement"]["time"] = "2026-12-02T00:00:00.000000Z"
+    statement = later["statement"]
+    later["signature"] = base64.b64encode(key.private.sign(
+        signed_message(CHECKPOINT_PURPOSE, canonical_json(statement)), ec.ECDSA(hashes.SHA256()))).decode()
+    lines = [*signed(key, entries), later]
+    report = verify_export(parse_export(export_of(lines)), sim_policy)
+    assert report.ok and report.signed_at == "2026-12-02T00:00:00.000000Z"
+    path, policy = tmp_path / "x.jsonl", tmp_path / "policy.yaml"
+    path.write_bytes(export_of(lines))
+    policy.write_text(sim_policy_yaml(sim_platform.fingerprint))
+    assert main(["verify-audit", str(path), "--policy", str(policy)]) == 0
+    assert "signed at 2026-12-02T00:00:00.000000Z" in capsys.readouterr().out

@@ -190,3 +190,48 @@ def test_a_failing_handler_is_recorded_with_outcome_500(served, monkeypatch) -> 
     assert r.status_code == 500
     last = entries(server)[-1]
     assert last["action"] == "GET /admin/domains" and last["outcome"] == 500
+
+
+def test_a_token_without_its_prefix_in_a_path_is_redacted(served) -> None:
+    """The prefix is public, so what follows it is the whole secret: a path holding only that was recorded as
+    it came (found in review: the redaction looked for the prefix alone)."""
+    server, world = served
+    token = world.tokens[SUPER]
+    secret = token[len("cube_pat_"):]
+    with server.client(token) as client:
+        for path in (f"/pats/{secret}", f"/admin/users/key-{secret}-x", f"/admin/users/{'a' * 150}{secret}"):
+            client.get(path)
+            last = entries(server)[-1]
+            assert last["kind"] == "admin" and list(last["target"].values()) == ["[redacted]"], (path, last)
+        off = secret[:-1] + ("Z" if secret[-1] != "Z" else "Y")   # one character off: its checksum fails
+        client.get(f"/admin/users/{off}")
+        assert entries(server)[-1]["target"] == {"user_id": off}
+    assert secret not in json.dumps(entries(server))
+
+
+def test_a_later_route_named_like_a_public_one_is_audited(tmp_path: Path) -> None:
+    """The rule spared every path *starting* with /health, /ready, /metrics, /docs ...: a route added later as
+    /metrics-settings or /readyz was silently not audited."""
+    from fastapi import APIRouter, Depends
+
+    from enclave.api.context import authenticated
+    from tests.enclave.audit_support import seeded, signer
+
+    router = APIRouter()
+
+    @router.post("/metrics-settings")
+    async def change(principal=Depends(authenticated)) -> dict:
+        return {"changed": True}
+
+    assert is_audited("/metrics-settings") and is_audited("/readyz") and is_audited("/healthcheck/{x}")
+    assert not {p for p in ("/health", "/ready", "/metrics", "/docs", "/docs/static", "/openapi.json", "/redoc")
+                if is_audited(p)}
+    settings, world = seeded(tmp_path / "enclave")
+    server = EnclaveServer(settings, signer=signer(), extra_routers=[router]).start()
+    try:
+        with server.client(world.tokens["superadmin"]) as client:
+            assert client.post("/metrics-settings").status_code == 200
+        last = entries(server)[-1]
+        assert last["kind"] == "admin" and last["action"] == "POST /metrics-settings" and last["outcome"] == 200
+    finally:
+        server.stop()

@@ -209,3 +209,58 @@ def test_unreadable_rows_are_reported_at_their_seq(running) -> None:
     report = _export_refused(running, at=2, says="edited")
     assert 5 in [p["seq"] for p in report["problems"]]
     assert any("checkpoint does not verify" in p["message"] for p in report["problems"])
+
+
+# -- found in review (revaudit): each an attack that worked before its fix -------------------------------------
+
+def test_a_database_holding_entries_back_from_the_export_is_found(running, monkeypatch) -> None:
+    """The host's database server answers the export's range read short of the head it has just shown (a
+    modified server, or a delete timed between the two queries). The export used to end on a fresh checkpoint
+    over the last entry read, so a truncated export verified."""
+    server, world, tmp = running
+    chain = server.ctx.audit.chain
+    read = chain.entries
+    head = len(entries(server))
+
+    async def held_back(since=None, until=None, batch=500):
+        async for stored in read(since, until, batch):
+            if stored.seq <= head - 3:
+                yield stored
+
+    monkeypatch.setattr(chain, "entries", held_back)
+    report = _export_refused(running, at=head - 2, says="held entries back")
+    assert report["covered_seq"] is None or report["covered_seq"] < head - 2
+    monkeypatch.undo()
+    assert server.ctx.audit.metrics.tampering._value.get() >= 1
+    assert any(e["kind"] == "tamper" and "held entries back" in e["detail"] for e in entries(server))
+
+
+def test_a_line_separator_in_a_path_leaves_the_export_verifiable(running) -> None:
+    """A refused admin call whose path holds U+2028 (unescaped in the export's JSON) made every later export
+    unreadable to verify-audit (exit 2): any key holder could deny the auditor a verifiable trail."""
+    server, world, tmp = running
+    with server.client(world.tokens["admin_a"]) as client:
+        assert client.get("/admin/users/a%E2%80%A8b%C2%85c").status_code == 403
+    status, report = verify(export(server, world, tmp / "separators.jsonl"), policy_file(tmp))
+    assert status == 0, report
+    assert any(e.get("target") == {"user_id": "a\u2028b\x85c"} for e in entries(server))
+
+
+def test_rows_without_a_canonical_form_are_reported_at_their_seq(running) -> None:
+    """NaN or a lone surrogate in a row's JSON (valid to Python's parser, with no byte form to hash) broke the
+    export's stream midway, instead of being reported where it is like any other unreadable row."""
+    server, world, tmp = running
+    with database(server.settings) as db:
+        text = db.execute("SELECT entry FROM audit_entries WHERE seq = 2").fetchone()[0]
+        db.execute("UPDATE audit_entries SET entry = ? WHERE seq = 2", (text[:-1] + ',"x":NaN}',))
+        db.execute("UPDATE audit_entries SET entry = ? WHERE seq = 3", (text[:-1] + ',"x":"\\ud800"}',))
+        statement = db.execute("SELECT statement FROM audit_checkpoints LIMIT 1").fetchone()[0]
+        db.execute("UPDATE audit_checkpoints SET statement = ?", (statement[:-1] + ',"x":Infinity}',))
+    report = _export_refused(running, at=2, says="edited")
+    assert 3 in [p["seq"] for p in report["problems"] if "edited" in p["message"]]
+    assert any("checkpoint does not verify" in p["message"] for p in report["problems"])
+    with database(server.settings) as db:   # the last entry so edited is found at the next append, too
+        db.execute("UPDATE audit_entries SET entry = ? WHERE seq = (SELECT max(seq) FROM audit_entries)",
+                   ('{"seq": NaN}',))
+    admin_calls(server, world, n=1)
+    assert any(e.get("kind") == "tamper" and "not written by an enclave" in e["detail"] for e in entries(server))
