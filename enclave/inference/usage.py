@@ -13,6 +13,9 @@ from typing import Any
 
 #: Bytes per token assumed by estimates (a common rule of thumb for English text; only ever flagged as such).
 BYTES_PER_TOKEN = 4
+#: The largest count a backend may report (2**53 - 1: exact in every JSON reader, and sums of a few stay within
+#: the ledger's 64-bit columns). A larger one is no count: the usage is estimated instead.
+MAX_REPORTED_TOKENS = 2**53 - 1
 
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 _decoder = json.JSONDecoder()
@@ -31,7 +34,9 @@ class Usage:
 
 
 def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REPORTED_TOKENS:
+        return value
+    return None
 
 
 def usage_from_openai(obj: Any) -> Usage | None:

@@ -64,10 +64,25 @@ _KINDS: tuple[tuple[type, ...], ...] = tuple({
     "request_sha256": (str, _NONE), "response_sha256": (str, _NONE),
 }.get(name, (str,)) for name in FIELDS)
 _CREATED_AT = FIELDS.index("created_at")
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+#: The integer columns and the largest value each holds (enclave.schema: Integer, BigInteger); none is negative.
+_INT_LIMITS = tuple((FIELDS.index(name), limit) for name, limit in {
+    "status": INT32_MAX, "prompt_tokens": INT64_MAX, "completion_tokens": INT64_MAX, "total_tokens": INT64_MAX,
+    "ttft_ms": INT32_MAX, "duration_ms": INT32_MAX}.items())
 
 
 def _millis(seconds: float | None) -> int | None:
-    return None if seconds is None else max(0, round(seconds * 1000))
+    """Whole milliseconds, within the column (a request longer than 24.8 days is recorded as that long)."""
+    return None if seconds is None else min(max(0, round(seconds * 1000)), INT32_MAX)
+
+
+def check_storable(values: Sequence[Any]) -> None:
+    """ValueError when a column value cannot be stored (a count beyond its column): such a row would make the
+    whole batch fail, again at every retry, and so stop the ledger."""
+    for i, limit in _INT_LIMITS:
+        value = values[i]
+        if value is not None and not 0 <= value <= limit:
+            raise ValueError(f"{FIELDS[i]} out of range")
 
 
 def record_values(record: InferenceRecord) -> tuple[Any, ...]:

@@ -38,7 +38,7 @@ from enclave.config import UsageSettings
 from enclave.inference.record import InferenceRecord
 from enclave.row_mac import RowMac
 from enclave.schema import usage_records
-from enclave.usage.entry import FIELDS, TABLE, UsageEntry, checked_values, record_values
+from enclave.usage.entry import FIELDS, TABLE, UsageEntry, check_storable, checked_values, record_values
 from enclave.usage.report import UsageFilter
 
 log = logging.getLogger("enclave.usage")
@@ -165,6 +165,7 @@ class Ledger:
     def _row(self, record: InferenceRecord) -> dict | None:
         try:
             values = record_values(record)
+            check_storable(values)
             row = dict(zip(FIELDS, values))
             row["mac"] = self._mac.mac(TABLE, values)
             return row

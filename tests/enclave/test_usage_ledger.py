@@ -234,6 +234,26 @@ async def test_the_sink_never_raises_and_a_bad_record_never_blocks_the_others(
     assert [r.request_id for r in await stored_rows(store)] == [good.request_id] and ledger.pending_count() == 0
 
 
+async def test_a_value_beyond_its_column_is_left_out_and_never_stops_the_ledger(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """A count too large for its BIGINT column failed the whole batch, at every retry: nothing was written any
+    more, on SQLite and PostgreSQL alike. Now that record is left out (logged) and the others are written; a
+    request longer than an INTEGER of milliseconds is recorded as that long."""
+    ledger = ledger_of(store)
+    poison = made_record(usage=Usage(2**70, 1, 2**70 + 1))
+    endless = made_record(started_at=T0 + 1, duration_seconds=40 * 86400.0, ttft_seconds=30 * 86400.0)
+    good = made_record(started_at=T0 + 2)
+    for record in (poison, endless, good):
+        ledger.record(record)
+    with caplog.at_level(logging.ERROR, logger="enclave.usage"):
+        await ledger.flush()
+    assert f"request {poison.request_id} cannot be stored" in caplog.text
+    assert [r.request_id for r in await stored_rows(store)] == [endless.request_id, good.request_id]
+    stored = await ledger.find(endless.request_id)
+    assert stored is not None and stored.duration_ms == stored.ttft_ms == 2**31 - 1
+    assert ledger.pending_count() == 0
+
+
 @pytest.mark.parametrize("bad", [{"flush_seconds": 0}, {"flush_seconds": 61}, {"batch_size": 0},
                                  {"max_pending": 0}, {"batch_size": 600, "max_pending": 500}])
 def test_settings_ranges(bad: dict) -> None:
