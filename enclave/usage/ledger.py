@@ -264,13 +264,30 @@ class Ledger:
 
     async def scan(self, where: UsageFilter, *, newest_first: bool = True) -> AsyncIterator[UsageEntry | None]:
         """Every stored row ``where`` selects, verified, streamed from the database: its entry, or None for a row
-        refused (MAC). Only written rows: ``flush()`` first to include this process's buffer."""
+        refused (MAC). Only written rows: ``flush()`` first to include this process's buffer.
+
+        A request counts once: the host can drop the primary key and insert copies of a genuine row (its MAC
+        holds), and every copy after the first is refused. Copies share (created_at, request_id), the order of
+        the scan, so they arrive one after another and only the previous request id needs remembering."""
         order = sa.desc if newest_first else sa.asc
         stmt = (_COLUMNS.where(*where.clauses())
                 .order_by(order(usage_records.c.created_at), order(usage_records.c.request_id))
                 .execution_options(yield_per=SCAN_ROWS_PER_FETCH))
+        previous: str | None = None
         async with self.engine.connect() as conn:
             result = await conn.stream(stmt)
             async for rows in result.partitions(SCAN_ROWS_PER_FETCH):   # one hop to the driver per partition
                 for row in rows:
-                    yield self.verified(row)
+                    entry = self.verified(row)
+                    if entry is not None and entry.request_id == previous:
+                        self._refused_copy(previous)
+                        entry = None
+                    elif entry is not None:
+                        previous = entry.request_id
+                    yield entry
+
+    def _refused_copy(self, request_id: str) -> None:
+        log.error("store integrity: refused a second %s row for request %s: a copy of a genuine row, inserted "
+                  "outside the enclave (its primary key removed?)", TABLE, request_id)
+        if self.on_integrity_failure is not None:
+            self.on_integrity_failure(TABLE)

@@ -136,6 +136,35 @@ async def test_a_row_moved_to_another_request_id_or_inserted_is_refused(store: S
     assert await ledger.find("f" * 32) is None and refusals == ["usage_records"]
 
 
+async def test_a_genuine_row_copied_is_counted_once(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """The host owns the database: it drops the primary key and inserts copies of a genuine row (same request id,
+    same MAC). Every copy passed its MAC, so a report counted the request as often as the host liked (a bill
+    inflated); now one request id counts once and each copy is refused."""
+    from enclave.usage import report
+
+    refusals = Refusals()
+    ledger = ledger_of(store, refusals)
+    victim, other = made_record(usage=Usage(10, 90, 100)), made_record(started_at=T0 + 60)
+    for r in (victim, other):
+        ledger.record(r)
+    await ledger.flush()
+    async with store.engine.begin() as conn:   # the table rebuilt without its key, the row put in twice more
+        await conn.execute(sa.text("CREATE TABLE usage_copy AS SELECT * FROM usage_records"))
+        await conn.execute(sa.text("DROP TABLE usage_records"))
+        await conn.execute(sa.text("ALTER TABLE usage_copy RENAME TO usage_records"))
+        for _ in range(2):
+            await conn.execute(sa.text("INSERT INTO usage_records SELECT * FROM usage_records WHERE request_id = :id "
+                                       "LIMIT 1"), {"id": victim.request_id})
+    assert len(await stored_rows(store)) == 4
+    with caplog.at_level(logging.ERROR, logger="enclave.usage"):
+        result = await report(ledger, UsageFilter(), group_by=("pat",))
+    assert result.totals.requests == 2 and result.totals.total_tokens == 108
+    assert result.integrity_failures == 2 and refusals == ["usage_records"] * 2
+    assert victim.request_id in caplog.text
+    listing = await report(ledger, UsageFilter())
+    assert sorted(e.request_id for e in listing.entries) == sorted([victim.request_id, other.request_id])
+
+
 async def test_the_database_down_then_back_loses_nothing(store: Store) -> None:
     ledger = ledger_of(store, flush_seconds=0.05, batch_size=7)
     ledger.start()
