@@ -165,6 +165,67 @@ async def test_a_genuine_row_copied_is_counted_once(store: Store, caplog: pytest
     assert sorted(e.request_id for e in listing.entries) == sorted([victim.request_id, other.request_id])
 
 
+@pytest.mark.parametrize("text", [
+    "2026-11-30 10:30:00.000000-14:00",   # the same instant (its MAC held), a November text
+    "2026-11-30T10:30:00.000000-14:00",
+    "2026-12-01T00:30:00",                # the same instant, another spelling
+    "02026-12-01 00:30:00.000000",        # SQLAlchemy raised on these: every report over the row failed
+    "2026-12-01 00:30:00.000000xyz",
+])
+async def test_a_time_rewritten_as_another_text_never_moves_or_breaks_a_report(tmp_path, text: str) -> None:
+    """SQLite keeps times as text, compared as text by the range filters. The host rewrote a record's time as
+    another spelling of the same instant (its MAC held): 00:30Z on 1 December written as 10:30-14:00 on 30
+    November was counted in November's report; a spelling SQLAlchemy cannot read made every report (and the
+    receipt) over that row fail. Now only the ledger's own form is read, and a row whose time is not in the
+    range the database selected it for is refused."""
+    # (SQLite only: PostgreSQL keeps typed timestamps, a time cannot be respelled there)
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}", row_key=ROW_KEY)
+    try:
+        await _respelled_time_is_refused(store, text)
+    finally:
+        await store.close()
+
+
+async def _respelled_time_is_refused(store: Store, text: str) -> None:
+    from enclave.usage import report
+
+    refusals = Refusals()
+    ledger = ledger_of(store, refusals)
+    december = made_record(started_at=datetime(2026, 12, 1, 0, 30, tzinfo=UTC).timestamp())
+    november = made_record(started_at=datetime(2026, 11, 15, tzinfo=UTC).timestamp())
+    for r in (december, november):
+        ledger.record(r)
+    await ledger.flush()
+    async with store.engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE usage_records SET created_at = :t WHERE request_id = :id"),
+                           {"t": text, "id": december.request_id})
+    nov = await report(ledger, UsageFilter(since=datetime(2026, 11, 1, tzinfo=UTC),
+                                           until=datetime(2026, 12, 1, tzinfo=UTC)))
+    assert [e.request_id for e in nov.entries] == [november.request_id]
+    every = await report(ledger, UsageFilter())
+    assert [e.request_id for e in every.entries] == [november.request_id] and every.integrity_failures == 1
+    assert await ledger.find(december.request_id) is None
+    assert refusals and set(refusals) == {"usage_records"}
+
+
+async def test_a_row_the_filter_selects_but_does_not_match_is_refused(store: Store) -> None:
+    """Whatever the database answers (a view, an operator of the host's), a verified row counts only when its
+    own values match the report's filter."""
+    refusals = Refusals()
+    ledger = ledger_of(store, refusals)
+    record = made_record(domain="a" * 36)
+    ledger.record(record)
+    await ledger.flush()
+
+    class Lying(UsageFilter):   # what a database answering every query with every row amounts to
+        def clauses(self) -> list:
+            return []
+
+    seen = [e async for e in ledger.scan(Lying(domain_id="b" * 36, since=datetime(2027, 1, 1, tzinfo=UTC)))]
+    assert seen == [None] and refusals == ["usage_records"]
+    assert [e.request_id for e in [e async for e in ledger.scan(Lying(domain_id="a" * 36))] if e] == [record.request_id]
+
+
 async def test_the_database_down_then_back_loses_nothing(store: Store) -> None:
     ledger = ledger_of(store, flush_seconds=0.05, batch_size=7)
     ledger.start()
