@@ -53,7 +53,8 @@ class UsageReportOut(BaseModel):
     totals: UsageTotalsOut
     data: list[dict[str, Any]] = Field(description="with group_by: one object per group (its key fields, e.g. "
                                                    "`model` or `day`, and the totals fields); without: the newest "
-                                                   "`limit` records (no content, ever)")
+                                                   "`limit` records (no content, ever, nor the hashes of the bodies: those are in "
+                                                   "the receipt, for the key that made the request)")
     has_more: bool = Field(description="ungrouped: more records matched than `limit`")
     integrity_failures: int = Field(description="rows left out because their MAC failed (edited or inserted "
                                                 "outside the enclave)")

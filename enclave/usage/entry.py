@@ -50,12 +50,16 @@ class UsageEntry:
 
 
     def to_json(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in FIELDS}
+        """The record as a usage report lists it: without the bodies' hashes. Those are for the receipt, which
+        only the key that made the request gets; to anyone else a hash of a short or templated prompt says
+        which of the few possible prompts it was."""
+        out = {name: getattr(self, name) for name in FIELDS if name not in _RECEIPT_ONLY}
         out["created_at"] = self.created_at.isoformat().replace("+00:00", "Z")
         return out
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(UsageEntry))
+_RECEIPT_ONLY = frozenset({"request_sha256", "response_sha256"})
 _NONE = type(None)
 #: The exact types a column may hold, in FIELDS order (an int where a bool belongs, or the reverse, is refused).
 _KINDS: tuple[tuple[type, ...], ...] = tuple({
