@@ -309,6 +309,17 @@ def test_cli_scopes_filters_csv_and_table(svc: Service, capsys: pytest.CaptureFi
     assert code == 1 and "not_superadmin" in err
 
 
+def test_cli_errors(svc: Service, capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad values reach the enclave and come back as its 400, exit 1; `--limit 0` was dropped as falsy and
+    listed the default 100 records with exit 0."""
+    for args, says in ((("--limit", "0"), "limit"), (("--since", ""), "since"), (("--since", "garbage"), "since"),
+                       (("--user", "alice"), "user_id"), (("--domain", "nope"), "domain_not_found")):
+        code, out, err = cli(svc, "superadmin", "usage", *args, capsys=capsys)
+        assert (code, out) == (1, "") and says in err and "cube-admin:" in err, (args, err)
+    code, _, err = cli(svc, "superadmin", "--json", "usage", "--csv", capsys=capsys)
+    assert code == 1 and "exclude each other" in err
+
+
 def test_cli_warns_of_rows_left_out(svc: Service, capsys: pytest.CaptureFixture[str]) -> None:
     target = svc.seeded["a4"]
     _edit(svc, "UPDATE usage_records SET model = 'm1' WHERE request_id = :id", id=target.request_id)
