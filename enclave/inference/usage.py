@@ -89,13 +89,16 @@ def estimate(prompt_bytes: int, completion_events: int) -> Usage:
 
 def prompt_text_bytes(body: dict[str, Any]) -> int:
     """UTF-8 bytes of what a request asks the model to read: messages, prompt, input, system, suffix, and the
-    JSON of its tool definitions and response format."""
+    JSON of its tool definitions and response format; a token id counts as one token's bytes (a prompt given as
+    token ids was estimated as no prompt at all)."""
     total = 0
 
     def add(value: Any) -> None:
         nonlocal total
         if isinstance(value, str):
             total += len(value.encode("utf-8", "replace"))
+        elif isinstance(value, int) and not isinstance(value, bool):   # a token id (prompt or input as token ids)
+            total += BYTES_PER_TOKEN
         elif isinstance(value, list):
             for item in value:
                 add(item)
