@@ -225,6 +225,20 @@ def test_bad_parameters_get_400_envelopes(svc: Service, params: dict[str, Any], 
     assert error["type"] == "invalid_request_error" and param in (error["param"] or "") + error["message"]
 
 
+def test_an_unknown_parameter_is_a_400_never_a_wider_report(svc: Service) -> None:
+    """A misspelt filter (`user=` for `user_id=`, `domain=` on the platform route) was ignored: the report
+    covered everything the caller may see, with 200. Now each route takes only its own parameters."""
+    w = svc.world
+    for token, path, params in (("superadmin", "/admin/usage", {"user": w.users["member_b"]}),
+                                ("superadmin", "/admin/usage", {"domain": w.domains["B"]}),
+                                ("admin_a", f"/domains/{w.domains['A']}/usage", {"domain_id": w.domains["A"]}),
+                                ("member_a", "/users/me/usage", {"": "null"})):
+        r = get(svc, token, path, **params)
+        assert r.status_code == 400, (path, params, r.text)
+        assert r.json()["error"]["code"] == "unknown_parameter" and r.json()["error"]["type"] == "invalid_request_error"
+    assert get(svc, "superadmin", "/admin/usage", user_id=w.users["member_b"]).status_code == 200
+
+
 def test_refusal_comes_before_parameter_errors(svc: Service) -> None:
     assert get(svc, "member_a", "/admin/usage", since="garbage").status_code == 403
     assert get(svc, "admin_a", f"/domains/{svc.world.domains['B']}/usage", limit=0).status_code in (400, 403)
