@@ -142,6 +142,8 @@ def _statement(doc: Any) -> dict[str, Any]:
             raise ReceiptError(f"statement.{name}: must be a JSON {'boolean' if kind is bool else kind.__name__}")
         if kind is str and not (0 < len(value) <= _MAX_TEXT):
             raise ReceiptError(f"statement.{name}: must be a non-empty string of at most {_MAX_TEXT} characters")
+        if kind is str and not _utf8(value):   # a lone surrogate ("\ud800"): no canonical UTF-8 form to verify
+            raise ReceiptError(f"statement.{name}: not valid Unicode text")
     if statement["v"] != STATEMENT_VERSION:
         raise ReceiptError(f"statement.v: version {statement['v']} is not supported (this verifier reads "
                            f"{STATEMENT_VERSION})")
@@ -157,6 +159,14 @@ def _statement(doc: Any) -> dict[str, Any]:
     if not 100 <= statement["status"] <= 599:
         raise ReceiptError("statement.status: must be an HTTP status")
     return statement
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_receipt(data: bytes | str | dict[str, Any]) -> Receipt:

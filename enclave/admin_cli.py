@@ -300,7 +300,7 @@ class Api:
         raise CliError(msg)
 
     def call(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> Any:
-        r = self.client.request(method, path, json=body, params={k: v for k, v in (params or {}).items() if v})
+        r = self.client.request(method, path, json=body, params={k: v for k, v in (params or {}).items() if v is not None})
         self._check(r)
         return r.json() if r.content else None
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 
 from enclave.access import RECEIPT_NOT_FOUND, may_fetch_receipt
 from enclave.api.context import AppContext, check
@@ -63,7 +64,8 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
     404: {"model": ErrorEnvelope, "description": "No receipt for this key: unknown request, another key's request, "
                                                  "or a response that sent no bytes (all alike)"},
-    503: {"model": ErrorEnvelope, "description": "The attested signing key is not available"},
+    503: {"model": ErrorEnvelope, "description": "The attested signing key, or the usage database, is not "
+                                                 "available (`signer_unavailable`, `receipt_unavailable`)"},
 }
 
 
@@ -76,7 +78,11 @@ async def get_receipt(domain_id: DomainRef, request_id: RequestIdRef, request: R
     if not _REQUEST_ID.fullmatch(request_id):
         check(RECEIPT_NOT_FOUND)
     domain = await ctx.auth.domain(domain_id)
-    entry = await ctx.ledger.find(request_id)   # MAC-verified: the host cannot have it sign a forged hash
+    try:
+        entry = await ctx.ledger.find(request_id)   # MAC-verified: the host cannot have it sign a forged hash
+    except (SQLAlchemyError, OSError) as e:   # the database is down: a written record cannot be read now
+        raise ApiError(503, "The usage database cannot be read right now; try again shortly.",
+                       code="receipt_unavailable", type="api_error") from e
     check(may_fetch_receipt(principal, domain.id if domain is not None else None,
                             entry.pat_id if entry is not None else None,
                             entry.domain_id if entry is not None else None))

@@ -53,7 +53,8 @@ class UsageReportOut(BaseModel):
     totals: UsageTotalsOut
     data: list[dict[str, Any]] = Field(description="with group_by: one object per group (its key fields, e.g. "
                                                    "`model` or `day`, and the totals fields); without: the newest "
-                                                   "`limit` records (no content, ever)")
+                                                   "`limit` records (no content, ever, nor the hashes of the bodies: those are in "
+                                                   "the receipt, for the key that made the request)")
     has_more: bool = Field(description="ungrouped: more records matched than `limit`")
     integrity_failures: int = Field(description="rows left out because their MAC failed (edited or inserted "
                                                 "outside the enclave)")
@@ -125,12 +126,25 @@ def _narrowed(scope: UsageScope, asked: str | None, field: str) -> str | None:
 
 
 _NOTHING = "-"   # an id no record has: a filter outside the caller's scope selects nothing
+#: The query parameters each route takes: any other is a 400, so a misspelt filter (``?user=``, ``?domain=``)
+#: never silently widens a report to everything the caller may see.
+PLATFORM_PARAMS = frozenset({"since", "until", "group_by", "model", "user_id", "pat_id", "domain_id", "limit"})
+DOMAIN_PARAMS = PLATFORM_PARAMS - {"domain_id"}
+OWN_PARAMS = PLATFORM_PARAMS
 
 
-async def _report(request: Request, scope: UsageScope, *, since: str | None, until: str | None,
-                  group_by: list[str] | None, model: str | None, user_id: str | None, pat_id: str | None,
-                  domain_id: str | None, limit: int) -> UsageReportOut:
+def check_known_params(request: Request, known: frozenset[str]) -> None:
+    unknown = sorted(set(request.query_params.keys()) - known)
+    if unknown:
+        raise bad_request(f"Unknown query parameter `{unknown[0][:40]}`; this route takes "
+                          f"{', '.join(sorted(known))}.", code="unknown_parameter", param=unknown[0][:40] or None)
+
+
+async def _report(request: Request, scope: UsageScope, known: frozenset[str], *, since: str | None,
+                  until: str | None, group_by: list[str] | None, model: str | None, user_id: str | None,
+                  pat_id: str | None, domain_id: str | None, limit: int) -> UsageReportOut:
     check(scope)
+    check_known_params(request, known)
     start, end = parse_time(since, "since"), parse_time(until, "until")
     keys = parse_group_by(group_by)
     where = UsageFilter(since=start, until=end, model=model,
@@ -154,9 +168,9 @@ async def platform_usage(request: Request, since: Since = None, until: Until = N
                          model: ModelFilter = None, user_id: IdFilter = None, pat_id: IdFilter = None,
                          domain_id: IdFilter = None, limit: Limit = 100,
                          principal: Principal = Depends(authenticated)) -> UsageReportOut:
-    return await _report(request, may_read_platform_usage(principal), since=since, until=until, group_by=group_by,
-                         model=model, user_id=_id(user_id, "user_id"), pat_id=_id(pat_id, "pat_id"),
-                         domain_id=_id(domain_id, "domain_id"), limit=limit)
+    return await _report(request, may_read_platform_usage(principal), PLATFORM_PARAMS, since=since, until=until,
+                         group_by=group_by, model=model, user_id=_id(user_id, "user_id"),
+                         pat_id=_id(pat_id, "pat_id"), domain_id=_id(domain_id, "domain_id"), limit=limit)
 
 
 @router.get("/domains/{domain_id}/usage", response_model=UsageReportOut, tags=["domain admin"],
@@ -168,7 +182,7 @@ async def domain_usage(domain_id: DomainRef, request: Request, since: Since = No
     domain = await find_domain(request.app.state.ctx.store, domain_id)
     scope = may_read_domain_usage(principal, decided_domain_id(domain_id, domain), domain)
     check(scope)
-    return await _report(request, scope, since=since, until=until, group_by=group_by, model=model,
+    return await _report(request, scope, DOMAIN_PARAMS, since=since, until=until, group_by=group_by, model=model,
                          user_id=_id(user_id, "user_id"), pat_id=_id(pat_id, "pat_id"), domain_id=None, limit=limit)
 
 
@@ -179,6 +193,6 @@ async def own_usage(request: Request, since: Since = None, until: Until = None, 
                     domain_id: IdFilter = None, limit: Limit = 100,
                     principal: Principal = Depends(authenticated)) -> UsageReportOut:
     user, pat = _id(user_id, "user_id"), _id(pat_id, "pat_id")
-    return await _report(request, may_read_own_usage(principal, user_id=user, pat_id=pat), since=since,
+    return await _report(request, may_read_own_usage(principal, user_id=user, pat_id=pat), OWN_PARAMS, since=since,
                          until=until, group_by=group_by, model=model, user_id=user, pat_id=pat,
                          domain_id=_id(domain_id, "domain_id"), limit=limit)

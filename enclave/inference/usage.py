@@ -13,6 +13,9 @@ from typing import Any
 
 #: Bytes per token assumed by estimates (a common rule of thumb for English text; only ever flagged as such).
 BYTES_PER_TOKEN = 4
+#: The largest count a backend may report (2**53 - 1: exact in every JSON reader, and sums of a few stay within
+#: the ledger's 64-bit columns). A larger one is no count: the usage is estimated instead.
+MAX_REPORTED_TOKENS = 2**53 - 1
 
 _USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
 _decoder = json.JSONDecoder()
@@ -31,7 +34,9 @@ class Usage:
 
 
 def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REPORTED_TOKENS:
+        return value
+    return None
 
 
 def usage_from_openai(obj: Any) -> Usage | None:
@@ -84,13 +89,16 @@ def estimate(prompt_bytes: int, completion_events: int) -> Usage:
 
 def prompt_text_bytes(body: dict[str, Any]) -> int:
     """UTF-8 bytes of what a request asks the model to read: messages, prompt, input, system, suffix, and the
-    JSON of its tool definitions and response format."""
+    JSON of its tool definitions and response format; a token id counts as one token's bytes (a prompt given as
+    token ids was estimated as no prompt at all)."""
     total = 0
 
     def add(value: Any) -> None:
         nonlocal total
         if isinstance(value, str):
             total += len(value.encode("utf-8", "replace"))
+        elif isinstance(value, int) and not isinstance(value, bool):   # a token id (prompt or input as token ids)
+            total += BYTES_PER_TOKEN
         elif isinstance(value, list):
             for item in value:
                 add(item)

@@ -50,12 +50,16 @@ class UsageEntry:
 
 
     def to_json(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in FIELDS}
+        """The record as a usage report lists it: without the bodies' hashes. Those are for the receipt, which
+        only the key that made the request gets; to anyone else a hash of a short or templated prompt says
+        which of the few possible prompts it was."""
+        out = {name: getattr(self, name) for name in FIELDS if name not in _RECEIPT_ONLY}
         out["created_at"] = self.created_at.isoformat().replace("+00:00", "Z")
         return out
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(UsageEntry))
+_RECEIPT_ONLY = frozenset({"request_sha256", "response_sha256"})
 _NONE = type(None)
 #: The exact types a column may hold, in FIELDS order (an int where a bool belongs, or the reverse, is refused).
 _KINDS: tuple[tuple[type, ...], ...] = tuple({
@@ -64,10 +68,25 @@ _KINDS: tuple[tuple[type, ...], ...] = tuple({
     "request_sha256": (str, _NONE), "response_sha256": (str, _NONE),
 }.get(name, (str,)) for name in FIELDS)
 _CREATED_AT = FIELDS.index("created_at")
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+#: The integer columns and the largest value each holds (enclave.schema: Integer, BigInteger); none is negative.
+_INT_LIMITS = tuple((FIELDS.index(name), limit) for name, limit in {
+    "status": INT32_MAX, "prompt_tokens": INT64_MAX, "completion_tokens": INT64_MAX, "total_tokens": INT64_MAX,
+    "ttft_ms": INT32_MAX, "duration_ms": INT32_MAX}.items())
 
 
 def _millis(seconds: float | None) -> int | None:
-    return None if seconds is None else max(0, round(seconds * 1000))
+    """Whole milliseconds, within the column (a request longer than 24.8 days is recorded as that long)."""
+    return None if seconds is None else min(max(0, round(seconds * 1000)), INT32_MAX)
+
+
+def check_storable(values: Sequence[Any]) -> None:
+    """ValueError when a column value cannot be stored (a count beyond its column): such a row would make the
+    whole batch fail, again at every retry, and so stop the ledger."""
+    for i, limit in _INT_LIMITS:
+        value = values[i]
+        if value is not None and not 0 <= value <= limit:
+            raise ValueError(f"{FIELDS[i]} out of range")
 
 
 def record_values(record: InferenceRecord) -> tuple[Any, ...]:

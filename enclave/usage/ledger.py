@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -38,7 +40,7 @@ from enclave.config import UsageSettings
 from enclave.inference.record import InferenceRecord
 from enclave.row_mac import RowMac
 from enclave.schema import usage_records
-from enclave.usage.entry import FIELDS, TABLE, UsageEntry, checked_values, record_values
+from enclave.usage.entry import FIELDS, TABLE, UsageEntry, check_storable, checked_values, record_values
 from enclave.usage.report import UsageFilter
 
 log = logging.getLogger("enclave.usage")
@@ -47,8 +49,34 @@ RETRY_MAX_SECONDS = 30.0
 DROP_LOG_INTERVAL = 10.0   # seconds between the ERROR lines about dropped records (each drop is counted)
 STOP_TIMEOUT = 10.0        # how long a shutdown keeps retrying a database that does not take the last records
 SCAN_ROWS_PER_FETCH = 1000
+#: The one text form SQLite holds the ledger's times in (SQLAlchemy's DATETIME storage format, UTC).
+_SQLITE_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})\.(\d{6})", re.ASCII)
+
+
+class _StoredTime(sa.types.TypeDecorator):
+    """created_at as read back: PostgreSQL's typed timestamp as it comes; SQLite's text only in the form the
+    ledger writes, anything else handed on as the text (which ``checked_values`` refuses). SQLite compares the
+    text in the range filters: another spelling of the same instant (``10:30-14:00`` on the day before) would
+    pass the MAC yet fall in another range, and one SQLAlchemy cannot parse would fail the whole read."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        m = _SQLITE_TIME.fullmatch(value)
+        if m is None:
+            return value
+        try:
+            return datetime(*map(int, m.groups()))
+        except ValueError:   # 2026-02-30
+            return value
+
+
 #: What reads select: every field in FIELDS order, then the MAC.
-_COLUMNS = sa.select(*(usage_records.c[name] for name in FIELDS), usage_records.c.mac)
+_COLUMNS = sa.select(*(sa.type_coerce(usage_records.c[name], _StoredTime()).label(name) if name == "created_at"
+                       else usage_records.c[name] for name in FIELDS), usage_records.c.mac)
 
 
 class Ledger:
@@ -165,6 +193,7 @@ class Ledger:
     def _row(self, record: InferenceRecord) -> dict | None:
         try:
             values = record_values(record)
+            check_storable(values)
             row = dict(zip(FIELDS, values))
             row["mac"] = self._mac.mac(TABLE, values)
             return row
@@ -263,13 +292,34 @@ class Ledger:
 
     async def scan(self, where: UsageFilter, *, newest_first: bool = True) -> AsyncIterator[UsageEntry | None]:
         """Every stored row ``where`` selects, verified, streamed from the database: its entry, or None for a row
-        refused (MAC). Only written rows: ``flush()`` first to include this process's buffer."""
+        refused (MAC, or values outside ``where``: the database answered another query). Only written rows:
+        ``flush()`` first to include this process's buffer.
+
+        A request counts once: the host can drop the primary key and insert copies of a genuine row (its MAC
+        holds), and every copy after the first is refused. Copies share (created_at, request_id), the order of
+        the scan, so they arrive one after another and only the previous request id needs remembering."""
         order = sa.desc if newest_first else sa.asc
         stmt = (_COLUMNS.where(*where.clauses())
                 .order_by(order(usage_records.c.created_at), order(usage_records.c.request_id))
                 .execution_options(yield_per=SCAN_ROWS_PER_FETCH))
+        previous: str | None = None
         async with self.engine.connect() as conn:
             result = await conn.stream(stmt)
             async for rows in result.partitions(SCAN_ROWS_PER_FETCH):   # one hop to the driver per partition
                 for row in rows:
-                    yield self.verified(row)
+                    entry = self.verified(row)
+                    if entry is not None and not where.matches(entry):   # the database answered another query
+                        self._refused(entry.request_id)
+                        entry = None
+                    elif entry is not None and entry.request_id == previous:
+                        self._refused_copy(previous)
+                        entry = None
+                    elif entry is not None:
+                        previous = entry.request_id
+                    yield entry
+
+    def _refused_copy(self, request_id: str) -> None:
+        log.error("store integrity: refused a second %s row for request %s: a copy of a genuine row, inserted "
+                  "outside the enclave (its primary key removed?)", TABLE, request_id)
+        if self.on_integrity_failure is not None:
+            self.on_integrity_failure(TABLE)

@@ -5,7 +5,8 @@ the database would sum rows the host may have edited. The rows are streamed (nev
 report takes is that of its groups (and of the ``limit`` records an ungrouped listing returns), its time that of
 reading every selected row once. The time range and filters are applied in SQL on the indexed columns; a row the
 host edited so that a filter no longer selects it is missed like a deleted one (per-row MACs cannot show a
-missing row), and wherever it is selected its MAC fails: it is left out and counted in ``integrity_failures``.
+missing row), and wherever it is selected its MAC fails: it is left out and counted in ``integrity_failures``;
+so is a row the database selects whose own (verified) values the filter does not select (``UsageFilter.matches``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ class UsageFilter:
             if value is not None:
                 out.append(c[name] == value)
         return out
+
+    def matches(self, entry: "UsageEntry") -> bool:
+        """Whether a verified entry is one the filter selects (``clauses`` asks the database, which is the host's)."""
+        if self.since is not None and entry.created_at < self.since:
+            return False
+        if self.until is not None and entry.created_at >= self.until:
+            return False
+        return all(getattr(self, name) is None or getattr(entry, name) == getattr(self, name)
+                   for name in ("domain_id", "user_id", "pat_id", "model"))
 
 
 @dataclass

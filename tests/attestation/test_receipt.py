@@ -227,6 +227,8 @@ def _mutations(doc: dict[str, Any]) -> dict[str, str]:
         "time not UTC": edited(lambda d: d["statement"].update(time="2026-03-04T05:06:07.890123+01:00")),
         "impossible date": edited(lambda d: d["statement"].update(time="2026-02-30T05:06:07.890123Z")),
         "empty model": edited(lambda d: d["statement"].update(model="")),
+        # a lone surrogate has no UTF-8 form: verify_receipt raised UnicodeEncodeError (a traceback, not exit 2)
+        "lone surrogate": text.replace('"model": "llama3.2:3b"', '"model": "\\ud800"'),
         "duplicate field": text[:-1] + ', "object": "receipt"}',
         "base64 with a newline": edited(lambda d: d.update(signature=signature[:8] + "\n" + signature[8:])),
         "non-canonical base64": edited(lambda d: d.update(signature="AB==")),   # decodes like "AA=="
@@ -243,6 +245,30 @@ def test_malformed_receipts_are_refused_with_a_typed_error(document: dict[str, A
             pytest.fail(f"accepted: {name}")
     with pytest.raises(ReceiptError):
         parse_receipt({"object": "receipt"})
+
+
+def test_a_malformed_receipt_is_exit_2_never_a_traceback(capsys, files: dict[str, Path]) -> None:
+    files["receipt"].write_text(files["receipt"].read_text().replace('"model": "llama3.2:3b"', '"model": "\\udfff"'))
+    code, doc = _cli(capsys, files)
+    assert code == 2 and "statement.model" in doc["error"]
+
+
+def test_evidence_made_for_a_tls_key_never_passes_for_a_signing_key(document: dict[str, Any], sim_policy: Policy,
+                                                                    signer: AttestedSigner, sim_dir: Path) -> None:
+    """Genuine evidence binding the same public key under the attested TLS label (what a TLS handshake shows):
+    refused as it is, and refused when relabelled as a signing key's (report_data differs by the label)."""
+    from attestation.atls.binding import ATLS_SCHEME, report_data_for
+    from attestation.evidence import encode_cmw
+    from attestation.signing import SIGNING_SCHEME
+
+    nonce = bytes(range(32))
+    tls = SimProvider(sim_dir).get_evidence(report_data_for(signer.identity.public_key_der, nonce))
+    for scheme, refusal in ((ATLS_SCHEME, "binding scheme"), (SIGNING_SCHEME, "report_data")):
+        evidence = replace(tls, binding={"scheme": scheme, "nonce": nonce})
+        doc = json.loads(json.dumps(document))
+        doc["signing_key"]["evidence"] = base64.b64encode(encode_cmw(evidence)).decode()
+        result = _verify(doc, sim_policy)
+        assert not result.ok and result.error.startswith("signature_and_evidence") and refusal in result.error
 
 
 def test_receipt_path() -> None:

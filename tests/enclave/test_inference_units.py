@@ -161,6 +161,25 @@ def test_usage_parsing_and_estimates() -> None:
                               "suffix": "z"}) == 3 + 3 + 1
 
 
+def test_a_prompt_of_token_ids_is_estimated_as_that_many_tokens() -> None:
+    """OpenAI's completions and embeddings take token ids (``prompt: [1, 2, 3]``, ``input: [[1, 2], [3]]``); a
+    backend that reports no usage had such a prompt estimated as 0 tokens."""
+    assert estimate(prompt_text_bytes({"prompt": [5, 6, 7, 8] * 50}), 0).prompt_tokens == 200
+    assert estimate(prompt_text_bytes({"input": [[1, 2], [3]]}), 0).prompt_tokens == 3
+    assert prompt_text_bytes({"prompt": [True, None, 1.5]}) == 0
+
+
+def test_a_count_beyond_what_a_backend_can_mean_is_no_count() -> None:
+    """A backend reporting 2**70 tokens: no count (the usage is then estimated), never a number the ledger's
+    64-bit columns cannot hold (one such row made every write of the ledger fail)."""
+    huge = 2**70
+    assert find_openai_usage(b'{"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (huge, huge)) is None
+    assert find_openai_usage(b'{"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":%d}}' % huge) \
+        == Usage(3, 2, 5)
+    assert usage_from_ollama({"eval_count": huge, "prompt_eval_count": huge}) is None
+    assert usage_from_ollama({"eval_count": 2**53 - 1}) == Usage(0, 2**53 - 1, 2**53 - 1)
+
+
 def test_an_estimated_prompt_counts_the_tool_definitions() -> None:
     """An agent's request (OpenCode: ~10 tools) is mostly tool schemas, which the model reads as prompt."""
     tools = [{"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}}]

@@ -262,6 +262,24 @@ def test_signer_failure_is_a_503(rx: Receipts) -> None:
     assert "no evidence device" not in r.text
 
 
+def test_the_database_down_is_a_503_not_a_500(rx: Receipts) -> None:
+    """A written record cannot be read while the database is away: 503 receipt_unavailable (was a bare 500), and
+    the receipt is there again once it is back."""
+    from tests.enclave.usage_support import rename_table
+
+    response, _ = rx.send(f"/proxy/{rx.domain()}/v1/chat/completions", _chat(VLLM, False))
+    request_id = response.headers["x-request-id"]
+    server = rx.service.server
+    server.run_async(rx.ledger.flush())
+    server.run_async(rename_table(server.ctx.store, "usage_records", "usage_away"))
+    try:
+        r = rx.fetch(request_id)
+    finally:
+        server.run_async(rename_table(server.ctx.store, "usage_away", "usage_records"))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "receipt_unavailable"
+    assert rx.fetch(request_id).status_code == 200
+
+
 def test_every_fetch_signs_the_same_statement(rx: Receipts) -> None:
     response, _ = rx.send(f"/proxy/{rx.domain()}/v1/chat/completions", _chat(VLLM, False))
     first, second = (parse_receipt(rx.fetch(response.headers["x-request-id"]).content) for _ in range(2))

@@ -132,3 +132,27 @@ def test_ollama_native_routes_counts(svc: Service, route: str, stream: bool) -> 
     assert entry.route == f"api/{route}" and entry.stream is stream
     assert counts(entry) == served == ollama_reported(r) and not entry.estimated
     assert entry.completion_tokens > 0
+
+
+def test_ollama_embed_routes_counts(svc: Service) -> None:
+    """Ollama's embed reports prompt_eval_count (exact); the legacy embeddings route reports nothing (estimated);
+    the OpenAI embeddings route on an Ollama backend reports usage (exact)."""
+    domain = svc.world.domains["A"]
+    with svc.http() as c:
+        embed = c.post(f"{svc.server.url}/proxy/{domain}/api/embed", json={"model": OLLAMA_MODEL,
+                                                                          "input": ["one two", "three"]})
+        legacy = c.post(f"{svc.server.url}/proxy/{domain}/api/embeddings", json={"model": OLLAMA_MODEL,
+                                                                                "prompt": "one two three four"})
+        openai = c.post(svc.url("A", "embeddings"), json={"model": OLLAMA_MODEL, "input": "one two"})
+    for r in (embed, legacy, openai):
+        assert r.status_code == 200, r.text
+    entry, served = stored(svc, embed)
+    reported = embed.json()["prompt_eval_count"]
+    assert entry.route == "api/embed" and counts(entry) == served == Usage(reported, 0, reported)
+    assert reported > 0 and not entry.estimated
+    entry, served = stored(svc, legacy)
+    assert "prompt_eval_count" not in legacy.json()
+    assert entry.route == "api/embeddings" and counts(entry) == served and entry.estimated
+    assert (entry.prompt_tokens, entry.completion_tokens) == (-(-len("one two three four") // 4), 0)
+    entry, served = stored(svc, openai)
+    assert counts(entry) == served == openai_reported(openai, False) and not entry.estimated

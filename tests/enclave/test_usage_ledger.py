@@ -136,6 +136,96 @@ async def test_a_row_moved_to_another_request_id_or_inserted_is_refused(store: S
     assert await ledger.find("f" * 32) is None and refusals == ["usage_records"]
 
 
+async def test_a_genuine_row_copied_is_counted_once(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """The host owns the database: it drops the primary key and inserts copies of a genuine row (same request id,
+    same MAC). Every copy passed its MAC, so a report counted the request as often as the host liked (a bill
+    inflated); now one request id counts once and each copy is refused."""
+    from enclave.usage import report
+
+    refusals = Refusals()
+    ledger = ledger_of(store, refusals)
+    victim, other = made_record(usage=Usage(10, 90, 100)), made_record(started_at=T0 + 60)
+    for r in (victim, other):
+        ledger.record(r)
+    await ledger.flush()
+    async with store.engine.begin() as conn:   # the table rebuilt without its key, the row put in twice more
+        await conn.execute(sa.text("CREATE TABLE usage_copy AS SELECT * FROM usage_records"))
+        await conn.execute(sa.text("DROP TABLE usage_records"))
+        await conn.execute(sa.text("ALTER TABLE usage_copy RENAME TO usage_records"))
+        for _ in range(2):
+            await conn.execute(sa.text("INSERT INTO usage_records SELECT * FROM usage_records WHERE request_id = :id "
+                                       "LIMIT 1"), {"id": victim.request_id})
+    assert len(await stored_rows(store)) == 4
+    with caplog.at_level(logging.ERROR, logger="enclave.usage"):
+        result = await report(ledger, UsageFilter(), group_by=("pat",))
+    assert result.totals.requests == 2 and result.totals.total_tokens == 108
+    assert result.integrity_failures == 2 and refusals == ["usage_records"] * 2
+    assert victim.request_id in caplog.text
+    listing = await report(ledger, UsageFilter())
+    assert sorted(e.request_id for e in listing.entries) == sorted([victim.request_id, other.request_id])
+
+
+@pytest.mark.parametrize("text", [
+    "2026-11-30 10:30:00.000000-14:00",   # the same instant (its MAC held), a November text
+    "2026-11-30T10:30:00.000000-14:00",
+    "2026-12-01T00:30:00",                # the same instant, another spelling
+    "02026-12-01 00:30:00.000000",        # SQLAlchemy raised on these: every report over the row failed
+    "2026-12-01 00:30:00.000000xyz",
+])
+async def test_a_time_rewritten_as_another_text_never_moves_or_breaks_a_report(tmp_path, text: str) -> None:
+    """SQLite keeps times as text, compared as text by the range filters. The host rewrote a record's time as
+    another spelling of the same instant (its MAC held): 00:30Z on 1 December written as 10:30-14:00 on 30
+    November was counted in November's report; a spelling SQLAlchemy cannot read made every report (and the
+    receipt) over that row fail. Now only the ledger's own form is read, and a row whose time is not in the
+    range the database selected it for is refused."""
+    # (SQLite only: PostgreSQL keeps typed timestamps, a time cannot be respelled there)
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}", row_key=ROW_KEY)
+    try:
+        await _respelled_time_is_refused(store, text)
+    finally:
+        await store.close()
+
+
+async def _respelled_time_is_refused(store: Store, text: str) -> None:
+    from enclave.usage import report
+
+    refusals = Refusals()
+    ledger = ledger_of(store, refusals)
+    december = made_record(started_at=datetime(2026, 12, 1, 0, 30, tzinfo=UTC).timestamp())
+    november = made_record(started_at=datetime(2026, 11, 15, tzinfo=UTC).timestamp())
+    for r in (december, november):
+        ledger.record(r)
+    await ledger.flush()
+    async with store.engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE usage_records SET created_at = :t WHERE request_id = :id"),
+                           {"t": text, "id": december.request_id})
+    nov = await report(ledger, UsageFilter(since=datetime(2026, 11, 1, tzinfo=UTC),
+                                           until=datetime(2026, 12, 1, tzinfo=UTC)))
+    assert [e.request_id for e in nov.entries] == [november.request_id]
+    every = await report(ledger, UsageFilter())
+    assert [e.request_id for e in every.entries] == [november.request_id] and every.integrity_failures == 1
+    assert await ledger.find(december.request_id) is None
+    assert refusals and set(refusals) == {"usage_records"}
+
+
+async def test_a_row_the_filter_selects_but_does_not_match_is_refused(store: Store) -> None:
+    """Whatever the database answers (a view, an operator of the host's), a verified row counts only when its
+    own values match the report's filter."""
+    refusals = Refusals()
+    ledger = ledger_of(store, refusals)
+    record = made_record(domain="a" * 36)
+    ledger.record(record)
+    await ledger.flush()
+
+    class Lying(UsageFilter):   # what a database answering every query with every row amounts to
+        def clauses(self) -> list:
+            return []
+
+    seen = [e async for e in ledger.scan(Lying(domain_id="b" * 36, since=datetime(2027, 1, 1, tzinfo=UTC)))]
+    assert seen == [None] and refusals == ["usage_records"]
+    assert [e.request_id for e in [e async for e in ledger.scan(Lying(domain_id="a" * 36))] if e] == [record.request_id]
+
+
 async def test_the_database_down_then_back_loses_nothing(store: Store) -> None:
     ledger = ledger_of(store, flush_seconds=0.05, batch_size=7)
     ledger.start()
@@ -232,6 +322,26 @@ async def test_the_sink_never_raises_and_a_bad_record_never_blocks_the_others(
         await ledger.flush()
     assert "cannot be stored" in caplog.text and "without a usable request id" in caplog.text
     assert [r.request_id for r in await stored_rows(store)] == [good.request_id] and ledger.pending_count() == 0
+
+
+async def test_a_value_beyond_its_column_is_left_out_and_never_stops_the_ledger(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """A count too large for its BIGINT column failed the whole batch, at every retry: nothing was written any
+    more, on SQLite and PostgreSQL alike. Now that record is left out (logged) and the others are written; a
+    request longer than an INTEGER of milliseconds is recorded as that long."""
+    ledger = ledger_of(store)
+    poison = made_record(usage=Usage(2**70, 1, 2**70 + 1))
+    endless = made_record(started_at=T0 + 1, duration_seconds=40 * 86400.0, ttft_seconds=30 * 86400.0)
+    good = made_record(started_at=T0 + 2)
+    for record in (poison, endless, good):
+        ledger.record(record)
+    with caplog.at_level(logging.ERROR, logger="enclave.usage"):
+        await ledger.flush()
+    assert f"request {poison.request_id} cannot be stored" in caplog.text
+    assert [r.request_id for r in await stored_rows(store)] == [endless.request_id, good.request_id]
+    stored = await ledger.find(endless.request_id)
+    assert stored is not None and stored.duration_ms == stored.ttft_ms == 2**31 - 1
+    assert ledger.pending_count() == 0
 
 
 @pytest.mark.parametrize("bad", [{"flush_seconds": 0}, {"flush_seconds": 61}, {"batch_size": 0},
