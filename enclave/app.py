@@ -54,6 +54,22 @@ def _configured_secrets(settings: Settings) -> PlatformSecrets:
     return PlatformSecrets(root)
 
 
+async def _stop_in_order(*steps: Callable[[], Awaitable[Any]] | None) -> None:
+    """Run every shutdown step even when an earlier one fails (a backend client that fails to close must not
+    cost the ledger's last records), then raise the first failure."""
+    first: BaseException | None = None
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            await step()
+        except Exception as e:   # noqa: BLE001 - logged, the remaining steps still run
+            log.exception("shutdown step %s failed", getattr(step, "__qualname__", step))
+            first = first or e
+    if first is not None:
+        raise first
+
+
 def _signer_source(settings: Settings, signer: AttestedSigner | None) -> SignerSource:
     if signer is not None:
         return SignerSource.of(signer)
@@ -153,7 +169,8 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
         quotas = open_quotas(settings.quotas, store.engine, keys.row_mac_key(), now,
                              on_integrity_failure=metrics.integrity_failed, on_refusal=metrics.quota_refused)
         gateway.recorder.sinks.append(quotas.sink)
-        ledger = Ledger(store.engine, keys.row_mac_key(), settings.usage, registry=metrics.registry,
+        ledger = Ledger(store.engine, keys.row_mac_key(), settings.usage, hash_key=keys.ledger_hash_key(),
+                        registry=metrics.registry,
                         on_integrity_failure=metrics.integrity_failed)
         gateway.recorder.sinks.append(ledger.record)
         signers = _signer_source(settings, signer)
@@ -174,14 +191,15 @@ def create_app(settings: Settings, *, registry: Any | None = None, extra_routers
             yield
         finally:
             gc.unfreeze()  # what this app's lifespan froze may now be collected (tests build many apps)
-            await tracker.stop()
-            await audit.stop()   # the refusals left and a last checkpoint, while the store is open
-            await gateway.aclose()
-            await quotas.stop()
-            if manage_registry:
-                await reg.stop()
-            await ledger.stop()   # after the last request has finished (its record made), before the store closes
-            await store.close()
+            await _stop_in_order(
+                tracker.stop,
+                audit.stop,     # the refusals left and a last checkpoint, while the store is open
+                gateway.aclose,
+                quotas.stop,    # leases given back
+                reg.stop if manage_registry else None,
+                ledger.stop,    # after the last request has finished (its record made), before the store closes
+                store.close,
+            )
 
     # /docs and /redoc from assets shipped in the package (fastapi-offline), not a CDN: a confidential service
     # makes no third-party requests, and the docs work offline. Swagger UI's online validator is off too.

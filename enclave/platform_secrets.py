@@ -3,7 +3,7 @@
 ``root`` is the only secret value: 32 random bytes made by the first replica inside the enclave, kept on disk
 only sealed (``enclave.sealed_state``) and handed to a new replica only over a mutually attested channel
 (``enclave.join``). Every working key is derived from it with HKDF-SHA-256 under its own label, so a key used for
-one job (PAT lookup hashes, row MACs) never serves another.
+one job (PAT lookup hashes, row MACs, sealed ledger hashes) never serves another.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ MIN_ROOT_BYTES = 32
 FORMAT = b"cube-platform-secrets/v1\x00"
 PAT_HMAC_LABEL = b"cube-ai/pat-hmac/v1"
 ROW_MAC_LABEL = b"cube-ai/row-mac/v1"
+LEDGER_HASH_LABEL = b"cube-ai/ledger-hash/v1"
 
 
 class PlatformSecretsError(ValueError):
@@ -51,6 +52,10 @@ class PlatformSecrets:
     def row_mac_key(self) -> bytes:
         """The key of the MACs on security-relevant rows."""
         return _derive(self.root, ROW_MAC_LABEL)
+
+    def ledger_hash_key(self) -> bytes:
+        """The key sealing the body hashes of usage records (``enclave.usage.hash_seal``)."""
+        return _derive(self.root, LEDGER_HASH_LABEL)
 
     def to_bytes(self) -> bytes:
         return FORMAT + self.root

@@ -6,6 +6,8 @@ row. A background task writes the buffer, up to
 ``batch_size`` records per statement (one executemany), every ``flush_seconds`` or as soon as a batch is full.
 Every row carries a MAC (enclave.row_mac, table ``usage_records``, every column), so reads serve only rows this
 enclave wrote: an edited, inserted or swapped row is left out, logged and counted like the identity tables'.
+The two body hashes (what receipts sign) are stored encrypted (``enclave.usage.hash_seal``): in clear they
+would let the host confirm a guessed prompt or answer.
 
 What can be lost:
 
@@ -41,6 +43,7 @@ from enclave.inference.record import InferenceRecord
 from enclave.row_mac import RowMac
 from enclave.schema import usage_records
 from enclave.usage.entry import FIELDS, TABLE, UsageEntry, check_storable, checked_values, record_values
+from enclave.usage.hash_seal import HashSeal
 from enclave.usage.report import UsageFilter
 
 log = logging.getLogger("enclave.usage")
@@ -74,17 +77,20 @@ class _StoredTime(sa.types.TypeDecorator):
             return value
 
 
+SEALED_COLUMNS = ("request_sha256", "response_sha256")
+_SEALED_INDEX = tuple((column, FIELDS.index(column)) for column in SEALED_COLUMNS)
 #: What reads select: every field in FIELDS order, then the MAC.
 _COLUMNS = sa.select(*(sa.type_coerce(usage_records.c[name], _StoredTime()).label(name) if name == "created_at"
                        else usage_records.c[name] for name in FIELDS), usage_records.c.mac)
 
 
 class Ledger:
-    def __init__(self, engine: AsyncEngine, row_key: bytes, settings: UsageSettings, *,
+    def __init__(self, engine: AsyncEngine, row_key: bytes, settings: UsageSettings, *, hash_key: bytes,
                  registry: CollectorRegistry | None = None,
                  on_integrity_failure: Callable[[str], None] | None = None) -> None:
         self.engine = engine
         self._mac = RowMac(row_key)
+        self._seal = HashSeal(hash_key)   # the body hashes are stored encrypted (enclave.usage.hash_seal)
         self.flush_seconds = settings.flush_seconds
         self.batch_size = settings.batch_size
         self.max_pending = settings.max_pending
@@ -195,7 +201,9 @@ class Ledger:
             values = record_values(record)
             check_storable(values)
             row = dict(zip(FIELDS, values))
-            row["mac"] = self._mac.mac(TABLE, values)
+            row["mac"] = self._mac.mac(TABLE, values)   # over the hashes in clear
+            for column in SEALED_COLUMNS:
+                row[column] = self._seal.seal(row[column], record.request_id, column)
             return row
         except Exception:   # a record no row can hold: left out, so that it never blocks the ones after it
             log.exception("usage ledger: the record of request %s cannot be stored; left out",
@@ -269,6 +277,8 @@ class Ledger:
         its MAC fails or it holds values of types never written."""
         try:
             values = checked_values(row[:-1])
+            for column, i in _SEALED_INDEX:
+                values[i] = self._seal.open(values[i], values[0], column)
         except (ValueError, TypeError, AttributeError):
             self._refused(str(row[0]))
             return None

@@ -34,6 +34,7 @@ SERVER_SECRET = "s" * 48
 TEST_SECRETS = PlatformSecrets(SERVER_SECRET.encode())
 PAT_KEY = TEST_SECRETS.pat_hmac_key()
 ROW_KEY = TEST_SECRETS.row_mac_key()
+HASH_KEY = TEST_SECRETS.ledger_hash_key()
 
 
 class FakeClock:

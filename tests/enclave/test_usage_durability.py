@@ -14,13 +14,17 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+from fastapi.testclient import TestClient
 
+from enclave.app import create_app
+from enclave.inference.gateway import Gateway
 from enclave.store import Store
 
-from tests.enclave.conftest import ROW_KEY
+from tests.enclave.conftest import ROW_KEY, make_settings
 from tests.enclave.inference_support import start_service
 from tests.enclave.test_main import free_port, wait_until_serving
-from tests.enclave.usage_support import stored_rows
+from tests.enclave.usage_support import made_record, stored_rows
 from tests.fakes.ollama import FakeOllama
 
 MODEL = "llama3.2:3b"
@@ -136,3 +140,20 @@ def test_kill_9_loses_at_most_the_last_flush_interval(tmp_path: Path) -> None:
     assert set(kept) <= set(before) | set(last)
     print(f"kill -9: {len(set(last) - set(kept))} of the last {len(last)} records (served within "
           f"{FLUSH_SECONDS} s of the kill) lost")
+
+
+def test_a_failing_shutdown_step_does_not_cost_the_ledgers_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend clients fail to close at shutdown: the ledger still writes what it holds."""
+    app = create_app(make_settings(tmp_path))
+    record = made_record()
+    closes = Gateway.aclose
+
+    async def broken(self: Gateway) -> None:
+        await closes(self)
+        raise RuntimeError("backend client did not close")
+
+    monkeypatch.setattr(Gateway, "aclose", broken)
+    with pytest.raises(RuntimeError, match="did not close"):
+        with TestClient(app):
+            app.state.ctx.ledger.record(record)
+    assert record.request_id in _stored_ids(tmp_path / "enclave.db")

@@ -17,7 +17,7 @@ from enclave.store import Store
 from enclave.usage import Ledger, UsageEntry, UsageFilter
 from enclave.usage.entry import FIELDS
 
-from tests.enclave.conftest import ROW_KEY
+from tests.enclave.conftest import HASH_KEY, ROW_KEY
 from tests.enclave.test_store import store  # noqa: F401  (SQLite and PostgreSQL, a fresh schema each)
 from tests.enclave.usage_support import T0, made_record, rename_table, stored_rows
 
@@ -28,7 +28,7 @@ class Refusals(list):
 
 
 def ledger_of(store: Store, refusals: Refusals | None = None, **settings: float) -> Ledger:
-    return Ledger(store.engine, ROW_KEY, UsageSettings(**settings), on_integrity_failure=refusals)
+    return Ledger(store.engine, ROW_KEY, UsageSettings(**settings), hash_key=HASH_KEY, on_integrity_failure=refusals)
 
 
 async def until(condition, what: str, within: float = 10.0) -> None:
@@ -431,3 +431,27 @@ async def test_postgres_going_away_and_coming_back(pg_schema_url: tuple[str, str
         await ledger.stop()
         await store.close()
         await direct.close()
+
+
+async def test_the_body_hashes_are_stored_sealed_and_a_moved_one_is_refused(store: Store) -> None:  # noqa: F811
+    """The host reads the database: a hash in clear would confirm a guessed prompt. Stored sealed, the value
+    says nothing, and a sealed hash moved to another row (or column) does not open there."""
+    ledger = ledger_of(store)
+    first = made_record(request_sha256="a" * 64, response_sha256="b" * 64)
+    second = made_record(request_sha256="c" * 64, response_sha256="d" * 64)
+    ledger.record(first)
+    ledger.record(second)
+    await ledger.flush()
+    async with store.engine.connect() as conn:
+        stored = {r.request_id: r for r in (await conn.execute(sa.text(
+            "SELECT request_id, request_sha256, response_sha256 FROM usage_records"))).all()}
+    for row in stored.values():
+        assert len(row.request_sha256) == 80 and "a" * 16 not in row.request_sha256
+    assert (await ledger.find(first.request_id)).request_sha256 == "a" * 64
+    async with store.engine.begin() as conn:   # the first row's sealed request hash put on the second row
+        await conn.execute(sa.text("UPDATE usage_records SET request_sha256 = :v WHERE request_id = :id"),
+                           {"v": stored[first.request_id].request_sha256, "id": second.request_id})
+        await conn.execute(sa.text("UPDATE usage_records SET response_sha256 = :v WHERE request_id = :id"),
+                           {"v": stored[first.request_id].request_sha256, "id": first.request_id})
+    assert await ledger.find(second.request_id) is None
+    assert await ledger.find(first.request_id) is None   # its request hash in its response column

@@ -43,8 +43,8 @@ def upgrade() -> None:
         sa.Column("estimated", sa.Boolean, nullable=False),
         sa.Column("ttft_ms", sa.Integer, nullable=True),
         sa.Column("duration_ms", sa.Integer, nullable=False),
-        sa.Column("request_sha256", sa.String(64), nullable=True),
-        sa.Column("response_sha256", sa.String(64), nullable=True),
+        sa.Column("request_sha256", sa.String(80), nullable=True),
+        sa.Column("response_sha256", sa.String(80), nullable=True),
         sa.Column("mac", sa.String(64), nullable=True),
         sa.PrimaryKeyConstraint("request_id", name="pk_usage_records"),
     )
