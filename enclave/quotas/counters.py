@@ -70,6 +70,7 @@ class Counter:
     active: bool = False   # admitted or consumed since the last sync
     syncing: bool = False  # a sync is under way: admissions wait for it
     waiting: int = 0       # admissions waiting for the lock (the counter is not dropped meanwhile)
+    relimited: bool = False   # the limit changed since the last sync: the lease was sized for the old one
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -113,13 +114,13 @@ class SharedCounters:
         c = self.counters.get(key)
         if c is None:
             c = self.counters[key] = Counter(subject, kind, window_start, window_end, limit)
-        else:
-            c.limit = limit
+        elif c.limit != limit:   # a lease sized for the old limit may exceed the new one: sync before admitting
+            c.limit, c.relimited = limit, True
         return c
 
     def try_take(self, c: Counter, need: int) -> bool:
         """Admit from the lease in memory, when it covers ``need`` (tokens: 0 units taken, 1 must be left)."""
-        if c.syncing or c.left < max(need, 1):
+        if c.syncing or c.relimited or c.left < max(need, 1):
             return False
         self._take(c, need)
         return True
@@ -150,7 +151,8 @@ class SharedCounters:
             return None
         try:
             async with self._locked([items[i][0] for i in lacking]):
-                stale = [(c, max(need, 1)) for c, need in (items[i] for i in lacking) if c.left < max(need, 1)]
+                stale = [(c, max(need, 1)) for c, need in (items[i] for i in lacking)
+                         if c.relimited or c.left < max(need, 1)]
                 if stale:
                     await self._sync_many(stale, renew=True)
                 for i in lacking:
@@ -281,15 +283,17 @@ class SharedCounters:
                                                            sa.func.coalesce(sa.func.sum(t.in_use), 0)).where(
                         self._where(c) & (t.replica != SHARED) & (t.replica != self.replica)))).one()
                     base = shared - int(mine or 0) + carried
-                    avail = c.limit - base
+                    limit = c.limit
+                    avail = limit - base
                     grant = min(avail, max(need, avail // live)) if renew and avail >= max(need, 1) else 0
                     total = base + grant
                     await conn.execute(quota_counters.update().where(self._where(c, SHARED)).values(held=total))
                     await self._upsert_mine(conn, c, carried + grant if c.is_slots else grant,
                                             carried if c.is_slots else 0)
-                    results.append((carried, grant, total, int(others[0]), int(others[1])))
+                    results.append((limit, carried, grant, total, int(others[0]), int(others[1])))
             self.live, self._wrote = live, True
-            for (c, _), (carried, grant, total, others_held, others_in_use) in zip(items, results):
+            for (c, _), (limit, carried, grant, total, others_held, others_in_use) in zip(items, results):
+                c.relimited = c.limit != limit   # changed again while this sync ran
                 if c.is_slots:
                     c.held = carried + grant
                     c.used_elsewhere = others_in_use

@@ -1,0 +1,116 @@
+"""Adversarial review of enclave.quotas (issue 11): each test is an attack that once succeeded, kept with its fix."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from enclave.store import Store
+
+from tests.enclave.inference_support import Service
+from tests.enclave.limits_support import Tenant, error_of, infer, new_key, new_member, new_tenant, put_limits
+from tests.enclave.test_limits_http import VLLM, svc  # noqa: F401  (the service with both fakes)
+from tests.enclave.test_limits_units import day, minute, replica
+from tests.enclave.test_store import store  # noqa: F401  (the store on SQLite and on PostgreSQL)
+
+
+# ---- a limit lowered while a replica holds a lease taken under the old one ----------------------------------
+async def test_a_lowered_limit_binds_at_once_not_when_the_old_lease_runs_out(store: Store) -> None:
+    """A replica alone leases all that remains; the lease taken under rpm 100 admitted 100 requests after the
+    limit was lowered to 3 (and a month budget lowered from a million to 100 let the whole old lease through)."""
+    one = replica(store, "r1")
+    await one.heartbeat()
+    win = minute()
+    rpm = one.counter("pat:x", "rpm", *win, 100)
+    assert await one.take(rpm, 1)                       # leases the 99 left
+    rpm = one.counter("pat:x", "rpm", *win, 3)          # the administrator lowers it
+    assert [await one.take(rpm, 1) for _ in range(3)] == [True, True, False]
+
+    slots = one.counter("pat:x", "concurrent", 0, 0, 5)
+    assert await one.take(slots, 1)
+    one.give_back(slots, 1)                             # idle, holding 5 slots
+    slots = one.counter("pat:x", "concurrent", 0, 0, 1)
+    assert [await one.take(slots, 1) for _ in range(2)] == [True, False]
+
+    budget = one.counter("pat:x", "tokens_per_day", *day(), 1_000_000)
+    assert await one.take(budget, 0)
+    one.consume(budget, 150)
+    await asyncio.gather(*one._debts)
+    budget = one.counter("pat:x", "tokens_per_day", *day(), 100)
+    assert not await one.take(budget, 0)                # 150 of 100 spent
+    budget = one.counter("pat:x", "tokens_per_day", *day(), 200)   # raised again: 50 left
+    assert await one.take(budget, 0)
+    await one.leave()
+
+
+# ---- over HTTPS ------------------------------------------------------------------------------------------
+def call(svc: Service, who: str, method: str, path: str, body: object = None) -> httpx.Response:
+    with svc.server.client(svc.world.tokens.get(who, who)) as c:
+        return c.request(method, path, json=body)
+
+
+def test_a_limit_lowered_over_the_api_binds_the_next_request(svc: Service) -> None:
+    t = new_tenant(svc)
+    assert put_limits(svc, f"/admin/pats/{t.pat_id}/limits", rpm=100).status_code == 200
+    assert infer(svc, t, model=VLLM).status_code == 200
+    assert put_limits(svc, f"/admin/pats/{t.pat_id}/limits", rpm=2).status_code == 200
+    assert [infer(svc, t, model=VLLM).status_code for _ in range(2)] == [200, 429]
+    # a ceiling lowered under a member's own, higher limit: the domain's counter binds every member
+    assert put_limits(svc, f"/admin/domains/{t.domain_id}/limits", rpm=100).status_code == 200
+    assert put_limits(svc, f"/domains/{t.domain_id}/members/{t.user_id}/limits", rpm=50).status_code == 200
+    other = new_key(svc, t.domain_id, t.user_id)
+    key = Tenant(t.domain_id, t.user_id, *other)
+    assert infer(svc, key, model=VLLM).status_code == 200
+    assert put_limits(svc, f"/admin/domains/{t.domain_id}/limits", rpm=2).status_code == 200
+    refused = [infer(svc, key, model=VLLM) for _ in range(2)]
+    assert [r.status_code for r in refused] == [200, 429]
+    assert "this domain" in error_of(refused[1])["message"]
+
+
+def test_a_domain_admin_cannot_lift_its_own_limits(svc: Service) -> None:
+    """The platform limited admin_a's membership and its own domain-bound key; admin_a set both back to the
+    ceiling (PUT) or to the defaults (DELETE)."""
+    a, w = svc.world.domains["A"], svc.world
+    admin = w.users["admin_a"]
+    own_key = call(svc, "admin_a", "POST", f"/domains/{a}/members/{admin}/pats", {"name": "own"}).json()["id"]
+    member_path, key_path = f"/domains/{a}/members/{admin}/limits", f"/domains/{a}/pats/{own_key}/limits"
+    for path in (member_path, key_path):
+        assert call(svc, "superadmin", "PUT", path, {"rpm": 1}).status_code == 200
+        for method, body in (("PUT", {"rpm": 5}), ("PUT", {}), ("DELETE", None)):
+            r = call(svc, "admin_a", method, path, body)
+            assert r.status_code == 403 and error_of(r)["code"] == "own_limits", (path, method, r.text)
+        assert call(svc, "admin_a", "GET", path).json()["own"]["rpm"] == 1          # still the platform's
+    other_admin = new_member(svc, a, role="admin")
+    with svc.server.client(w.tokens["superadmin"]) as c:
+        token = c.post(f"/domains/{a}/members/{other_admin}/pats", json={"name": "m", "scopes": ["manage"]}).json()
+    assert call(svc, token["token"], "PUT", member_path, {"rpm": 5}).status_code == 200   # another admin may
+    assert call(svc, "admin_a", "PUT", f"/domains/{a}/members/{other_admin}/limits", {"rpm": 5}).status_code == 200
+    for path in (member_path, key_path, f"/domains/{a}/members/{other_admin}/limits"):
+        assert call(svc, "superadmin", "DELETE", path).status_code == 204
+    # found sound: nobody outside the domain's members and keys bound to it can be limited by its admins
+    for path in (f"/domains/{a}/members/{w.users['superadmin']}/limits", f"/domains/{a}/members/{w.users['nonmember']}"
+                 "/limits", f"/domains/{a}/pats/{w.pat_ids['bound_b']}/limits",
+                 f"/domains/{a}/pats/{w.pat_ids['member_a']}/limits"):
+        assert call(svc, "admin_a", "PUT", path, {"rpm": 1}).status_code == 404, path
+
+
+@pytest.mark.parametrize("value", ["5", 5.0, 5.5, -1, -5, 2**62 + 1, "Unlimited", "UNLIMITED", " unlimited", True,
+                                   False, "", [], {}, "1e3"])
+def test_a_limit_is_a_json_whole_number_or_exactly_unlimited(svc: Service, value: object) -> None:
+    """``true`` was stored as the limit 1, ``"5"`` and ``5.0`` as 5: coerced, where a typo should be an error."""
+    t = new_tenant(svc)
+    r = put_limits(svc, f"/admin/pats/{t.pat_id}/limits", rpm=value)
+    assert r.status_code == 400, (value, r.text)
+    assert error_of(r)["param"] == "rpm" and error_of(r)["code"] == "invalid_value"
+
+
+def test_the_accepted_limit_forms(svc: Service) -> None:
+    t = new_tenant(svc)
+    r = put_limits(svc, f"/admin/pats/{t.pat_id}/limits", rpm=0, tpm=2**62, concurrent="unlimited",
+                   tokens_per_day=None)
+    assert r.status_code == 200, r.text
+    assert r.json()["own"] == {"rpm": 0, "tpm": 2**62, "concurrent": "unlimited", "tokens_per_day": None,
+                               "tokens_per_month": None}
+    assert infer(svc, t, model=VLLM).status_code == 429        # rpm 0 refuses everything
