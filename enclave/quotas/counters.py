@@ -12,7 +12,8 @@ used (admissions go on meanwhile). The next minute's leases are taken just befor
 
 Concurrency is a counter without window whose units are slots: a replica holds ``in flight + lease`` slots;
 a request ending frees its slot into the lease. A replica whose heartbeat is older than ``dead_after`` is
-presumed dead: the next replica to sync removes its rows and gives back what they held.
+presumed dead: the next replica to sync removes its rows and gives back what they held. Heartbeats are on the
+database's clock; windows on each replica's own (a skew moves a window's boundary, never its bound).
 
 **Overshoot bound** (docs/limits.md): requests per minute and concurrency never exceed the limit across
 replicas: every admission is covered by units granted under the row lock, and grants never pass the limit.
@@ -253,8 +254,16 @@ class SharedCounters:
                            .on_conflict_do_update(index_elements=["subject", "kind", "window_start", "replica"],
                                                   set_=values))
 
+    def _clock(self) -> Any:
+        """Heartbeats' time, epoch seconds: the database's clock, which every replica shares (their own may be
+        skewed: a replica running seconds behind looked dead to the others, which took its leases while it ran
+        on them). SQLite serves one process: its own clock."""
+        if self._sqlite:
+            return sa.literal(time.time(), sa.Float)
+        return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+
     async def _live_replicas(self, conn: AsyncConnection) -> int:
-        since = time.time() - self.dead_after
+        since = self._clock() - self.dead_after
         stmt = sa.select(sa.func.count()).select_from(quota_replicas).where(quota_replicas.c.beat_at >= since)
         return max(1, int((await conn.execute(stmt)).scalar_one()))
 
@@ -338,8 +347,8 @@ class SharedCounters:
         if self._sqlite and self._beaten:
             return 1
         self._beaten = True
-        now = time.time()
         async with self._transaction() as conn:
+            now = float((await conn.execute(sa.select(self._clock()))).scalar_one())
             updated = await conn.execute(quota_replicas.update().where(quota_replicas.c.replica == self.replica)
                                          .values(beat_at=now))
             if updated.rowcount == 0:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from enclave.quotas import counters as counters_module
 from enclave.store import Store
 
 from tests.enclave.inference_support import Service
-from tests.enclave.limits_support import Tenant, error_of, infer, new_key, new_member, new_tenant, put_limits
-from tests.enclave.test_limits_http import VLLM, svc  # noqa: F401  (the service with both fakes)
-from tests.enclave.test_limits_units import day, minute, replica
+from tests.enclave.limits_support import CHAT, Tenant, error_of, infer, new_key, new_member, new_tenant, put_limits
+from tests.enclave.test_limits_http import OLLAMA, VLLM, svc, wait_for  # noqa: F401  (svc: both fakes)
+from tests.enclave.test_limits_units import day, minute, pg_store, replica  # noqa: F401
 from tests.enclave.test_store import store  # noqa: F401  (the store on SQLite and on PostgreSQL)
 
 
@@ -45,7 +48,32 @@ async def test_a_lowered_limit_binds_at_once_not_when_the_old_lease_runs_out(sto
     await one.leave()
 
 
+# ---- replicas whose clocks disagree ------------------------------------------------------------------------
+async def test_a_replica_whose_clock_runs_behind_is_not_presumed_dead(pg_store: Store, monkeypatch) -> None:
+    """Heartbeats were each replica's wall clock: r1 running 30 s behind looked dead to r2, which gave r1's lease
+    back to the shared count while r1 still admitted from it (rpm 4 admitted 6). Now the database's clock."""
+    r1, r2 = replica(pg_store, "r1"), replica(pg_store, "r2")
+    real = time.time
+    monkeypatch.setattr(counters_module.time, "time", lambda: real() - 30)   # r1's clock
+    await r1.heartbeat()
+    win = minute()
+    c1 = r1.counter("pat:skew", "rpm", *win, 4)
+    assert [await r1.take(c1, 1) for _ in range(2)] == [True, True]          # alone: leases all 4
+    monkeypatch.setattr(counters_module.time, "time", real)                  # r2's clock
+    assert await r2.heartbeat() == 2                                         # r1 is live
+    c2 = r2.counter("pat:skew", "rpm", *win, 4)
+    admitted = [await r1.take(c1, 1) for _ in range(2)] + [await r2.take(c2, 1) for _ in range(2)]
+    assert admitted.count(True) == 2                                         # 4 in all, never 6
+    await r1.leave()
+    await r2.leave()
+
+
 # ---- over HTTPS ------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _fresh_fakes(svc: Service) -> None:
+    svc.reset_fakes()
+
+
 def call(svc: Service, who: str, method: str, path: str, body: object = None) -> httpx.Response:
     with svc.server.client(svc.world.tokens.get(who, who)) as c:
         return c.request(method, path, json=body)
@@ -114,3 +142,72 @@ def test_the_accepted_limit_forms(svc: Service) -> None:
     assert r.json()["own"] == {"rpm": 0, "tpm": 2**62, "concurrent": "unlimited", "tokens_per_day": None,
                                "tokens_per_month": None}
     assert infer(svc, t, model=VLLM).status_code == 429        # rpm 0 refuses everything
+
+
+# ---- a tenant escaping its concurrency or its rate ------------------------------------------------------
+def _client(svc: Service, t: Tenant, timeout: float = 30) -> httpx.Client:
+    return httpx.Client(base_url=svc.server.url, verify=svc.server.client_ssl(), timeout=timeout,
+                        headers={"Authorization": f"Bearer {t.token}"})
+
+
+def _abort_after_first_line(svc: Service, t: Tenant, path: str, body: dict) -> int:
+    with _client(svc, t) as c, c.stream("POST", path, json=body) as r:
+        if r.status_code == 200:
+            next(r.iter_lines())
+        return r.status_code
+
+
+def _give_up_before_headers(svc: Service, t: Tenant, path: str, body: dict, timeout: float = 0.3) -> str:
+    try:
+        with _client(svc, t, timeout) as c:
+            return str(c.post(path, json=body).status_code)
+    except httpx.ReadTimeout:
+        return "timeout"
+
+
+def _slots(svc: Service, t: Tenant) -> tuple[int, int]:
+    counters = svc.server.ctx.quotas.counters.counters
+    found = [counters.get((key, "concurrent", 0)) for key in (f"pat:{t.pat_id}", f"domain:{t.domain_id}")]
+    return tuple(c.in_flight if c is not None else 0 for c in found)   # type: ignore[return-value]
+
+
+def test_many_aborted_requests_leak_no_slot_and_racing_ones_get_exactly_the_limit(svc: Service) -> None:
+    """Streams left after their first event, requests left before the answer's headers (streamed, whole,
+    embeddings, Ollama's routes), many at once: every slot comes back, and then exactly the limit runs."""
+    t = new_tenant(svc)
+    for path in (f"/admin/pats/{t.pat_id}/limits", f"/admin/domains/{t.domain_id}/limits"):
+        assert put_limits(svc, path, concurrent=3).status_code == 200
+    vllm, ollama = svc.fakes["vllm"], svc.fakes["ollama"]
+    chat = {"model": VLLM, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ochat = {"model": OLLAMA, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    openai_path, ollama_path = f"/proxy/{t.domain_id}/v1/", f"/proxy/{t.domain_id}/api/"
+    with ThreadPoolExecutor(12) as pool:
+        vllm.stall_after = ollama.stall_after = 1
+        seen = list(pool.map(lambda i: _abort_after_first_line(
+            svc, t, *((openai_path + CHAT, chat) if i % 2 else (ollama_path + "chat", ochat))), range(24)))
+        assert set(seen) <= {200, 429} and 200 in seen
+        assert vllm.max_in_flight_seen <= 3 and ollama.max_in_flight_seen <= 3
+        vllm.stall_after = ollama.stall_after = None
+        vllm.delay = ollama.delay = 3600
+        bodies = [(openai_path + CHAT, chat), (openai_path + CHAT, {**chat, "stream": False}),
+                  (openai_path + "embeddings", {"model": VLLM, "input": "hi"}),
+                  (ollama_path + "embed", {"model": OLLAMA, "input": "hi"}), (ollama_path + "generate",
+                                                                              {"model": OLLAMA, "prompt": "hi"})]
+        seen = list(pool.map(lambda i: _give_up_before_headers(svc, t, *bodies[i % len(bodies)]), range(25)))
+        assert set(seen) <= {"timeout", "429"} and "timeout" in seen
+    wait_for(lambda: _slots(svc, t) == (0, 0), 10, "every slot back")
+    wait_for(lambda: svc.server.ctx.quotas.open_tickets == 0, 10, "every ticket released")
+    with ThreadPoolExecutor(8) as pool:       # the backend never answers: the admitted ones hold their slot
+        seen = list(pool.map(lambda _: _give_up_before_headers(svc, t, openai_path + CHAT, chat, 5), range(8)))
+    assert sorted(seen) == ["429"] * 5 + ["timeout"] * 3
+
+
+def test_requests_racing_at_a_rate_limit_get_exactly_the_limit(svc: Service) -> None:
+    t = new_tenant(svc)
+    assert put_limits(svc, f"/admin/pats/{t.pat_id}/limits", rpm=10).status_code == 200
+    with ThreadPoolExecutor(20) as pool:
+        seen = list(pool.map(lambda _: infer(svc, t, model=VLLM).status_code, range(40)))
+    assert sorted(seen) == [200] * 10 + [429] * 30
+    for method in ("HEAD", "OPTIONS", "GET", "PUT"):       # other methods: 405, and nothing counted
+        with _client(svc, t) as c:
+            assert c.request(method, f"/proxy/{t.domain_id}/v1/{CHAT}").status_code == 405
