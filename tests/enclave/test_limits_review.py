@@ -8,13 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from fastapi.routing import iter_route_contexts
 
+from enclave.access import OLLAMA_MANAGEMENT_ROUTES
 from enclave.quotas import counters as counters_module
 from enclave.store import Store
 
 from tests.enclave.inference_support import Service
 from tests.enclave.limits_support import CHAT, Tenant, error_of, infer, new_key, new_member, new_tenant, put_limits
-from tests.enclave.test_limits_http import OLLAMA, VLLM, svc, wait_for  # noqa: F401  (svc: both fakes)
+from tests.enclave.test_limits_http import OLLAMA, VLLM, backend_calls, svc, wait_for  # noqa: F401  (svc: both fakes)
 from tests.enclave.test_limits_units import day, minute, pg_store, replica  # noqa: F401
 from tests.enclave.test_store import store  # noqa: F401  (the store on SQLite and on PostgreSQL)
 
@@ -211,3 +213,29 @@ def test_requests_racing_at_a_rate_limit_get_exactly_the_limit(svc: Service) -> 
     for method in ("HEAD", "OPTIONS", "GET", "PUT"):       # other methods: 405, and nothing counted
         with _client(svc, t) as c:
             assert c.request(method, f"/proxy/{t.domain_id}/v1/{CHAT}").status_code == 405
+
+
+#: POST routes under /proxy/{domain_id}/ that generate nothing, so no limit applies (the metadata of one model;
+#: Ollama's model management, refused outright). Any other POST route there must be limited.
+UNLIMITED_ROUTES = {"/proxy/{domain_id}/api/show": 200,
+                    **{f"/proxy/{{domain_id}}/api/{action}": 403 for action in OLLAMA_MANAGEMENT_ROUTES}}
+
+
+def test_every_inference_route_of_the_app_is_limited(svc: Service) -> None:
+    """The routes are enumerated from the app, so a new one that reaches a backend without the limits (LiteLLM's
+    budgets skipped on some routes) fails here."""
+    t = new_tenant(svc)
+    assert put_limits(svc, f"/admin/pats/{t.pat_id}/limits", rpm=0).status_code == 200
+    paths = sorted({route.path for route in iter_route_contexts(svc.server.app.routes)
+                    if getattr(route, "path", "").startswith("/proxy/{domain_id}/")
+                    and "POST" in (getattr(route, "methods", None) or ())})
+    assert len(paths) >= 7
+    body = {"messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "input": "hi", "stream": False}
+    before = {name: backend_calls(svc, name) for name in ("vllm", "ollama")}
+    for path in paths:
+        model = OLLAMA if "/api/" in path else VLLM
+        with svc.server.client(t.token) as c:
+            r = c.post(path.replace("{domain_id}", t.domain_id), json={**body, "model": model})
+        assert r.status_code == UNLIMITED_ROUTES.get(path, 429), (path, r.text)
+    shown = 1                                                # api/show asks the backend for the model's card
+    assert backend_calls(svc, "vllm") == before["vllm"] and backend_calls(svc, "ollama") == before["ollama"] + shown
