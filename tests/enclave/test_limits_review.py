@@ -239,3 +239,23 @@ def test_every_inference_route_of_the_app_is_limited(svc: Service) -> None:
         assert r.status_code == UNLIMITED_ROUTES.get(path, 429), (path, r.text)
     shown = 1                                                # api/show asks the backend for the model's card
     assert backend_calls(svc, "vllm") == before["vllm"] and backend_calls(svc, "ollama") == before["ollama"] + shown
+
+
+def test_a_refused_request_counts_for_nothing_in_the_headers(svc: Service) -> None:
+    """Found sound: a request refused by one kind gives back what it took of the others (its headers say so)."""
+    t = new_tenant(svc)
+    assert put_limits(svc, f"/admin/pats/{t.pat_id}/limits", rpm=10, concurrent=1, tpm=10**6).status_code == 200
+    svc.fakes["vllm"].delay = 3600
+    chat = {"model": VLLM, "messages": [{"role": "user", "content": "hi"}]}
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(_give_up_before_headers, svc, t, f"/proxy/{t.domain_id}/v1/{CHAT}", chat, 5)
+        wait_for(lambda: _slots(svc, t)[0] == 1, 5, "the first request in flight")
+        refused = infer(svc, t, model=VLLM)
+        assert refused.status_code == 429 and error_of(refused)["type"] == "requests"
+        assert refused.headers["retry-after"] == "1" and "x-should-retry" not in refused.headers
+        assert refused.headers["x-ratelimit-remaining-requests"] == "9"      # only the one in flight
+        assert refused.headers["x-ratelimit-remaining-tokens"] == str(10**6)
+        assert held.result() == "timeout"
+    svc.fakes["vllm"].delay = 0
+    wait_for(lambda: _slots(svc, t)[0] == 0, 5, "the slot back")
+    assert infer(svc, t, model=VLLM).headers["x-ratelimit-remaining-requests"] == "8"
