@@ -259,3 +259,23 @@ def test_a_refused_request_counts_for_nothing_in_the_headers(svc: Service) -> No
     svc.fakes["vllm"].delay = 0
     wait_for(lambda: _slots(svc, t)[0] == 0, 5, "the slot back")
     assert infer(svc, t, model=VLLM).headers["x-ratelimit-remaining-requests"] == "8"
+
+
+def test_an_unbound_key_carries_its_limits_into_every_domain(svc: Service) -> None:
+    """Found sound: the limits of a key bound to no domain follow it (one counter wherever it is used), a user's
+    are per domain, and neither domain's admins can touch the key's."""
+    one, two = new_tenant(svc), new_tenant(svc)
+    with svc.server.client(svc.world.tokens["superadmin"]) as c:
+        assert c.put(f"/domains/{two.domain_id}/members/{one.user_id}", json={"role": "admin"}).status_code == 200
+        key = c.post(f"/admin/users/{one.user_id}/pats", json={"name": "both", "scopes": ["models:read",
+                                                                                          "models:infer",
+                                                                                          "manage"]}).json()
+    assert put_limits(svc, f"/admin/pats/{key['id']}/limits", rpm=3).status_code == 200
+    in_one, in_two = Tenant(one.domain_id, one.user_id, key["id"], key["token"]), \
+        Tenant(two.domain_id, one.user_id, key["id"], key["token"])
+    assert [infer(svc, t, model=VLLM).status_code for t in (in_one, in_two, in_one, in_two)] == [200, 200, 200, 429]
+    r = call(svc, key["token"], "PUT", f"/domains/{two.domain_id}/pats/{key['id']}/limits", {"rpm": 100})
+    assert r.status_code == 404                                 # an admin of `two`: the key is not bound there
+    assert put_limits(svc, f"/admin/pats/{key['id']}/limits", rpm=100).status_code == 200
+    assert put_limits(svc, f"/domains/{two.domain_id}/members/{one.user_id}/limits", rpm=1).status_code == 200
+    assert [infer(svc, t, model=VLLM).status_code for t in (in_two, in_two, in_one)] == [200, 429, 200]
