@@ -210,6 +210,14 @@ def test_requests_racing_at_a_rate_limit_get_exactly_the_limit(svc: Service) -> 
     with ThreadPoolExecutor(20) as pool:
         seen = list(pool.map(lambda _: infer(svc, t, model=VLLM).status_code, range(40)))
     assert sorted(seen) == [200] * 10 + [429] * 30
+    # a client's own request id is never taken: two requests naming the same one are two tickets
+    assert put_limits(svc, f"/admin/pats/{t.pat_id}/limits", concurrent=5).status_code == 200
+    with _client(svc, t) as c:
+        body = {"model": VLLM, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        ids = {c.post(f"/proxy/{t.domain_id}/v1/{CHAT}", json=body, headers={"x-request-id": "same"})
+               .headers["x-request-id"] for _ in range(3)}
+    assert len(ids) == 3 and "same" not in ids
+    wait_for(lambda: _slots(svc, t)[0] == 0, 5, "every slot back")
     for method in ("HEAD", "OPTIONS", "GET", "PUT"):       # other methods: 405, and nothing counted
         with _client(svc, t) as c:
             assert c.request(method, f"/proxy/{t.domain_id}/v1/{CHAT}").status_code == 405
