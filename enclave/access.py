@@ -492,6 +492,16 @@ def may_manage_any_pat_limits(principal: Principal, pat: Pat | None) -> Decision
     return ALLOW if pat is not None else _PAT_NOT_FOUND
 
 
+def may_set_limits_of(principal: Principal, owner_id: str) -> Decision:
+    """Setting or clearing a member's or a domain-bound key's limits (after ``may_manage_member_limits`` or
+    ``may_manage_domain_pat_limits``): a domain admin never its own (its membership, its keys), or it could
+    lift what the platform or another admin set on it; those are the platform's, or another admin's, to change."""
+    if may_manage_platform(principal) or owner_id != principal.user.id:
+        return ALLOW
+    return Decision(False, 403, "own_limits", "A domain admin cannot change its own limits; the platform or "
+                                              "another admin of the domain sets them.")
+
+
 def limits_within_ceiling(principal: Principal, requested: Mapping[str, int | None],
                           ceiling: Mapping[str, int | None]) -> Decision:
     """A domain admin sets limits within the domain's ceiling: for every kind the ceiling limits, an explicit

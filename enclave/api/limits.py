@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from enclave.access import (Principal, limits_within_ceiling, may_manage_any_pat_limits, may_manage_domain_ceiling,
                             may_manage_domain_pat_limits, may_manage_member_limits, may_read_domain_ceiling,
-                            may_read_own_limits, visible_roles)
+                            may_read_own_limits, may_set_limits_of, visible_roles)
 from enclave.api.context import AppContext, authenticated, check, decided_domain_id, find_domain, find_user
 from enclave.api.schemas import ERROR_RESPONSES, DomainRef, PatId, UserRef
 from enclave.errors import ApiError
@@ -32,7 +32,22 @@ platform = APIRouter(prefix="/admin", tags=["limits"], responses=ERROR_RESPONSES
 domain_admin = APIRouter(prefix="/domains/{domain_id}", tags=["limits"], responses=ERROR_RESPONSES)
 me = APIRouter(tags=["limits"], responses=ERROR_RESPONSES)
 
-Value = Annotated[int, Field(ge=0, le=2**62)] | Literal["unlimited"] | None
+_MAX_LIMIT = 2**62
+
+
+def _limit_value(value: Any) -> int | str | None:
+    """A JSON whole number from 0 to 2**62, exactly ``"unlimited"``, or null; nothing coerced (``true``, ``"5"``
+    and ``5.0`` are refused rather than read as limits 1 and 5)."""
+    if value is None or value == "unlimited":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_LIMIT:
+        return value
+    raise ValueError(f'a limit is a whole number from 0 to {_MAX_LIMIT}, "unlimited", or null for the default')
+
+
+Value = Annotated[int | Literal["unlimited"] | None, PlainValidator(_limit_value),
+                  WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0, "maximum": _MAX_LIMIT},
+                                            {"const": "unlimited"}, {"type": "null"}]})]
 
 
 class LimitsIn(BaseModel):
@@ -174,40 +189,47 @@ async def read_domain_ceiling(domain_id: DomainRef, request: Request,
     return await _render(_ctx(request), domain_subject(domain.id), with_usage=True)
 
 
+#: What a domain admin's route acts on: who asks, the domain, the subject, and the user the subject belongs to.
+Target = tuple[Principal, Domain, Subject, str]
+
+
 async def _member_subject(domain_id: DomainRef, user_id: UserRef, request: Request,
-                          principal: Principal = Depends(authenticated)) -> tuple[Principal, Domain, Subject]:
+                          principal: Principal = Depends(authenticated)) -> Target:
     ctx = _ctx(request)
     decided, domain = await _domain(request, domain_id)
     user = await find_user(ctx.store, user_id) if domain is not None else None
     member = await ctx.store.get_member(domain.id, user.id) if domain is not None and user is not None else None
     check(may_manage_member_limits(principal, decided, domain, member is not None))
     assert domain is not None and user is not None
-    return principal, domain, user_subject(domain.id, user.id)
+    return principal, domain, user_subject(domain.id, user.id), user.id
 
 
 async def _domain_pat_subject(domain_id: DomainRef, pat_id: PatId, request: Request,
-                              principal: Principal = Depends(authenticated)) -> tuple[Principal, Domain, Subject]:
+                              principal: Principal = Depends(authenticated)) -> Target:
     decided, domain = await _domain(request, domain_id)
     pat = await _pat(request, pat_id) if domain is not None else None
     check(may_manage_domain_pat_limits(principal, decided, domain, pat))
     assert domain is not None and pat is not None
-    return principal, domain, pat_subject(pat.id)
+    return principal, domain, pat_subject(pat.id), pat.user_id
 
 
 def _within_ceiling_routes(path: str, target: Any, what: str) -> None:
     """GET, PUT (within the domain's ceiling) and DELETE of one kind of subject the domain's admins manage;
-    ``target`` is the dependency deciding access and naming (principal, domain, subject)."""
+    ``target`` is the dependency deciding access and naming the ``Target``."""
 
     async def read(request: Request, found=Depends(target)) -> LimitsOut:
         return await _render(_ctx(request), found[2], with_usage=True)
 
     async def write(body: LimitsIn, request: Request, found=Depends(target)) -> LimitsOut:
-        principal, domain, subject = found
+        principal, domain, subject, owner = found
+        check(may_set_limits_of(principal, owner))
         _ceiling_check(_ctx(request), principal, domain, body)
         return await _put(_ctx(request), subject, body)
 
     async def clear(request: Request, found=Depends(target)) -> Response:
-        return await _clear(_ctx(request), found[2])
+        principal, _, subject, owner = found
+        check(may_set_limits_of(principal, owner))
+        return await _clear(_ctx(request), subject)
 
     name = what.replace(" ", "_").replace("-", "_")
     read.__name__, write.__name__, clear.__name__ = f"get_{name}_limits", f"set_{name}_limits", f"clear_{name}_limits"

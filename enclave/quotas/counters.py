@@ -12,7 +12,8 @@ used (admissions go on meanwhile). The next minute's leases are taken just befor
 
 Concurrency is a counter without window whose units are slots: a replica holds ``in flight + lease`` slots;
 a request ending frees its slot into the lease. A replica whose heartbeat is older than ``dead_after`` is
-presumed dead: the next replica to sync removes its rows and gives back what they held.
+presumed dead: the next replica to sync removes its rows and gives back what they held. Heartbeats are on the
+database's clock; windows on each replica's own (a skew moves a window's boundary, never its bound).
 
 **Overshoot bound** (docs/limits.md): requests per minute and concurrency never exceed the limit across
 replicas: every admission is covered by units granted under the row lock, and grants never pass the limit.
@@ -70,6 +71,7 @@ class Counter:
     active: bool = False   # admitted or consumed since the last sync
     syncing: bool = False  # a sync is under way: admissions wait for it
     waiting: int = 0       # admissions waiting for the lock (the counter is not dropped meanwhile)
+    relimited: bool = False   # the limit changed since the last sync: the lease was sized for the old one
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -113,13 +115,13 @@ class SharedCounters:
         c = self.counters.get(key)
         if c is None:
             c = self.counters[key] = Counter(subject, kind, window_start, window_end, limit)
-        else:
-            c.limit = limit
+        elif c.limit != limit:   # a lease sized for the old limit may exceed the new one: sync before admitting
+            c.limit, c.relimited = limit, True
         return c
 
     def try_take(self, c: Counter, need: int) -> bool:
         """Admit from the lease in memory, when it covers ``need`` (tokens: 0 units taken, 1 must be left)."""
-        if c.syncing or c.left < max(need, 1):
+        if c.syncing or c.relimited or c.left < max(need, 1):
             return False
         self._take(c, need)
         return True
@@ -150,7 +152,8 @@ class SharedCounters:
             return None
         try:
             async with self._locked([items[i][0] for i in lacking]):
-                stale = [(c, max(need, 1)) for c, need in (items[i] for i in lacking) if c.left < max(need, 1)]
+                stale = [(c, max(need, 1)) for c, need in (items[i] for i in lacking)
+                         if c.relimited or c.left < max(need, 1)]
                 if stale:
                     await self._sync_many(stale, renew=True)
                 for i in lacking:
@@ -251,8 +254,16 @@ class SharedCounters:
                            .on_conflict_do_update(index_elements=["subject", "kind", "window_start", "replica"],
                                                   set_=values))
 
+    def _clock(self) -> Any:
+        """Heartbeats' time, epoch seconds: the database's clock, which every replica shares (their own may be
+        skewed: a replica running seconds behind looked dead to the others, which took its leases while it ran
+        on them). SQLite serves one process: its own clock."""
+        if self._sqlite:
+            return sa.literal(time.time(), sa.Float)
+        return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float)
+
     async def _live_replicas(self, conn: AsyncConnection) -> int:
-        since = time.time() - self.dead_after
+        since = self._clock() - self.dead_after
         stmt = sa.select(sa.func.count()).select_from(quota_replicas).where(quota_replicas.c.beat_at >= since)
         return max(1, int((await conn.execute(stmt)).scalar_one()))
 
@@ -281,15 +292,17 @@ class SharedCounters:
                                                            sa.func.coalesce(sa.func.sum(t.in_use), 0)).where(
                         self._where(c) & (t.replica != SHARED) & (t.replica != self.replica)))).one()
                     base = shared - int(mine or 0) + carried
-                    avail = c.limit - base
+                    limit = c.limit
+                    avail = limit - base
                     grant = min(avail, max(need, avail // live)) if renew and avail >= max(need, 1) else 0
                     total = base + grant
                     await conn.execute(quota_counters.update().where(self._where(c, SHARED)).values(held=total))
                     await self._upsert_mine(conn, c, carried + grant if c.is_slots else grant,
                                             carried if c.is_slots else 0)
-                    results.append((carried, grant, total, int(others[0]), int(others[1])))
+                    results.append((limit, carried, grant, total, int(others[0]), int(others[1])))
             self.live, self._wrote = live, True
-            for (c, _), (carried, grant, total, others_held, others_in_use) in zip(items, results):
+            for (c, _), (limit, carried, grant, total, others_held, others_in_use) in zip(items, results):
+                c.relimited = c.limit != limit   # changed again while this sync ran
                 if c.is_slots:
                     c.held = carried + grant
                     c.used_elsewhere = others_in_use
@@ -334,8 +347,8 @@ class SharedCounters:
         if self._sqlite and self._beaten:
             return 1
         self._beaten = True
-        now = time.time()
         async with self._transaction() as conn:
+            now = float((await conn.execute(sa.select(self._clock()))).scalar_one())
             updated = await conn.execute(quota_replicas.update().where(quota_replicas.c.replica == self.replica)
                                          .values(beat_at=now))
             if updated.rowcount == 0:
