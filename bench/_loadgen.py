@@ -8,7 +8,9 @@ It verifies nothing but TLS: ``--cafile`` trusts a certificate as is (the enclav
 publishes its certificate for exactly that); attestation is the benchmark's job before it starts this.
 
     run:  --concurrency C --requests R   C keep-alive connections, R streams each, one at a time (starts
-          spread over --stagger s); prints one JSON object (ttft_ns, delay_ns, events, streams, errors).
+          spread over --stagger s); writes one JSON object (ttft_ns, delay_ns, events, streams, errors) to
+          --out FILE, or to stdout without it. (A pipe is no place for it: at 64 streams it is ~400 KiB, and
+          print() into the benchmark's pipe came out cut at 64 or 128 KiB now and then, with exit code 0.)
     hold: --streams N                    N streams open at once; prints ``ready {json}`` once each got its
           first event (or --timeout passed), holds them until a line arrives on stdin, then closes them
           all (the gateway must cancel upstream) and prints the final JSON.
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import select
 import ssl
 import sys
 import time
@@ -232,6 +236,26 @@ async def hold_streams(target: Target, streams: int, timeout: float, connect_par
     print(json.dumps({**ready, "still_open_at_stop": still_open, "error_count": len(tally.errors)}), flush=True)
 
 
+def write_result(result: dict, out: str | None) -> None:
+    """The run's JSON, complete: into ``out`` (written under a temporary name, then renamed, so a reader never
+    sees half of it), else to stdout in one loop of raw writes that only ends when every byte is out."""
+    text = json.dumps(result) + "\n"
+    if out:
+        partial = f"{out}.partial"
+        with open(partial, "w", encoding="utf-8") as sink:
+            sink.write(text)
+        os.replace(partial, out)
+        return
+    sys.stdout.flush()
+    view = memoryview(text.encode())
+    fd = sys.stdout.fileno()
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:   # a descriptor someone set non-blocking: wait until the pipe drains
+            select.select([], [fd], [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=("run", "hold"))
@@ -248,6 +272,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1000, help="streams held open at once (hold)")
     parser.add_argument("--timeout", type=float, default=60.0, help="hold: longest wait for the first events")
     parser.add_argument("--connect-parallel", type=int, default=64)
+    parser.add_argument("--out", help="run: write the result JSON to this file instead of stdout")
     args = parser.parse_args()
     context = None
     if args.cafile:
@@ -261,7 +286,8 @@ def main() -> None:
     except ImportError:
         pass
     if args.mode == "run":
-        print(json.dumps(asyncio.run(run_workers(target, args.concurrency, args.requests, args.stagger)).to_json()))
+        tally = asyncio.run(run_workers(target, args.concurrency, args.requests, args.stagger))
+        write_result(tally.to_json(), args.out)
     else:
         asyncio.run(hold_streams(target, args.streams, args.timeout, args.connect_parallel))
 

@@ -7,8 +7,10 @@ event's token different, each stamped with the backend's monotonic clock):
 * enclave: ``cube-enclave serve --simulate`` in its own process, attested TLS (its key attested once with
   the attested client and the simulated platform's policy before the run; the load generator then trusts the
   certificate the simulated platform publishes), a member's PAT, the access check on ``model``;
+* plain: the same enclave with its usage ledger switched off by a bench-only launcher (``_enclave_plain``:
+  ``Ledger.record`` a no-op; the product has no such switch), no limits: the baseline of issue 11;
 * limits: the same enclave with limits and budgets configured (``quotas.defaults``: every kind on every
-  level, high enough never to refuse), to price their bookkeeping against ``enclave`` (issue 11);
+  level, high enough never to refuse) and the ledger on, to price their bookkeeping (issue 11);
 * litellm: LiteLLM proxy (``litellm[proxy]``, one worker, in its own venv ``.venv-litellm``, installed here
   on first use) with the backend as an openai-compatible model, its master key, plain HTTP.
 
@@ -20,10 +22,18 @@ per 1,000 relayed events and the enclave/LiteLLM ratio, and the enclave's RSS gr
 streams (one event a second) are open at once.
 
 Goals (issue 9): added TTFT p50 < 1 ms at 1 stream and p99 < 5 ms at 64; CPU per 1,000 events <= 0.3 x
-LiteLLM's; 1,000 open streams with < 300 MB RSS growth. Issue 11: limits on add at most 5% gateway CPU per
-request and no TTFT beyond noise (printed: the limits/enclave ratios).
+LiteLLM's; 1,000 open streams with < 300 MB RSS growth. Issue 11: limits (all kinds) and the ledger add at
+most 5% gateway CPU per request and no TTFT beyond noise: printed as plain -> enclave -> limits, with the
+ratios over plain.
 
-    python bench/bench_inference.py [--quick] [--paths direct,enclave,limits,litellm] [--interval-ms 10]
+Noise (a shared 2-core machine): the phases run in ``--rounds`` rounds; each round runs every path at 1
+stream, then every path at 64, the three enclaves in an order rotated by one each round (so none always
+runs first or after the same neighbour); direct runs in every round, LiteLLM in the first only. Figures
+pool the rounds (TTFT percentiles over all streams, CPU summed); "noise" is the largest round-to-round
+spread of the statistic among the three enclaves. Each phase's CPU is read ``--settle`` s after its load
+ends, so the ledger's and the limits' background writes of that phase are counted in it.
+
+    python bench/bench_inference.py [--quick] [--paths direct,plain,enclave,limits,litellm] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from _sse_backend import SLOW_MODEL, STREAM_MODEL  # noqa: E402
 from bench_models import bootstrap, free_port  # noqa: E402
 
 LOADGEN = HERE / "_loadgen.py"
+PLAIN_LAUNCHER = HERE / "_enclave_plain.py"   # bench-only: the enclave without its usage ledger
 BACKEND = HERE / "_sse_backend.py"
 LITELLM_VENV = Path(os.environ.get("CUBE_BENCH_LITELLM_VENV", ROOT / ".venv-litellm"))
 # An exact, known release (1.107.0 was a compromised upload); 1.108 is what the issue's figures came from.
@@ -64,6 +75,11 @@ GOAL_TTFT_P99_64_MS = 5.0
 GOAL_CPU_RATIO = 0.3
 GOAL_RSS_MB = 300.0
 GOAL_LIMITS_CPU_RATIO = 1.05
+#: The enclave paths of issue 11, baseline first: neither limits nor ledger, ledger, limits + ledger.
+ENCLAVE_VARIANTS = ("plain", "enclave", "limits")
+VARIANT_LABELS = {"plain": "plain (no limits, no ledger)", "enclave": "enclave (no limits, ledger)",
+                  "limits": "limits (limits all kinds + ledger)"}
+PATHS = ("direct", *ENCLAVE_VARIANTS, "litellm")
 #: Limits for the ``limits`` path: every kind at every level, never reached by the run.
 BENCH_LIMITS = {"rpm": 10**7, "tpm": 10**12, "concurrent": 10**5, "tokens_per_day": 10**15,
                 "tokens_per_month": 10**15}
@@ -184,7 +200,8 @@ def _enclave_backend(backend_url: str, streams: int) -> dict:
 
 
 def start_enclave(tmp: Path, backend_port: int, args: argparse.Namespace, *, name: str = "enclave",
-                  quotas: dict | None = None) -> tuple[subprocess.Popen, Gateway]:
+                  quotas: dict | None = None, ledger: bool = True) -> tuple[subprocess.Popen, Gateway]:
+    """``ledger=False``: started through the bench-only launcher that switches the usage ledger off."""
     from cryptography import x509
 
     from attestation.atls.binding import spki_der_of, spki_sha256
@@ -214,7 +231,8 @@ def start_enclave(tmp: Path, backend_port: int, args: argparse.Namespace, *, nam
     config_path.touch(mode=0o600)   # it holds the simulation's secret: owner-only, as the enclave requires
     config_path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CUBE_ENCLAVE__")}
-    proc = spawn([sys.executable, "-m", "enclave.main", "serve", "--simulate", "--config", str(config_path),
+    program = ["-m", "enclave.main"] if ledger else [str(PLAIN_LAUNCHER)]
+    proc = spawn([sys.executable, *program, "serve", "--simulate", "--config", str(config_path),
                   "--data-dir", str(data_dir), "--port", str(port)], log, env=env)
     policy_file, cert_file = data_dir / "sim-policy.yaml", data_dir / "server-cert.pem"
     wait_for("the enclave", lambda: policy_file.exists() and cert_file.exists(), proc, log, 60)
@@ -284,25 +302,44 @@ def start_litellm(tmp: Path, backend_port: int) -> tuple[subprocess.Popen, Gatew
 
 # --- load and figures -------------------------------------------------------------------------------------
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    """Nearest-rank percentile (q in 0..100); NaN for an empty list."""
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 @dataclass
 class Phase:
+    """One load run on one path, or (``pooled``) the rounds of one path at one concurrency summed."""
+
     gateway: str
     streams: int          # concurrent
-    ttft_p50: float       # ms
-    ttft_p99: float
-    delay_p50: float      # ms, per-event one-way delay (event 2 onwards)
-    delay_p99: float
+    ttft: list[float]     # ms, one per completed stream
+    delay: list[float]    # ms, per-event one-way delay (event 2 onwards)
     events: int
     completed: int        # streams completed
     errors: int
     first_error: str
-    cpu_s: float          # gateway CPU during the phase
-    seconds: float
+    cpu_s: float          # gateway CPU during the phase and its settle
+    seconds: float        # the load's duration
+    rounds: int = 1
+
+    @property
+    def ttft_p50(self) -> float:
+        return percentile(self.ttft, 50)
+
+    @property
+    def ttft_p99(self) -> float:
+        return percentile(self.ttft, 99)
+
+    @property
+    def delay_p50(self) -> float:
+        return percentile(self.delay, 50)
+
+    @property
+    def delay_p99(self) -> float:
+        return percentile(self.delay, 99)
 
     @property
     def cpu_per_1000(self) -> float:
@@ -313,27 +350,41 @@ class Phase:
         return self.cpu_s / self.completed if self.completed else float("nan")
 
 
+def pooled(phases: list[Phase]) -> Phase:
+    """The rounds of one path at one concurrency as one phase: samples joined, counts and CPU summed."""
+    first = phases[0]
+    return Phase(first.gateway, first.streams, [x for p in phases for x in p.ttft],
+                 [x for p in phases for x in p.delay], sum(p.events for p in phases),
+                 sum(p.completed for p in phases), sum(p.errors for p in phases),
+                 next((p.first_error for p in phases if p.first_error), ""), sum(p.cpu_s for p in phases),
+                 sum(p.seconds for p in phases), len(phases))
+
+
 def run_phase(gateway: Gateway, concurrency: int, requests: int, args: argparse.Namespace,
-              backend_pid: int) -> Phase:
+              backend_pid: int, tmp: Path) -> Phase:
     """One load run; with several streams their starts are spread over one stream's length, so that about
-    ``concurrency`` streams are open at any time (not all starting in one burst)."""
+    ``concurrency`` streams are open at any time (not all starting in one burst). The gateway's CPU is read
+    ``--settle`` s after the load ends: what it writes in the background for these requests counts here."""
     stagger = args.events * args.interval_ms / 1000 if concurrency > 1 else 0.0
+    result = tmp / "loadgen-result.json"
+    result.unlink(missing_ok=True)
     command = [sys.executable, str(LOADGEN), "run", *gateway.loadgen_args(STREAM_MODEL, args.events),
-               "--concurrency", str(concurrency), "--requests", str(requests), "--stagger", f"{stagger:g}"]
+               "--concurrency", str(concurrency), "--requests", str(requests), "--stagger", f"{stagger:g}",
+               "--out", str(result)]
     watched = gateway.pid or backend_pid   # direct: the backend's own CPU, as a reference
     cpu_before, began = cpu_seconds(watched), time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, check=False, preexec_fn=_raise_nofile)
-    seconds, cpu = time.monotonic() - began, cpu_seconds(watched) - cpu_before
-    if done.returncode != 0:
+    seconds = time.monotonic() - began
+    time.sleep(args.settle)
+    cpu = cpu_seconds(watched) - cpu_before
+    if done.returncode != 0 or not result.exists():
         raise SystemExit(f"load generator failed on {gateway.name} ({done.returncode}):\n{done.stderr[-3000:]}")
-    out = json.loads(done.stdout)
+    out = json.loads(result.read_text())
     if not out["ttft_ns"]:
         raise SystemExit(f"no stream completed on {gateway.name}: {out['errors'][:3]}")
-    ttft = [x / 1e6 for x in out["ttft_ns"]]
-    delay = [x / 1e6 for x in out["delay_ns"]] or [float("nan")]
-    return Phase(gateway.name, concurrency, percentile(ttft, 50), percentile(ttft, 99), percentile(delay, 50),
-                 percentile(delay, 99), out["events"], out["streams"], out["error_count"],
-                 out["errors"][0] if out["errors"] else "", cpu, seconds)
+    return Phase(gateway.name, concurrency, [x / 1e6 for x in out["ttft_ns"]], [x / 1e6 for x in out["delay_ns"]],
+                 out["events"], out["streams"], out["error_count"], out["errors"][0] if out["errors"] else "",
+                 cpu, seconds)
 
 
 @dataclass
@@ -382,27 +433,33 @@ def _verdict(ok: bool) -> str:
 
 
 def report(phases: list[Phase], holds: dict[str, Hold], args: argparse.Namespace, litellm: str) -> None:
+    groups: dict[tuple[str, int], list[Phase]] = {}
+    for phase in phases:   # in the order run: round by round
+        groups.setdefault((phase.gateway, phase.streams), []).append(phase)
+    by = {key: pooled(group) for key, group in groups.items()}
+    rows = sorted(by.values(), key=lambda p: (PATHS.index(p.gateway), p.streams))
     print()
     print(f"{'path':8}{'streams':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'delay p50':>10}{'delay p99':>10}"
-          f"{'events':>9}{'streams ok':>11}{'errors':>7}{'CPU s':>8}{'CPU %':>7}{'CPU s/1k ev':>12}")
-    for p in phases:
+          f"{'events':>9}{'streams ok':>11}{'errors':>7}{'CPU s':>8}{'CPU %':>7}{'CPU s/1k ev':>12}{'CPU ms/req':>11}"
+          f"{'rounds':>7}")
+    for p in rows:
         print(f"{p.gateway:8}{p.streams:8d}{p.ttft_p50:10.3f}{p.ttft_p99:10.3f}{p.delay_p50:10.3f}{p.delay_p99:10.3f}"
               f"{p.events:9d}{p.completed:11d}{p.errors:7d}{p.cpu_s:8.2f}{100 * p.cpu_s / p.seconds:7.0f}"
-              f"{p.cpu_per_1000:12.4f}")
+              f"{p.cpu_per_1000:12.4f}{p.cpu_per_request * 1000:11.2f}{p.rounds:7d}")
     offered = args.streams_high * 1000 / args.interval_ms
-    print(f"(times in ms; delay = an event's one-way delay backend -> load generator; CPU of the gateway process "
-          f"tree, for direct the backend's own; CPU % = of one core over the phase. At {args.streams_high} streams "
-          f"the backend offers {offered:,.0f} events/s: a gateway needing more than 1 core for that, i.e. above "
-          f"{1000 / offered:.3f} CPU-s per 1,000 events, queues and its latencies measure that queue)")
-    for p in phases:
+    print(f"(times in ms, the rounds pooled; delay = an event's one-way delay backend -> load generator; CPU of the "
+          f"gateway process tree up to {args.settle:g} s after each load, for direct the backend's own; CPU % = of "
+          f"one core over the loads. At {args.streams_high} streams the backend offers {offered:,.0f} events/s: a "
+          f"gateway needing more than 1 core for that, i.e. above {1000 / offered:.3f} CPU-s per 1,000 events, "
+          f"queues and its latencies measure that queue)")
+    for p in rows:
         if p.errors:
             print(f"  {p.gateway} at {p.streams} streams: {p.errors} failed streams, first: {p.first_error}")
 
-    by = {(p.gateway, p.streams): p for p in phases}
     one, many = args.streams_low, args.streams_high
     base1, base64 = by[("direct", one)], by[("direct", many)]
     print()
-    for name in ("enclave", "limits", "litellm"):
+    for name in PATHS[1:]:
         if (name, one) not in by:
             continue
         p1, p64 = by[(name, one)], by[(name, many)]
@@ -426,8 +483,7 @@ def report(phases: list[Phase], holds: dict[str, Hold], args: argparse.Namespace
         ratio = by[("enclave", many)].cpu_per_1000 / by[("litellm", many)].cpu_per_1000
         print(f"CPU per 1,000 events enclave/litellm = {ratio:.3f}  (goal <= {GOAL_CPU_RATIO:g}): "
               f"{_verdict(ratio <= GOAL_CPU_RATIO)}")
-    if ("enclave", many) in by and ("limits", many) in by:
-        _limits_report(by, one, many)
+    _variants_report(groups, by, one, many)
     for name, h in holds.items():
         growth = h.rss_peak - h.rss_before
         verdict = (_verdict(growth < GOAL_RSS_MB and h.flowing == h.streams) if h.streams >= 1000
@@ -438,45 +494,123 @@ def report(phases: list[Phase], holds: dict[str, Hold], args: argparse.Namespace
               f"{h.rss_after:.0f} MB after they closed" + (f"; {h.errors} errors, first: {h.first_error}" if h.errors else ""))
 
 
-def _limits_report(by: dict, one: int, many: int) -> None:
-    """Limits on against off: gateway CPU per request and TTFT (issue 11's goal: <= 5% CPU, no added TTFT)."""
-    off, on = by[("enclave", many)], by[("limits", many)]
-    ratio = on.cpu_per_request / off.cpu_per_request
-    print(f"limits/enclave gateway CPU per request at {many} streams = {ratio:.3f} "
-          f"({on.cpu_per_request * 1000:.2f} vs {off.cpu_per_request * 1000:.2f} ms; goal <= "
-          f"{GOAL_LIMITS_CPU_RATIO:g}): {_verdict(ratio <= GOAL_LIMITS_CPU_RATIO)}")
-    for streams in (one, many):
-        a, b = by[("enclave", streams)], by[("limits", streams)]
-        print(f"limits/enclave TTFT at {streams} streams: p50 {b.ttft_p50 / a.ttft_p50:.3f} "
-              f"({b.ttft_p50 - a.ttft_p50:+.3f} ms), p99 {b.ttft_p99 / a.ttft_p99:.3f} "
-              f"({b.ttft_p99 - a.ttft_p99:+.3f} ms)")
+def _spread(phases: list[Phase], stat: Callable[[Phase], float]) -> float:
+    values = [stat(p) for p in phases]
+    return max(values) - min(values)
+
+
+def _variants_report(groups: dict[tuple[str, int], list[Phase]], by: dict[tuple[str, int], Phase],
+                     one: int, many: int) -> None:
+    """Issue 11: plain -> enclave -> limits, per request and TTFT, the ratios over plain and the verdict
+    (<= 5% more gateway CPU per request, added TTFT within the round-to-round noise)."""
+    present = [v for v in ENCLAVE_VARIANTS if (v, one) in by and (v, many) in by]
+    if "plain" not in present or len(present) < 2:
+        return
+    levels = (one, many)
+    print()
+    print("issue 11: " + " -> ".join(VARIANT_LABELS[v] for v in present))
+    print(f"{'path':9}" + "".join(f"{f'CPU ms/req @{s}':>17}" for s in levels)
+          + "".join(f"{f'TTFT p50 @{s}':>14}{f'p99 @{s}':>10}" for s in levels))
+    for v in present:
+        print(f"{v:9}" + "".join(f"{by[(v, s)].cpu_per_request * 1000:17.2f}" for s in levels)
+              + "".join(f"{by[(v, s)].ttft_p50:14.3f}{by[(v, s)].ttft_p99:10.3f}" for s in levels))
+    rounds = min(len(groups[(v, s)]) for v in present for s in levels)
+    stats: dict[str, Callable[[Phase], float]] = {"p50": lambda p: p.ttft_p50, "p99": lambda p: p.ttft_p99}
+    noise = {(s, name): max(_spread(groups[(v, s)], stat) for v in present)   # 0 with one round
+             for s in levels for name, stat in stats.items()}
+    for v in present[1:]:
+        label = "limits+ledger" if v == "limits" else "ledger"
+        for s in levels:
+            base, this = by[("plain", s)], by[(v, s)]
+            per_round = [b.cpu_per_request / a.cpu_per_request for a, b in zip(groups[("plain", s)], groups[(v, s)])]
+            print(f"{label}/neither ({v}/plain) at {s} stream{'s' if s > 1 else ''}: CPU per request "
+                  f"{this.cpu_per_request / base.cpu_per_request:.3f} (by round: "
+                  f"{', '.join(f'{r:.3f}' for r in per_round)}); TTFT p50 {this.ttft_p50 / base.ttft_p50:.3f} "
+                  f"({this.ttft_p50 - base.ttft_p50:+.3f} ms), p99 {this.ttft_p99 / base.ttft_p99:.3f} "
+                  f"({this.ttft_p99 - base.ttft_p99:+.3f} ms)")
+    if "limits" not in present:
+        return
+    print(f"noise (largest round-to-round spread among {', '.join(present)} over {rounds} rounds): TTFT "
+          + "; ".join(f"p50 {noise[(s, 'p50')]:.3f} ms, p99 {noise[(s, 'p99')]:.3f} ms at {s}" for s in levels))
+    verdicts = []
+    for s in levels:
+        ratio = by[("limits", s)].cpu_per_request / by[("plain", s)].cpu_per_request
+        verdicts.append(ratio <= GOAL_LIMITS_CPU_RATIO)
+        per_round = [b.cpu_per_request / a.cpu_per_request for a, b in zip(groups[("plain", s)], groups[("limits", s)])]
+        unresolved = rounds >= 2 and min(per_round) <= 1.0 and max(per_round) > GOAL_LIMITS_CPU_RATIO
+        print(f"verdict: limits+ledger/neither gateway CPU per request at {s} stream{'s' if s > 1 else ''} = "
+              f"{ratio:.3f} (goal <= {GOAL_LIMITS_CPU_RATIO:g}): {_verdict(verdicts[-1])}"
+              + (f" (rounds span {min(per_round):.3f}..{max(per_round):.3f}: the noise is wider than the goal)"
+                 if unresolved else ""))
+    for s in levels:
+        for name, stat in stats.items():
+            added = stat(by[("limits", s)]) - stat(by[("plain", s)])
+            if rounds < 2:
+                print(f"verdict: added TTFT {name} at {s}: {added:+.3f} ms: not judged (one round, no noise figure)")
+                continue
+            verdicts.append(added <= noise[(s, name)])
+            print(f"verdict: added TTFT {name} at {s} stream{'s' if s > 1 else ''} {added:+.3f} ms against noise "
+                  f"{noise[(s, name)]:.3f} ms: {'within noise' if verdicts[-1] else 'BEYOND NOISE'}")
+    print(f"verdict (issue 11: <= {100 * (GOAL_LIMITS_CPU_RATIO - 1):.0f}% more gateway CPU per request, no added "
+          f"TTFT beyond noise): {_verdict(all(verdicts))}")
+
+
+def idle_cpu(gateways: list[Gateway], seconds: float) -> dict[str, float]:
+    """Each gateway's CPU (ms per s) over one window with no load, all measured over the same window."""
+    if not gateways or seconds <= 0:
+        return {}
+    before = {g.name: cpu_seconds(g.pid) for g in gateways if g.pid is not None}
+    time.sleep(seconds)
+    return {g.name: (cpu_seconds(g.pid) - before[g.name]) * 1000 / seconds for g in gateways if g.pid is not None}
+
+
+def ledger_rows(tmp: Path, names: list[str]) -> dict[str, int]:
+    """Usage rows each enclave's database holds after its clean shutdown (it writes what is pending)."""
+    import sqlite3
+
+    counts = {}
+    for name in names:
+        with sqlite3.connect(tmp / name / "enclave.db") as db:
+            counts[name] = db.execute("SELECT count(*) FROM usage_records").fetchone()[0]
+    return counts
+
+
+def check_ledgers(rows: dict[str, int], served: dict[str, int]) -> bool:
+    """plain wrote no usage row (its ledger really was off), the others at least one per stream served."""
+    ok = True
+    parts = []
+    for name, count in rows.items():
+        good = count == 0 if name == "plain" else count >= served[name]
+        ok &= good
+        wanted = "0" if name == "plain" else f">= {served[name]} served"
+        parts.append(f"{name} {count} (want {wanted}){'' if good else ' WRONG'}")
+    print("usage ledger rows after the run: " + ", ".join(parts))
+    return ok
 
 
 def main_bench(args: argparse.Namespace) -> int:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = set(paths) - {"direct", "enclave", "limits", "litellm"}
+    unknown = set(paths) - set(PATHS)
     if unknown or "direct" not in paths:
-        raise SystemExit(f"--paths takes direct (always: the baseline), enclave, limits, litellm; got {args.paths!r}")
+        raise SystemExit(f"--paths takes direct (always: the baseline), {', '.join(PATHS[1:])}; got {args.paths!r}")
     procs: list[subprocess.Popen] = []
     phases: list[Phase] = []
     holds: dict[str, Hold] = {}
     litellm = ""
+    served: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="cube-bench-inference-") as tmp_name:
         tmp = Path(tmp_name)
         try:
             backend, backend_port = start_backend(tmp, args)
             procs.append(backend)
             gateways = [Gateway("direct", backend_port, "/v1/chat/completions", [])]
-            if "enclave" in paths:
-                proc, gateway = start_enclave(tmp, backend_port, args)
-                procs.append(proc)
-                gateways.append(gateway)
-            if "limits" in paths:
-                levels = {level: BENCH_LIMITS for level in ("pat", "user", "domain")}
-                proc, gateway = start_enclave(tmp, backend_port, args, name="limits",
-                                              quotas={"defaults": levels})
-                procs.append(proc)
-                gateways.append(gateway)
+            levels = {level: BENCH_LIMITS for level in ("pat", "user", "domain")}
+            for name in ENCLAVE_VARIANTS:
+                if name in paths:
+                    proc, gateway = start_enclave(tmp, backend_port, args, name=name, ledger=name != "plain",
+                                                  quotas={"defaults": levels} if name == "limits" else None)
+                    procs.append(proc)
+                    gateways.append(gateway)
             if "litellm" in paths:
                 proc, gateway = start_litellm(tmp, backend_port)
                 procs.append(proc)
@@ -484,20 +618,29 @@ def main_bench(args: argparse.Namespace) -> int:
                 litellm = litellm_version(ensure_litellm())
             print(f"cpus={os.cpu_count()} events/stream={args.events} pace={args.interval_ms:g} ms "
                   f"streams at {args.streams_low} x {args.requests_low} and {args.streams_high} x {args.requests_high}"
-                  f"; paths: {', '.join(g.name for g in gateways)}"
+                  f", {args.rounds} rounds; paths: {', '.join(g.name for g in gateways)}"
                   + (f" (LiteLLM {litellm}, one worker)" if litellm else ""), flush=True)
             for gateway in gateways:   # warm-up: connections, imports, caches
-                run_phase(gateway, 2, 1, args, backend.pid)
-            for gateway in gateways:
+                served[gateway.name] = run_phase(gateway, 2, 1, args, backend.pid, tmp).completed
+            direct = gateways[0]
+            variants = [g for g in gateways if g.name in ENCLAVE_VARIANTS]
+            others = [g for g in gateways if g.name == "litellm"]
+            for number in range(args.rounds):
+                shift = number % len(variants) if variants else 0
+                order = [direct, *variants[shift:], *variants[:shift], *(others if number == 0 else [])]
                 for concurrency, requests in ((args.streams_low, args.requests_low),
                                               (args.streams_high, args.requests_high)):
-                    phase = run_phase(gateway, concurrency, requests, args, backend.pid)
-                    phases.append(phase)
-                    print(f"  {gateway.name:8} {concurrency:4d} streams: TTFT p50 {phase.ttft_p50:8.3f} ms "
-                          f"p99 {phase.ttft_p99:8.3f} ms, {phase.events} events, {phase.errors} errors, "
-                          f"{phase.seconds:.1f} s", flush=True)
-                    if gateway.name != "litellm" and phase.errors:
-                        raise SystemExit(f"{phase.errors} streams failed on {gateway.name}: {phase.first_error}")
+                    for gateway in order:
+                        phase = run_phase(gateway, concurrency, requests, args, backend.pid, tmp)
+                        phases.append(phase)
+                        served[gateway.name] += phase.completed
+                        print(f"  round {number + 1} {gateway.name:8} {concurrency:4d} streams: TTFT p50 "
+                              f"{phase.ttft_p50:8.3f} ms p99 {phase.ttft_p99:8.3f} ms, {phase.events} events, "
+                              f"{phase.errors} errors, {phase.seconds:.1f} s, CPU {phase.cpu_per_request * 1000:.2f} "
+                              f"ms/request", flush=True)
+                        if gateway.name != "litellm" and phase.errors:
+                            raise SystemExit(f"{phase.errors} streams failed on {gateway.name}: {phase.first_error}")
+            idle = idle_cpu(variants, args.idle_seconds)
             for gateway in gateways:
                 if gateway.name == "enclave" and args.hold_streams:
                     holds[gateway.name] = hold_streams(gateway, args)
@@ -513,15 +656,28 @@ def main_bench(args: argparse.Namespace) -> int:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+        rows = ledger_rows(tmp, [g.name for g in gateways if g.name in ENCLAVE_VARIANTS])
     report(phases, holds, args, litellm)
+    if idle:
+        print(f"idle CPU over {args.idle_seconds:g} s right after the rounds (ms of CPU per s; the part of the 1-stream "
+              f"figures that is per second, not per request): "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in idle.items()))
+    if rows and not check_ledgers(rows, served):
+        print("the usage ledgers are not as the paths say: the comparison above does not hold", file=sys.stderr)
+        return 1
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="a short smoke run: 2 ms pace, few streams, 50 held streams")
-    parser.add_argument("--paths", default="direct,enclave,limits,litellm")
+                        help="a short smoke run: 2 ms pace, few streams, 50 held streams, 2 rounds")
+    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--rounds", type=int, help="rounds of phases, interleaved (default 3, --quick 2)")
+    parser.add_argument("--settle", type=float, default=1.5,
+                        help="s after each load before its CPU is read (the ledger and limits write every 1 s)")
+    parser.add_argument("--idle-seconds", type=float, default=10.0,
+                        help="a window without load after the rounds: the enclaves' background CPU (0: skip)")
     parser.add_argument("--events", type=int, default=256, help="events per response")
     parser.add_argument("--interval-ms", type=float, default=10.0, help="the backend's pace between events")
     parser.add_argument("--slow-interval-ms", type=float, default=1000.0, help="pace of the held streams")
@@ -536,6 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.interval_ms, args.requests_low, args.streams_high, args.requests_high = 2.0, 3, 8, 2
         args.hold_streams, args.hold_seconds = min(args.hold_streams, 50), 1.0
+        args.idle_seconds = min(args.idle_seconds, 3.0)
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 3
+    if args.rounds < 1:
+        raise SystemExit("--rounds takes 1 or more")
     return main_bench(args)
 
 
